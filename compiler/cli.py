@@ -1,0 +1,163 @@
+"""The `qcompile` command: a Hydra app for builds and sweeps, plus a few plain subcommands
+(doctor, summarize, verify, rebuild, capabilities)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from compiler.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
+
+RECIPES_DIR = Path(os.environ.get("QCOMPILE_RECIPES", Path(__file__).resolve().parents[1] / "recipes"))
+SUBCOMMANDS = ("doctor", "summarize", "verify", "rebuild", "capabilities")
+
+log = logging.getLogger("qcompile")
+_state = {"job_started": False, "failures": []}
+
+
+def _verbose(cfg=None) -> bool:
+    if os.environ.get("QCOMPILE_VERBOSE") or os.environ.get("HYDRA_FULL_ERROR"):
+        return True
+    try:
+        return bool(cfg is not None and cfg.get("verbose", False))
+    except Exception:
+        return False
+
+
+def _print_error(err: QcompileError) -> None:
+    print(f"qcompile: {err.kind}: {err.message}", file=sys.stderr)
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def build_job(cfg) -> int:
+    """The Hydra task: validate, build into the staging run dir, finalize it. Returns the exit code."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from compiler import rundir
+
+    _state["job_started"] = True
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    verbose = _verbose(cfg)
+    try:
+        rundir.begin(run_dir)
+        from compiler.validate import validate
+
+        spec = validate(cfg)
+    except RecipeError as e:
+        rundir.discard(run_dir)
+        _print_error(e)
+        if verbose:
+            raise
+        return e.exit_code
+    from compiler.pipeline import run_build
+
+    try:
+        report = run_build(spec, run_dir)
+    except GateError as e:
+        final = rundir.succeed(run_dir, gate_failed=True)
+        _print_error(e)
+        print(f"qcompile: report: {final / 'REPORT.md'}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        final = rundir.fail(run_dir, "interrupted (Ctrl-C) during the build", kind="interrupted")
+        err = InterruptedBuild(f"interrupted; partial files kept in {final}")
+        _print_error(err)
+        return err.exit_code
+    except QcompileError as e:
+        final = rundir.fail(run_dir, e.message, kind=e.kind)
+        _print_error(e)
+        print(f"qcompile: failed build kept in {final}", file=sys.stderr)
+        if verbose:
+            raise
+        return e.exit_code
+    except Exception as e:  # a bug or an unexpected library error: still never a finished-looking dir
+        final = rundir.fail(run_dir, f"{type(e).__name__}: {e}", kind="internal error")
+        if verbose:
+            raise
+        print(f"qcompile: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(rerun with verbose=true or HYDRA_FULL_ERROR=1 for the traceback; dir: {final})", file=sys.stderr)
+        return 1
+    final = rundir.succeed(run_dir)
+    print_summary(report, final)
+    return 0
+
+
+def print_summary(report, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    b = report["build"]
+    table = Table(title=f"qcompile {b['model']} / {b['recipe']} / {b['target']}: {report.get('status')}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    chk = report.get("check", {})
+    for k, v in chk.get("task", {}).items():
+        table.add_row(k, f"{v:.5f}")
+    for name, s in chk.get("per_output", {}).items():
+        table.add_row(f"{name} cosine (mean)", f"{s['cosine_mean']:.6f}")
+        table.add_row(f"{name} max abs diff", f"{s.get('max_absdiff', float('nan')):.4g}")
+    bench = report.get("bench", {})
+    for k in ("latency_ms_p50", "latency_ms_p90", "samples_per_s", "peak_rss_mb", "artifact_mb"):
+        if k in bench:
+            table.add_row(k, f"{bench[k]:.3f}")
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
+
+
+def _hydra_main(argv: List[str]) -> int:
+    import hydra
+
+    code = {"value": 0}
+
+    @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
+    def _task(cfg):
+        rc = build_job(cfg)
+        if rc:
+            _state["failures"].append(rc)
+        if not _is_multirun():
+            code["value"] = rc
+
+    sys.argv = [sys.argv[0]] + argv
+    try:
+        _task()
+    except SystemExit as e:
+        # Hydra exits 1 when the config cannot even be composed (recipe=nope, a bad override):
+        # that is a recipe error, so exit 2
+        rc = e.code if isinstance(e.code, int) else 1
+        if rc == 1 and not _state["job_started"]:
+            return 2
+        return rc
+    if _state["failures"] and code["value"] == 0:
+        return max(_state["failures"])
+    return code["value"]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        from compiler import commands
+
+        try:
+            rc = getattr(commands, argv[0])(argv[1:])
+        except QcompileError as e:
+            _print_error(e)
+            rc = e.exit_code
+        sys.exit(rc)
+    sys.exit(_hydra_main(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The manifest of a run: what went in (weights, data, recipe hashes), which tools and hardware built
+it, and the sha256 of every artifact it wrote."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Dict, Iterable
+
+from compiler.models import file_sha256
+
+TRACKED_PACKAGES = ("qcompile", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "transformers", "polygraphy",
+                    "nvidia-modelopt", "hydra-core", "omegaconf", "numpy", "tensorrt", "onnxscript")
+MANIFEST = "manifest.json"
+NOT_ARTIFACTS = {MANIFEST, "REPORT.md", "report.json", "qcompile.log", "FAILED.md"}
+
+
+def package_versions() -> Dict[str, str]:
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def hardware() -> Dict[str, Any]:
+    info: Dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    except Exception:
+        pass
+    return info
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def artifact_hashes(run_dir: Path) -> Dict[str, str]:
+    """sha256 of every file the build wrote, by path relative to the run directory (sorted)."""
+    out = {}
+    for f in sorted(Path(run_dir).rglob("*")):
+        rel = f.relative_to(run_dir).as_posix()
+        if f.is_file() and rel not in NOT_ARTIFACTS and not rel.startswith(".hydra/") and "/cache/" not in rel:
+            out[rel] = file_sha256(f)
+    return out
+
+
+def write_manifest(run_dir: Path, inputs: Dict[str, Any], seed: int, extra: Dict[str, Any] | None = None) -> Path:
+    manifest = {
+        "qcompile_manifest": 1,
+        "inputs": inputs,
+        "seed": seed,
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "artifacts": artifact_hashes(run_dir),
+    }
+    if extra:
+        manifest.update(extra)
+    path = Path(run_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(run_dir: Path) -> Dict[str, Any]:
+    return json.loads((Path(run_dir) / MANIFEST).read_text())
+
+
+def sorted_items(d: Dict[str, Any]) -> Iterable:
+    return sorted(d.items())

@@ -1,0 +1,178 @@
+"""The pipeline of one build: validate -> load -> quantize -> export -> lower -> check -> bench -> report.
+Each stage is a plain function over artifacts; this module only wires them in order."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from compiler import doctor
+from compiler.bench import run_bench
+from compiler.check import run_check
+from compiler.data import Dataset, load_data
+from compiler.errors import BuildError, GateError
+from compiler.export import export_onnx, onnx_size_bytes, op_histogram
+from compiler.manifest import text_sha256, write_manifest
+from compiler.models import LoadedModel, load_model
+from compiler.report import write_report
+from compiler.runners import CallableRunner, torch_predictor
+from compiler.steps.base import StepContext
+from compiler.validate import BuildSpec
+from targets.base import Engine, get_target
+
+log = logging.getLogger("qcompile")
+
+
+@contextmanager
+def stage(name: str, timings: Dict[str, float]):
+    log.info("[%s] ...", name)
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 3)
+    log.info("[%s] done in %.1fs", name, timings[name])
+
+
+def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None) -> StepContext:
+    return StepContext(target=spec.target.name, model_info=spec.model_info,
+                       calibration=data.calibration if data is not None else None, work_dir=work_dir,
+                       seed=spec.seed, exclude=list(spec.model.exclude), opset=int(spec.export.opset), cache=cache,
+                       report={"batch_size": int(spec.data.batch_size)})
+
+
+def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir: Path,
+                   step_reports: Dict[str, Any], cache=None) -> LoadedModel:
+    """Quantize stage (torch side): the recipe's torch steps in order, on a copy of the module."""
+    module = model.module
+    for step in spec.torch_steps:
+        ctx = step_context(spec, data, work_dir, cache)
+        module = step.apply_torch(module, ctx)
+        step_reports[step.name] = {"where": "torch", **{k: v for k, v in ctx.report.items() if k != "batch_size"}}
+    return LoadedModel(**{**model.__dict__, "module": module})
+
+
+def quantize_onnx(onnx_path: Path, spec: BuildSpec, data: Dataset, work_dir: Path, step_reports: Dict[str, Any],
+                  cache=None) -> Path:
+    """Quantize stage (ONNX side): the recipe's ONNX steps in order, each writing a new graph."""
+    current = onnx_path
+    for i, step in enumerate(spec.onnx_steps):
+        ctx = step_context(spec, data, work_dir, cache)
+        out = work_dir / f"{i:02d}_{step.name}.onnx"
+        current = step.apply_onnx(current, out, ctx)
+        step_reports[step.name] = {"where": "onnx", **{k: v for k, v in ctx.report.items() if k != "batch_size"}}
+    return current
+
+
+def move_onnx(src: Path, dst: Path) -> Path:
+    """Move a graph (and its external data, renamed with the graph) to dst."""
+    import onnx
+
+    from compiler.export import save_onnx
+
+    src, dst = Path(src), Path(dst)
+    if src.with_name(src.name + ".data").exists() or any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(src), load_external_data=False).graph.initializer):
+        model = onnx.load(str(src), load_external_data=True)
+        return save_onnx(model, dst, "always", check=False)
+    shutil.move(str(src), str(dst))
+    return dst
+
+
+def reference_runner(reference: LoadedModel) -> CallableRunner:
+    predict = torch_predictor(reference.module, reference.input_names, reference.output_names)
+    return CallableRunner(predict, reference.input_names, reference.output_names, name="fp32-reference")
+
+
+def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
+    """One whole build into run_dir (already created). Returns the report; raises GateError when the
+    accuracy gate fails (after writing the report), BuildError when a stage fails."""
+    import torch
+
+    run_dir = Path(run_dir)
+    work_dir = run_dir / "work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    timings: Dict[str, float] = {}
+    target = get_target(spec.target.name)(spec.target)
+    recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
+    (run_dir / "recipe.yaml").write_text(recipe_yaml)
+    report: Dict[str, Any] = {
+        "build": {"model": spec.model.name, "recipe": spec.recipe_name, "target": spec.target.name,
+                  "run_dir": str(run_dir)},
+        "steps": {}, "timings_s": timings, "notes": [], "gate": OmegaConf.to_container(OmegaConf.structured(spec.gate)),
+    }
+    torch.manual_seed(spec.seed)
+
+    with stage("load", timings):
+        model = load_model(spec.model)
+        data = load_data(spec.data, model.tokenizer, model.input_names, need_calibration=spec.needs_calibration)
+        reference = LoadedModel(**{**model.__dict__, "module": copy.deepcopy(model.module)})
+    report["model"] = {"name": model.name, "architecture": model.info.architecture, "hidden_size": model.info.hidden_size,
+                       "parameters": int(sum(p.numel() for p in reference.module.parameters())),
+                       "weights_sha256": model.weights_sha256, **model.source}
+    report["data"] = {"calibration_samples": len(data.calibration), "evaluation_samples": len(data.evaluation),
+                      "seq_len": int(spec.data.seq_len), "files": data.files}
+
+    with stage("quantize-torch", timings):
+        model = quantize_torch(model, spec, data, work_dir, report["steps"], cache)
+
+    onnx_path: Optional[Path] = None
+    if target.needs_onnx:
+        with stage("export", timings):
+            exported = export_onnx(model.module, model.input_names, model.output_names, work_dir / "export.onnx",
+                                   spec.export)
+            exported = doctor.after_export(exported, spec, report)
+        with stage("quantize-onnx", timings):
+            final = quantize_onnx(exported, spec, data, work_dir, report["steps"], cache)
+            onnx_path = move_onnx(final, run_dir / "model.onnx")
+        report["onnx"] = {"path": "model.onnx", "bytes": onnx_size_bytes(onnx_path), "ops": op_histogram(onnx_path),
+                          "opset": int(spec.export.opset), "exporter": spec.export.exporter}
+
+    with stage("lower", timings):
+        engine: Engine = target.lower(model, onnx_path, run_dir)
+        report["lower"] = engine.info
+        report["placement"] = target.placement(engine)
+    report["doctor"] = doctor.after_lower(engine, onnx_path, target, spec, report)
+
+    if spec.check.enabled:
+        with stage("check", timings):
+            feeds = list(data.evaluation.batches(int(spec.data.batch_size)))
+            if spec.check.samples:
+                feeds = list(_limit(data.evaluation, int(spec.check.samples), int(spec.data.batch_size)))
+            result = run_check(reference_runner(reference), target.runner(engine), feeds, model.task, spec.gate)
+            report["check"] = result
+
+    if spec.bench.enabled:
+        with stage("bench", timings):
+            report["bench"] = run_bench(lambda: target.predictor(engine, threads=int(spec.bench.threads) or None),
+                                        model.input_names, spec.bench, engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}")
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+    failures = report.get("check", {}).get("gate_failures", [])
+    report["status"] = "gate failed" if failures else "passed"
+    if failures:
+        report["reason"] = failures[0]
+    write_report(run_dir, report)
+    write_manifest(run_dir, inputs={
+        "weights_sha256": model.weights_sha256,
+        "data_sha256": data.files_sha256,
+        "recipe_sha256": text_sha256(recipe_yaml),
+    }, seed=spec.seed)
+    if failures:
+        raise GateError("; ".join(failures))
+    return report
+
+
+def _limit(features, n: int, batch_size: int):
+    count = 0
+    for feed in features.batches(batch_size):
+        if count >= n:
+            return
+        k = min(batch_size, n - count)
+        yield {name: arr[:k] for name, arr in feed.items()}
+        count += k

@@ -1,0 +1,101 @@
+"""Report stage: report.json (everything measured) and REPORT.md (the same, for people)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict
+
+
+def _clean(o):
+    """JSON-safe: numpy scalars to Python, NaN/inf to strings, paths to str."""
+    import numpy as np
+
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return f if math.isfinite(f) else str(f)
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, Path):
+        return str(o)
+    return o
+
+
+def write_report_json(run_dir: Path, report: Dict[str, Any]) -> Path:
+    path = Path(run_dir) / "report.json"
+    path.write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _fmt(v, nd=4):
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    b = report.get("build", {})
+    lines = [f"# qcompile: {b.get('model')} / {b.get('recipe')} / {b.get('target')}", ""]
+    status = report.get("status", "?")
+    lines.append(f"**Status: {status}**" + (f" -- {report.get('reason')}" if report.get("reason") else ""))
+    lines.append("")
+    steps = report.get("steps", {})
+    if steps:
+        lines += ["## Steps", "", "| step | where | details |", "|---|---|---|"]
+        for name, info in steps.items():
+            details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items() if k not in ("where",) and not isinstance(v, (dict, list)))
+            lines.append(f"| {name} | {info.get('where', '')} | {details} |")
+        lines.append("")
+    chk = report.get("check")
+    if chk:
+        gate = report.get("gate", {})
+        lines += ["## Check (Polygraphy, target vs fp32 reference)", "",
+                  f"{chk.get('samples')} evaluation samples.", "",
+                  "| output | cosine mean | cosine min | max abs diff | mean abs diff | median abs diff | within atol/rtol |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, s in chk.get("per_output", {}).items():
+            lines.append(f"| {name} | {_fmt(s.get('cosine_mean'), 6)} | {_fmt(s.get('cosine_min'), 6)} | "
+                         f"{_fmt(s.get('max_absdiff'))} | {_fmt(s.get('mean_absdiff'))} | {_fmt(s.get('median_absdiff'))} | "
+                         f"{'yes' if s.get('tolerance_passed') else 'no'} |")
+        t = chk.get("task", {})
+        lines += ["", "| task metric | value | gate |", "|---|---|---|",
+                  f"| mean embedding cosine to fp32 | {_fmt(t.get('embedding_cosine_mean'), 6)} | >= {gate.get('min_embedding_cosine')} |",
+                  f"| min embedding cosine to fp32 | {_fmt(t.get('embedding_cosine_min'), 6)} | |",
+                  f"| top-1 agreement with fp32 | {_fmt(t.get('top1_agreement'))} | >= {gate.get('min_top1_agreement')} |", ""]
+        if chk.get("gate_failures"):
+            lines += ["### Gate failures", ""] + [f"- {f}" for f in chk["gate_failures"]] + [""]
+        else:
+            lines += ["Gate: passed.", ""]
+    bench = report.get("bench")
+    if bench:
+        lines += ["## Bench", "", "| metric | value |", "|---|---|"]
+        for k in ("batch_size", "seq_len", "threads", "latency_ms_p50", "latency_ms_p90", "ms_per_sample",
+                  "samples_per_s", "peak_rss_mb", "artifact_mb"):
+            if k in bench:
+                lines.append(f"| {k} | {_fmt(bench[k], 3)} |")
+        lines.append("")
+    rails = report.get("doctor")
+    if rails:
+        lines += ["## Guard rails", "", "| rail | status | details |", "|---|---|---|"]
+        for r in rails:
+            lines.append(f"| {r.get('rail')} | {r.get('status')} | {r.get('message', '')} |")
+        lines.append("")
+    notes = report.get("notes") or []
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lower = report.get("lower")
+    if lower:
+        lines += ["## Lowering", "", "```json", json.dumps(_clean(lower), indent=2, sort_keys=True)[:4000], "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, report: Dict[str, Any]) -> Path:
+    write_report_json(run_dir, report)
+    path = Path(run_dir) / "REPORT.md"
+    path.write_text(render_markdown(report))
+    return path

@@ -1,0 +1,79 @@
+"""The interface every runtime target implements: lower, load, run, bench, placement report."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, List, Optional
+
+import numpy as np
+
+TARGET_REGISTRY: Dict[str, type["Target"]] = {}
+TARGET_MODULES = ("torch", "ort")  # trt joins with its issue
+
+Feed = Dict[str, np.ndarray]
+Predict = Callable[[Feed], Dict[str, np.ndarray]]
+
+
+@dataclass
+class Engine:
+    """A lowered artifact plus what is needed to run it."""
+
+    target: str
+    path: Optional[Path]  # the target artifact in the run directory (None: nothing written)
+    handle: Any = None  # torch module, ORT model path, TRT plan bytes, ...
+    input_names: List[str] = field(default_factory=list)
+    output_names: List[str] = field(default_factory=list)
+    info: Dict[str, Any] = field(default_factory=dict)  # goes into report.json under "lower"
+    files: List[Path] = field(default_factory=list)  # every file of the artifact (for size and hashes)
+
+
+class Target:
+    name: ClassVar[str] = ""
+    needs_onnx: ClassVar[bool] = True
+    summary: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            TARGET_REGISTRY[cls.name] = cls
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the `target` section
+
+    def check_environment(self, recipe) -> None:
+        """Checks of the machine this build runs on (GPU, libraries), before any model loads."""
+
+    def lower(self, model, onnx_path: Optional[Path], run_dir: Path) -> Engine:
+        raise NotImplementedError
+
+    def predictor(self, engine: Engine, threads: Optional[int] = None) -> Predict:
+        """A callable feed -> outputs (float32 numpy), used by the check's task metrics and bench."""
+        raise NotImplementedError
+
+    def runner(self, engine: Engine, threads: Optional[int] = None):
+        """A Polygraphy runner over the engine, for Comparator."""
+        from compiler.runners import CallableRunner
+
+        return CallableRunner(self.predictor(engine, threads), engine.input_names, engine.output_names,
+                              name=f"qcompile-{self.name}")
+
+    def placement(self, engine: Engine) -> Dict[str, Any]:
+        """Which device / provider ran which part of the engine."""
+        return {}
+
+
+def _load_all() -> None:
+    for mod in TARGET_MODULES:
+        importlib.import_module(f"targets.{mod}")
+
+
+def get_target(name: str):
+    _load_all()
+    return TARGET_REGISTRY[name]
+
+
+def target_names() -> List[str]:
+    _load_all()
+    return sorted(TARGET_REGISTRY)

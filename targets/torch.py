@@ -1,0 +1,47 @@
+"""The torch target: runs the (possibly quantized) torch module itself, eagerly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from compiler.errors import BuildError
+from compiler.runners import torch_predictor
+from targets.base import Engine, Target
+
+
+class TorchTarget(Target):
+    name = "torch"
+    needs_onnx = False
+    summary = "the torch module itself (modelopt fake-quant or torch int8 kernels), eager"
+
+    def check_environment(self, recipe) -> None:
+        import torch
+
+        if self.cfg.device == "cuda" and not torch.cuda.is_available():
+            raise BuildError("target.device=cuda but torch sees no CUDA device "
+                             f"(torch {torch.__version__}); use target.device=cpu")
+
+    def lower(self, model, onnx_path: Optional[Path], run_dir: Path) -> Engine:
+        import torch
+
+        module = model.module.to(self.cfg.device)
+        path = Path(run_dir) / "engine.pt"
+        # the state dict is the artifact: packed int8 weights for dynamic int8, fake-quant amax for modelopt
+        torch.save(module.state_dict(), path)
+        return Engine(target=self.name, path=path, handle=module, input_names=list(model.input_names),
+                      output_names=list(model.output_names), files=[path],
+                      info={"device": self.cfg.device, "torch": torch.__version__})
+
+    def predictor(self, engine: Engine, threads: Optional[int] = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        return torch_predictor(engine.handle, engine.input_names, engine.output_names, self.cfg.device)
+
+    def placement(self, engine: Engine):
+        import collections
+
+        devices = collections.Counter(str(p.device) for p in engine.handle.parameters())
+        return {"parameters_by_device": dict(devices)}
