@@ -126,6 +126,9 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
         with stage("export", timings):
             exported = export_onnx(model.module, model.input_names, model.output_names, work_dir / "export.onnx",
                                    spec.export)
+            for i, step in enumerate(spec.torch_steps):
+                exported = step.after_export(exported, work_dir / f"export_{i:02d}_{step.name}.onnx",
+                                             step_context(spec, data, work_dir, cache))
             exported = doctor.after_export(exported, spec, report)
         with stage("quantize-onnx", timings):
             final = quantize_onnx(exported, spec, data, work_dir, report["steps"], cache)

@@ -38,7 +38,10 @@ class StepContext:
     exclude: List[str] = dataclasses.field(default_factory=list)
     opset: int = 17
     report: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the step writes its numbers here
-    cache: Any = None  # compiler.cache.Cache or None
+    # compiler.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
+    # returns a directory holding what build() wrote, keyed by the sha256 of kind + key (key must name
+    # every input that determines the result); steps that compute reusable calibration data use it.
+    cache: Any = None
 
 
 class Step:
@@ -74,6 +77,11 @@ class Step:
 
     def apply_onnx(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
         raise NotImplementedError(f"step {self.name} has no ONNX-side implementation")
+
+    def after_export(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
+        """For torch-side steps: a graph pass right after export (e.g. lowering TensorRT custom
+        Q/DQ ops to standard ones for ORT). Returns the graph to continue with (default: unchanged)."""
+        return onnx_path
 
 
 def step_names() -> List[str]:

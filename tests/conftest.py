@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny models built from configs with fixed seeds, their data, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _has_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi found none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def model_cfg(name: str, **overrides):
+    """The `model` section of a recipe, as validation types it (recipes/model/<name>.yaml + overrides)."""
+    from omegaconf import OmegaConf
+
+    from compiler.schema import ModelConfig
+
+    node = OmegaConf.load(REPO / "recipes" / "model" / f"{name}.yaml")
+    node = OmegaConf.merge(node, overrides)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
+
+
+def data_cfg(**overrides):
+    from omegaconf import OmegaConf
+
+    from compiler.schema import DataConfig
+
+    node = OmegaConf.merge(OmegaConf.load(REPO / "recipes" / "data" / "builtin.yaml"), overrides)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    from compiler.models import load_model
+
+    return load_model(model_cfg("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_modernbert():
+    from compiler.models import load_model
+
+    return load_model(model_cfg("tiny_modernbert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_bert):
+    """Calibration (16) and evaluation (32) features at seq 32, BERT inputs."""
+    from compiler.data import load_data
+
+    return load_data(data_cfg(calibration_samples=16, evaluation_samples=32, seq_len=32), tiny_bert.tokenizer,
+                     tiny_bert.input_names)
+
+
+@pytest.fixture(scope="session")
+def tiny_modernbert_data(tiny_modernbert):
+    from compiler.data import load_data
+
+    return load_data(data_cfg(calibration_samples=16, evaluation_samples=32, seq_len=32), tiny_modernbert.tokenizer,
+                     tiny_modernbert.input_names)
+
+
+class CliResult:
+    def __init__(self, proc, cwd: Path):
+        self.rc = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.cwd = cwd
+
+    def run_dirs(self):
+        """Run directories written under cwd/outputs (finished, failed or gate-failed)."""
+        root = self.cwd / "outputs"
+        return sorted(p for p in root.rglob("*") if p.is_dir() and (p / "recipe.yaml").exists()) if root.exists() else []
+
+    def __repr__(self):
+        return f"rc={self.rc}\nSTDOUT:\n{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-3000:]}"
+
+
+# Fast-build overrides for end-to-end tests on tiny models (small data, short bench).
+FAST = ["data.calibration_samples=16", "data.evaluation_samples=32", "data.seq_len=32", "bench.iterations=3",
+        "bench.warmup=1", "bench.seq_len=32"]
+
+
+@pytest.fixture
+def qcompile(tmp_path):
+    """Run the `qcompile` CLI in a subprocess with cwd=tmp_path: qcompile('model=tiny_bert', ...)."""
+
+    def run(*args, timeout=900, env=None):
+        e = dict(os.environ)
+        e.update(env or {})
+        proc = subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=timeout, env=e)
+        return CliResult(proc, tmp_path)
+
+    return run
