@@ -117,3 +117,19 @@ def qcompile(tmp_path):
         return CliResult(proc, tmp_path)
 
     return run
+
+
+def compose(*overrides):
+    """The composed recipe config (as `qcompile` would see it) without running anything."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    from omegaconf import OmegaConf
+
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra", None)
+    return cfg
