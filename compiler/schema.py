@@ -87,6 +87,22 @@ class TargetConfig:
 
 
 @dataclass
+class DoctorConfig:
+    """Guard rails run after export and lowering (compiler/doctor.py, compiler/rails/)."""
+
+    enabled: bool = True  # false: no rail runs (the report says so)
+    # Memcpy nodes in ONNX Runtime's optimized graph for the chosen provider: more fails the build
+    # (a dynamo export once got 56 and ran 8x slower); 1..max_memcpy only warns
+    max_memcpy: int = 8
+    # does the recipe quantize? None: decided from its steps; a quantized graph with zero quantized
+    # MatMul/Gemm/Conv fails, and so does a covered fraction below min_quantized_fraction
+    quantized: Optional[bool] = None
+    min_quantized_fraction: float = 0.0
+    input_dependence: bool = True  # run the engine on two different inputs; identical outputs fail
+    max_constant_bytes: Optional[int] = None  # Constant nodes this big block external data; None: export.constant_promote_bytes
+
+
+@dataclass
 class RecipeConfig:
     name: str = "fp32"
     description: str = ""

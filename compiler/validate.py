@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from compiler.errors import RecipeError
-from compiler.schema import (BenchConfig, CheckConfig, DataConfig, ExportConfig, GateConfig, ModelConfig,
-                             TargetConfig)
+from compiler.schema import (BenchConfig, CheckConfig, DataConfig, DoctorConfig, ExportConfig, GateConfig,
+                             ModelConfig, TargetConfig)
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "export": ExportConfig, "check": CheckConfig,
-            "bench": BenchConfig, "target": TargetConfig}
+            "bench": BenchConfig, "target": TargetConfig, "doctor": DoctorConfig}
 TOP_LEVEL_KEYS = set(SECTIONS) | {"recipe", "seed", "cache", "doctor", "output", "hydra", "sweep", "verbose"}
 
 
@@ -37,6 +37,7 @@ class BuildSpec:
     seed: int
     model_info: ModelInfo
     raw: DictConfig  # the resolved composed config (written as recipe.yaml)
+    doctor: Any = None  # DoctorConfig: the guard rails' thresholds
 
     @property
     def torch_steps(self) -> List[Step]:
@@ -149,6 +150,10 @@ def validate(cfg: DictConfig) -> BuildSpec:
         _positive(getattr(typed["bench"], k), f"bench.{k}")
     _positive(typed["bench"].warmup, "bench.warmup", allow_zero=True)
     _positive(typed["bench"].threads, "bench.threads", allow_zero=True)
+    _positive(typed["doctor"].max_memcpy, "doctor.max_memcpy", allow_zero=True)
+    if not 0.0 <= typed["doctor"].min_quantized_fraction <= 1.0:
+        raise RecipeError("doctor.min_quantized_fraction", f"{typed['doctor'].min_quantized_fraction} is not a fraction",
+                          "use a value between 0 and 1")
     if model.task not in ("embedding", "classification"):
         raise RecipeError("model.task", f"bad value {model.task!r}", "use embedding or classification")
     if typed["export"].exporter not in ("torchscript", "dynamo"):
@@ -170,4 +175,4 @@ def validate(cfg: DictConfig) -> BuildSpec:
     tgt.check_environment(recipe_node)
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],
                      target=target, recipe_name=str(recipe_node.get("name", "custom")), steps=steps, gate=gate,
-                     seed=int(cfg.get("seed", 0)), model_info=info, raw=cfg)
+                     seed=int(cfg.get("seed", 0)), model_info=info, raw=cfg, doctor=typed["doctor"])
