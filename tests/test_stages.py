@@ -50,10 +50,12 @@ def test_data_sha_changes_with_one_sentence(tmp_path, tiny_bert):
     assert da.calibration.sha256() != db.calibration.sha256()
 
 
-@pytest.mark.parametrize("model_name", ["tiny_bert", "tiny_modernbert"])
-def test_export_matches_torch_with_dynamic_axes(model_name, tmp_path, request):
+@pytest.mark.parametrize("model_name,exporter", [("tiny_bert", "torchscript"), ("tiny_modernbert", "torchscript"),
+                                                 ("tiny_bert", "dynamo"), ("tiny_modernbert", "dynamo")])
+def test_export_matches_torch_with_dynamic_axes(model_name, exporter, tmp_path, request):
     model = request.getfixturevalue(model_name)
-    path = export_onnx(model.module, model.input_names, model.output_names, tmp_path / "m.onnx", ExportConfig())
+    path = export_onnx(model.module, model.input_names, model.output_names, tmp_path / "m.onnx",
+                       ExportConfig(exporter=exporter))
     onnx.checker.check_model(str(path))
     ops = op_histogram(path)
     assert ops.get("MatMul", 0) >= 8  # q, k, v, o, 2 ffn per layer x 2 layers
