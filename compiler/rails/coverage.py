@@ -1,0 +1,138 @@
+"""Rail 3: how many MatMul/Gemm/Conv a quantized recipe really quantized. `op_types_to_quantize`
+that matches nothing (MatMul vs Gemm) writes a valid, unquantized graph: zero is an error."""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Set
+
+from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, result
+
+NAME = "coverage"
+FLOAT_COMPUTE = {"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv"}
+QUANTIZED_COMPUTE = {"QLinearMatMul", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearConv",
+                     "ConvInteger", "QGemm", "MatMulIntegerToFloat", "QAttention", "QOrderedMatMul", "MatMulBnb4"}
+# ops a dequantized tensor may pass through on its way into a MatMul (weights are often transposed)
+PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze", "Flatten", "Expand"}
+# step names that quantize, when a step class does not say (Step has no `quantizes` attribute yet)
+_QUANT_STEP = re.compile(r"int\d|fp8|fp4|nvfp4|mxfp|awq|gptq|weight_only|quant", re.I)
+_NOT_QUANT_STEP = {"smoothquant", "rotate", "fp16", "bf16"}
+
+
+def is_dequantize(node) -> bool:
+    """DequantizeLinear in any domain, and TensorRT's TRT_*DequantizeLinear custom ops."""
+    return "Dequantize" in node.op_type
+
+
+def is_quantize_op(node) -> bool:
+    return "Quantize" in node.op_type or node.op_type in QUANTIZED_COMPUTE
+
+
+def coverage_counts(model) -> Dict[str, object]:
+    """Counts over a graph: compute ops (MatMul/Gemm/Conv, float or quantized) and how many of them
+    have an input fed by a DequantizeLinear (through transposes/reshapes) or are quantized ops."""
+    nodes = list(iter_nodes(model.graph))
+    producer = {out: n for n in nodes for out in n.output}
+
+    def fed_by_dq(name: str, depth: int = 0) -> bool:
+        n = producer.get(name)
+        if n is None or depth > 4:
+            return False
+        if is_dequantize(n):
+            return True
+        return n.op_type in PASS_THROUGH and bool(n.input) and fed_by_dq(n.input[0], depth + 1)
+
+    by_op: Dict[str, Dict[str, int]] = {}
+    total = covered = 0
+    for n in nodes:
+        if n.op_type in QUANTIZED_COMPUTE:
+            ok = True
+        elif n.op_type in FLOAT_COMPUTE:
+            ok = any(fed_by_dq(i) for i in n.input[:2] if i)
+        else:
+            continue
+        total += 1
+        covered += int(ok)
+        slot = by_op.setdefault(n.op_type, {"total": 0, "quantized": 0})
+        slot["total"] += 1
+        slot["quantized"] += int(ok)
+    q_nodes = sum(1 for n in nodes if is_quantize_op(n))
+    return {"compute_ops": total, "quantized_ops": covered, "fraction": (covered / total) if total else 0.0,
+            "by_op": by_op, "quantization_nodes": q_nodes}
+
+
+def module_counts(module) -> Dict[str, object]:
+    """The same counts for the torch target: linear/conv layers and how many carry an enabled
+    modelopt quantizer or are torch quantized modules."""
+    import torch
+
+    total = covered = 0
+    by_op: Dict[str, Dict[str, int]] = {}
+    for _, m in module.named_modules():
+        cls = type(m)
+        qualname = f"{cls.__module__}.{cls.__name__}"
+        linear_like = isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) or cls.__name__ in (
+            "Conv1D", "Linear", "QuantLinear", "LinearPackedParams") and hasattr(m, "weight")
+        torch_quantized = ".quantized." in qualname and cls.__name__ in ("Linear", "Conv1d", "Conv2d")
+        if not (linear_like or torch_quantized):
+            continue
+        quantizers = [getattr(m, a, None) for a in ("weight_quantizer", "input_quantizer")]
+        modelopt_on = any(q is not None and bool(getattr(q, "is_enabled", False)) for q in quantizers)
+        ok = torch_quantized or modelopt_on
+        total += 1
+        covered += int(ok)
+        slot = by_op.setdefault(cls.__name__, {"total": 0, "quantized": 0})
+        slot["total"] += 1
+        slot["quantized"] += int(ok)
+    return {"compute_ops": total, "quantized_ops": covered, "fraction": (covered / total) if total else 0.0,
+            "by_op": by_op, "quantization_nodes": covered}
+
+
+def recipe_quantizes(steps) -> bool:
+    """Whether a recipe's steps quantize: a step class may say so with `quantizes = True/False`;
+    otherwise its name decides (int8_*, fp8, nvfp4, *weight_only ... but not smoothquant/rotate/fp16)."""
+    for step in steps:
+        flag = getattr(step, "quantizes", None)
+        if flag is not None:
+            if flag:
+                return True
+            continue
+        name = getattr(step, "name", str(step))
+        if name not in _NOT_QUANT_STEP and _QUANT_STEP.search(name):
+            return True
+    return False
+
+
+def judge(counts: Dict[str, object], quantized: Optional[bool], min_fraction: float = 0.0) -> Dict:
+    total, covered, frac = counts["compute_ops"], counts["quantized_ops"], counts["fraction"]
+    by_op = counts["by_op"]
+    if quantized is None:  # a file from elsewhere: quantized if it has any quantization node
+        quantized = counts["quantization_nodes"] > 0
+    numbers = dict(compute_ops=total, quantized_ops=covered, fraction=round(float(frac), 4), by_op=by_op,
+                   quantized_recipe=bool(quantized))
+    kinds = ", ".join(f"{op} {v['quantized']}/{v['total']}" for op, v in sorted(by_op.items())) or "none"
+    if total == 0:
+        return result(NAME, SKIPPED if not quantized else FAILED,
+                      "no MatMul/Gemm/Conv in the graph" + (" to quantize" if quantized else ""), **numbers)
+    if not quantized:
+        return result(NAME, PASSED, f"not a quantized recipe: {covered}/{total} MatMul/Gemm/Conv quantized ({kinds})",
+                      **numbers)
+    if covered == 0:
+        return result(NAME, FAILED, f"0 of {total} MatMul/Gemm/Conv are quantized ({kinds}): the quantizer matched "
+                      "nothing -- quantize every op type the graph has (op_types_to_quantize: MatMul and Gemm), "
+                      "and check the exclude patterns", **numbers)
+    if frac < min_fraction:
+        return result(NAME, FAILED, f"{covered}/{total} MatMul/Gemm/Conv quantized ({frac:.1%}), below "
+                      f"doctor.min_quantized_fraction={min_fraction} ({kinds})", **numbers)
+    return result(NAME, PASSED, f"{covered}/{total} MatMul/Gemm/Conv quantized ({frac:.1%}; {kinds})", **numbers)
+
+
+def run(ctx: RailContext) -> Dict:
+    min_fraction = float(getattr(ctx.config, "min_quantized_fraction", 0.0) or 0.0)
+    if ctx.onnx_path is not None:
+        counts = coverage_counts(ctx.model())
+    elif ctx.module is not None:
+        counts = module_counts(ctx.module)
+    else:
+        return result(NAME, SKIPPED, "no graph and no module to count")
+    return judge(counts, ctx.quantized, min_fraction)

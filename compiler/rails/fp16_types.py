@@ -1,0 +1,103 @@
+"""Rail 5: an fp16 graph must type-check and load. fp16 conversion breaks around rotary embeddings
+(Cast/Mul type unification); the fp16 step keeps the offending subgraph in fp32, and this rail says
+what it kept and proves the result loads in ONNX Runtime."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, first_line, iter_nodes, result
+
+NAME = "fp16_types"
+FLOAT16 = 10
+
+
+def has_fp16(model) -> bool:
+    g = model.graph
+    if any(t.data_type == FLOAT16 for t in g.initializer):
+        return True
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.tensor_type.elem_type == FLOAT16:
+            return True
+    for n in iter_nodes(g):
+        for a in n.attribute:
+            if a.name == "to" and a.i == FLOAT16:
+                return True
+            if a.name == "value" and a.t.data_type == FLOAT16:
+                return True
+    return False
+
+
+def blocked_from_steps(steps: Dict[str, Any]) -> Dict[str, Any]:
+    """What the fp16 step (compiler/steps/fp16.py) kept in fp32, from its step report: every key that
+    names blocked / kept-fp32 nodes or ops."""
+    out: Dict[str, Any] = {}
+    for name, rep in (steps or {}).items():
+        if "fp16" not in name or not isinstance(rep, dict):
+            continue
+        for k, v in rep.items():
+            if any(w in k for w in ("block", "fp32", "kept")):
+                out[k] = v
+    return out
+
+
+def type_errors(model) -> List[str]:
+    """Type-unification errors onnx's strict type inference finds (e.g. Mul of float16 and float)."""
+    import onnx
+
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, check_type=True)
+    except Exception as e:
+        msg = first_line(e)
+        # other strict-inference failures (shapes) are rail 7's business
+        return [msg] if "type" in msg.lower() else []
+    return []
+
+
+def ort_loads(onnx_path) -> str:
+    """'' when ONNX Runtime's CPU provider builds a session on the graph, else its error."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        return first_line(e)
+    return ""
+
+
+def judge(fp16: bool, blocked: Dict[str, Any], errors: List[str], load_error: str, target: str) -> Dict:
+    n_blocked = sum(len(v) if isinstance(v, (list, tuple, dict)) else int(bool(v)) for v in blocked.values())
+    numbers = dict(fp16=fp16, kept_fp32=blocked, kept_fp32_count=n_blocked)
+    if not fp16:
+        return result(NAME, SKIPPED, "no float16 tensors in the graph", **numbers)
+    kept = f"; kept in fp32 by the fp16 step: {n_blocked} ({', '.join(sorted(blocked))})" if blocked else ""
+    if load_error:
+        return result(NAME, FAILED, f"the fp16 graph does not load in ONNX Runtime: {load_error}{kept} -- keep the "
+                      "offending subgraph in fp32 (the fp16 step's block list)", **numbers)
+    if errors:
+        status = WARNED if target == "trt" else FAILED
+        return result(NAME, status, f"type errors in the fp16 graph: {errors[0]}{kept}", **numbers)
+    return result(NAME, PASSED, f"fp16 graph type-checks and loads{kept}", **numbers)
+
+
+def run(ctx: RailContext) -> Dict:
+    if ctx.onnx_path is None:
+        if ctx.module is not None:
+            import torch
+
+            dtypes = {str(p.dtype) for p in ctx.module.parameters()}
+            fp16 = "torch.float16" in dtypes
+            return result(NAME, PASSED if fp16 else SKIPPED, f"torch module parameter dtypes: {sorted(dtypes)}",
+                          fp16=fp16, kept_fp32=blocked_from_steps(ctx.steps))
+        return result(NAME, SKIPPED, "no graph")
+    model = ctx.model()
+    fp16 = has_fp16(model)
+    if not fp16:
+        return judge(False, blocked_from_steps(ctx.steps), [], "", ctx.target)
+    # TensorRT custom ops (trt::) do not load in ORT's CPU provider: only the ort target must load there
+    load_error = ort_loads(ctx.onnx_path) if ctx.target != "trt" else ""
+    errors = type_errors(model)  # needs no weights: the structure-only graph is enough
+    return judge(True, blocked_from_steps(ctx.steps), errors, load_error, ctx.target)
