@@ -55,7 +55,7 @@ def build_job(cfg) -> int:
         from compiler.validate import validate
 
         spec = validate(cfg)
-    except RecipeError as e:
+    except (RecipeError, BuildError) as e:  # BuildError: a target's check_environment (no GPU, no TensorRT)
         rundir.discard(run_dir)
         _print_error(e)
         if verbose:

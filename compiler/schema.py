@@ -83,6 +83,11 @@ class TargetConfig:
     opt_shapes: Dict[str, int] = field(default_factory=lambda: {"batch": 8, "seq": 128})
     max_shapes: Dict[str, int] = field(default_factory=lambda: {"batch": 64, "seq": 512})
     min_quantized_layer_fraction: float = 0.0  # TRT: fail when fewer layers run quantized
+    # TRT: a timing cache file to load and update (rebuilds pick the same tactics); None: a fresh one,
+    # saved as timing.cache in the run directory
+    timing_cache: Optional[str] = None
+    # ORT: per execution provider options, e.g. {TensorrtExecutionProvider: {trt_fp16_enable: false}}
+    provider_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"  # torch target: "cpu" or "cuda"
 
 

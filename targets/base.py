@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional
 import numpy as np
 
 TARGET_REGISTRY: Dict[str, type["Target"]] = {}
-TARGET_MODULES = ("torch", "ort")  # trt joins with its issue
+TARGET_MODULES = ("torch", "ort", "trt")
 
 Feed = Dict[str, np.ndarray]
 Predict = Callable[[Feed], Dict[str, np.ndarray]]
