@@ -15,7 +15,7 @@ RECIPES_DIR = Path(os.environ.get("QCOMPILE_RECIPES", Path(__file__).resolve().p
 SUBCOMMANDS = ("doctor", "summarize", "verify", "rebuild", "capabilities")
 
 log = logging.getLogger("qcompile")
-_state = {"job_started": False, "failures": []}
+_state = {"job_started": False, "failures": [], "last_error": None}
 
 
 def _verbose(cfg=None) -> bool:
@@ -28,7 +28,13 @@ def _verbose(cfg=None) -> bool:
 
 
 def _print_error(err: QcompileError) -> None:
+    _state["last_error"] = f"{err.kind}: {err.message}"  # a sweep's job record and summary show it
     print(f"qcompile: {err.kind}: {err.message}", file=sys.stderr)
+
+
+def _last_error():
+    # a module-level function: launchers pickle the task closure by value, this one by reference
+    return _state["last_error"]
 
 
 def _is_multirun() -> bool:
@@ -48,6 +54,7 @@ def build_job(cfg) -> int:
     from compiler import rundir
 
     _state["job_started"] = True
+    _state["last_error"] = None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     verbose = _verbose(cfg)
     try:
@@ -61,10 +68,11 @@ def build_job(cfg) -> int:
         if verbose:
             raise
         return e.exit_code
+    from compiler.cache import open_cache
     from compiler.pipeline import run_build
 
     try:
-        report = run_build(spec, run_dir)
+        report = run_build(spec, run_dir, cache=open_cache(spec.cache))
     except GateError as e:
         final = rundir.succeed(run_dir, gate_failed=True)
         _print_error(e)
@@ -129,6 +137,9 @@ def _hydra_main(argv: List[str]) -> int:
             _state["failures"].append(rc)
         if not _is_multirun():
             code["value"] = rc
+        # the job's outcome travels back from launcher processes (joblib, SLURM) in the JobReturn;
+        # compiler.sweep.SweepSummary records it per job
+        return {"exit_code": rc, "error": _last_error()}
 
     sys.argv = [sys.argv[0]] + argv
     try:
@@ -140,6 +151,11 @@ def _hydra_main(argv: List[str]) -> int:
         if rc == 1 and not _state["job_started"]:
             return 2
         return rc
+    from compiler.sweep import SweepSummary
+
+    if SweepSummary.last is not None and SweepSummary.last.get("exit_code") is not None:
+        # a multirun: its jobs may have run in other processes, so the per-job records decide
+        return int(SweepSummary.last["exit_code"])
     if _state["failures"] and code["value"] == 0:
         return max(_state["failures"])
     return code["value"]

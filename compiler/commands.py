@@ -76,12 +76,21 @@ def doctor(argv: List[str]) -> int:
 
 
 def summarize(argv: List[str]) -> int:
-    raise SystemExit("qcompile summarize: not available yet")
+    """qcompile summarize [<sweep dir>]: summary.md, summary.csv, pareto.png for a multirun directory."""
+    from compiler.sweep import summarize_main
+
+    return summarize_main(argv)
 
 
 def verify(argv: List[str]) -> int:
-    raise SystemExit("qcompile verify: not available yet")
+    """qcompile verify <run dir> [--strict] [--json]: artifacts vs manifest.json, versions, hardware."""
+    from compiler.reproduce import verify_main
+
+    return verify_main(argv)
 
 
 def rebuild(argv: List[str]) -> int:
-    raise SystemExit("qcompile rebuild: not available yet")
+    """qcompile rebuild <run dir> [--out DIR] [--use-cache] [--json]: rebuild and compare artifact hashes."""
+    from compiler.reproduce import rebuild_main
+
+    return rebuild_main(argv)

@@ -16,7 +16,9 @@ from compiler.models import file_sha256
 TRACKED_PACKAGES = ("qcompile", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "transformers", "polygraphy",
                     "nvidia-modelopt", "hydra-core", "omegaconf", "numpy", "tensorrt", "onnxscript")
 MANIFEST = "manifest.json"
-NOT_ARTIFACTS = {MANIFEST, "REPORT.md", "report.json", "qcompile.log", "FAILED.md"}
+# not artifacts: the run's own records (written after or around the manifest), Hydra's job log, the
+# BUILDING marker of explicitly named run dirs, and what `qcompile rebuild` adds (rebuild.json)
+NOT_ARTIFACTS = {MANIFEST, "REPORT.md", "report.json", "qcompile.log", "FAILED.md", "BUILDING", "rebuild.json"}
 
 
 def package_versions() -> Dict[str, str]:
@@ -45,6 +47,7 @@ def hardware() -> Dict[str, Any]:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
             info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+            info["cuda"] = torch.version.cuda  # a TensorRT engine is tied to GPU, CUDA and TensorRT versions
     except Exception:
         pass
     return info
@@ -59,7 +62,8 @@ def artifact_hashes(run_dir: Path) -> Dict[str, str]:
     out = {}
     for f in sorted(Path(run_dir).rglob("*")):
         rel = f.relative_to(run_dir).as_posix()
-        if f.is_file() and rel not in NOT_ARTIFACTS and not rel.startswith(".hydra/") and "/cache/" not in rel:
+        if (f.is_file() and rel not in NOT_ARTIFACTS and not rel.startswith(".hydra/") and "/cache/" not in rel
+                and not ("/" not in rel and rel.endswith(".log"))):
             out[rel] = file_sha256(f)
     return out
 

@@ -124,8 +124,14 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
     onnx_path: Optional[Path] = None
     if target.needs_onnx:
         with stage("export", timings):
-            exported = export_onnx(model.module, model.input_names, model.output_names, work_dir / "export.onnx",
-                                   spec.export)
+            if cache is not None and not spec.torch_steps:
+                # the unmodified fp32 export is what sweep points share (compiler/cache.py)
+                from compiler.cache import cached_fp32_export
+
+                exported = cached_fp32_export(model, spec, work_dir / "export.onnx", cache)
+            else:
+                exported = export_onnx(model.module, model.input_names, model.output_names, work_dir / "export.onnx",
+                                       spec.export)
             for i, step in enumerate(spec.torch_steps):
                 exported = step.after_export(exported, work_dir / f"export_{i:02d}_{step.name}.onnx",
                                              step_context(spec, data, work_dir, cache))
@@ -158,6 +164,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
 
     failures = report.get("check", {}).get("gate_failures", [])
     report["status"] = "gate failed" if failures else "passed"
+    report["cache"] = cache.report() if cache is not None else {"enabled": False}
     if failures:
         report["reason"] = failures[0]
     write_report(run_dir, report)

@@ -108,6 +108,14 @@ class DoctorConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The content-addressed cache of fp32 exports and calibration statistics (compiler/cache.py)."""
+
+    enabled: bool = True
+    dir: Optional[str] = None  # None: $QCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/qcompile, else ~/.cache/qcompile
+
+
+@dataclass
 class RecipeConfig:
     name: str = "fp32"
     description: str = ""

@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from compiler.errors import RecipeError
-from compiler.schema import (BenchConfig, CheckConfig, DataConfig, DoctorConfig, ExportConfig, GateConfig,
-                             ModelConfig, TargetConfig)
+from compiler.schema import (BenchConfig, CacheConfig, CheckConfig, DataConfig, DoctorConfig, ExportConfig,
+                             GateConfig, ModelConfig, TargetConfig)
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "export": ExportConfig, "check": CheckConfig,
-            "bench": BenchConfig, "target": TargetConfig, "doctor": DoctorConfig}
+            "bench": BenchConfig, "target": TargetConfig, "doctor": DoctorConfig, "cache": CacheConfig}
 TOP_LEVEL_KEYS = set(SECTIONS) | {"recipe", "seed", "cache", "doctor", "output", "hydra", "sweep", "verbose"}
 
 
@@ -38,6 +38,7 @@ class BuildSpec:
     model_info: ModelInfo
     raw: DictConfig  # the resolved composed config (written as recipe.yaml)
     doctor: Any = None  # DoctorConfig: the guard rails' thresholds
+    cache: Any = None  # CacheConfig: where the content-addressed cache lives, or disabled
 
     @property
     def torch_steps(self) -> List[Step]:
@@ -175,4 +176,5 @@ def validate(cfg: DictConfig) -> BuildSpec:
     tgt.check_environment(recipe_node)
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],
                      target=target, recipe_name=str(recipe_node.get("name", "custom")), steps=steps, gate=gate,
-                     seed=int(cfg.get("seed", 0)), model_info=info, raw=cfg, doctor=typed["doctor"])
+                     seed=int(cfg.get("seed", 0)), model_info=info, raw=cfg, doctor=typed["doctor"],
+                     cache=typed["cache"])
