@@ -30,7 +30,8 @@ def is_quantize_op(node) -> bool:
 
 def coverage_counts(model) -> Dict[str, object]:
     """Counts over a graph: compute ops (MatMul/Gemm/Conv, float or quantized) and how many of them
-    have an input fed by a DequantizeLinear (through transposes/reshapes) or are quantized ops."""
+    are quantized ops or have their weight operand fed by a DequantizeLinear (through transposes,
+    reshapes, casts)."""
     nodes = list(iter_nodes(model.graph))
     producer = {out: n for n in nodes for out in n.output}
 
@@ -48,7 +49,9 @@ def coverage_counts(model) -> Dict[str, object]:
         if n.op_type in QUANTIZED_COMPUTE:
             ok = True
         elif n.op_type in FLOAT_COMPUTE:
-            ok = any(fed_by_dq(i) for i in n.input[:2] if i)
+            # the second operand (the weight of MatMul/Gemm/Conv) decides: a DQ on the activation alone
+            # is only the previous op's quantized output passing by, and leaves this op in float
+            ok = len(n.input) > 1 and fed_by_dq(n.input[1])
         else:
             continue
         total += 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, iter_nodes, result
+from compiler.rails import FAILED, PASSED, PROTOBUF_LIMIT, SKIPPED, WARNED, RailContext, iter_nodes, result
 
 NAME = "size"
 
@@ -71,9 +71,9 @@ def run(ctx: RailContext) -> Dict:
     if ctx.onnx_path is None:
         return result(NAME, SKIPPED, "no ONNX graph (torch target)")
     path = Path(ctx.onnx_path)
-    if path.stat().st_size >= ctx.proto_limit:  # protobuf cannot even parse it
+    if path.stat().st_size >= PROTOBUF_LIMIT:  # protobuf cannot even parse it
         return result(NAME, FAILED, f"{path.name} is {path.stat().st_size} bytes, over protobuf's limit -- "
-                      "save it with external data", proto_bytes=path.stat().st_size, limit_bytes=ctx.proto_limit)
+                      "save it with external data", proto_bytes=path.stat().st_size, limit_bytes=PROTOBUF_LIMIT)
     model = ctx.model()
     files = [path] + [p for p in path.parent.glob(path.name + ".data")]
     return judge(model.ByteSize(), uses_external_data(model), large_constants(model, ctx.constant_limit),
