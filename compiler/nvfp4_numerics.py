@@ -1,0 +1,170 @@
+"""NVFP4 numerics on the CPU: e2m1 values in blocks of 16 with e4m3 per-block scales and an fp32
+global scale, as fake-quant (torch) and as the (values, scales) pair TensorRT's FP4 ops produce.
+
+Library gap this fills: nvidia-modelopt 0.47 only implements NVFP4 dynamic block quantization as a
+CUDA extension (`fused_amax_convert`) or a Triton kernel; on a CPU tensor
+`modelopt.torch.quantization.tensor_quant._dynamic_block_quantize_impl` asserts "amax must be a CUDA
+tensor for dynamic block quantization". The numbers here follow that CUDA kernel exactly
+(tensor_quant_mx.cu, compute_scale_with_global + quantize):
+
+    global_scale = global_amax / (6 * 448)
+    block_scale  = e4m3(min(block_amax / (6 * global_scale), 448)) * global_scale
+    y            = sign(x) * e2m1(|x| / block_scale) * block_scale       (e2m1 saturates at 6)
+
+with round-to-nearest-even onto the e2m1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} (the same decision
+boundaries as modelopt's Triton `fp4_round_magnitude`). A block whose amax is 0, or a missing/zero
+global amax, uses scale 1 like the CUDA kernel; a block whose e4m3 scale underflows to 0 dequantizes to 0
+(what TensorRT's DequantizeLinear gives for a zero scale).
+
+`install_cpu_fallback()` routes modelopt's dynamic block quantize op here for CPU tensors in the NVFP4
+format only; CUDA tensors and every other format still go to modelopt's own kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import torch
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# midpoints between neighbouring e2m1 magnitudes; a tie goes to the value with an even mantissa
+# (0, 1, 2, 4 are even; 0.5, 1.5, 3, 6 odd): "<=" at ties rounding down, "<" at ties rounding up.
+_BOUNDS = ((0.25, True), (0.75, False), (1.25, True), (1.75, False), (2.5, True), (3.5, False), (5.0, True))
+
+
+def round_to_e2m1(mag: torch.Tensor) -> torch.Tensor:
+    """Round non-negative magnitudes to the nearest e2m1 value (ties to even), saturating at 6."""
+    out = torch.full_like(mag, E2M1_GRID[-1])
+    # walk the boundaries from the top so each element ends at the smallest bucket it falls into
+    for (bound, tie_down), value in zip(reversed(_BOUNDS), reversed(E2M1_GRID[:-1])):
+        below = mag <= bound if tie_down else mag < bound
+        out = torch.where(below, torch.full_like(mag, value), out)
+    return torch.where(torch.isnan(mag), mag, out)
+
+
+def to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest float8 e4m3fn value (saturating at 448), returned as float32."""
+    return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def global_scale_from_amax(global_amax) -> Optional[torch.Tensor]:
+    """fp32 global scale amax / (6 * 448); None when amax is missing, zero or not finite (scale 1)."""
+    if global_amax is None:
+        return None
+    g = torch.as_tensor(global_amax, dtype=torch.float32).detach().cpu()
+    if g.numel() != 1:
+        g = g.abs().amax()
+    g = g.reshape(())
+    if not torch.isfinite(g) or g <= 0:
+        return None
+    return g / (E2M1_MAX * E4M3_MAX)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, int]:
+    """View x (float32) as (..., n_blocks, block_size), zero-padding the last axis to a whole block."""
+    pad = (-x.shape[-1]) % block_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size), pad
+
+
+def nvfp4_quantize(x: torch.Tensor, global_amax, block_size: int = 16
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize along the last axis. Returns (q, scale_e4m3, global_scale):
+    q: e2m1 grid values (float32, shape of x), scale_e4m3: e4m3-representable per-block scales
+    (float32, shape x.shape[:-1] + (n_blocks,)), global_scale: fp32 scalar; x ~= q * scale_e4m3 * global_scale."""
+    blocks, pad = _blocks(x.float(), block_size)
+    gs = global_scale_from_amax(global_amax)
+    block_amax = blocks.abs().amax(dim=-1)
+    if gs is None:
+        # the CUDA kernel's fallback for an invalid global amax: no scaling at all
+        scale8 = torch.ones_like(block_amax)
+        gs = torch.tensor(1.0)
+    else:
+        scale8 = to_e4m3(torch.clamp(block_amax / (E2M1_MAX * gs), max=E4M3_MAX))
+        scale8 = torch.where(block_amax == 0, torch.ones_like(scale8), scale8)  # zero block: scale 1
+    unscale = (scale8 * gs).unsqueeze(-1)
+    safe = torch.where(unscale > 0, unscale, torch.ones_like(unscale))
+    q = torch.sign(blocks) * round_to_e2m1(blocks.abs() / safe)
+    q = torch.where(unscale > 0, q, torch.zeros_like(q))  # e4m3 underflow: the block dequantizes to 0
+    q = q.reshape(*q.shape[:-2], -1)
+    if pad:
+        q = q[..., : x.shape[-1]]
+    return q, scale8, gs
+
+
+def nvfp4_dequantize(q: torch.Tensor, scale_e4m3: torch.Tensor, global_scale, block_size: int = 16) -> torch.Tensor:
+    """Inverse of nvfp4_quantize (the two DequantizeLinear nodes of the TensorRT graph)."""
+    blocks, pad = _blocks(q.float(), block_size)
+    y = blocks * (scale_e4m3.float() * torch.as_tensor(global_scale, dtype=torch.float32)).unsqueeze(-1)
+    y = y.reshape(*y.shape[:-2], -1)
+    return y[..., : q.shape[-1]] if pad else y
+
+
+def nvfp4_fake_quant(x: torch.Tensor, global_amax, block_size: int = 16) -> torch.Tensor:
+    """Quantize-dequantize x along its last axis in NVFP4; same shape and dtype as x."""
+    q, s, gs = nvfp4_quantize(x, global_amax, block_size)
+    return nvfp4_dequantize(q, s, gs, block_size).to(x.dtype)
+
+
+def nvfp4_weight_scales(w: torch.Tensor, block_size: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-block e4m3 scales and the global scale as modelopt's NVFP4 ONNX weight export computes them
+    (modelopt.onnx.quantization.quant_utils + NVFP4QTensor._cast_per_block_scale_to_fp8): global amax is
+    max|w|, a zero block gets scale 1 and block scales are clamped to [2**-9, 448] before the e4m3 cast."""
+    wf = w.detach().float()
+    amax = wf.abs().amax()
+    gs = amax / (E2M1_MAX * E4M3_MAX) if amax > 0 else torch.tensor(1.0)
+    blocks, _ = _blocks(wf, block_size)
+    per_block = blocks.abs().amax(dim=-1) / (E2M1_MAX * gs)
+    per_block = torch.where(per_block == 0, torch.ones_like(per_block), per_block)
+    return to_e4m3(per_block.clamp(min=2.0**-9, max=E4M3_MAX)), gs
+
+
+def nvfp4_weight_fake_quant(w: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """What the exported TensorRT graph computes for a weight: modelopt's export-time scales, e2m1 values."""
+    scale8, gs = nvfp4_weight_scales(w, block_size)
+    blocks, pad = _blocks(w.detach().float(), block_size)
+    unscale = (scale8 * gs).unsqueeze(-1)
+    q = torch.sign(blocks) * round_to_e2m1(blocks.abs() / unscale)
+    y = (q * unscale).reshape(*blocks.shape[:-2], -1)
+    return (y[..., : w.shape[-1]] if pad else y).to(w.dtype)
+
+
+# --- the patch into modelopt -------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_ORIGINAL = None
+
+
+def _is_nvfp4(num_bits: int, exponent_bits: int, scale_num_bits: int, scale_exponent_bits: int) -> bool:
+    # modelopt passes formats as total bits + exponent bits: e2m1 = (4, 2), e4m3 scales = (8, 4)
+    return (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) == (4, 2, 8, 4)
+
+
+def install_cpu_fallback() -> None:
+    """Make modelopt's dynamic block quantization of NVFP4 run on CPU tensors (idempotent).
+
+    modelopt resolves `tensor_quant.dynamic_block_quantize_op` at call time in
+    `_dynamic_block_quantize_forward`, so replacing that module attribute reroutes only its eager
+    forward; the ONNX symbolic (`DynamicBlockQuantizationFunction.symbolic`, which emits
+    trt::TRT_FP4DynamicQuantize / TRT_FP4QDQ) is untouched, so export still produces the TensorRT graph.
+    """
+    global _ORIGINAL
+    from modelopt.torch.quantization import tensor_quant
+
+    with _LOCK:
+        if _ORIGINAL is not None:
+            return
+        original = tensor_quant.dynamic_block_quantize_op
+
+        def dynamic_block_quantize_op(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits,
+                                      scale_exponent_bits):
+            if not inputs.is_cuda and _is_nvfp4(num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
+                return nvfp4_fake_quant(inputs, amax, int(block_size))
+            return original(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
+
+        tensor_quant.dynamic_block_quantize_op = dynamic_block_quantize_op
+        _ORIGINAL = original
