@@ -119,6 +119,15 @@ class OrtTarget(Target):
 
     def check_environment(self, recipe) -> None:
         check_providers(list(self.cfg.providers))
+        if self.cfg.providers[0] in GPU_PROVIDERS:
+            from targets.trt_hardware import detect_gpu
+
+            # onnxruntime-gpu lists CUDA/TensorRT as available on any machine, then falls back to the CPU
+            # when the session starts: say so now rather than after export
+            if detect_gpu() is None:
+                raise BuildError(f"target.providers: {self.cfg.providers[0]} needs an NVIDIA GPU and none was found "
+                                 "(torch.cuda / nvidia-smi); onnxruntime would silently run on the CPU -- run on a GPU "
+                                 "machine or use target.providers=[CPUExecutionProvider]")
         unknown = sorted(set(self.cfg.provider_options) - set(self.cfg.providers))
         if unknown:
             raise RecipeError(f"target.provider_options.{unknown[0]}", "options for a provider not in target.providers",

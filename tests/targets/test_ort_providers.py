@@ -79,6 +79,19 @@ def test_silent_cpu_fallback_is_caught(monkeypatch, tiny_onnx):
     np.testing.assert_allclose(sess.run(None, {"input_ids": x})[0], x @ np.arange(16, dtype=np.float32).reshape(4, 4))
 
 
+def test_gpu_provider_without_gpu_fails_at_validation(monkeypatch):
+    """onnxruntime-gpu installed (CUDA 'available') on a machine without a GPU: caught before export."""
+    import targets.trt_hardware as H
+
+    monkeypatch.setattr(O, "check_providers", lambda providers: None)
+    monkeypatch.setattr(H, "detect_gpu", lambda: None)
+    with pytest.raises(BuildError) as e:
+        O.OrtTarget(ort_cfg(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])).check_environment(None)
+    assert str(e.value).startswith("target.providers: CUDAExecutionProvider needs an NVIDIA GPU and none was found")
+    monkeypatch.setattr(H, "detect_gpu", lambda: H.GpuInfo("NVIDIA L4", (8, 9), "test"))
+    O.OrtTarget(ort_cfg(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])).check_environment(None)
+
+
 def test_provider_list_attaches_options():
     assert O.provider_list(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
                            {"TensorrtExecutionProvider": {"trt_fp16_enable": False}, "CUDAExecutionProvider": {}}) == [
