@@ -273,6 +273,13 @@ def open_cache(cfg) -> Optional[Cache]:
     if cfg is None or not bool(getattr(cfg, "enabled", True)):
         return None
     root = Path(str(cfg.dir)).expanduser() if getattr(cfg, "dir", None) else default_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK):
+            raise PermissionError(f"{root} is not writable")
+    except OSError as e:  # a cache is an optimization: a read-only home never fails a build
+        log.warning("cache disabled: cannot use %s (%s); set cache.dir=... or QCOMPILE_CACHE_DIR", root, e)
+        return None
     return Cache(root)
 
 

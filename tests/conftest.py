@@ -15,6 +15,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_cache_dir(tmp_path_factory):
+    """Builds in tests (and the CLI subprocesses they start) use a cache of their own, never the
+    user's ~/.cache/qcompile (compiler/cache.py)."""
+    old = os.environ.get("QCOMPILE_CACHE_DIR")
+    os.environ["QCOMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("qcompile-cache"))
+    yield
+    if old is None:
+        os.environ.pop("QCOMPILE_CACHE_DIR", None)
+    else:
+        os.environ["QCOMPILE_CACHE_DIR"] = old
+
+
 def _has_gpu() -> bool:
     if shutil.which("nvidia-smi") is None:
         return False
