@@ -172,6 +172,9 @@ def validate(cfg: DictConfig) -> BuildSpec:
     if recipe_node is None:
         raise RecipeError("recipe", "no recipe selected", "pass recipe=<name>")
     steps, gate = validate_steps(recipe_node, target.name, info)
+    for step in steps:  # checks that depend on the export settings (fp8 on ort needs opset >= 19)
+        if hasattr(step, "validate_export"):
+            step.validate_export(typed["export"], target.name)
     tgt = get_target(target.name)(target)
     tgt.check_environment(recipe_node)
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],
