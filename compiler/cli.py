@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from compiler.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
 
@@ -68,6 +68,11 @@ def build_job(cfg) -> int:
         if verbose:
             raise
         return e.exit_code
+    except KeyboardInterrupt:  # nothing was built yet: leave nothing behind
+        rundir.discard(run_dir)
+        err = InterruptedBuild("interrupted before the build started; nothing was written")
+        _print_error(err)
+        return err.exit_code
     from compiler.cache import open_cache
     from compiler.pipeline import run_build
 
@@ -125,6 +130,74 @@ def print_summary(report, run_dir: Path) -> None:
     console.print(f"run directory: {run_dir}")
 
 
+def _key_fix(full_key: str) -> Tuple[str, str]:
+    """(what is wrong, what to write instead) for an unknown dotted key: the closest real key of its section."""
+    from compiler.schema import GateConfig
+    from compiler.steps.base import STEP_REGISTRY, load_all_steps
+    from compiler.validate import SECTIONS, TOP_LEVEL_KEYS, _closest
+
+    parts = full_key.split(".")
+    unknown = "unknown key"
+    if len(parts) == 1:
+        return unknown, _closest(parts[0], TOP_LEVEL_KEYS - {"hydra"})
+    if parts[0] in SECTIONS and len(parts) == 2:
+        return unknown, _closest(parts[1], SECTIONS[parts[0]].__dataclass_fields__)
+    if parts[0] == "recipe":
+        if len(parts) == 2:
+            return unknown, _closest(parts[1], ["name", "description", "steps", "gate"])
+        if parts[1] == "gate" and len(parts) == 3:
+            return unknown, _closest(parts[2], GateConfig.__dataclass_fields__)
+        if parts[1] == "steps" and len(parts) >= 3:
+            load_all_steps()
+            if parts[2] not in STEP_REGISTRY:
+                return "unknown step", _closest(parts[2], STEP_REGISTRY)
+            if len(parts) == 4:
+                return unknown, _closest(parts[3], STEP_REGISTRY[parts[2]].Params.__dataclass_fields__)
+    return "not in the composed recipe", f"to add it, write +{full_key}=..."
+
+
+def _precheck(argv: List[str]) -> Optional[RecipeError]:
+    """Hydra reports a recipe it cannot compose (recipe=nope, a misspelled key, a bad override) in
+    several lines of its own; compose it first with Hydra's compose API so each becomes one line that
+    names the key and the fix. Also refuse a run directory that cannot be created, before Hydra
+    tries (and prints a traceback). Hydra flags (-m, --cfg ...) are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3", job_name="qcompile"):
+            compose("config", overrides=list(argv))
+    except MissingConfigException as e:
+        missing = str(getattr(e, "missing_cfg_file", "") or "")
+        group, _, name = missing.rpartition("/")
+        options = list(getattr(e, "options", None) or [])
+        return RecipeError(group or "recipe", f"no {group or 'config'} named {name!r}",
+                           f"available: {', '.join(options)}" if options else f"add recipes/{missing}.yaml")
+    except OverrideParseException as e:
+        bad = next((a for a in argv if "=" not in a or a.count("[") != a.count("]")), " ".join(argv))
+        return RecipeError("", f"cannot parse the override {bad!r}: {str(e).splitlines()[0]}",
+                           "write key=value, e.g. data.seq_len=64 (lists: key=[a,b])")
+    except Exception as e:
+        cause = e.__cause__
+        key = str(getattr(cause, "full_key", "") or "")
+        if key and "Could not override" in str(e):
+            return RecipeError(key, *_key_fix(key))
+        return RecipeError("", " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:400])
+    explicit = next((a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "+hydra.run.dir="))), None)
+    where = Path(explicit).expanduser() if explicit else Path.cwd() / "outputs"
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        what = "is not a directory" if not probe.is_dir() else "is not writable"
+        return RecipeError("hydra.run.dir" if explicit else "outputs", f"cannot create {where}: {probe} {what}",
+                           "pass hydra.run.dir=<a writable directory>" if explicit else
+                           "run from a writable directory or pass hydra.run.dir=<a writable directory>")
+    return None
+
+
 def _hydra_main(argv: List[str]) -> int:
     import hydra
 
@@ -141,6 +214,10 @@ def _hydra_main(argv: List[str]) -> int:
         # compiler.sweep.SweepSummary records it per job
         return {"exit_code": rc, "error": _last_error()}
 
+    err = _precheck(argv)
+    if err is not None:
+        _print_error(err)
+        return err.exit_code
     sys.argv = [sys.argv[0]] + argv
     try:
         _task()
@@ -172,7 +249,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             _print_error(e)
             rc = e.exit_code
         sys.exit(rc)
-    sys.exit(_hydra_main(argv))
+    try:
+        sys.exit(_hydra_main(argv))
+    except KeyboardInterrupt:  # Ctrl-C outside a build job (Hydra starting up, a sweep between jobs)
+        _print_error(InterruptedBuild("interrupted"))
+        sys.exit(InterruptedBuild.exit_code)
 
 
 if __name__ == "__main__":
