@@ -70,6 +70,24 @@ def _take(sentences: List[str], n: int, key: str, role: str, path: Path, policy:
     return sentences[:n]
 
 
+def check_data_files(cfg, need_calibration: bool = True) -> None:
+    """Validate-time look at the data files (text only, no tokenizer): an empty file, or fewer
+    sentences than asked with data.on_short_data=error, is a recipe error before any model loads."""
+    for role in ("calibration", "evaluation"):
+        path = data_file(cfg, role)
+        key = f"data.{role}_file"
+        sentences = read_sentences(path, key)
+        if not sentences:
+            raise RecipeError(key, f"{path} holds no sentences",
+                              "give a UTF-8 text file with one sentence per line")
+        if role == "calibration" and not need_calibration:
+            continue
+        n = int(getattr(cfg, f"{role}_samples"))
+        if n > len(sentences) and cfg.on_short_data == "error":
+            raise RecipeError(f"data.{role}_samples", f"{n} samples asked but {path.name} has {len(sentences)}",
+                              f"set data.{role}_samples<={len(sentences)} or data.on_short_data=clamp")
+
+
 def tokenize(tokenizer, texts: List[str], seq_len: int, input_names: List[str]) -> Features:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
     arrays = {}

@@ -175,6 +175,9 @@ def validate(cfg: DictConfig) -> BuildSpec:
     for step in steps:  # checks that depend on the export settings (fp8 on ort needs opset >= 19)
         if hasattr(step, "validate_export"):
             step.validate_export(typed["export"], target.name)
+    from compiler.data import check_data_files
+
+    check_data_files(data, need_calibration=any(s.needs_calibration for s in steps))
     tgt = get_target(target.name)(target)
     tgt.check_environment(recipe_node)
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],
