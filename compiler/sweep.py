@@ -339,7 +339,7 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
     ax.set_xlabel("latency, ms per sample (lower is better)")
     ax.set_ylabel("mean embedding cosine to fp32 (higher is better)")
     ax.set_title(title or "qcompile sweep: latency vs fidelity", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})  # no matplotlib version stamp: same rows, same bytes
     plt.close(fig)
