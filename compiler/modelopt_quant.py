@@ -268,3 +268,57 @@ def enabled_quantizers(module) -> Dict[str, Dict[str, bool]]:
             out[name] = {"weight": isinstance(wq, TensorQuantizer) and wq.is_enabled,
                          "input": isinstance(iq, TensorQuantizer) and iq.is_enabled}
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shape shared by the modelopt steps (int8, int8_smoothquant, int8_weight_only, fp8): quantize the torch
+# module with one preset, then make the exported fake-quant graph deployable. Each step file subclasses
+# this with its name, Params and preset; a class without ``name`` is not registered as a step.
+
+from compiler.steps.base import TORCH, Step  # noqa: E402  (after the helpers: steps import this module)
+
+
+class ModeloptStep(Step):
+    """Base of the torch-side modelopt steps. Subclasses set name, Params, summary, FORMAT and may
+    override algorithm() / calibration()."""
+
+    runs_on = {"torch": TORCH, "ort": TORCH, "trt": TORCH}
+    needs_calibration = True
+    FORMAT = ""  # a PRESETS key
+
+    @property
+    def key(self) -> str:
+        return f"recipe.steps.{self.name}"
+
+    def algorithm(self) -> Any:
+        return "__keep__"  # the preset's
+
+    def calibration(self) -> str:
+        return "minmax"
+
+    def percentile(self) -> float:
+        return 99.99
+
+    def exclude(self, ctx) -> List[str]:
+        """model.exclude (or DEFAULT_EXCLUDE) plus the step's own `exclude` patterns."""
+        return exclude_patterns(ctx) + list(getattr(self.params, "exclude", None) or [])
+
+    def apply_torch(self, model, ctx):
+        import torch
+
+        torch.manual_seed(ctx.seed)
+        return quantize_module(model, self.FORMAT, ctx, algorithm=self.algorithm(),
+                               calibration=self.calibration(), percentile=self.percentile(),
+                               exclude=self.exclude(ctx))
+
+    def after_export(self, onnx_path, out_path, ctx):
+        """int8 formats: store the weights as int8 initializers feeding their DQ (compiler/graph/qdq_weights)."""
+        import onnx
+
+        from compiler.export import save_onnx
+        from compiler.graph.qdq_weights import fold_weight_quantizers
+
+        model = onnx.load(str(onnx_path), load_external_data=True)
+        model, folded = fold_weight_quantizers(model)
+        log.info("%s: %d weights stored as int8 initializers", self.name, folded)
+        return save_onnx(model, out_path, "auto")

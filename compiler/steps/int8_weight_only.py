@@ -1,0 +1,25 @@
+"""int8_weight_only: int8 weights (per output channel, max calibration) with fp32 activations, with
+nvidia-modelopt (INT8_WEIGHT_ONLY_CFG); exported as int8 initializers feeding DequantizeLinear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from compiler.modelopt_quant import ModeloptStep
+
+
+@dataclass
+class Params:
+    """exclude: module-name patterns (fnmatch) kept in full precision, on top of model.exclude."""
+
+    exclude: List[str] = field(default_factory=list)
+
+
+class Int8WeightOnlyStep(ModeloptStep):
+    name = "int8_weight_only"
+    Params = Params
+    FORMAT = "int8_weight_only"
+    # weight amax comes from the weights themselves: no calibration data is read
+    needs_calibration = False
+    summary = "int8 weights per channel, fp32 activations (modelopt weight-only), exported as DQ-only weights"
