@@ -72,6 +72,9 @@ def resolve_model_dir(cfg) -> Optional[Path]:
         if not (path / "config.json").is_file():
             raise RecipeError("model.path", f"{str(path)!r} has no config.json",
                               "give a Hugging Face model directory saved with save_pretrained()")
+        if not any((path / f).is_file() for f in WEIGHT_FILES) and not any(path.glob("model-*.safetensors")):
+            raise RecipeError("model.path", f"{str(path)!r} has no weights (looked for {', '.join(WEIGHT_FILES)}, "
+                              "model-*.safetensors)", "save the model with save_pretrained() into that directory")
         return path
     raise RecipeError("model.source", f"unknown source {cfg.source!r}", "use one of: package, tiny, path")
 
@@ -177,6 +180,11 @@ def _load_hf_module(cfg, model_dir: Path):
             use_safetensors=any(str(w).endswith(".safetensors") for w in weights) or None,
         )
     except Exception as e:  # corrupt or truncated weights surface as many exception types
+        if type(e).__name__ == "UnpicklingError":  # torch.load(weights_only=True) met a non-tensor object
+            raise BuildError(f"model.path: refused to load {model_dir}: its pickle checkpoint holds objects other "
+                             "than tensors, which could run code when unpickled (torch.load(weights_only=True) "
+                             "rejected them) -- convert the checkpoint to model.safetensors where you trust "
+                             "it") from e
         raise BuildError(f"model.path: cannot load weights from {model_dir}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
     module.eval()

@@ -91,17 +91,24 @@ def check_predict(predict: Callable, feeds: List[Dict[str, np.ndarray]]) -> Dict
     return compare(predict(feeds[0]), predict(feeds[1]))
 
 
+TOKEN_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
+
+
 def _c_input_flow():
-    """Engineer C's graph pass module (compiler/graph/input_flow.py) when it exists: its check is used
-    for ONNX files so the pipeline and the doctor agree."""
+    """Engineer C's graph check (compiler/graph/input_flow.py) when it exists: the rail uses its
+    check and its runner (ORT, or the reference runner for TensorRT/FP4 graphs ORT cannot run), so
+    the pipeline and the doctor judge a graph the same way."""
     try:
-        from compiler.graph import input_flow  # noqa: F401
+        from compiler.graph import input_flow
     except ImportError:
         return None
-    return input_flow
+    return input_flow if hasattr(input_flow, "check_input_flow") else None
 
 
 def ort_predict(onnx_path) -> Callable:
+    flow = _c_input_flow()
+    if flow is not None and hasattr(flow, "predictor"):
+        return flow.predictor(onnx_path)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -116,15 +123,41 @@ def ort_predict(onnx_path) -> Callable:
     return predict
 
 
+def _via_input_flow(flow, ctx: RailContext) -> Optional[Dict]:
+    """C's check_input_flow on a token-input graph: it raises BuildError on a baked output. None when
+    it could not run (e.g. its token feeds assume a vocabulary of >= 1000 rows): the rail's own
+    feeds take over."""
+    from compiler.errors import BuildError
+
+    try:
+        numbers = flow.check_input_flow(ctx.onnx_path, ctx.input_names or None, predict=ctx.predict)
+    except BuildError as e:
+        return result(NAME, FAILED, f"{e.message} -- make the op traceable, or export it as a real op",
+                      checked_by="compiler.graph.input_flow")
+    except Exception:
+        return None
+    return result(NAME, PASSED, f"all {numbers.get('outputs')} outputs change with the input (smallest max change "
+                  f"{float(numbers.get('min_max_abs_change', 0.0)):.3g}; {numbers.get('runner', 'engine')})",
+                  checked_by="compiler.graph.input_flow", **numbers)
+
+
 def run(ctx: RailContext) -> Dict:
     if not getattr(ctx.config, "input_dependence", True):
         return result(NAME, SKIPPED, "doctor.input_dependence=false")
     try:
-        if ctx.predict is not None:  # the lowered engine itself, whatever the target
-            return check_predict(ctx.predict, token_feeds(ctx.input_names))
         if ctx.onnx_path is None:
-            return result(NAME, SKIPPED, "nothing to run")
+            if ctx.predict is None:
+                return result(NAME, SKIPPED, "nothing to run")
+            return check_predict(ctx.predict, token_feeds(ctx.input_names))  # torch target: the module itself
         model = ctx.model()
-        return check_predict(ort_predict(ctx.onnx_path), feeds_for_graph(model))
-    except Exception as e:  # a graph ORT's CPU provider cannot run (FP4, TensorRT custom ops) is not this rail's fault
+        init = {t.name for t in model.graph.initializer}
+        inputs = [i.name for i in model.graph.input if i.name not in init]
+        flow = _c_input_flow()
+        if flow is not None and set(inputs) <= TOKEN_INPUTS:
+            judged = _via_input_flow(flow, ctx)
+            if judged is not None:
+                return judged
+        predict = ctx.predict or ort_predict(ctx.onnx_path)
+        return check_predict(predict, feeds_for_graph(model))  # any other graph: feeds shaped from its inputs
+    except Exception as e:  # a graph no runner here can execute (TensorRT plan without a GPU) is not this rail's fault
         return result(NAME, SKIPPED, f"could not run the graph on two inputs: {first_line(e)}")

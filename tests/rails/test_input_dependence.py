@@ -13,10 +13,10 @@ from compiler.schema import DoctorConfig
 
 
 class Embed(torch.nn.Module):
-    def __init__(self, baked: bool):
+    def __init__(self, baked: bool, vocab: int = 50):
         super().__init__()
         torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(50, 8)
+        self.emb = torch.nn.Embedding(vocab, 8)
         self.baked = baked
 
     def forward(self, input_ids, attention_mask):
@@ -28,13 +28,13 @@ class Embed(torch.nn.Module):
         return hidden, pooled
 
 
-def _export(tmp_path, baked: bool):
-    path = tmp_path / f"{'baked' if baked else 'live'}.onnx"
+def _export(tmp_path, baked: bool, vocab: int = 50):
+    path = tmp_path / f"{'baked' if baked else 'live'}_{vocab}.onnx"
     ids = torch.randint(1, 50, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TracerWarning is what users miss
-        torch.onnx.export(Embed(baked), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(Embed(baked, vocab), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
                           output_names=["last_hidden_state", "sentence_embedding"], opset_version=17, dynamo=False,
                           dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
     return path
@@ -97,3 +97,13 @@ def test_switched_off_and_unrunnable_graphs_skip(tmp_path):
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("custom.dom", 1)]), str(path))
     r = dep.run(RailContext(target="trt", config=DoctorConfig(), onnx_path=path))
     assert r["status"] == SKIPPED and "could not run" in r["message"]
+
+
+def test_engineer_c_input_flow_check_is_used_for_token_graphs(tmp_path):
+    """With compiler/graph/input_flow.py present, token-input graphs go through its check_input_flow."""
+    pytest.importorskip("compiler.graph.input_flow")
+    baked = dep.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=_export(tmp_path, True, vocab=2000)))
+    assert baked["status"] == FAILED and baked["checked_by"] == "compiler.graph.input_flow"
+    assert "sentence_embedding" in baked["message"]
+    live = dep.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=_export(tmp_path, False, vocab=2000)))
+    assert live["status"] == PASSED and live["checked_by"] == "compiler.graph.input_flow"

@@ -81,3 +81,16 @@ def test_constant_in_a_subgraph_is_found():
 
 def test_torch_target_skips():
     assert size.run(RailContext(target="torch", config=DoctorConfig()))["status"] == SKIPPED
+
+
+def test_engineer_c_promotion_makes_the_rail_pass(tmp_path):
+    """compiler/graph/constants.promote_constants (engineer C) on the failing graph: the Constant
+    becomes an initializer, the graph saves with external data, the rail passes under the same limit."""
+    constants = __import__("pytest").importorskip("compiler.graph.constants")
+    model, promoted = constants.promote_constants(_graph(as_constant=True), THRESHOLD)
+    assert promoted == 1
+    path = tmp_path / "promoted.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="promoted.onnx.data", size_threshold=0)
+    r = size.run(_ctx(path))
+    assert r["status"] == PASSED and r["large_constants"] == 0 and r["external_data"] is True
