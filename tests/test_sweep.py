@@ -305,3 +305,22 @@ def test_calibration_preset_points_all_validate():
                                   f"recipe.steps.int8_static.calibration={m}", f"data.calibration_samples={n}"])
             assert [s.name for s in spec.onnx_steps] == ["int8_static"]
             assert spec.onnx_steps[0].params.calibration == m and spec.data.calibration_samples == n
+
+
+@pytest.mark.parametrize("preset,plugin,base", [("slurm", "hydra_plugins.hydra_submitit_launcher", "submitit_slurm"),
+                                                ("ray_cluster", "hydra_plugins.hydra_ray_launcher", "ray")])
+def test_launcher_presets_extend_the_plugin_configs(preset, plugin, base):
+    """hydra/launcher=slurm|ray_cluster extend the plugins' own configs; without the plugin installed (it is not a
+    qcompile dependency) composing says which plugin config is missing."""
+    import importlib.util
+
+    node = OmegaConf.load(REPO / "recipes" / "hydra" / "launcher" / f"{preset}.yaml")
+    assert list(node.defaults) == [base]
+    if importlib.util.find_spec(plugin) is None:
+        with pytest.raises(Exception, match=f"Could not load 'hydra/launcher/{base}'"):
+            _compose(f"hydra/launcher={preset}", "recipe=fp32")
+    else:
+        launcher = _compose(f"hydra/launcher={preset}", "recipe=fp32").hydra.launcher
+        for key, value in OmegaConf.to_container(node).items():
+            if key != "defaults":
+                assert OmegaConf.to_container(launcher)[key] == value
