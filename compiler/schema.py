@@ -86,6 +86,9 @@ class TargetConfig:
     # TRT: a timing cache file to load and update (rebuilds pick the same tactics); None: a fresh one,
     # saved as timing.cache in the run directory
     timing_cache: Optional[str] = None
+    # TRT without a GPU: what runs the TensorRT-ready ONNX for check and bench: "reference" (onnx.reference
+    # + TensorRT custom ops, exact, slow) or "ort" (onnxruntime CPU, fast; graphs without custom ops only)
+    cpu_runner: str = "reference"
     # ORT: per execution provider options, e.g. {TensorrtExecutionProvider: {trt_fp16_enable: false}}
     provider_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"  # torch target: "cpu" or "cuda"

@@ -512,6 +512,30 @@ def test_lower_with_recording_tensorrt(monkeypatch, tmp_path, tiny_bert):
     assert str(e.value).startswith("TensorRT engine precision: 2 of 3 matmul/conv layers run quantized (67%)")
 
 
+def test_build_run_dir_cli(monkeypatch, tmp_path, tiny_bert, capsys):
+    """`python -m targets.trt build <run_dir>` (what build_engine.sh runs without trtexec): the run's
+    model.onnx and recipe.yaml target settings; a second build reuses the run's timing cache."""
+    from compiler.export import export_onnx
+    from compiler.schema import ExportConfig
+
+    export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
+                ExportConfig())
+    OmegaConf.save({"recipe": {"name": "fp32"}, "target": {"name": "trt", "workspace_mb": 256}}, tmp_path / "recipe.yaml")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert T.main(["build", str(tmp_path)]) == 1
+    assert "build failed: building a TensorRT engine needs the tensorrt package" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(calls, inputs=tuple(tiny_bert.input_names)))
+    assert T.main(["build", str(tmp_path)]) == 0
+    assert ("pool", "WORKSPACE", 256 << 20) in calls and ("create_timing_cache", b"") in calls
+    assert (tmp_path / "engine.plan").exists() and (tmp_path / "engine.layers.json").exists()
+    assert "engine: " in capsys.readouterr().out
+    calls.clear()
+    assert T.main(["build", str(tmp_path)]) == 0
+    assert ("create_timing_cache", b"+tactics") in calls
+    assert T.main(["nonsense"]) == 2
+
+
 # --- the no-GPU path, end to end ---------------------------------------------------------------------
 
 @pytest.mark.skipif(engine_buildable(), reason="this machine can build engines: the no-GPU path is not taken")
@@ -607,3 +631,27 @@ def test_gpu_trt_runner_vs_fp32(tiny_bert, tiny_data, tmp_path):
     cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     assert cos.min() > 0.999
     assert eng.info["gpu_memory"]["engine_and_context_mb"] > 0
+
+
+def test_cpu_runner_choice(tmp_path, tiny_bert, monkeypatch):
+    from compiler.export import export_onnx
+    from compiler.schema import ExportConfig
+
+    _fake_machine(monkeypatch, None, None, "not installed")
+    with pytest.raises(RecipeError) as e:
+        T.TrtTarget(target_cfg(cpu_runner="numpy")).check_environment(OmegaConf.create({"name": "fp32", "steps": {}}))
+    assert str(e.value).startswith("target.cpu_runner: bad value 'numpy' -- use reference")
+    onnx_path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
+                            ExportConfig())
+    feed = {n: np.ones((2, 8), np.int64) for n in tiny_bert.input_names}
+    outs = {}
+    for runner in ("reference", "ort"):
+        target = T.TrtTarget(target_cfg(cpu_runner=runner))
+        eng = target.lower(tiny_bert, onnx_path, tmp_path)
+        assert eng.handle["kind"] == runner and eng.info["cpu_runner"] == runner
+        outs[runner] = target.predictor(eng)(feed)["sentence_embedding"]
+    np.testing.assert_allclose(outs["ort"], outs["reference"], atol=1e-5)
+    with pytest.raises(BuildError) as e:  # a graph with TensorRT custom ops cannot go to onnxruntime
+        T.TrtTarget(target_cfg(cpu_runner="ort"))._cpu_runner_kind(onnx_path, {"custom_ops": ["trt::TRT_FP4QDQ"]})
+    assert str(e.value) == ("target.cpu_runner=ort: onnxruntime cannot run the TensorRT custom ops "
+                            "['trt::TRT_FP4QDQ'] of this graph -- use target.cpu_runner=reference")
