@@ -54,9 +54,11 @@ def validate_shape_ranges(cfg) -> None:
         if not lo <= mid <= hi:
             raise RecipeError(f"target.opt_shapes.{axis}",
                               f"min {lo} <= opt {mid} <= max {hi} does not hold",
-                              f"choose target.min_shapes.{axis} <= target.opt_shapes.{axis} <= target.max_shapes.{axis}")
+                              f"choose target.min_shapes.{axis} <= target.opt_shapes.{axis} "
+                              f"<= target.max_shapes.{axis}")
     if int(cfg.workspace_mb) < 1:
-        raise RecipeError("target.workspace_mb", f"must be >= 1, got {cfg.workspace_mb}", "e.g. target.workspace_mb=4096")
+        raise RecipeError("target.workspace_mb", f"must be >= 1, got {cfg.workspace_mb}",
+                          "e.g. target.workspace_mb=4096")
     frac = float(cfg.min_quantized_layer_fraction)
     if not 0.0 <= frac <= 1.0:
         raise RecipeError("target.min_quantized_layer_fraction", f"must be in [0, 1], got {frac}",
@@ -150,7 +152,8 @@ def qcompile_args(overrides: Optional[Sequence[str]], model_name: str, recipe_na
 
 def render_build_script(trtexec: Sequence[str], qcompile: Sequence[str], reason: str) -> str:
     trt_lines = " \\\n    ".join(shlex.quote(a) for a in trtexec)
-    why = f"qcompile did not build the engine here: {reason}." if reason else "qcompile built engine.plan with these settings."
+    why = (f"qcompile did not build the engine here: {reason}." if reason
+           else "qcompile built engine.plan with these settings.")
     return f"""#!/usr/bin/env bash
 # Builds this run's TensorRT engine (engine.plan) from the TensorRT-ready ONNX, on a machine with an NVIDIA
 # GPU and TensorRT >= 10. {why}
@@ -568,7 +571,11 @@ class TrtTarget(Target):
         if not build:
             if mode == "require":  # validation said yes, the machine changed since: still an error
                 raise BuildError(f"target.build_engine=require, but the TensorRT engine cannot be built: {reason}")
-            runner, label = self._cpu_runner_kind(onnx_path, graph)
+            why_no_runner = ""
+            try:
+                runner, label = self._cpu_runner_kind(onnx_path, graph)
+            except BuildError as e:  # fatal only if check or bench asks for a runner (see predictor)
+                runner, label, why_no_runner = "none", f"nothing ({e.message})", e.message
             msg = (f"TensorRT engine NOT built ({reason}): model.onnx (the TensorRT-ready graph) is checked on the "
                    f"CPU with {label}; {SCRIPT} in the run directory builds engine.plan on a GPU machine")
             log.warning(msg)
@@ -577,8 +584,9 @@ class TrtTarget(Target):
                                         "the engine's speed (bench.iterations=3 or bench.enabled=false keeps it short; "
                                         "target.cpu_runner=ort is faster for graphs without custom ops)")})
             info["notes"].append(msg)
-            return Engine(target=self.name, path=onnx_path, handle={"kind": runner, "onnx": onnx_path},
-                          input_names=input_names, output_names=output_names, info=info, files=_onnx_files(onnx_path))
+            return Engine(target=self.name, path=onnx_path,
+                          handle={"kind": runner, "onnx": onnx_path, "why": why_no_runner}, input_names=input_names,
+                          output_names=output_names, info=info, files=_onnx_files(onnx_path))
 
         plan = run_dir / PLAN
         result = build_engine(onnx_path, profiles, int(self.cfg.workspace_mb), plan, run_dir / TIMING_CACHE, cache_in)
@@ -594,7 +602,8 @@ class TrtTarget(Target):
         info.update({
             "engine_built": True, "runner": "TensorRT (polygraphy TrtRunner)", "tensorrt": result.tensorrt,
             "build_s": round(result.build_s, 3), "plan_bytes": plan.stat().st_size,
-            "device_memory_mb": (result.device_memory_bytes / 2**20) if result.device_memory_bytes is not None else None,
+            "device_memory_mb": (None if result.device_memory_bytes is None
+                                 else result.device_memory_bytes / 2**20),
             "timing_cache": {"path": str(result.timing_cache.name), "loaded_from": str(cache_in) if cache_in else None,
                              "reused": result.timing_cache_loaded, "bytes": result.timing_cache.stat().st_size},
             "layers": {k: v for k, v in summary.items() if k not in ("per_layer",)},
@@ -651,6 +660,8 @@ class TrtTarget(Target):
                 return {n: np.asarray(out[n], dtype=np.float32) for n in names}
 
             return predict
+        if handle["kind"] == "none":
+            raise BuildError(f"no engine and no CPU runner for the TensorRT-ready graph: {handle['why']}")
         if handle["kind"] == "reference":
             from compiler.reference_runner import reference_predictor
 

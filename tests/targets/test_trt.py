@@ -651,7 +651,14 @@ def test_cpu_runner_choice(tmp_path, tiny_bert, monkeypatch):
         assert eng.handle["kind"] == runner and eng.info["cpu_runner"] == runner
         outs[runner] = target.predictor(eng)(feed)["sentence_embedding"]
     np.testing.assert_allclose(outs["ort"], outs["reference"], atol=1e-5)
-    with pytest.raises(BuildError) as e:  # a graph with TensorRT custom ops cannot go to onnxruntime
-        T.TrtTarget(target_cfg(cpu_runner="ort"))._cpu_runner_kind(onnx_path, {"custom_ops": ["trt::TRT_FP4QDQ"]})
-    assert str(e.value) == ("target.cpu_runner=ort: onnxruntime cannot run the TensorRT custom ops "
-                            "['trt::TRT_FP4QDQ'] of this graph -- use target.cpu_runner=reference")
+    # a graph with TensorRT custom ops cannot go to onnxruntime: lower still writes the ONNX and the build
+    # script (check.enabled=false bench.enabled=false builds); asking it to run is the error
+    monkeypatch.setattr(T, "graph_quantization", lambda p: {"qdq_nodes": 2, "qdq_ops": {}, "custom_ops": ["trt::TRT_FP4QDQ"]})
+    target = T.TrtTarget(target_cfg(cpu_runner="ort"))
+    eng = target.lower(tiny_bert, onnx_path, tmp_path)
+    assert eng.info["cpu_runner"] == "none" and (tmp_path / "build_engine.sh").exists()
+    with pytest.raises(BuildError) as e:
+        target.predictor(eng)
+    assert str(e.value) == ("no engine and no CPU runner for the TensorRT-ready graph: target.cpu_runner=ort: "
+                            "onnxruntime cannot run the TensorRT custom ops ['trt::TRT_FP4QDQ'] of this graph -- use "
+                            "target.cpu_runner=reference")
