@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -65,8 +66,8 @@ def build_job(cfg) -> int:
     except (RecipeError, BuildError) as e:  # BuildError: a target's check_environment (no GPU, no TensorRT)
         rundir.discard(run_dir)
         _print_error(e)
-        if verbose:
-            raise
+        if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
+            traceback.print_exc()
         return e.exit_code
     except KeyboardInterrupt:  # nothing was built yet: leave nothing behind
         rundir.discard(run_dir)
@@ -92,13 +93,13 @@ def build_job(cfg) -> int:
         final = rundir.fail(run_dir, e.message, kind=e.kind)
         _print_error(e)
         print(f"qcompile: failed build kept in {final}", file=sys.stderr)
-        if verbose:
-            raise
+        if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
+            traceback.print_exc()
         return e.exit_code
     except Exception as e:  # a bug or an unexpected library error: still never a finished-looking dir
         final = rundir.fail(run_dir, f"{type(e).__name__}: {e}", kind="internal error")
-        if verbose:
-            raise
+        if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
+            traceback.print_exc()
         print(f"qcompile: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(rerun with verbose=true or HYDRA_FULL_ERROR=1 for the traceback; dir: {final})", file=sys.stderr)
         return 1
