@@ -388,9 +388,15 @@ class SweepSummary(Callback):
     def on_job_end(self, config, job_return, **kwargs) -> None:
         from hydra.types import RunMode
 
-        hydra_cfg = config.hydra
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN:
             return
+        try:
+            self._record_job(config, job_return)
+        except Exception as e:  # a bookkeeping problem must not fail the job it describes
+            log.error("sweep: cannot record job %s: %s: %s", config.hydra.job.get("num"), type(e).__name__, e)
+
+    def _record_job(self, config, job_return) -> None:
+        hydra_cfg = config.hydra
         try:
             ret = job_return.return_value if job_return.status.name == "COMPLETED" else None
         except Exception:
@@ -402,8 +408,11 @@ class SweepSummary(Callback):
                "target": choices.get("target"), "overrides": [str(o) for o in hydra_cfg.overrides.task],
                "output_dir": str(hydra_cfg.runtime.output_dir), **ret}
         if rec.get("exit_code") == 2:
+            # "not runnable" only when the error is about a step the capability table rules out for
+            # this target; any other recipe error of such a job (a bad seq_len) is still a recipe error
             blocked = _not_runnable(config, target)
-            rec["status"] = NOT_RUNNABLE if blocked else RECIPE
+            error = str(rec.get("error") or "")
+            rec["status"] = NOT_RUNNABLE if any(f"recipe.steps.{s}" in error for s in blocked) else RECIPE
         sweep_dir = Path(str(hydra_cfg.sweep.dir))
         jobs = sweep_dir / JOBS_DIR
         jobs.mkdir(parents=True, exist_ok=True)

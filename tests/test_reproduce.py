@@ -131,7 +131,7 @@ def test_verify_refuses_what_is_no_finished_run(tmp_path):
 
 # ---------------------------------------------------------------- rebuild
 
-@pytest.mark.parametrize("recipe", ["int8_static", "int8_dynamic"])
+@pytest.mark.parametrize("recipe", ["int8_static"])  # fp32: test_rebuild_names_the_artifacts_that_differ
 def test_rebuild_gives_identical_hashes(tmp_path, recipe):
     """A quantized run rebuilt from its recipe.yaml (cache off) gives byte-identical model.onnx,
     engine and recipe: fixed seeds, deterministic export and calibration."""

@@ -202,8 +202,8 @@ def test_real_parallel_multirun_writes_the_summary(qcompile, tmp_path):
         assert float(row["artifact_mb"]) == pytest.approx(sum((run / e).stat().st_size for e in engine) / 1e6)
     by = {(r["recipe"], r["target"]): r for r in rows}
     assert float(by["fp32", "ort"]["embedding_cosine"]) > 0.99999
-    for t in ("torch", "ort"):  # quantized: measurably away from fp32, not broken
-        assert 0.95 < float(by["int8_dynamic", t]["embedding_cosine"]) < 0.99999
+    for t in ("torch", "ort"):  # quantized: away from fp32 (tiny random weights lose little), not broken
+        assert 0.99 < float(by["int8_dynamic", t]["embedding_cosine"]) < float(by["fp32", t]["embedding_cosine"])
     assert float(by["int8_dynamic", "ort"]["artifact_mb"]) < float(by["fp32", "ort"]["artifact_mb"])
     assert by["fp32", "ort"]["cache"] in ("export miss", "export hit")
     assert (sweep / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -228,7 +228,7 @@ def test_sweep_of_impossible_points_still_summarizes(qcompile, tmp_path):
 
     load_all_steps()
     blocked = sorted((name, t) for name, cls in STEP_REGISTRY.items() for t in ("torch", "ort")
-                     if t not in cls.runs_on and not cls.needs_calibration)
+                     if t not in cls.runs_on)
     if not blocked:
         pytest.skip("every registered step runs on torch and ort")
     step, target = blocked[0]
@@ -260,10 +260,18 @@ def _compose(*overrides):
 
 
 def _validate_job(overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from compiler.cli import RECIPES_DIR
     from compiler.validate import validate
 
-    cfg = _compose(*overrides)
-    del cfg["hydra"]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
     return validate(cfg)
 
 
@@ -275,7 +283,9 @@ def test_formats_preset_sweeps_every_recipe_on_torch_and_ort():
 
     params = _compose("+sweep=formats").hydra.sweeper.params
     assert params["recipe"] == "glob(*)" and params["target"] == "torch,ort"
-    recipes = sorted(p.stem for p in (REPO / "recipes" / "recipe").glob("*.yaml"))
+    from compiler.cli import RECIPES_DIR
+
+    recipes = sorted(p.stem for p in (Path(RECIPES_DIR) / "recipe").glob("*.yaml"))
     assert "fp32" in recipes
     outcomes = {}
     for recipe in recipes:
