@@ -188,6 +188,10 @@ def _precheck(argv: List[str]) -> Optional[RecipeError]:
         return RecipeError("", " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:400])
     explicit = next((a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "+hydra.run.dir="))), None)
     where = Path(explicit).expanduser() if explicit else Path.cwd() / "outputs"
+    if explicit and any((where / f).exists() for f in ("report.json", "manifest.json")):
+        # refused before Hydra starts: it would already rewrite .hydra/ and cli.log in there
+        return RecipeError("hydra.run.dir", f"{where} already holds a finished run",
+                           "choose another hydra.run.dir; finished runs are never overwritten")
     probe = where
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
