@@ -252,3 +252,44 @@ def test_ctrl_c_in_the_middle_of_a_build(tmp_path):
     assert len(runs) == 1 and runs[0].name.endswith(".FAILED"), runs
     assert "interrupted" in (runs[0] / "FAILED.md").read_text()
     assert not (runs[0] / "report.json").exists() and not (runs[0] / "manifest.json").exists()
+
+
+# -- security: a scan of the code that would catch a regression cheaply ---------------------------------
+
+def test_no_code_evaluation_or_unsafe_loading_in_the_compiler():
+    """No eval/exec, no pickle/yaml.load, every torch.load weights_only=True, no trust_remote_code=True
+    literal; `_target_` (Hydra instantiate) only for qcompile's own classes in recipes/config.yaml."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    bad = re.compile(r"(^|[^.\w])(eval|exec)\(|pickle\.loads?\(|yaml\.load\(|trust_remote_code=True|"
+                     r"weights_only=False|hydra\.utils\.instantiate|\binstantiate\(")
+    found = []
+    for path in sorted(list((repo / "compiler").rglob("*.py")) + list((repo / "targets").rglob("*.py"))):
+        text = path.read_text()
+        for i, line in enumerate(text.splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if bad.search(code):
+                found.append(f"{path.relative_to(repo)}:{i}: {line.strip()}")
+        for m in re.finditer(r"torch\.load\(", text):
+            line = text[: m.start()].rsplit("\n", 1)[-1]
+            if "#" in line or '"' in line:  # inside a comment or a message
+                continue
+            if "weights_only=True" not in text[m.start(): m.start() + 300]:
+                found.append(f"{path.relative_to(repo)}: torch.load without weights_only=True")
+    for path in sorted((repo / "recipes").rglob("*.yaml")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if "_target_" in line and not re.search(r"_target_:\s*compiler\.", line):
+                found.append(f"{path.relative_to(repo)}:{i}: {line.strip()}")
+    assert found == []
+
+
+def test_trust_remote_code_is_off_in_every_shipped_model_config():
+    from omegaconf import OmegaConf
+
+    from compiler.schema import ModelConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    assert ModelConfig().trust_remote_code is False
+    for path in sorted((repo / "recipes" / "model").glob("*.yaml")):
+        assert OmegaConf.load(path).get("trust_remote_code", False) is False, path
