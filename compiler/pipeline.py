@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from compiler import doctor
+from compiler import graph as graph_passes
 from compiler.bench import run_bench
 from compiler.check import run_check
 from compiler.data import Dataset, load_data
@@ -124,6 +125,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
     onnx_path: Optional[Path] = None
     if target.needs_onnx:
         with stage("export", timings):
+            export_cfg = graph_passes.export_config(spec.export, spec.torch_steps)
             if cache is not None and not spec.torch_steps:
                 # the unmodified fp32 export is what sweep points share (compiler/cache.py)
                 from compiler.cache import cached_fp32_export
@@ -131,16 +133,18 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
                 exported = cached_fp32_export(model, spec, work_dir / "export.onnx", cache)
             else:
                 exported = export_onnx(model.module, model.input_names, model.output_names, work_dir / "export.onnx",
-                                       spec.export)
+                                       export_cfg)
+            exported = graph_passes.fix_exported(exported, work_dir, export_cfg, report)
             for i, step in enumerate(spec.torch_steps):
                 exported = step.after_export(exported, work_dir / f"export_{i:02d}_{step.name}.onnx",
                                              step_context(spec, data, work_dir, cache))
+            graph_passes.check_input_flow(exported, model.input_names, report)
             exported = doctor.after_export(exported, spec, report)
         with stage("quantize-onnx", timings):
             final = quantize_onnx(exported, spec, data, work_dir, report["steps"], cache)
             onnx_path = move_onnx(final, run_dir / "model.onnx")
         report["onnx"] = {"path": "model.onnx", "bytes": onnx_size_bytes(onnx_path), "ops": op_histogram(onnx_path),
-                          "opset": int(spec.export.opset), "exporter": spec.export.exporter}
+                          "opset": int(export_cfg.opset), "exporter": spec.export.exporter}
 
     with stage("lower", timings):
         engine: Engine = target.lower(model, onnx_path, run_dir)

@@ -1,1 +1,37 @@
-"""ONNX graph passes run after export: standard-op lowering, weight folding, constant fix-ups."""
+"""ONNX graph passes run after export: standard-op lowering, weight folding, constant fix-ups.
+
+The two entry points the pipeline's export stage calls on every exported graph live here."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List
+
+
+def export_config(export_cfg, torch_steps: List[Any]):
+    """The export section with the opset raised to what the recipe's torch steps need (a step's
+    `min_opset`, e.g. nvfp4: FLOAT4E2M1 and blocked DequantizeLinear exist from opset 23 on)."""
+    need = max([int(export_cfg.opset)] + [int(getattr(s, "min_opset", 0) or 0) for s in torch_steps])
+    if need <= int(export_cfg.opset):
+        return export_cfg
+    return dataclasses.replace(export_cfg, opset=need)
+
+
+def fix_exported(onnx_path: Path, work_dir: Path, export_cfg, report: Dict[str, Any]) -> Path:
+    """Constant fix-ups right after export (compiler.graph.constants): constant subgraphs evaluated into
+    initializers, Constants >= export.constant_promote_bytes promoted to initializers."""
+    from compiler.graph.constants import fix_constants
+
+    out, counts = fix_constants(Path(onnx_path), Path(work_dir) / "export_constants.onnx",
+                                int(getattr(export_cfg, "constant_promote_bytes", 65536)),
+                                str(getattr(export_cfg, "external_data", "auto")))
+    report.setdefault("export", {}).update(counts)
+    return out
+
+
+def check_input_flow(onnx_path: Path, input_names: List[str], report: Dict[str, Any]) -> None:
+    """BuildError when the graph's outputs do not depend on its inputs (compiler.graph.input_flow)."""
+    from compiler.graph.input_flow import check_input_flow as check
+
+    report.setdefault("export", {})["input_flow"] = check(Path(onnx_path), input_names)

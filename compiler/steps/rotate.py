@@ -1,0 +1,139 @@
+"""Step `rotate`: an exact Hadamard rotation of every quantizable Linear's input space, so a following
+quantization step sees activations and weights with their outliers spread over a block of channels.
+
+For a Linear y = x W^T + b and the normalized (block-diagonal) Hadamard H (orthogonal, symmetric):
+    y = (x H)(W H)^T + b
+W H is fused into the weight once, here; x H runs online as an OnlineHadamard module in front of the
+Linear (a live MatMul in the exported graph). A quantization step after this one quantizes the Linear
+inside, whose input quantizer then sees x H and whose weight quantizer sees W H.
+modelopt's own `rotate` quantizer option is not used: it needs the CUDA-only fast_hadamard_transform and
+exports as a baked Constant (see compiler/hadamard.py).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from compiler.errors import BuildError, RecipeError
+from compiler.hadamard import SUPPORTED_BLOCKS, OnlineHadamard, block_for, hadamard_matrix, is_power_of_two
+from compiler.steps.base import TORCH, ModelInfo, Step, StepContext
+
+METHODS = ("hadamard",)
+
+
+@dataclass
+class RotateParams:
+    method: str = "hadamard"  # the only method: normalized (block-diagonal) Sylvester Hadamard
+    # Hadamard block: a dimension that block_size divides gets block-diagonal copies of H_block_size;
+    # a power-of-two dimension smaller than block_size gets one Sylvester block of its own size.
+    block_size: int = 128
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown rotation {self.method!r}; use one of {list(METHODS)}")
+        if not is_power_of_two(int(self.block_size)) or self.block_size not in SUPPORTED_BLOCKS:
+            raise ValueError(f"block_size: {self.block_size} is not a power of two in "
+                             f"{SUPPORTED_BLOCKS[0]}..{SUPPORTED_BLOCKS[-1]} (Sylvester construction)")
+
+
+def working_blocks(dims: Dict[str, int]) -> List[int]:
+    """Block sizes that rotate every one of these dimensions exactly."""
+    ok = []
+    for b in SUPPORTED_BLOCKS:
+        try:
+            for d in dims.values():
+                block_for(d, b)
+        except ValueError:
+            continue
+        ok.append(b)
+    return ok
+
+
+class RotatedLinear(torch.nn.Module):
+    """linear(x @ H) with linear.weight already W @ H: equal to the original Linear on x."""
+
+    def __init__(self, rotation: OnlineHadamard, linear: torch.nn.Linear):
+        super().__init__()
+        self.rotation = rotation
+        self.linear = linear
+
+    @property
+    def in_features(self):
+        return self.linear.in_features
+
+    @property
+    def out_features(self):
+        return self.linear.out_features
+
+    @property
+    def weight(self):  # model code reads e.g. `dense.weight.dtype`
+        return self.linear.weight
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    def forward(self, x):
+        return self.linear(self.rotation(x))
+
+
+def rotate_linears(module, block_size: int, exclude: List[str]) -> Dict[str, object]:
+    """Rotate the input side of every nn.Linear whose name matches no exclude pattern, in place.
+    Returns what was done (layers, blocks per input dimension)."""
+    targets = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear) and not any(fnmatch.fnmatch(name, p) for p in exclude):
+            targets.append((name, sub))
+    blocks: Dict[int, int] = {}
+    for name, lin in targets:
+        d = lin.in_features
+        try:
+            b = block_for(d, block_size)
+        except ValueError as e:
+            raise BuildError(f"rotate: layer {name} has input dimension {d}: {e} "
+                             f"(block sizes that work for it: {[x for x in SUPPORTED_BLOCKS if d % x == 0]})") from e
+        blocks[d] = b
+        with torch.no_grad():
+            h = torch.from_numpy(hadamard_matrix(d, block_size))
+            lin.weight.copy_((lin.weight.double() @ h).to(lin.weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, RotatedLinear(OnlineHadamard(d, block_size, dtype=lin.weight.dtype), lin))
+    return {"rotated_layers": len(targets), "online_rotations": len(targets),
+            "blocks": {str(d): b for d, b in sorted(blocks.items())}, "layers": [n for n, _ in targets]}
+
+
+class RotateStep(Step):
+    name = "rotate"
+    Params = RotateParams
+    runs_on = {"torch": TORCH, "ort": TORCH, "trt": TORCH}
+    needs_calibration = False
+    summary = "Hadamard rotation of Linear inputs (W@H fused into weights, x@H as a live MatMul), exact in fp32"
+
+    def validate(self, info: ModelInfo, target: str) -> None:
+        dims = {k: v for k, v in (("hidden_size", info.hidden_size), ("intermediate_size", info.intermediate_size))
+                if v}
+        bs = int(self.params.block_size)
+        for key, d in dims.items():
+            try:
+                block_for(d, bs)
+            except ValueError:
+                ok = working_blocks(dims)
+                what = ", ".join(f"{k}={v}" for k, v in dims.items())
+                raise RecipeError("recipe.steps.rotate.block_size",
+                                  f"block_size {bs} cannot rotate {info.name}'s {key} {d} (a Hadamard block must "
+                                  f"divide it, or be at least a power-of-two dimension)",
+                                  f"use block_size in {ok} ({what})" if ok else
+                                  f"no power-of-two block rotates {what}; remove the rotate step") from None
+
+    def apply_torch(self, model, ctx: StepContext):
+        from compiler.modelopt_quant import exclude_patterns
+
+        done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx))
+        ctx.report.update({"method": self.params.method, "block_size": int(self.params.block_size),
+                           **{k: v for k, v in done.items() if k != "layers"}})
+        return model
