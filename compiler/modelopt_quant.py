@@ -190,6 +190,7 @@ def quantize_module(module, quant_cfg: Dict[str, Any], ctx, algorithm: Any = "__
     mtq = _mtq()
     patterns = exclude_patterns(ctx) if exclude is None else list(exclude)
     histogram = calibration in ("entropy", "percentile")
+    _check_something_left(module, patterns)
     cfg = build_config(module, quant_cfg, patterns, algorithm, input_calibrator="histogram" if histogram else None)
     needs_data = _needs_activation_data(cfg)
     loop = forward_loop(ctx) if needs_data else None
@@ -214,9 +215,23 @@ def quantize_module(module, quant_cfg: Dict[str, Any], ctx, algorithm: Any = "__
     if counts["quantized_layers"] == 0:
         from compiler.errors import BuildError
 
-        raise BuildError(f"modelopt inserted no enabled quantizer (exclude patterns {patterns} cover every "
-                         f"layer?); check model.exclude")
+        raise BuildError(f"modelopt inserted no enabled quantizer into {counts['linear_layers']} Linear layers "
+                         f"(exclude patterns {patterns}); check model.exclude")
     return module
+
+
+def _check_something_left(module, patterns: List[str]) -> None:
+    """A BuildError naming the patterns when they leave no Linear layer to quantize (modelopt's own
+    RuntimeError for this says nothing about the recipe)."""
+    import torch
+
+    excluded = set(excluded_modules(module, patterns))
+    linear = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not [n for n in linear if n not in excluded]:
+        from compiler.errors import BuildError
+
+        raise BuildError(f"exclude patterns {patterns} leave none of the model's {len(linear)} Linear layers "
+                         f"to quantize; narrow model.exclude (or the step's exclude)")
 
 
 def _needs_activation_data(cfg: Dict[str, Any]) -> bool:
