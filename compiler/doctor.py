@@ -100,34 +100,11 @@ def _quantized(spec) -> Optional[bool]:
     return coverage.recipe_quantizes(getattr(spec, "steps", []))
 
 
-def fix_constants(onnx_path: Path, spec, report: Dict[str, Any]) -> Path:
-    """The size rail's workaround, when compiler/graph/constants.py (engineer C) is present: fold
-    constant subgraphs and promote Constants >= export.constant_promote_bytes to initializers, so
-    external data can hold every large tensor. A fix-up that throws is reported, and the build goes on
-    with the graph as exported (the size rail then judges what remains)."""
-    try:
-        from compiler.graph import constants
-    except ImportError:
-        return onnx_path
-    if not hasattr(constants, "fix_constants"):
-        return onnx_path
-    try:
-        fixed, counts = constants.fix_constants(
-            onnx_path, onnx_path.with_name(onnx_path.stem + "_constants.onnx"),
-            promote_bytes=int(spec.export.constant_promote_bytes), external_data=spec.export.external_data)
-    except Exception as e:
-        log.warning("[doctor] constant fix-up failed, continuing with the exported graph: %s", first_line(e))
-        report.setdefault("notes", []).append(f"constant fix-up failed: {first_line(e)}")
-        return onnx_path
-    report["export_fixups"] = counts
-    return Path(fixed)
-
-
 def after_export(onnx_path: Path, spec, report: Dict[str, Any]) -> Path:
-    """Right after export: the rails that judge the exported graph itself (shape inference, size).
-    Their results join the report's rail table; a failure here stops the build before quantization."""
+    """Right after export (and after the pipeline's constant fix-ups, compiler.graph.fix_exported): the
+    rails that judge the exported graph itself (shape inference, size). Their results join the report's
+    rail table; a failure here stops the build before quantization."""
     cfg = _config(spec)
-    onnx_path = fix_constants(Path(onnx_path), spec, report)
     if not cfg.enabled:
         return onnx_path
     ctx = RailContext(target=spec.target.name, config=cfg, onnx_path=Path(onnx_path),

@@ -43,8 +43,22 @@ def coverage_counts(model) -> Dict[str, object]:
             return True
         return n.op_type in PASS_THROUGH and bool(n.input) and fed_by_dq(n.input[0], depth + 1)
 
+    inits = {t.name: len(t.dims) for t in model.graph.initializer}
+
+    def from_weight(name: str, depth: int = 0) -> bool:
+        """Whether a tensor is a stored weight (an initializer or Constant of rank >= 2), possibly
+        dequantized, transposed or reshaped on its way."""
+        if inits.get(name, 0) >= 2:
+            return True
+        n = producer.get(name)
+        if n is None or depth > 5:
+            return False
+        if n.op_type == "Constant":
+            return True
+        return (is_dequantize(n) or n.op_type in PASS_THROUGH) and bool(n.input) and from_weight(n.input[0], depth + 1)
+
     by_op: Dict[str, Dict[str, int]] = {}
-    total = covered = 0
+    total = covered = weights = weights_covered = 0
     for n in nodes:
         if n.op_type in QUANTIZED_COMPUTE:
             ok = True
@@ -54,6 +68,9 @@ def coverage_counts(model) -> Dict[str, object]:
             ok = len(n.input) > 1 and fed_by_dq(n.input[1])
         else:
             continue
+        is_weight_op = any(from_weight(i) for i in n.input[1:] if i)
+        weights += int(is_weight_op)
+        weights_covered += int(is_weight_op and ok)
         total += 1
         covered += int(ok)
         slot = by_op.setdefault(n.op_type, {"total": 0, "quantized": 0})
@@ -61,7 +78,8 @@ def coverage_counts(model) -> Dict[str, object]:
         slot["quantized"] += int(ok)
     q_nodes = sum(1 for n in nodes if is_quantize_op(n))
     return {"compute_ops": total, "quantized_ops": covered, "fraction": (covered / total) if total else 0.0,
-            "by_op": by_op, "quantization_nodes": q_nodes}
+            "by_op": by_op, "quantization_nodes": q_nodes, "weight_ops": weights,
+            "weight_ops_quantized": weights_covered}
 
 
 def module_counts(module) -> Dict[str, object]:
@@ -88,7 +106,7 @@ def module_counts(module) -> Dict[str, object]:
         slot["total"] += 1
         slot["quantized"] += int(ok)
     return {"compute_ops": total, "quantized_ops": covered, "fraction": (covered / total) if total else 0.0,
-            "by_op": by_op, "quantization_nodes": covered}
+            "by_op": by_op, "quantization_nodes": covered, "weight_ops": total, "weight_ops_quantized": covered}
 
 
 def recipe_quantizes(steps) -> bool:
@@ -112,8 +130,11 @@ def judge(counts: Dict[str, object], quantized: Optional[bool], min_fraction: fl
     if quantized is None:  # a file from elsewhere: quantized if it has any quantization node
         quantized = counts["quantization_nodes"] > 0
     numbers = dict(compute_ops=total, quantized_ops=covered, fraction=round(float(frac), 4), by_op=by_op,
-                   quantized_recipe=bool(quantized))
+                   quantized_recipe=bool(quantized), weight_ops=counts.get("weight_ops", 0),
+                   weight_ops_quantized=counts.get("weight_ops_quantized", 0))
     kinds = ", ".join(f"{op} {v['quantized']}/{v['total']}" for op, v in sorted(by_op.items())) or "none"
+    if counts.get("weight_ops"):
+        kinds = f"with weights {counts['weight_ops_quantized']}/{counts['weight_ops']}; " + kinds
     if total == 0:
         return result(NAME, SKIPPED if not quantized else FAILED,
                       "no MatMul/Gemm/Conv in the graph" + (" to quantize" if quantized else ""), **numbers)

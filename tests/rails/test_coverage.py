@@ -65,6 +65,7 @@ def test_static_qdq_partial_coverage_fraction(tmp_path):
     counts = coverage.coverage_counts(onnx.load(str(out)))
     assert counts["by_op"] == {"MatMul": {"total": 2, "quantized": 2}, "Gemm": {"total": 1, "quantized": 0}}
     assert counts["fraction"] == pytest.approx(2 / 3)
+    assert counts["weight_ops"] == 3 and counts["weight_ops_quantized"] == 2
     r = coverage.judge(counts, quantized=True)
     assert r["status"] == PASSED and r["fraction"] == pytest.approx(0.6667) and "2/3" in r["message"]
     r = coverage.judge(counts, quantized=True, min_fraction=0.9)
@@ -81,6 +82,16 @@ def test_dequantize_through_transpose_counts():
                      initializer=[w, s])
     counts = coverage.coverage_counts(h.make_model(g))
     assert counts["quantized_ops"] == 2 and counts["compute_ops"] == 2
+    assert counts["weight_ops"] == 2 and counts["weight_ops_quantized"] == 2
+
+
+def test_activation_matmuls_are_not_weight_ops():
+    """Attention's Q @ K^T multiplies two activations: counted as a compute op, not a weight op."""
+    g = h.make_graph([h.make_node("Transpose", ["k"], ["kt"]), h.make_node("MatMul", ["q", "kt"], ["s"])], "g",
+                     [h.make_tensor_value_info(n, T.FLOAT, [2, 4, 4]) for n in ("q", "k")],
+                     [h.make_tensor_value_info("s", T.FLOAT, None)])
+    counts = coverage.coverage_counts(h.make_model(g))
+    assert counts["compute_ops"] == 1 and counts["weight_ops"] == 0
 
 
 def test_not_quantized_recipe_passes_and_file_mode_judges_from_the_graph(tmp_path):
