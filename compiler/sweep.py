@@ -256,7 +256,7 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
         cells = ["" if r.num is None else str(r.num), r.model, r.recipe, r.target] + (
             [_overrides_text(r, keys)] if keys else []) + [
             _f(r.artifact_mb, 2), _f(r.ms_per_sample, 3), _f(r.samples_per_s, 1), _f(r.peak_rss_mb, 0),
-            _f(r.embedding_cosine, 5), _f(r.top1_agreement, 3), "*" if r.pareto else "", r.status,
+            _f(r.embedding_cosine, 6), _f(r.top1_agreement, 3), "*" if r.pareto else "", r.status,
             f"`{r.run_dir}`" if r.run_dir else ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
@@ -304,7 +304,7 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")  # no display: sweeps run headless
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     keys = varied_keys(rows)
     pts = _measured(rows)
@@ -324,14 +324,26 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
                 where="post", color="tab:green", lw=1.5, zorder=2, label="Pareto front")
         ax.scatter([r.ms_per_sample for r in front], [max(1 - r.embedding_cosine, floor) for r in front],
                    s=160, facecolors="none", edgecolors="tab:green", lw=1.5, zorder=4)
-    for r in pts:
-        ax.annotate(_point_label(r, keys), (r.ms_per_sample, max(1 - r.embedding_cosine, floor)),
-                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+    label, legend_note = _plot_labeller(rows, keys)
+    # neighbours in fidelity get their labels above and below in turn, so close points stay readable
+    for i, r in enumerate(sorted(pts, key=lambda r: (r.embedding_cosine, r.ms_per_sample))):
+        ann = ax.annotate(label(r), (r.ms_per_sample, max(1 - r.embedding_cosine, floor)),
+                          textcoords="offset points", xytext=(6, 4 if i % 2 == 0 else -10), fontsize=7)
+        ann.set_in_layout(False)  # long labels must not shrink the axes
     if pts:
         ax.set_yscale("log")
-        ax.set_ylim(max(max(1 - r.embedding_cosine for r in pts) * 3, 1e-3), floor / 3)  # inverted: up = closer to fp32
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{1 - y:.{max(1, round(-math.log10(y)))}f}"
-                                                   if y > 0 else "1"))
+        ds = [max(1 - r.embedding_cosine, floor) for r in pts]
+        ax.set_ylim(max(ds) * 4, min(ds) / 4)  # inverted: up = closer to fp32
+        ax.margins(x=0.15)  # room for the labels of the rightmost points
+        def as_cosine(y, _pos=None):  # tick at 1 - cos = y, labelled as the cosine with the digits it needs
+            return f"{1 - y:.{max(1, math.ceil(round(-math.log10(y), 6)))}f}" if y > 0 else "1"
+
+        ax.yaxis.set_major_formatter(FuncFormatter(as_cosine))
+        # minor ticks (2..9 x 10^-k) get labels only when the plot spans less than ~1.5 decades
+        few = math.log10(max(ds) * 4) - math.log10(min(ds) / 4) <= 1.6
+        if few:
+            ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(FuncFormatter(as_cosine) if few else NullFormatter())
         xs = [r.ms_per_sample for r in pts]
         if min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
@@ -339,11 +351,29 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
     ax.set_xlabel("latency, ms per sample (lower is better)")
     ax.set_ylabel("mean embedding cosine to fp32 (higher is better)")
     ax.set_title(title or "qcompile sweep: latency vs fidelity", fontsize=10)
+    if legend_note:
+        fig.text(0.01, 0.01, legend_note, fontsize=7, color="dimgray")
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})  # no matplotlib version stamp: same rows, same bytes
     plt.close(fig)
     return Path(path)
+
+
+def _plot_labeller(rows: Sequence[Row], keys: Sequence[str]):
+    """Point labels: recipe/target (when either varies) and the values of the varied overrides, the
+    keys named once in a note under the plot (a calibration sweep: 'entropy, 64')."""
+    names = [k.rsplit(".", 1)[-1] for k in keys]
+    if len(set(names)) < len(names):
+        names = list(keys)
+    with_label = len({r.label for r in rows}) > 1 or not keys
+
+    def label(r: Row) -> str:
+        parts = ([r.label] if with_label else []) + [r.overrides.get(k, "-") for k in keys]
+        return ", ".join(parts)
+
+    note = ("points: " + ", ".join((["recipe/target"] if with_label else []) + names)) if keys else ""
+    return label, note
 
 
 def write_summary(sweep_dir: Path, rows: Optional[List[Row]] = None) -> Dict[str, Path]:
