@@ -66,22 +66,11 @@ def source_sha256() -> str:
 @functools.lru_cache(maxsize=1)
 def hardware_fingerprint() -> Dict[str, Any]:
     """What an engine is specific to: GPU name and compute capability, CUDA, TensorRT (when present)."""
-    out: Dict[str, Any] = {"machine": platform.machine()}
-    try:
-        import torch
+    from compiler.manifest import hardware, package_versions
 
-        out["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            out["gpu"] = torch.cuda.get_device_name(0)
-            out["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    except Exception:
-        pass
-    try:
-        import importlib.metadata
-
-        out["tensorrt"] = importlib.metadata.version("tensorrt")
-    except Exception:
-        out["tensorrt"] = None
+    hw = hardware()
+    out: Dict[str, Any] = {k: hw.get(k) for k in ("machine", "gpu", "gpu_capability", "cuda")}
+    out["tensorrt"] = package_versions().get("tensorrt")
     return out
 
 

@@ -21,13 +21,19 @@ MANIFEST = "manifest.json"
 NOT_ARTIFACTS = {MANIFEST, "REPORT.md", "report.json", "qcompile.log", "FAILED.md", "BUILDING", "rebuild.json"}
 
 
+# pip's `tensorrt` is a meta package over tensorrt-cuXX-bindings; some installs have only the latter
+TENSORRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu13-bindings", "tensorrt-cu12-bindings", "tensorrt-cu11-bindings")
+
+
 def package_versions() -> Dict[str, str]:
     out = {}
     for name in TRACKED_PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+        for dist in (TENSORRT_DISTRIBUTIONS if name == "tensorrt" else (name,)):
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
 
 
@@ -50,6 +56,15 @@ def hardware() -> Dict[str, Any]:
             info["cuda"] = torch.version.cuda  # a TensorRT engine is tied to GPU, CUDA and TensorRT versions
     except Exception:
         pass
+    if "gpu" not in info:  # a CPU torch next to TensorRT / onnxruntime-gpu: ask nvidia-smi
+        try:
+            from targets.trt_hardware import detect_gpu
+
+            gpu = detect_gpu()
+            if gpu is not None:
+                info["gpu"], info["gpu_capability"] = gpu.name, ".".join(map(str, gpu.capability))
+        except Exception:
+            pass
     return info
 
 
