@@ -60,7 +60,7 @@ def mark_for_trt_export(module) -> int:
             q = getattr(sub, attr, None)
             if q is not None and getattr(q, "block_sizes", None):
                 q._onnx_quantizer_type = kind
-                n += 1
+                n += int(bool(getattr(q, "is_enabled", False)))
     return n
 
 

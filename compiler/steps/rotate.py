@@ -13,8 +13,8 @@ exports as a baked Constant (see compiler/hadamard.py).
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 
@@ -31,6 +31,10 @@ class RotateParams:
     # Hadamard block: a dimension that block_size divides gets block-diagonal copies of H_block_size;
     # a power-of-two dimension smaller than block_size gets one Sylvester block of its own size.
     block_size: int = 128
+    # which Linear layers get their input rotated (fnmatch patterns over module names, after the model's
+    # exclude patterns): ["*"] = every quantizable Linear; e.g. ["*output.dense"] = only the inputs that
+    # do not come straight from a LayerNorm in BERT (attention output and FFN down projections)
+    layers: List[str] = field(default_factory=lambda: ["*"])
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,13 +85,19 @@ class RotatedLinear(torch.nn.Module):
         return self.linear(self.rotation(x))
 
 
-def rotate_linears(module, block_size: int, exclude: List[str]) -> Dict[str, object]:
-    """Rotate the input side of every nn.Linear whose name matches no exclude pattern, in place.
-    Returns what was done (layers, blocks per input dimension)."""
+def rotate_linears(module, block_size: int, exclude: List[str], layers: Optional[List[str]] = None
+                   ) -> Dict[str, object]:
+    """Rotate the input side of every nn.Linear whose name matches a `layers` pattern (default: all) and no
+    exclude pattern, in place. Returns what was done (layers, blocks per input dimension)."""
+    layers = list(layers or ["*"])
     targets = []
     for name, sub in module.named_modules():
-        if isinstance(sub, torch.nn.Linear) and not any(fnmatch.fnmatch(name, p) for p in exclude):
+        if (isinstance(sub, torch.nn.Linear) and any(fnmatch.fnmatch(name, p) for p in layers)
+                and not any(fnmatch.fnmatch(name, p) for p in exclude)):
             targets.append((name, sub))
+    if not targets:
+        raise BuildError(f"rotate: no Linear layer matches recipe.steps.rotate.layers={layers} outside the "
+                         f"exclude patterns {exclude}")
     blocks: Dict[int, int] = {}
     for name, lin in targets:
         d = lin.in_features
@@ -133,7 +143,7 @@ class RotateStep(Step):
     def apply_torch(self, model, ctx: StepContext):
         from compiler.modelopt_quant import exclude_patterns
 
-        done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx))
+        done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx), list(self.params.layers))
         ctx.report.update({"method": self.params.method, "block_size": int(self.params.block_size),
                            **{k: v for k, v in done.items() if k != "layers"}})
         return model

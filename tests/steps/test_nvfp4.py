@@ -126,7 +126,7 @@ def test_quantizers_inserted_where_expected(bert_nvfp4):
                   and "LayerNorm" in n]
     assert enabled_ln == []  # Linear layers only
     assert ctx.report["quantized_layers"] == 12 and ctx.report["weight_quantizers"] == 12
-    assert ctx.report["input_quantizers"] == 12 and ctx.report["trt_export_quantizers"] >= 24
+    assert ctx.report["input_quantizers"] == 12 and ctx.report["trt_export_quantizers"] == 24
 
 
 def test_error_vs_fp32_within_bound(bert_nvfp4, tiny_bert, tiny_data):
@@ -235,3 +235,28 @@ def test_nvfp4_rotate_export_keeps_rotation_live(tiny_bert, tiny_data, tmp_path)
     # value on an e2m1 rounding boundary goes the other way: a few elements off by ~1e-5, never more
     diff = np.abs(got["sentence_embedding"] - want[1].numpy())
     assert diff.max() < 1e-3 and diff.mean() < 1e-5, (diff.max(), diff.mean())
+
+
+def test_cli_nvfp4_rotate_trt_end_to_end(qcompile):
+    """The mission's build on a tiny model: rotate + NVFP4, TensorRT-ready graph checked on the CPU."""
+    import json
+
+    from tests.conftest import FAST
+
+    r = qcompile("model=tiny_bert", "recipe=nvfp4_rotate", "target=trt", *FAST)
+    assert r.rc == 0, r
+    (run,) = r.run_dirs()
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "passed"
+    assert report["onnx"]["opset"] == 23
+    assert report["onnx"]["ops"]["trt::TRT_FP4DynamicQuantize"] == 12
+    assert report["onnx"]["ops"]["MatMul"] == 16 + 12  # the model's MatMuls + one rotation per rotated Linear
+    assert report["export"]["input_flow"]["runner"] == "reference"
+    assert report["steps"]["rotate"]["rotated_layers"] == 12
+    assert report["check"]["task"]["embedding_cosine_mean"] > 0.99
+
+
+def test_cli_nvfp4_on_ort_is_a_recipe_error(qcompile):
+    r = qcompile("model=tiny_bert", "recipe=nvfp4", "target=ort")
+    assert r.rc == 2, r
+    assert "recipe.steps.nvfp4: nvfp4 is not runnable on target=ort -- use target=torch or target=trt" in r.stdout + r.stderr

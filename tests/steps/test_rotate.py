@@ -134,3 +134,18 @@ def test_cli_bad_block_size_exits_2_before_loading(qcompile):
     assert "recipe.steps.rotate.block_size: block_size 256 cannot rotate minilm's hidden_size 384" in out
     assert "use block_size in [2, 4, 8, 16, 32, 64, 128]" in out
     assert not r.run_dirs()
+
+
+def test_layers_selects_which_inputs_rotate(tiny_bert):
+    module = copy.deepcopy(tiny_bert.module)
+    ctx = StepContext(target="torch", model_info=tiny_bert.info, exclude=list(model_cfg("tiny_bert").exclude))
+    RotateStep(RotateParams(block_size=16, layers=["*output.dense"])).apply_torch(module, ctx)
+    assert ctx.report["rotated_layers"] == 4  # attention.output.dense and output.dense, 2 layers
+    assert ctx.report["blocks"] == {"64": 16, "256": 16}
+    assert isinstance(module.inner.encoder.layer[1].output.dense, RotatedLinear)
+    assert isinstance(module.inner.encoder.layer[1].attention.self.query, torch.nn.Linear)
+    _assert_equivalent(tiny_bert, module)
+    from compiler.errors import BuildError
+
+    with pytest.raises(BuildError, match=r"no Linear layer matches recipe.steps.rotate.layers=\['\*nothing\*'\]"):
+        RotateStep(RotateParams(layers=["*nothing*"])).apply_torch(copy.deepcopy(tiny_bert.module), ctx)
