@@ -37,11 +37,15 @@ _BOUNDS = ((0.25, True), (0.75, False), (1.25, True), (1.75, False), (2.5, True)
 
 def round_to_e2m1(mag: torch.Tensor) -> torch.Tensor:
     """Round non-negative magnitudes to the nearest e2m1 value (ties to even), saturating at 6."""
-    out = torch.full_like(mag, E2M1_GRID[-1])
-    # walk the boundaries from the top so each element ends at the smallest bucket it falls into
-    for (bound, tie_down), value in zip(reversed(_BOUNDS), reversed(E2M1_GRID[:-1])):
-        below = mag <= bound if tie_down else mag < bound
-        out = torch.where(below, torch.full_like(mag, value), out)
+    bounds = torch.tensor([b for b, _ in _BOUNDS], dtype=mag.dtype, device=mag.device)
+    grid = torch.tensor(E2M1_GRID, dtype=mag.dtype, device=mag.device)
+    # bucketize puts a value equal to a boundary in the lower bucket (a tie rounding down); the three
+    # boundaries whose tie rounds up (to 1, 2, 4) move up by one
+    idx = torch.bucketize(mag, bounds)
+    for bound, tie_down in _BOUNDS:
+        if not tie_down:
+            idx = idx + (mag == bound)
+    out = grid[idx.clamp(max=len(E2M1_GRID) - 1)]
     return torch.where(torch.isnan(mag), mag, out)
 
 
