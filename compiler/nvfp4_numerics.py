@@ -30,23 +30,18 @@ import torch
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# midpoints between neighbouring e2m1 magnitudes; a tie goes to the value with an even mantissa
-# (0, 1, 2, 4 are even; 0.5, 1.5, 3, 6 odd): "<=" at ties rounding down, "<" at ties rounding up.
-_BOUNDS = ((0.25, True), (0.75, False), (1.25, True), (1.75, False), (2.5, True), (3.5, False), (5.0, True))
 
 
 def round_to_e2m1(mag: torch.Tensor) -> torch.Tensor:
-    """Round non-negative magnitudes to the nearest e2m1 value (ties to even), saturating at 6."""
-    bounds = torch.tensor([b for b, _ in _BOUNDS], dtype=mag.dtype, device=mag.device)
-    grid = torch.tensor(E2M1_GRID, dtype=mag.dtype, device=mag.device)
-    # bucketize puts a value equal to a boundary in the lower bucket (a tie rounding down); the three
-    # boundaries whose tie rounds up (to 1, 2, 4) move up by one
-    idx = torch.bucketize(mag, bounds)
-    for bound, tie_down in _BOUNDS:
-        if not tie_down:
-            idx = idx + (mag == bound)
-    out = grid[idx.clamp(max=len(E2M1_GRID) - 1)]
-    return torch.where(torch.isnan(mag), mag, out)
+    """Round non-negative magnitudes to the nearest e2m1 value (ties to even), saturating at 6.
+
+    e2m1 is uniform per binade: step 0.5 below 2, step 1 in [2, 4), step 2 in [4, 6]; torch.round rounds
+    half to even, which is the ties-to-even mantissa rule at every midpoint (0.25 -> 0, 0.75 -> 1,
+    1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4)."""
+    fine = torch.round(mag * 2) / 2
+    mid = torch.round(mag)
+    coarse = torch.clamp(torch.round(mag / 2) * 2, max=E2M1_MAX)
+    return torch.where(mag < 2, fine, torch.where(mag < 4, mid, coarse))
 
 
 def to_e4m3(x: torch.Tensor) -> torch.Tensor:
