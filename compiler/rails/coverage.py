@@ -106,7 +106,8 @@ def module_counts(module) -> Dict[str, object]:
         slot["total"] += 1
         slot["quantized"] += int(ok)
     return {"compute_ops": total, "quantized_ops": covered, "fraction": (covered / total) if total else 0.0,
-            "by_op": by_op, "quantization_nodes": covered, "weight_ops": total, "weight_ops_quantized": covered}
+            "by_op": by_op, "quantization_nodes": covered, "weight_ops": total, "weight_ops_quantized": covered,
+            "unit": "Linear/Conv layers"}
 
 
 def recipe_quantizes(steps) -> bool:
@@ -127,6 +128,7 @@ def recipe_quantizes(steps) -> bool:
 def judge(counts: Dict[str, object], quantized: Optional[bool], min_fraction: float = 0.0) -> Dict:
     total, covered, frac = counts["compute_ops"], counts["quantized_ops"], counts["fraction"]
     by_op = counts["by_op"]
+    unit = counts.get("unit", "MatMul/Gemm/Conv")
     if quantized is None:  # a file from elsewhere: quantized if it has any quantization node
         quantized = counts["quantization_nodes"] > 0
     numbers = dict(compute_ops=total, quantized_ops=covered, fraction=round(float(frac), 4), by_op=by_op,
@@ -137,18 +139,18 @@ def judge(counts: Dict[str, object], quantized: Optional[bool], min_fraction: fl
         kinds = f"with weights {counts['weight_ops_quantized']}/{counts['weight_ops']}; " + kinds
     if total == 0:
         return result(NAME, SKIPPED if not quantized else FAILED,
-                      "no MatMul/Gemm/Conv in the graph" + (" to quantize" if quantized else ""), **numbers)
+                      f"no {unit} in the graph" + (" to quantize" if quantized else ""), **numbers)
     if not quantized:
-        return result(NAME, PASSED, f"not a quantized recipe: {covered}/{total} MatMul/Gemm/Conv quantized ({kinds})",
+        return result(NAME, PASSED, f"not a quantized recipe: {covered}/{total} {unit} quantized ({kinds})",
                       **numbers)
     if covered == 0:
-        return result(NAME, FAILED, f"0 of {total} MatMul/Gemm/Conv are quantized ({kinds}): the quantizer matched "
+        return result(NAME, FAILED, f"0 of {total} {unit} are quantized ({kinds}): the quantizer matched "
                       "nothing -- quantize every op type the graph has (op_types_to_quantize: MatMul and Gemm), "
                       "and check the exclude patterns", **numbers)
     if frac < min_fraction:
-        return result(NAME, FAILED, f"{covered}/{total} MatMul/Gemm/Conv quantized ({frac:.1%}), below "
+        return result(NAME, FAILED, f"{covered}/{total} {unit} quantized ({frac:.1%}), below "
                       f"doctor.min_quantized_fraction={min_fraction} ({kinds})", **numbers)
-    return result(NAME, PASSED, f"{covered}/{total} MatMul/Gemm/Conv quantized ({frac:.1%}; {kinds})", **numbers)
+    return result(NAME, PASSED, f"{covered}/{total} {unit} quantized ({frac:.1%}; {kinds})", **numbers)
 
 
 def run(ctx: RailContext) -> Dict:
