@@ -2,7 +2,6 @@
 failed rail inside a build (BuildError naming the rail, DOCTOR.md, no finished-looking run dir)."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -3,8 +3,6 @@ failed one ends `<name>.FAILED` with FAILED.md and never a report.json, a finish
 overwritten, and run dirs stay under outputs/ unless an explicit path is given."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 

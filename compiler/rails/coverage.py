@@ -4,7 +4,7 @@ that matches nothing (MatMul vs Gemm) writes a valid, unquantized graph: zero is
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Set
+from typing import Dict, Optional
 
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, result
 

@@ -86,8 +86,6 @@ def judge(fp16: bool, blocked: Dict[str, Any], errors: List[str], load_error: st
 def run(ctx: RailContext) -> Dict:
     if ctx.onnx_path is None:
         if ctx.module is not None:
-            import torch
-
             dtypes = {str(p.dtype) for p in ctx.module.parameters()}
             fp16 = "torch.float16" in dtypes
             return result(NAME, PASSED if fp16 else SKIPPED, f"torch module parameter dtypes: {sorted(dtypes)}",
