@@ -71,10 +71,10 @@ def resolve_fp4_weights(model) -> int:
     from compiler.graph.constants import fold_constant_subgraphs, promote_constants
 
     graph = model.graph
-    qdq = [n for n in graph.node if n.op_type == "TRT_FP4QDQ"]
-    if not qdq:
+    if not any(n.op_type == "TRT_FP4QDQ" for n in graph.node):
         return 0
-    fold_constant_subgraphs(model)
+    fold_constant_subgraphs(model)  # rebuilds graph.node: collect the nodes after it
+    qdq = [n for n in graph.node if n.op_type == "TRT_FP4QDQ"]
     inits = {t.name for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
     changed, promote = 0, set()
@@ -92,7 +92,7 @@ def resolve_fp4_weights(model) -> int:
     if promote:
         promote_constants(model, min_bytes=1 << 62, names=promote)
     inits = {t.name for t in graph.initializer}
-    missing = [n.input[0] for n in qdq if n.input[0] not in inits]
+    missing = [n.input[0] for n in graph.node if n.op_type == "TRT_FP4QDQ" and n.input[0] not in inits]
     if missing:
         raise BuildError(f"nvfp4 export: {len(missing)} quantized weight(s) are computed in the graph, not stored "
                          f"(first: {missing[0]}); modelopt's NVFP4 exporter needs them as initializers")

@@ -260,3 +260,36 @@ def test_cli_nvfp4_on_ort_is_a_recipe_error(qcompile):
     r = qcompile("model=tiny_bert", "recipe=nvfp4", "target=ort")
     assert r.rc == 2, r
     assert "recipe.steps.nvfp4: nvfp4 is not runnable on target=ort -- use target=torch or target=trt" in r.stdout + r.stderr
+
+
+def test_fp4_weights_found_behind_aliases_constants_and_subgraphs():
+    """modelopt's NVFP4 exporter asserts each TRT_FP4QDQ reads an initializer: a weight behind an Identity
+    alias, in a small Constant, or computed by a constant subgraph (W_flat reshaped, as a rotation computed
+    at run time would export) is turned into one first."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compiler.steps.nvfp4 import resolve_fp4_weights
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    nodes = [
+        helper.make_node("Identity", ["w"], ["w_alias"]),
+        helper.make_node("Constant", [], ["w_const"], value=numpy_helper.from_array(w * 2, "c")),
+        helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([16, 32], np.int64), "s")),
+        helper.make_node("Reshape", ["w_flat", "shape"], ["w_sub"]),
+    ]
+    outs = []
+    for i, src in enumerate(["w_alias", "w_const", "w_sub"]):
+        nodes.append(helper.make_node("TRT_FP4QDQ", [src], [f"q{i}"], domain="trt", block_size=16))
+        nodes.append(helper.make_node("MatMul", ["x", f"q{i}"], [f"y{i}"]))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, 32]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])], outs,
+                          initializer=[numpy_helper.from_array(w, "w"),
+                                       numpy_helper.from_array(w.reshape(-1) * 3, "w_flat")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("trt", 1)])
+    resolve_fp4_weights(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    srcs = [n.input[0] for n in model.graph.node if n.op_type == "TRT_FP4QDQ"]
+    assert srcs == ["w", "w_const", "w_sub"] and all(s in inits for s in srcs)
+    np.testing.assert_array_equal(inits["w_sub"], w * 3)
+    np.testing.assert_array_equal(inits["w_const"], w * 2)
