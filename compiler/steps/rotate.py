@@ -4,7 +4,8 @@ quantization step sees activations and weights with their outliers spread over a
 For a Linear y = x W^T + b and the normalized (block-diagonal) Hadamard H (orthogonal, symmetric):
     y = (x H)(W H)^T + b
 W H is fused into the weight once, here; x H runs online as an OnlineHadamard module in front of the
-Linear (a live MatMul in the exported graph). A quantization step after this one quantizes the Linear
+Linear (a live MatMul in the exported graph), except for the attention-output projection when the block
+fits inside a head: there the value projection's output is rotated instead (fused, exact, no MatMul). A quantization step after this one quantizes the Linear
 inside, whose input quantizer then sees x H and whose weight quantizer sees W H.
 modelopt's own `rotate` quantizer option is not used: it needs the CUDA-only fast_hadamard_transform and
 exports as a baked Constant (see compiler/hadamard.py).
@@ -35,6 +36,9 @@ class RotateParams:
     # exclude patterns): ["*"] = every quantizable Linear; e.g. ["*output.dense"] = only the inputs that
     # do not come straight from a LayerNorm in BERT (attention output and FFN down projections)
     layers: List[str] = field(default_factory=lambda: ["*"])
+    # fuse the attention-output projection's rotation into the value projection (no MatMul at run time)
+    # where the Hadamard block fits inside one attention head; otherwise it runs online like the others
+    fuse_attention: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -85,10 +89,54 @@ class RotatedLinear(torch.nn.Module):
         return self.linear(self.rotation(x))
 
 
-def rotate_linears(module, block_size: int, exclude: List[str], layers: Optional[List[str]] = None
-                   ) -> Dict[str, object]:
+def _value_output_pairs(module):
+    """(value rows of the projection that produces V, attention-output Linear, head_dim, qualified name of
+    the output Linear) per attention block, for the architectures whose layout is known: BERT
+    (self.value -> output.dense) and ModernBERT (the V third of Wqkv -> Wo)."""
+    pairs = []
+    for name, sub in module.named_modules():
+        prefix = f"{name}." if name else ""
+        sa, out = getattr(sub, "self", None), getattr(sub, "output", None)
+        if (isinstance(getattr(sa, "value", None), torch.nn.Linear) and hasattr(sa, "attention_head_size")
+                and isinstance(getattr(out, "dense", None), torch.nn.Linear)):
+            pairs.append((sa.value, slice(None), out.dense, int(sa.attention_head_size), f"{prefix}output.dense"))
+        elif isinstance(getattr(sub, "Wqkv", None), torch.nn.Linear) and isinstance(getattr(sub, "Wo", None),
+                                                                                        torch.nn.Linear):
+            d = sub.Wo.in_features
+            pairs.append((sub.Wqkv, slice(2 * d, 3 * d), sub.Wo, int(sub.head_dim), f"{prefix}Wo"))
+    return pairs
+
+
+def fuse_attention_rotations(module, block_size: int, names: List[str]) -> List[str]:
+    """For each attention output Linear in `names` whose Hadamard block fits in a head (block divides
+    head_dim): rotate the value projection's output rows by R (block-diagonal, inside each head) and the
+    output Linear's input by R. Attention mixes tokens, never channels within a head, so the context
+    arrives already rotated: ctx R (W_o R)^T = ctx W_o^T, exactly, with no MatMul at run time.
+    Returns the fused output Linears' names."""
+    fused = []
+    for value, rows, out, head_dim, out_name in _value_output_pairs(module):
+        if out_name not in names:
+            continue
+        d = out.in_features
+        b = block_for(d, block_size)
+        if head_dim % b:
+            continue  # the block would mix heads: stays an online rotation
+        r = torch.from_numpy(hadamard_matrix(d, b))
+        with torch.no_grad():
+            w = value.weight[rows]
+            value.weight[rows] = (r @ w.double()).to(w.dtype)
+            if value.bias is not None:
+                value.bias[rows] = (r @ value.bias[rows].double()).to(value.bias.dtype)
+            out.weight.copy_((out.weight.double() @ r).to(out.weight.dtype))
+        fused.append(out_name)
+    return fused
+
+
+def rotate_linears(module, block_size: int, exclude: List[str], layers: Optional[List[str]] = None,
+                   fuse_attention: bool = False) -> Dict[str, object]:
     """Rotate the input side of every nn.Linear whose name matches a `layers` pattern (default: all) and no
-    exclude pattern, in place. Returns what was done (layers, blocks per input dimension)."""
+    exclude pattern, in place: fused into the value projection where fuse_attention allows, online
+    (RotatedLinear) elsewhere. Returns what was done (layers, blocks per input dimension)."""
     layers = list(layers or ["*"])
     targets = []
     for name, sub in module.named_modules():
@@ -99,8 +147,12 @@ def rotate_linears(module, block_size: int, exclude: List[str], layers: Optional
         raise BuildError(f"rotate: no Linear layer matches recipe.steps.rotate.layers={layers} outside the "
                          f"exclude patterns {exclude}")
     blocks: Dict[int, int] = {}
+    fused = fuse_attention_rotations(module, block_size, [n for n, _ in targets]) if fuse_attention else []
     for name, lin in targets:
         d = lin.in_features
+        if name in fused:
+            blocks[d] = block_for(d, block_size)
+            continue
         try:
             b = block_for(d, block_size)
         except ValueError as e:
@@ -113,7 +165,8 @@ def rotate_linears(module, block_size: int, exclude: List[str], layers: Optional
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, RotatedLinear(OnlineHadamard(d, block_size, dtype=lin.weight.dtype), lin))
-    return {"rotated_layers": len(targets), "online_rotations": len(targets),
+    return {"rotated_layers": len(targets), "online_rotations": len(targets) - len(fused),
+            "fused_rotations": len(fused),
             "blocks": {str(d): b for d, b in sorted(blocks.items())}, "layers": [n for n, _ in targets]}
 
 
@@ -143,7 +196,8 @@ class RotateStep(Step):
     def apply_torch(self, model, ctx: StepContext):
         from compiler.modelopt_quant import exclude_patterns
 
-        done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx), list(self.params.layers))
+        done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx), list(self.params.layers),
+                              bool(self.params.fuse_attention))
         ctx.report.update({"method": self.params.method, "block_size": int(self.params.block_size),
                            **{k: v for k, v in done.items() if k != "layers"}})
         return model

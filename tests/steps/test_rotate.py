@@ -149,3 +149,23 @@ def test_layers_selects_which_inputs_rotate(tiny_bert):
 
     with pytest.raises(BuildError, match=r"no Linear layer matches recipe.steps.rotate.layers=\['\*nothing\*'\]"):
         RotateStep(RotateParams(layers=["*nothing*"])).apply_torch(copy.deepcopy(tiny_bert.module), ctx)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_modernbert"])
+def test_attention_output_rotation_fused_into_value_projection(fixture, request):
+    """With a block that fits in a head (head_dim 16 here), the attention-output projection's rotation moves
+    into the value projection's output rows: no online module there, still exact."""
+    loaded = request.getfixturevalue(fixture)
+    module = copy.deepcopy(loaded.module)
+    ctx = StepContext(target="torch", model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
+    RotateStep(RotateParams(block_size=16)).apply_torch(module, ctx)
+    assert ctx.report["fused_rotations"] == 2  # one per layer
+    assert ctx.report["online_rotations"] == ctx.report["rotated_layers"] - 2
+    attn = module.inner.encoder.layer[0].attention if fixture == "tiny_bert" else module.inner.layers[0].attn
+    out = attn.output.dense if fixture == "tiny_bert" else attn.Wo
+    assert isinstance(out, torch.nn.Linear) and not isinstance(out, RotatedLinear)
+    _assert_equivalent(loaded, module)
+    module2 = copy.deepcopy(loaded.module)
+    ctx2 = StepContext(target="torch", model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
+    RotateStep(RotateParams(block_size=16, fuse_attention=False)).apply_torch(module2, ctx2)
+    assert ctx2.report["fused_rotations"] == 0 and ctx2.report["online_rotations"] == ctx2.report["rotated_layers"]
