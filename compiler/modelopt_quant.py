@@ -95,7 +95,11 @@ def build_config(module, fmt_or_cfg, patterns: Iterable[str], algorithm: Any = "
     cfg = preset_config(fmt_or_cfg) if isinstance(fmt_or_cfg, str) else copy.deepcopy(fmt_or_cfg)
     entries = list(cfg.get("quant_cfg", []))
     if input_calibrator is not None:
-        entries.append({"quantizer_name": "*input_quantizer", "cfg": {"calibrator": input_calibrator}})
+        # an entry with "cfg" replaces every attribute of the quantizers it matches (modelopt's
+        # set_quantizer_by_cfg), so the calibrator goes into the preset's own input-quantizer entries
+        entries = [dict(e, cfg={**e["cfg"], "calibrator": input_calibrator})
+                   if isinstance(e.get("cfg"), dict) and fnmatch.fnmatch("x.input_quantizer", e["quantizer_name"])
+                   else e for e in entries]
     off = excluded_modules(module, patterns)
     if linear_only:
         off += [n for n in non_linear_quant_modules(module) if n not in off]

@@ -144,3 +144,16 @@ def test_weight_only_needs_no_calibration_data(tiny_bert):
     mq.quantize_module(copy.deepcopy(tiny_bert.module), "int8_weight_only", ctx)
     assert (ctx.report["weight_quantizers"], ctx.report["input_quantizers"]) == (12, 0)
     assert ctx.report["calibration"] == "none (weights only)"
+
+
+def test_histogram_calibrator_merged_into_preset_entries(tiny_bert):
+    """modelopt replaces all attributes on a "cfg" entry: the calibrator must join the preset's entry, not
+    follow it as a new one (which would reset fp8's num_bits (4, 3) to the default 8)."""
+    preset = mq.preset_config("fp8")["quant_cfg"]
+    cfg = mq.build_config(tiny_bert.module, "fp8", [], input_calibrator="histogram")["quant_cfg"]
+    inputs = [e for e in cfg if e.get("quantizer_name") == "*input_quantizer"]
+    preset_input = next(e for e in preset if e.get("quantizer_name") == "*input_quantizer")
+    assert inputs == [{"quantizer_name": "*input_quantizer", "cfg": {**preset_input["cfg"], "calibrator": "histogram"}}]
+    assert tuple(inputs[0]["cfg"]["num_bits"]) == (4, 3)
+    weights = [e for e in cfg if e.get("quantizer_name") == "*weight_quantizer"]
+    assert weights == [e for e in preset if e.get("quantizer_name") == "*weight_quantizer"]
