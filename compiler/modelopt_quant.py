@@ -10,6 +10,8 @@ import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from compiler.steps.base import TORCH, Step
+
 log = logging.getLogger(__name__)
 
 # Layers left in full precision when neither the model config nor the recipe names any: the input
@@ -293,8 +295,6 @@ def enabled_quantizers(module) -> Dict[str, Dict[str, bool]]:
 # The shape shared by the modelopt steps (int8, int8_smoothquant, int8_weight_only, fp8): quantize the torch
 # module with one preset, then make the exported fake-quant graph deployable. Each step file subclasses
 # this with its name, Params and preset; a class without ``name`` is not registered as a step.
-
-from compiler.steps.base import TORCH, Step  # noqa: E402  (after the helpers: steps import this module)
 
 
 class ModeloptStep(Step):

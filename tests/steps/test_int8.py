@@ -134,9 +134,15 @@ def test_bad_calibration_is_a_recipe_error(tiny_bert):
         validate_steps(node, "ort", tiny_bert.info)
 
 
-def test_entropy_calibration_runs(tiny_modernbert, tiny_modernbert_data):
-    module, ctx = quantize(make_step("int8", calibration="entropy"), tiny_modernbert, tiny_modernbert_data)
-    assert ctx.report["calibration"] == "entropy" and ctx.report["input_quantizers"] == 8
+def test_calibration_reaches_modelopt(tiny_modernbert, tiny_modernbert_data):
+    """The step's calibration parameter picks the calibrator (the methods' numerics: test_modelopt_quant)."""
+    step = make_step("int8", calibration="percentile", percentile=99.0)
+    module, ctx = quantize(step, tiny_modernbert, tiny_modernbert_data)
+    assert ctx.report["calibration"] == "percentile" and ctx.report["input_quantizers"] == 8
+    from modelopt.torch.quantization.calib import HistogramCalibrator
+
+    wqkv = module.get_submodule("inner.layers.0.attn.Wqkv")
+    assert isinstance(wqkv.input_quantizer._calibrator, HistogramCalibrator)
     feed = eval_feed(tiny_modernbert_data)
     err = rel_err(torch_outputs(module, feed)[0], torch_outputs(tiny_modernbert.module, feed)[0])
     assert err < INT8_REL_BOUND
