@@ -143,9 +143,9 @@ def fold_constant_subgraphs(model) -> Tuple[object, int]:
         for x in node.input:
             if x in const_outputs and x not in needed:
                 needed.append(x)
-    for o in graph.output:
-        if o.name in const_outputs and o.name not in needed:
-            needed.append(o.name)
+    for name in [o.name for o in graph.output] + sorted(_subgraph_inputs(graph)):
+        if name in const_outputs and name not in needed:
+            needed.append(name)
     computed = {o for i in compute_idx for o in graph.node[i].output}
     fold = [n for n in needed if n in computed]
     if not fold:
@@ -157,7 +157,7 @@ def fold_constant_subgraphs(model) -> Tuple[object, int]:
     values = ReferenceEvaluator(sub_model).run(None, {})
     # drop the constant nodes; Constant nodes still read by live nodes are kept as they were
     still_read = {x for j, n in enumerate(graph.node) if j not in const_set for x in n.input}
-    still_read |= {o.name for o in graph.output}
+    still_read |= {o.name for o in graph.output} | _subgraph_inputs(graph)
     keep = []
     for j, node in enumerate(graph.node):
         if j in const_set:
