@@ -325,11 +325,6 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
         ax.scatter([r.ms_per_sample for r in front], [max(1 - r.embedding_cosine, floor) for r in front],
                    s=160, facecolors="none", edgecolors="tab:green", lw=1.5, zorder=4)
     label, legend_note = _plot_labeller(rows, keys)
-    # neighbours in fidelity get their labels above and below in turn, so close points stay readable
-    for i, r in enumerate(sorted(pts, key=lambda r: (r.embedding_cosine, r.ms_per_sample))):
-        ann = ax.annotate(label(r), (r.ms_per_sample, max(1 - r.embedding_cosine, floor)),
-                          textcoords="offset points", xytext=(6, 4 if i % 2 == 0 else -10), fontsize=7)
-        ann.set_in_layout(False)  # long labels must not shrink the axes
     if pts:
         ax.set_yscale("log")
         ds = [max(1 - r.embedding_cosine, floor) for r in pts]
@@ -347,7 +342,7 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
         xs = [r.ms_per_sample for r in pts]
         if min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("latency, ms per sample (lower is better)")
     ax.set_ylabel("mean embedding cosine to fp32 (higher is better)")
     ax.set_title(title or "qcompile sweep: latency vs fidelity", fontsize=10)
@@ -355,9 +350,49 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
         fig.text(0.01, 0.01, legend_note, fontsize=7, color="dimgray")
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
+    if pts:
+        _place_labels(fig, ax, [(label(r), (r.ms_per_sample, max(1 - r.embedding_cosine, floor))) for r in pts])
     fig.savefig(path, metadata={"Software": None})  # no matplotlib version stamp: same rows, same bytes
     plt.close(fig)
     return Path(path)
+
+
+def _place_labels(fig, ax, labelled: Sequence[Tuple[str, Tuple[float, float]]]) -> None:
+    """Greedy label placement (matplotlib has no label repulsion): each label takes the first of eight
+    spots around its point that covers no placed label, no point and nothing outside the axes, else the
+    spot that covers least."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = []
+    for _, xy in labelled:
+        px, py = ax.transData.transform(xy)
+        dots.append(Bbox.from_extents(px - 4, py - 4, px + 4, py + 4))
+
+    def area(b) -> float:
+        return 0.0 if b is None else max(b.width, 0) * max(b.height, 0)
+
+    spots = [(6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"), (-6, -4, "right", "top"),
+             (0, 9, "center", "bottom"), (0, -9, "center", "top"), (9, 0, "left", "center"), (-9, 0, "right", "center")]
+    placed: List[Any] = []
+    for text, xy in sorted(labelled, key=lambda t: (t[1][0], t[1][1])):
+        best = None
+        for dx, dy, ha, va in spots:
+            ann = ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=7)
+            ann.set_in_layout(False)  # long labels must not shrink the axes
+            box = ann.get_window_extent(renderer)
+            cost = (sum(area(Bbox.intersection(box, o)) for o in placed + dots)
+                    + area(box) - area(Bbox.intersection(box, frame)))
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
 
 
 def _plot_labeller(rows: Sequence[Row], keys: Sequence[str]):
