@@ -3,6 +3,8 @@ documented message; live graphs pass (ORT, or the reference runner for TensorRT-
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +36,9 @@ def _export(module, loaded, path):
 
 
 def test_planted_constant_baked_graph_fails(tmp_path, tiny_bert):
-    path = _export(EagerRotation(tiny_bert.module), tiny_bert, tmp_path / "baked.onnx")
+    # eval() on the wrapper: torch.onnx.export restores the wrapper's training flag afterwards, recursively,
+    # which would switch the shared session fixture into train mode (dropout) for later tests
+    path = _export(EagerRotation(copy.deepcopy(tiny_bert.module)).eval(), tiny_bert, tmp_path / "baked.onnx")
     with pytest.raises(BuildError) as e:
         check_input_flow(path, tiny_bert.input_names)
     assert str(e.value).startswith(MESSAGE)
