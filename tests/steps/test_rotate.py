@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from compiler.errors import RecipeError
+from compiler.hadamard import sylvester
 from compiler.steps.base import ModelInfo, StepContext
 from compiler.steps.rotate import RotatedLinear, RotateParams, RotateStep
 from tests.conftest import model_cfg
@@ -71,7 +72,7 @@ def test_rotation_really_changes_the_weights(tiny_bert):
     w0 = tiny_bert.module.inner.encoder.layer[0].attention.self.query.weight
     w1 = rotated.inner.encoder.layer[0].attention.self.query.linear.weight
     assert (w0 - w1).abs().max() > 0.01
-    h = torch.from_numpy(np.kron(np.eye(1), __import__("compiler.hadamard", fromlist=["x"]).sylvester(64)))
+    h = torch.from_numpy(sylvester(64))  # hidden 64 < block 128: one Sylvester block of the whole dimension
     torch.testing.assert_close(w1.double(), w0.double() @ h, atol=1e-6, rtol=0)
 
 
