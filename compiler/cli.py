@@ -128,6 +128,8 @@ def print_summary(report, run_dir: Path) -> None:
         if k in bench:
             table.add_row(k, f"{bench[k]:.3f}")
     console.print(table)
+    for note in report.get("notes") or []:
+        console.print(f"note: {note}", style="yellow", markup=False)
     console.print(f"run directory: {run_dir}")
 
 

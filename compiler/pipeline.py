@@ -136,8 +136,11 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
                                        export_cfg)
             exported = graph_passes.fix_exported(exported, work_dir, export_cfg, report)
             for i, step in enumerate(spec.torch_steps):
-                exported = step.after_export(exported, work_dir / f"export_{i:02d}_{step.name}.onnx",
-                                             step_context(spec, data, work_dir, cache))
+                ctx = step_context(spec, data, work_dir, cache)
+                exported = step.after_export(exported, work_dir / f"export_{i:02d}_{step.name}.onnx", ctx)
+                extra = {k: v for k, v in ctx.report.items() if k != "batch_size"}
+                if extra:  # what the step's graph pass did (e.g. weights folded, custom ops lowered)
+                    report["steps"].setdefault(step.name, {})["after_export"] = extra
             graph_passes.check_input_flow(exported, model.input_names, report)
             exported = doctor.after_export(exported, spec, report)
         with stage("quantize-onnx", timings):
@@ -150,6 +153,8 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
         engine: Engine = target.lower(model, onnx_path, run_dir)
         report["lower"] = engine.info
         report["placement"] = target.placement(engine)
+        # what a target could not do here (e.g. no TensorRT engine without a GPU) is said up front
+        report["notes"] += [str(n) for n in engine.info.get("notes", []) or []]
     report["doctor"] = doctor.after_lower(engine, onnx_path, target, spec, report)
 
     if spec.check.enabled:
