@@ -41,13 +41,6 @@ class Params:
     # gives ~1e-3 (MiniLM hidden states: cosine 0.999999), so 1e-2 flags real range damage only
     max_probe_rel_error: float = 0.01
 
-    def __post_init__(self):
-        if self.dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"dtype: bad value {self.dtype!r}; use float16 or bfloat16")
-        if not self.max_probe_rel_error > 0:
-            raise ValueError(f"max_probe_rel_error: must be > 0, got {self.max_probe_rel_error}")
-        if self.max_fixes < 0:
-            raise ValueError(f"max_fixes: must be >= 0, got {self.max_fixes}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,7 +271,14 @@ class Fp16Step(Step):
     def validate(self, info, target: str) -> None:
         from compiler.errors import RecipeError
 
-        if target != "torch" and self.params.dtype != "float16":
+        key, p = "recipe.steps.fp16", self.params
+        if p.dtype not in ("float16", "bfloat16"):
+            raise RecipeError(f"{key}.dtype", f"bad value {p.dtype!r}", "use float16 or bfloat16")
+        if not p.max_probe_rel_error > 0:
+            raise RecipeError(f"{key}.max_probe_rel_error", f"must be > 0, got {p.max_probe_rel_error}", "use e.g. 0.01")
+        if p.max_fixes < 0:
+            raise RecipeError(f"{key}.max_fixes", f"must be >= 0, got {p.max_fixes}", "use e.g. 32")
+        if target != "torch" and p.dtype != "float16":
             raise RecipeError("recipe.steps.fp16.dtype", f"{self.params.dtype} is not runnable on target={target} "
                               "(the ONNX side converts to float16)", "use dtype=float16, or target=torch")
 

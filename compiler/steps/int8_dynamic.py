@@ -30,11 +30,6 @@ class Params:
     reduce_range: bool = False  # ort: 7-bit weights, for CPUs without VNNI
     preprocess: bool = False  # the blog path quantizes the exported graph as is
 
-    def __post_init__(self):
-        if self.weight_type not in ("int8", "uint8"):
-            raise ValueError(f"weight_type: bad value {self.weight_type!r}; use int8 or uint8")
-        if not self.op_types_to_quantize:
-            raise ValueError("op_types_to_quantize: is empty; use e.g. [MatMul, Gemm]")
 
 
 class Int8DynamicStep(Step):
@@ -49,6 +44,10 @@ class Int8DynamicStep(Step):
     def validate(self, info, target: str) -> None:
         from compiler.errors import RecipeError
 
+        if self.params.weight_type not in ("int8", "uint8"):
+            raise RecipeError(f"{self.KEY}.weight_type", f"bad value {self.params.weight_type!r}", "use int8 or uint8")
+        if not self.params.op_types_to_quantize:
+            raise RecipeError(f"{self.KEY}.op_types_to_quantize", "is empty", "use e.g. [MatMul, Gemm]")
         if target == "torch" and self.params.weight_type != "int8":
             raise RecipeError(f"{self.KEY}.weight_type", f"{self.params.weight_type} is not runnable on target=torch "
                               "(torch dynamic quantization has qint8 weights only)", "use weight_type=int8")
