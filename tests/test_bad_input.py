@@ -111,25 +111,12 @@ def test_recipe_errors(qcompile, tmp_path, case, args, text):
 
 
 def test_step_the_target_cannot_run(qcompile):
-    from compiler.steps.base import STEP_REGISTRY, load_all_steps
-    from targets.base import target_names
-
-    load_all_steps()
-    pairs = [(s, t) for s, cls in sorted(STEP_REGISTRY.items()) for t in ("ort", "torch", "trt")
-             if t in target_names() and t not in cls.runs_on]
-    if not pairs:
-        pytest.skip("every registered step runs on every target")
-    step, target = pairs[0]
+    step, target = "nvfp4", "ort"  # FLOAT4E2M1 DequantizeLinear is not implemented in ORT's CPU provider
     r = qcompile("model=tiny_bert", "recipe=fp32", f"target={target}", f"+recipe.steps.{step}={{}}", timeout=300)
     assert_clean_error(r, 2, f"recipe.steps.{step}: {step} is not runnable on target={target} -- use target=")
 
 
 def test_block_size_not_dividing_the_hidden_size(qcompile):
-    from compiler.steps.base import STEP_REGISTRY, load_all_steps
-
-    load_all_steps()
-    if "rotate" not in STEP_REGISTRY:
-        pytest.skip("the rotate step (engineer C) is not there yet")
     r = qcompile("model=tiny_bert", "recipe=fp32", "+recipe.steps.rotate.block_size=64", "+model.tiny.hidden_size=96",
                  "+model.tiny.intermediate_size=384", timeout=300)
     assert_clean_error(r, 2, "recipe.steps.rotate.block_size: block_size 64 cannot rotate tiny_bert's hidden_size 96")
