@@ -3,7 +3,9 @@ on the recipe's calibration data (on target=torch it hands over to the modelopt 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import hashlib
 import logging
 import tempfile
@@ -173,7 +175,10 @@ def preprocess(onnx_path: Path, out_path: Path, report: Dict[str, Any]) -> Path:
     failures = []
     for label, kwargs in attempts:
         try:
-            _quietly(quant_pre_process, str(onnx_path), str(out_path), **kwargs)
+            # onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx (+ data) into the current
+            # directory when it gives up: run it from the work directory so nothing lands where the user is
+            with _in_dir(Path(out_path).resolve().parent):
+                _quietly(quant_pre_process, str(Path(onnx_path).resolve()), str(Path(out_path).resolve()), **kwargs)
             report["preprocess"] = label
             if failures:
                 report["preprocess_failures"] = failures
@@ -184,6 +189,16 @@ def preprocess(onnx_path: Path, out_path: Path, report: Dict[str, Any]) -> Path:
     report["preprocess"] = "skipped (every attempt failed)"
     report["preprocess_failures"] = failures
     return Path(onnx_path)
+
+
+@contextlib.contextmanager
+def _in_dir(path: Path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _quietly(fn, *args, **kwargs):
