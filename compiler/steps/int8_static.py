@@ -335,6 +335,7 @@ def ranges_file(onnx_path: Path, features, params: Params, batch_size: int, ctx:
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     work_dir = Path(ctx.work_dir or tempfile.mkdtemp(prefix="qcompile."))
+    work_dir.mkdir(parents=True, exist_ok=True)
 
     def build(dest: Path) -> None:
         report["calibration_cache"] = "miss"
@@ -430,6 +431,7 @@ class Int8StaticStep(Step):
         check_ops_match(fp32, op_types, self.KEY)
 
         work_dir = Path(ctx.work_dir or tempfile.mkdtemp(prefix="qcompile."))
+        work_dir.mkdir(parents=True, exist_ok=True)
         graph = Path(onnx_path)
         if p.preprocess:
             graph = preprocess(graph, work_dir / f"{Path(out_path).stem}.pre.onnx", report)
