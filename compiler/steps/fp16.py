@@ -243,7 +243,7 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
         return {"blocked": blocked, "fixes": fixes, "attempts": attempt + 1, "outputs": outputs,
                 "roundtrips_removed": roundtrips,
                 "reference": reference, "probe_rel_error": err, "notes": notes, "model": om.model}
-    raise BuildError(f"fp16: the graph still fails after {max_fixes} fixes ({len(blocked)} nodes kept fp32); "
+    raise BuildError(f"fp16: the graph still fails after {max_fixes} fixes ({len(blocked)} node(s) kept fp32); "
                      f"last: {fixes[-1] if fixes else '?'} -- raise recipe.steps.fp16.max_fixes or use recipe=fp32")
 
 
