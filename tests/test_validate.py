@@ -164,5 +164,5 @@ def test_capability_table_is_consistent():
         for step in steps:
             runnable &= set(STEP_REGISTRY[step].runs_on)
         assert runnable, f"recipe {recipe} runs on no target"
-        for t in sorted(runnable):
-            validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={t}"))
+        for t in sorted(runnable):  # opset 19: fp8 on ort needs float8 QuantizeLinear
+            validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={t}", "export.opset=19"))
