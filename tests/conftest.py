@@ -146,3 +146,18 @@ def compose(*overrides):
     OmegaConf.set_struct(cfg, False)
     cfg.pop("hydra", None)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def exported(request, tmp_path_factory):
+    """name -> (model, data, fp32 ONNX path) for tiny_bert and tiny_modernbert, exported once per session."""
+    from compiler.export import export_onnx
+    from compiler.schema import ExportConfig
+
+    root = tmp_path_factory.mktemp("exported")
+    out = {}
+    for name, data in (("tiny_bert", "tiny_data"), ("tiny_modernbert", "tiny_modernbert_data")):
+        model = request.getfixturevalue(name)
+        path = export_onnx(model.module, model.input_names, model.output_names, root / f"{name}.onnx", ExportConfig())
+        out[name] = (model, request.getfixturevalue(data), path)
+    return out

@@ -14,22 +14,8 @@ from compiler.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
 from compiler.steps.int8_dynamic import Int8DynamicStep, Params
 
-MODELS = ["tiny_bert", "tiny_modernbert"]
+MODELS = ["tiny_bert", "tiny_modernbert"]  # the `exported` fixture (tests/conftest.py) holds both
 DATA = {"tiny_bert": "tiny_data", "tiny_modernbert": "tiny_modernbert_data"}
-
-
-@pytest.fixture(scope="module")
-def exported(request, tmp_path_factory):
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
-
-    root = tmp_path_factory.mktemp("int8_dynamic")
-    out = {}
-    for name in MODELS:
-        model = request.getfixturevalue(name)
-        path = export_onnx(model.module, model.input_names, model.output_names, root / f"{name}.onnx", ExportConfig())
-        out[name] = (model, request.getfixturevalue(DATA[name]), path)
-    return out
 
 
 def mean_cosine(a, b) -> float:
