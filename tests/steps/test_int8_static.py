@@ -15,22 +15,7 @@ from compiler.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
 from compiler.steps.int8_static import Int8StaticStep, Params, compute_ranges
 
-MODELS = ["tiny_bert", "tiny_modernbert"]
-
-
-@pytest.fixture(scope="module")
-def exported(request, tmp_path_factory):
-    """model name -> (LoadedModel, Dataset, fp32 ONNX path), exported once per module at opset 17."""
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
-
-    out = {}
-    root = tmp_path_factory.mktemp("int8_static")
-    for name, data in (("tiny_bert", "tiny_data"), ("tiny_modernbert", "tiny_modernbert_data")):
-        model = request.getfixturevalue(name)
-        path = export_onnx(model.module, model.input_names, model.output_names, root / f"{name}.onnx", ExportConfig())
-        out[name] = (model, request.getfixturevalue(data), path)
-    return out
+MODELS = ["tiny_bert", "tiny_modernbert"]  # the `exported` fixture (tests/conftest.py) holds both
 
 
 def run(path: Path, feeds):
@@ -253,8 +238,6 @@ def test_torch_target_hands_over_to_the_modelopt_int8_step(calibration):
 
 def test_torch_target_quantizes_with_modelopt_close_to_fp32(tiny_bert, tiny_data, tmp_path):
     import copy
-
-    import torch
 
     from compiler.runners import torch_predictor
 
