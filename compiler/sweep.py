@@ -342,6 +342,9 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
         xs = [r.ms_per_sample for r in pts]
         if min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
+        else:
+            lo, hi = ax.get_xlim()
+            ax.set_xlim(max(lo, 0.0), hi)  # the label margin must not invent negative latencies
         ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("latency, ms per sample (lower is better)")
     ax.set_ylabel("mean embedding cosine to fp32 (higher is better)")
