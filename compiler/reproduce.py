@@ -256,7 +256,9 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     drift = recipe_drift(cfg, overrides) if overrides or (run_dir / ".hydra").is_dir() else []
     spec = validate(cfg)
 
-    final = Path(out_dir) if out_dir else default_rebuild_dir(run_dir)
+    # absolute, as Hydra makes a build's output_dir: steps may chdir (ORT's pre-processing runs in the
+    # work dir) and a relative run dir would then point nowhere
+    final = (Path(out_dir) if out_dir else default_rebuild_dir(run_dir)).expanduser().resolve()
     if final.exists():
         raise RecipeError("--out", f"{final} exists already", "choose a new directory: runs are never overwritten")
     staging = final.with_name(final.name + rundir.PARTIAL)

@@ -31,13 +31,6 @@ def _build(cwd: Path, recipe: str, target: str = "ort", allow_gate_failure: bool
     return runs[0]
 
 
-def _one(pattern_dir: Path, name: str) -> Path:
-    """The directory a rebuild --out NAME ended as: NAME, or NAME.gate-failed when its gate failed."""
-    found = [p for p in pattern_dir.glob(name + "*") if p.is_dir()]
-    assert len(found) == 1, found
-    return found[0]
-
-
 @pytest.fixture(scope="module")
 def fp32_run(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("fp32"), "fp32")
@@ -144,9 +137,12 @@ def test_rebuild_gives_identical_hashes(tmp_path, recipe):
     engine and recipe: fixed seeds, deterministic export and calibration. (Its accuracy gate on 32 tiny
     evaluation sentences does not matter here: a gate-failed run is complete and rebuilds the same.)"""
     run = _build(tmp_path, recipe, allow_gate_failure=True)
-    proc = _cli(tmp_path, "rebuild", str(run), "--out", str(tmp_path / "again"))
+    proc = _cli(tmp_path, "rebuild", str(run.relative_to(tmp_path)))  # the default place, relative paths
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    again = _one(tmp_path, "again")
+    rebuilds = list((tmp_path / "outputs" / "rebuild").glob("*/*"))
+    assert len(rebuilds) == 1, rebuilds
+    again = rebuilds[0]
+    assert again.name.endswith(run.name.split("_", 1)[1])
     assert again.name.endswith(".gate-failed") == run.name.endswith(".gate-failed")
     original = json.loads((run / "manifest.json").read_text())["artifacts"]
     rebuilt = json.loads((again / "manifest.json").read_text())["artifacts"]
