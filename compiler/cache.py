@@ -45,9 +45,8 @@ def tool_versions() -> Dict[str, str]:
     an editable install keeps version 0.1.0 while its code changes."""
     from compiler.manifest import package_versions
 
-    out = dict(package_versions())
+    out = dict(package_versions())  # holds qcompile_source_sha256 too
     out["python"] = platform.python_version()
-    out["qcompile_source_sha256"] = source_sha256()
     return out
 
 

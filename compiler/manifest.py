@@ -34,6 +34,11 @@ def package_versions() -> Dict[str, str]:
                 break
             except importlib.metadata.PackageNotFoundError:
                 continue
+    # an editable install keeps its version number while its code changes: the source's hash tells
+    # verify / rebuild (and the cache keys) that the code that built a run is not the code here
+    from compiler.cache import source_sha256
+
+    out["qcompile_source_sha256"] = source_sha256()
     return out
 
 
