@@ -177,8 +177,9 @@ def preprocess(onnx_path: Path, out_path: Path, report: Dict[str, Any]) -> Path:
         try:
             # onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx (+ data) into the current
             # directory when it gives up: run it from the work directory so nothing lands where the user is
-            with _in_dir(Path(out_path).resolve().parent):
-                _quietly(quant_pre_process, str(Path(onnx_path).resolve()), str(Path(out_path).resolve()), **kwargs)
+            src, dst = Path(onnx_path).resolve(), Path(out_path).resolve()  # before the chdir below
+            with _in_dir(dst.parent):
+                _quietly(quant_pre_process, str(src), str(dst), **kwargs)
             report["preprocess"] = label
             if failures:
                 report["preprocess_failures"] = failures
