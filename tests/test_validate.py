@@ -1,5 +1,7 @@
 """Validation: every recipe error names the key, the bad value and the fix, before any weights load."""
 
+from dataclasses import dataclass
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -91,37 +93,19 @@ def test_missing_model_path_fails_before_loading():
     assert msg.startswith("model.path: '/nonexistent/model' is not a directory")
 
 
-class _OnlyTorch(Step):
-    name = "_test_only_torch"
-    runs_on = {"torch": TORCH}
-
-    from dataclasses import dataclass as _dc
-
-    @_dc
-    class Params:
-        pass
+@dataclass
+class _NoParams:
+    pass
 
 
-class _OnnxStep(Step):
-    name = "_test_onnx_step"
-    runs_on = {"ort": ONNX, "torch": TORCH}
-
-    from dataclasses import dataclass as _dc
-
-    @_dc
-    class Params:
-        pass
+def _test_step(name, runs_on):
+    """A step registered for these tests only (names start with _test, which other tests skip)."""
+    return type(name, (Step,), {"name": name, "runs_on": runs_on, "Params": _NoParams})
 
 
-class _TorchStep(Step):
-    name = "_test_torch_step"
-    runs_on = {"ort": TORCH, "torch": TORCH}
-
-    from dataclasses import dataclass as _dc
-
-    @_dc
-    class Params:
-        pass
+_test_step("_test_only_torch", {"torch": TORCH})
+_test_step("_test_onnx_step", {"ort": ONNX, "torch": TORCH})
+_test_step("_test_torch_step", {"ort": TORCH, "torch": TORCH})
 
 
 def test_step_the_target_cannot_run():
