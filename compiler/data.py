@@ -6,7 +6,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import numpy as np
 
@@ -138,7 +138,3 @@ def synthetic_feed(input_names: List[str], batch: int, seq: int, vocab: int = 30
         else:
             feed[name] = np.zeros((batch, seq), dtype=np.int64)
     return feed
-
-
-def optional_int(x) -> Optional[int]:
-    return None if x is None else int(x)

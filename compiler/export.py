@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 
 from compiler.errors import BuildError, RecipeError
 
@@ -117,7 +116,3 @@ def op_histogram(path: Path) -> Dict[str, int]:
         key = node.op_type if not node.domain or node.domain == "ai.onnx" else f"{node.domain}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def as_numpy(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)

@@ -9,7 +9,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Dict, Iterable
+from typing import Any, Dict
 
 from compiler.models import file_sha256
 
@@ -106,7 +106,3 @@ def write_manifest(run_dir: Path, inputs: Dict[str, Any], seed: int, extra: Dict
 
 def read_manifest(run_dir: Path) -> Dict[str, Any]:
     return json.loads((Path(run_dir) / MANIFEST).read_text())
-
-
-def sorted_items(d: Dict[str, Any]) -> Iterable:
-    return sorted(d.items())

@@ -9,7 +9,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
@@ -18,7 +18,7 @@ from compiler import graph as graph_passes
 from compiler.bench import run_bench
 from compiler.check import run_check
 from compiler.data import Dataset, load_data
-from compiler.errors import BuildError, GateError
+from compiler.errors import GateError
 from compiler.export import export_onnx, onnx_size_bytes, op_histogram
 from compiler.manifest import text_sha256, write_manifest
 from compiler.models import LoadedModel, load_model

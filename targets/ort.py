@@ -3,7 +3,6 @@ really use them (onnxruntime-gpu without a GPU silently falls back to the CPU)."
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -197,7 +196,3 @@ class OrtTarget(Target):
 
     def placement(self, engine: Engine):
         return {"providers": list(self.cfg.providers), "nodes": engine.info.get("placement", {})}
-
-
-def _json(o):
-    return json.dumps(o, sort_keys=True)
