@@ -98,17 +98,19 @@ class _NoParams:
     pass
 
 
-def _test_step(name, runs_on):
-    """A step registered for these tests only (names start with _test, which other tests skip)."""
-    return type(name, (Step,), {"name": name, "runs_on": runs_on, "Params": _NoParams})
+@pytest.fixture
+def test_steps():
+    """Steps registered for one test only, removed again so no other test sees them."""
+    specs = {"_test_only_torch": {"torch": TORCH}, "_test_onnx_step": {"ort": ONNX, "torch": TORCH},
+             "_test_torch_step": {"ort": TORCH, "torch": TORCH}}
+    for name, runs_on in specs.items():
+        type(name, (Step,), {"name": name, "runs_on": runs_on, "Params": _NoParams})
+    yield
+    for name in specs:
+        STEP_REGISTRY.pop(name, None)
 
 
-_test_step("_test_only_torch", {"torch": TORCH})
-_test_step("_test_onnx_step", {"ort": ONNX, "torch": TORCH})
-_test_step("_test_torch_step", {"ort": TORCH, "torch": TORCH})
-
-
-def test_step_the_target_cannot_run():
+def test_step_the_target_cannot_run(test_steps):
     def edit(cfg):
         cfg.recipe.steps = OmegaConf.create({"_test_only_torch": {}})
 
@@ -116,7 +118,7 @@ def test_step_the_target_cannot_run():
     assert msg == "recipe.steps._test_only_torch: _test_only_torch is not runnable on target=ort -- use target=torch"
 
 
-def test_torch_step_after_onnx_step_is_rejected():
+def test_torch_step_after_onnx_step_is_rejected(test_steps):
     def edit(cfg):
         cfg.recipe.steps = OmegaConf.create({"_test_onnx_step": {}, "_test_torch_step": {}})
 
@@ -134,8 +136,6 @@ def test_capability_table_is_consistent():
     load_all_steps()
     targets = set(target_names())
     for name, cls in STEP_REGISTRY.items():
-        if name.startswith("_test"):
-            continue
         assert cls.runs_on, f"{name} runs nowhere"
         assert set(cls.runs_on) <= targets, f"{name}: unknown target in {cls.runs_on}"
         assert set(cls.runs_on.values()) <= {TORCH, ONNX}
