@@ -37,10 +37,10 @@ def compose(overrides):
 
 def build(model, recipe, target, out_dir: Path, extra):
     """A real qcompile build (bench stage off: we time below, interleaved), and its predictor."""
-    from compiler.models import load_model
+    from compiler.stages.models import load_model
     from compiler.pipeline import run_build
-    from compiler.runners import torch_predictor
-    from compiler.validate import validate
+    from compiler.runners.callable import torch_predictor
+    from compiler.stages.validate import validate
     from targets.base import Engine, get_target
 
     cfg = compose([f"model={model}", f"recipe={recipe}", f"target={target}", "bench.enabled=false", *extra])
@@ -92,8 +92,8 @@ def main():
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every build")
     args = ap.parse_args()
 
-    from compiler.bench import summarize, time_predict
-    from compiler.data import synthetic_feed
+    from compiler.stages.bench import summarize, time_predict
+    from compiler.core.feeds import synthetic_feed
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = REPO / "outputs" / "bench" / f"{stamp}_{args.model}"

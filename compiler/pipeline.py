@@ -13,19 +13,21 @@ from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from compiler import doctor
+from compiler.stages import doctor
 from compiler import graph as graph_passes
-from compiler.bench import run_bench
-from compiler.check import run_check
-from compiler.data import Dataset, load_data
-from compiler.errors import GateError
-from compiler.export import export_onnx, onnx_size_bytes, op_histogram
-from compiler.manifest import text_sha256, write_manifest
-from compiler.models import LoadedModel, load_model
-from compiler.report import write_report
-from compiler.runners import CallableRunner, torch_predictor
+from compiler.stages.bench import run_bench
+from compiler.stages.check import run_check
+from compiler.stages.data import Dataset, load_data
+from compiler.core.errors import GateError
+from compiler.graph.io import onnx_size_bytes, op_histogram
+from compiler.stages.export import export_onnx
+from compiler.core.hashing import text_sha256
+from compiler.stages.manifest import write_manifest
+from compiler.stages.models import LoadedModel, load_model
+from compiler.stages.report import write_report
+from compiler.runners.callable import CallableRunner, torch_predictor
 from compiler.steps.base import StepContext
-from compiler.validate import BuildSpec
+from compiler.stages.validate import BuildSpec
 from targets.base import Engine, get_target
 
 log = logging.getLogger("qcompile")
@@ -74,7 +76,7 @@ def move_onnx(src: Path, dst: Path) -> Path:
     """Move a graph (and its external data, renamed with the graph) to dst."""
     import onnx
 
-    from compiler.export import save_onnx
+    from compiler.graph.io import save_onnx
 
     src, dst = Path(src), Path(dst)
     if src.with_name(src.name + ".data").exists() or any(
@@ -127,8 +129,8 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
         with stage("export", timings):
             export_cfg = graph_passes.export_config(spec.export, spec.torch_steps)
             if cache is not None and not spec.torch_steps:
-                # the unmodified fp32 export is what sweep points share (compiler/cache.py)
-                from compiler.cache import cached_fp32_export
+                # the unmodified fp32 export is what sweep points share (compiler/stages/cache.py)
+                from compiler.stages.cache import cached_fp32_export
 
                 exported = cached_fp32_export(model, spec, work_dir / "export.onnx", cache)
             else:

@@ -54,7 +54,7 @@ class Target:
 
     def runner(self, engine: Engine, threads: Optional[int] = None):
         """A Polygraphy runner over the engine, for Comparator."""
-        from compiler.runners import CallableRunner
+        from compiler.runners.callable import CallableRunner
 
         return CallableRunner(self.predictor(engine, threads), engine.input_names, engine.output_names,
                               name=f"qcompile-{self.name}")

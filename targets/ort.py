@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from compiler.errors import BuildError, RecipeError
+from compiler.core.errors import BuildError, RecipeError
 from targets.base import Engine, Target
 
 log = logging.getLogger(__name__)

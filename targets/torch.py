@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from compiler.errors import BuildError
-from compiler.runners import torch_predictor
+from compiler.core.errors import BuildError
+from compiler.runners.callable import torch_predictor
 from targets.base import Engine, Target
 
 

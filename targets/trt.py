@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from compiler.errors import BuildError, RecipeError
+from compiler.core.errors import BuildError, RecipeError
 from targets.base import Engine, Target
 from targets.trt_hardware import (detect_gpu, detect_tensorrt, engine_decision, hardware_problem,
                                   normalize_build_engine, recipe_precisions)
@@ -628,7 +628,7 @@ class TrtTarget(Target):
                                  f"{graph['custom_ops']} of this graph -- use target.cpu_runner=reference")
             return "ort", "onnxruntime CPU (target.cpu_runner=ort)"
         try:
-            from compiler.reference_runner import unsupported_ops
+            from compiler.runners.reference import unsupported_ops
 
             missing = unsupported_ops(onnx_path)
             if missing:
@@ -638,9 +638,9 @@ class TrtTarget(Target):
             return "reference", "the ONNX reference evaluator (onnx.reference + TensorRT custom ops)"
         except ImportError as e:
             if graph.get("custom_ops"):
-                raise BuildError(f"checking the TensorRT-ready graph on the CPU needs compiler.reference_runner "
+                raise BuildError(f"checking the TensorRT-ready graph on the CPU needs compiler.runners.reference "
                                  f"({e}); the graph has custom ops {graph['custom_ops']} that onnxruntime cannot run")
-            return "ort", f"onnxruntime CPU (fallback: compiler.reference_runner unavailable: {e})"
+            return "ort", f"onnxruntime CPU (fallback: compiler.runners.reference unavailable: {e})"
 
     # -- run --------------------------------------------------------------------------------------
     def predictor(self, engine: Engine, threads: Optional[int] = None):
@@ -663,7 +663,7 @@ class TrtTarget(Target):
         if handle["kind"] == "none":
             raise BuildError(f"no engine and no CPU runner for the TensorRT-ready graph: {handle['why']}")
         if handle["kind"] == "reference":
-            from compiler.reference_runner import reference_predictor
+            from compiler.runners.reference import reference_predictor
 
             return reference_predictor(handle["onnx"])
         from targets.ort import create_session
@@ -677,7 +677,7 @@ class TrtTarget(Target):
         return predict_ort
 
     def runner(self, engine: Engine, threads: Optional[int] = None):
-        from compiler.runners import CallableRunner
+        from compiler.runners.callable import CallableRunner
 
         label = {"tensorrt": "tensorrt-TrtRunner", "reference": "onnx-reference-evaluator"}.get(
             engine.handle["kind"], "onnxruntime-cpu")
@@ -717,7 +717,7 @@ def build_run_dir(run_dir: Path) -> Dict[str, Any]:
     """Build engine.plan for a run directory from its model.onnx and recipe.yaml's target section."""
     from omegaconf import OmegaConf
 
-    from compiler.schema import TargetConfig
+    from compiler.core.schema import TargetConfig
 
     run_dir = Path(run_dir)
     raw = OmegaConf.load(run_dir / "recipe.yaml")

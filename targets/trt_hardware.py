@@ -75,7 +75,7 @@ def normalize_build_engine(value: Any) -> str:
                "true": "require", "yes": "require", "on": "require", "1": "require", "require": "require",
                "auto": "auto"}
     if text not in aliases:
-        from compiler.errors import RecipeError
+        from compiler.core.errors import RecipeError
 
         raise RecipeError("target.build_engine", f"bad value {value!r}",
                           "use auto (build where TensorRT and a GPU are present), require, or false")

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def _test_cache_dir(tmp_path_factory):
     """Builds in tests (and the CLI subprocesses they start) use a cache of their own, never the
-    user's ~/.cache/qcompile (compiler/cache.py)."""
+    user's ~/.cache/qcompile (compiler/stages/cache.py)."""
     old = os.environ.get("QCOMPILE_CACHE_DIR")
     os.environ["QCOMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("qcompile-cache"))
     yield
@@ -50,7 +50,7 @@ def model_cfg(name: str, **overrides):
     """The `model` section of a recipe, as validation types it (recipes/model/<name>.yaml + overrides)."""
     from omegaconf import OmegaConf
 
-    from compiler.schema import ModelConfig
+    from compiler.core.schema import ModelConfig
 
     node = OmegaConf.load(REPO / "recipes" / "model" / f"{name}.yaml")
     node = OmegaConf.merge(node, overrides)
@@ -60,7 +60,7 @@ def model_cfg(name: str, **overrides):
 def data_cfg(**overrides):
     from omegaconf import OmegaConf
 
-    from compiler.schema import DataConfig
+    from compiler.core.schema import DataConfig
 
     node = OmegaConf.merge(OmegaConf.load(REPO / "recipes" / "data" / "builtin.yaml"), overrides)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
@@ -68,14 +68,14 @@ def data_cfg(**overrides):
 
 @pytest.fixture(scope="session")
 def tiny_bert():
-    from compiler.models import load_model
+    from compiler.stages.models import load_model
 
     return load_model(model_cfg("tiny_bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_modernbert():
-    from compiler.models import load_model
+    from compiler.stages.models import load_model
 
     return load_model(model_cfg("tiny_modernbert"))
 
@@ -83,7 +83,7 @@ def tiny_modernbert():
 @pytest.fixture(scope="session")
 def tiny_data(tiny_bert):
     """Calibration (16) and evaluation (32) features at seq 32, BERT inputs."""
-    from compiler.data import load_data
+    from compiler.stages.data import load_data
 
     return load_data(data_cfg(calibration_samples=16, evaluation_samples=32, seq_len=32), tiny_bert.tokenizer,
                      tiny_bert.input_names)
@@ -91,7 +91,7 @@ def tiny_data(tiny_bert):
 
 @pytest.fixture(scope="session")
 def tiny_modernbert_data(tiny_modernbert):
-    from compiler.data import load_data
+    from compiler.stages.data import load_data
 
     return load_data(data_cfg(calibration_samples=16, evaluation_samples=32, seq_len=32), tiny_modernbert.tokenizer,
                      tiny_modernbert.input_names)
@@ -125,7 +125,7 @@ def qcompile(tmp_path):
     def run(*args, timeout=900, env=None):
         e = dict(os.environ)
         e.update(env or {})
-        proc = subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=tmp_path, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=tmp_path, capture_output=True,
                               text=True, timeout=timeout, env=e)
         return CliResult(proc, tmp_path)
 
@@ -151,8 +151,8 @@ def compose(*overrides):
 @pytest.fixture(scope="session")
 def exported(request, tmp_path_factory):
     """name -> (model, data, fp32 ONNX path) for tiny_bert and tiny_modernbert, exported once per session."""
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.core.schema import ExportConfig
 
     root = tmp_path_factory.mktemp("exported")
     out = {}

@@ -36,7 +36,7 @@ def assert_clean_error(r, rc: int, text: str):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny BERT saved with save_pretrained (safetensors) plus the MiniLM tokenizer files."""
-    from compiler.models import load_model, package_model_dir
+    from compiler.stages.models import load_model, package_model_dir
     from tests.conftest import model_cfg
 
     d = tmp_path_factory.mktemp("hf") / "tiny_bert_hf"
@@ -218,7 +218,7 @@ def test_more_samples_than_exist_clamps_with_a_warning(qcompile, tmp_path):
 def test_ctrl_c_in_the_middle_of_a_build(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = (tmp_path / "stdout.txt").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", *BASE, *FAST], cwd=tmp_path, stdout=out,
+    proc = subprocess.Popen([sys.executable, "-m", "compiler", *BASE, *FAST], cwd=tmp_path, stdout=out,
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
     started = False
@@ -274,7 +274,7 @@ def test_no_code_evaluation_or_unsafe_loading_in_the_compiler():
 def test_trust_remote_code_is_off_in_every_shipped_model_config():
     from omegaconf import OmegaConf
 
-    from compiler.schema import ModelConfig
+    from compiler.core.schema import ModelConfig
 
     repo = Path(__file__).resolve().parents[1]
     assert ModelConfig().trust_remote_code is False

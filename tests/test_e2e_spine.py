@@ -38,7 +38,7 @@ def sweep(tmp_path_factory):
     """`qcompile -m model=... recipe=... target=...` over the whole matrix, once for the module."""
     cwd = tmp_path_factory.mktemp("spine")
     args = ["-m", f"model={','.join(MODELS)}", f"recipe={','.join(RECIPES)}", f"target={','.join(TARGETS)}", *TINY]
-    proc = subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=900, env=dict(os.environ))
     return CliResult(proc, cwd)
 

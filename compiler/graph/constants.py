@@ -206,7 +206,7 @@ def fix_constants(onnx_path: Path, out_path: Path, promote_bytes: int = 65536, e
     Writes out_path only when something changed; returns (the graph to continue with, counts)."""
     import onnx
 
-    from compiler.export import save_onnx
+    from compiler.graph.io import save_onnx
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     model, folded = fold_constant_subgraphs(model)

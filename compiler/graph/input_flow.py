@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from compiler.errors import BuildError
+from compiler.core.errors import BuildError
 
 MESSAGE = "output does not depend on input: an op was baked into a Constant during export"
 
@@ -25,12 +25,12 @@ def needs_reference_runner(model) -> bool:
 
 
 def predictor(onnx_path: Path, model=None) -> Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]:
-    """ORT for standard graphs, compiler.reference_runner for TensorRT-flavoured ones."""
+    """ORT for standard graphs, compiler.runners.reference for TensorRT-flavoured ones."""
     import onnx
 
     model = model if model is not None else onnx.load(str(onnx_path), load_external_data=False)
     if needs_reference_runner(model):
-        from compiler.reference_runner import reference_predictor
+        from compiler.runners.reference import reference_predictor
 
         return reference_predictor(onnx_path)
     import onnxruntime as ort
@@ -46,7 +46,7 @@ def predictor(onnx_path: Path, model=None) -> Callable[[Dict[str, np.ndarray]], 
 
 def two_feeds(input_names: List[str], vocab: int, batch: int = 2, seq: int = 16) -> List[Dict[str, np.ndarray]]:
     """Two valid token feeds that differ in their token ids (same mask and token types)."""
-    from compiler.data import synthetic_feed
+    from compiler.core.feeds import synthetic_feed
 
     a = synthetic_feed(input_names, batch, seq, vocab=vocab, seed=1)
     b = synthetic_feed(input_names, batch, seq, vocab=vocab, seed=2)

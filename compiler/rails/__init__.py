@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from compiler.graph.io import PROTOBUF_LIMIT
+
 PASSED, WARNED, FAILED, SKIPPED = "passed", "warned", "failed", "skipped"
 ORDER = (PASSED, SKIPPED, WARNED, FAILED)  # worst last
-PROTOBUF_LIMIT = 2 * 1024**3
 
 # The order rails appear in the report and in `qcompile doctor`.
 RAIL_NAMES = ("shape_inference", "size", "fp16_types", "coverage", "memcpy", "provider_fallback", "input_dependence")
@@ -29,7 +30,7 @@ class RailContext:
     """What the rails may look at. A build fills it from its artifacts; `qcompile doctor` from a file."""
 
     target: str  # "ort" | "trt" | "torch"
-    config: Any  # compiler.schema.DoctorConfig
+    config: Any  # compiler.core.schema.DoctorConfig
     onnx_path: Optional[Path] = None  # the graph the target was lowered from (None: torch target)
     providers: List[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     exporter: str = "unknown"  # export.exporter of the build, or "unknown" for a file from elsewhere

@@ -60,7 +60,7 @@ def feeds_for_graph(model, seeds=(1, 2)) -> List[Dict[str, np.ndarray]]:
 
 def token_feeds(input_names: List[str], vocab: int = 30522) -> List[Dict[str, np.ndarray]]:
     """Two valid tokenized feeds for a qcompile model (input_ids, attention_mask[, token_type_ids])."""
-    from compiler.data import synthetic_feed
+    from compiler.core.feeds import synthetic_feed
 
     return [synthetic_feed(input_names, BATCH, SEQ, vocab=vocab, seed=s) for s in (1, 2)]
 
@@ -127,7 +127,7 @@ def _via_input_flow(flow, ctx: RailContext) -> Optional[Dict]:
     """C's check_input_flow on a token-input graph: it raises BuildError on a baked output. None when
     it could not run (e.g. its token feeds assume a vocabulary of >= 1000 rows): the rail's own
     feeds take over."""
-    from compiler.errors import BuildError
+    from compiler.core.errors import BuildError
 
     try:
         numbers = flow.check_input_flow(ctx.onnx_path, ctx.input_names or None, predict=ctx.predict)

@@ -32,13 +32,13 @@ class StepContext:
 
     target: str
     model_info: ModelInfo
-    calibration: Any = None  # compiler.data.Features for calibration, None if the recipe needs none
+    calibration: Any = None  # compiler.stages.data.Features for calibration, None if the recipe needs none
     work_dir: Optional[Path] = None  # where a step may write intermediate files
     seed: int = 0
     exclude: List[str] = dataclasses.field(default_factory=list)
     opset: int = 17
     report: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the step writes its numbers here
-    # compiler.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
+    # compiler.stages.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
     # returns a directory holding what build() wrote, keyed by the sha256 of kind + key (key must name
     # every input that determines the result); steps that compute reusable calibration data use it.
     cache: Any = None

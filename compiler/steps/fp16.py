@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from compiler.errors import BuildError
+from compiler.core.errors import BuildError
 from compiler.steps.base import ONNX, TORCH, Step, StepContext
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def overflow_nodes(model, feed: Dict[str, np.ndarray]) -> Set[str]:
 def _run_model(model, feed: Dict[str, np.ndarray]) -> Tuple[Optional[str], Optional[List[np.ndarray]]]:
     import tempfile
 
-    from compiler.export import save_onnx
+    from compiler.graph.io import save_onnx
 
     with tempfile.TemporaryDirectory(prefix="fp16.") as tmp:
         path = save_onnx(model, Path(tmp) / "fp32.onnx", "auto", check=False)
@@ -200,7 +200,7 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from compiler.export import save_onnx
+    from compiler.graph.io import save_onnx
 
     error, reference = _run_model(model, feed)
     if error is not None:
@@ -249,7 +249,7 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
 
 def probe_feed(ctx: StepContext, model, n: int = 2) -> Dict[str, np.ndarray]:
     """A small real input for the load-and-run check: the first calibration samples, else synthetic tokens."""
-    from compiler.data import synthetic_feed
+    from compiler.core.feeds import synthetic_feed
 
     names = [i.name for i in model.graph.input]
     if ctx.calibration is not None and len(ctx.calibration) and all(k in ctx.calibration.arrays for k in names):
@@ -269,7 +269,7 @@ class Fp16Step(Step):
     summary = "fp16: ORT float16 conversion with fp32 kept where fp16 fails (found by load+run); torch .half()"
 
     def validate(self, info, target: str) -> None:
-        from compiler.errors import RecipeError
+        from compiler.core.errors import RecipeError
 
         key, p = "recipe.steps.fp16", self.params
         if p.dtype not in ("float16", "bfloat16"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from compiler.errors import RecipeError
+from compiler.core.errors import RecipeError
 from compiler.graph.fp8_qdq import MIN_OPSET
-from compiler.modelopt_quant import ModeloptStep
+from compiler.steps.modelopt import ModeloptStep
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Fp8Step(ModeloptStep):
             return onnx_path
         import onnx
 
-        from compiler.export import save_onnx
+        from compiler.graph.io import save_onnx
         from compiler.graph.fp8_qdq import lower_trt_fp8
 
         if int(ctx.opset) < MIN_OPSET:  # validation catches this first; a direct caller gets the same words

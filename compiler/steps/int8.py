@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from compiler.modelopt_quant import CALIBRATION_METHODS, ModeloptStep
+from compiler.steps.modelopt import CALIBRATION_METHODS, ModeloptStep
 
 # "max" is modelopt's own name for minmax; accepted so a caller may speak either language
 ALIASES = {"max": "minmax"}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
-from compiler.errors import BuildError
+from compiler.core.errors import BuildError
 from compiler.steps.base import ONNX, TORCH, Step, StepContext
 from compiler.steps.int8_static import (_quietly, check_ops_match, exclude_nodes, linear_ops_found, preprocess,
                                         quantized_coverage)
@@ -42,7 +42,7 @@ class Int8DynamicStep(Step):
     KEY = "recipe.steps.int8_dynamic"
 
     def validate(self, info, target: str) -> None:
-        from compiler.errors import RecipeError
+        from compiler.core.errors import RecipeError
 
         if self.params.weight_type not in ("int8", "uint8"):
             raise RecipeError(f"{self.KEY}.weight_type", f"bad value {self.params.weight_type!r}", "use int8 or uint8")
@@ -56,7 +56,7 @@ class Int8DynamicStep(Step):
     def apply_torch(self, model, ctx: StepContext):
         import torch
 
-        from compiler.models import matches_any
+        from compiler.core.patterns import matches_any
 
         engines = torch.backends.quantized.supported_engines
         engine = next((e for e in ("x86", "fbgemm", "onednn", "qnnpack") if e in engines), None)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from compiler.errors import RecipeError
-from compiler.modelopt_quant import ModeloptStep
+from compiler.core.errors import RecipeError
+from compiler.steps.modelopt import ModeloptStep
 from compiler.steps.base import ModelInfo
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import hashlib
 import logging
 import tempfile
 from collections import Counter
@@ -16,7 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from compiler.errors import BuildError, RecipeError
+from compiler.core.errors import BuildError, RecipeError
+from compiler.core.hashing import onnx_sha256
 from compiler.steps.base import ONNX, TORCH, ModelInfo, Step, StepContext
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def module_name(node_name: str) -> str:
 def exclude_nodes(model, patterns: List[str], op_types: Optional[List[str]] = None) -> List[str]:
     """Nodes (of op_types, if given) whose name or module name matches a pattern ('*pooler*',
     '*layer.0.output.dense')."""
-    from compiler.models import matches_any
+    from compiler.core.patterns import matches_any
 
     if not patterns:
         return []
@@ -221,14 +221,6 @@ def _quietly(fn, *args, **kwargs):
             log.debug("onnxruntime.quantization: %s", printed.getvalue().strip())
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in (Path(path), Path(path).with_name(Path(path).name + ".data")):
-        if p.exists():
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +228,7 @@ def file_sha256(path: Path) -> str:
 
 
 class FeaturesReader:
-    """onnxruntime CalibrationDataReader over compiler.data.Features, with a progress bar."""
+    """onnxruntime CalibrationDataReader over compiler.stages.data.Features, with a progress bar."""
 
     def __init__(self, features, input_names: List[str], batch_size: int, label: str = "calibration"):
         self._feeds = [{n: np.ascontiguousarray(b[n]) for n in input_names}
@@ -345,7 +337,7 @@ def ranges_file(onnx_path: Path, features, params: Params, batch_size: int, ctx:
 
     if ctx.cache is not None:
         report["calibration_cache"] = "hit"
-        key = calibration_key(file_sha256(onnx_path), features, params, batch_size, report.get("preprocess", ""),
+        key = calibration_key(onnx_sha256(onnx_path), features, params, batch_size, report.get("preprocess", ""),
                               op_types)
         return Path(ctx.cache.get_or_create("ort_calibration", key, build)) / "ranges.json"
     dest = Path(tempfile.mkdtemp(dir=work_dir, prefix="ranges."))
@@ -388,7 +380,7 @@ class Int8StaticStep(Step):
             raise RecipeError(self.KEY, "target=torch needs the modelopt `int8` step, which this install lacks",
                               "use target=ort")
         cls = STEP_REGISTRY["int8"]
-        # the modelopt step names calibration methods as this step does (compiler/modelopt_quant.py)
+        # the modelopt step names calibration methods as this step does (compiler/steps/modelopt.py)
         kwargs: Dict[str, Any] = {"calibration": self.params.calibration}
         fields = {f.name for f in dataclasses.fields(cls.Params)}
         if self.params.exclude and "exclude" in fields:

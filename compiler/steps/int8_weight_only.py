@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from compiler.modelopt_quant import ModeloptStep
+from compiler.steps.modelopt import ModeloptStep
 
 
 @dataclass

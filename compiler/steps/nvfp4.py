@@ -3,10 +3,10 @@ Linear layers' weights and inputs, calibrated on the recipe's data; exported as 
 of modelopt's NVFP4 ONNX path (weights as FLOAT4E2M1 initializers + two DequantizeLinear, activations
 through trt::TRT_FP4DynamicQuantize + two DequantizeLinear).
 
-On the CPU, modelopt's fake-quant forward is CUDA-only; compiler.nvfp4_numerics supplies the same
+On the CPU, modelopt's fake-quant forward is CUDA-only; compiler.numerics.nvfp4 supplies the same
 numerics for CPU tensors (install_cpu_fallback). ONNX Runtime's CPU provider cannot run FLOAT4E2M1
 DequantizeLinear, so the step runs for target=torch (fake-quant module) and target=trt (the graph,
-checked on the CPU with compiler.reference_runner), not target=ort.
+checked on the CPU with compiler.runners.reference), not target=ort.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
-from compiler.errors import BuildError
+from compiler.core.errors import BuildError
 from compiler.steps.base import TORCH, Step, StepContext
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class NVFP4Params:
 
 def nvfp4_config(activations: bool = True) -> Dict:
     """modelopt's NVFP4_DEFAULT_CFG (weights and inputs of every quantizable layer), optionally weights only."""
-    from compiler.modelopt_quant import _mtq
+    from compiler.steps.modelopt import _mtq
 
     cfg = copy.deepcopy(_mtq().NVFP4_DEFAULT_CFG)
     if not activations:
@@ -134,8 +134,8 @@ def export_nvfp4_graph(onnx_path: Path, out_path: Path) -> Dict[str, int]:
     DequantizeLinear per weight) on an exported graph, written to out_path."""
     import onnx
 
-    from compiler.export import save_onnx
-    from compiler.modelopt_quant import _mtq
+    from compiler.graph.io import save_onnx
+    from compiler.steps.modelopt import _mtq
 
     _mtq()  # modelopt's import-time warnings silenced once
     from modelopt.onnx.export import NVFP4QuantExporter
@@ -167,8 +167,8 @@ class NVFP4Step(Step):
     min_opset = NVFP4_MIN_OPSET
 
     def apply_torch(self, model, ctx: StepContext):
-        from compiler.modelopt_quant import quantize_module
-        from compiler.nvfp4_numerics import install_cpu_fallback
+        from compiler.steps.modelopt import quantize_module
+        from compiler.numerics.nvfp4 import install_cpu_fallback
 
         install_cpu_fallback()
         quantize_module(model, nvfp4_config(bool(self.params.activations)), ctx)

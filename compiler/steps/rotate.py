@@ -8,7 +8,7 @@ Linear (a live MatMul in the exported graph), except for the attention-output pr
 fits inside a head: there the value projection's output is rotated instead (fused, exact, no MatMul). A quantization step after this one quantizes the Linear
 inside, whose input quantizer then sees x H and whose weight quantizer sees W H.
 modelopt's own `rotate` quantizer option is not used: it needs the CUDA-only fast_hadamard_transform and
-exports as a baked Constant (see compiler/hadamard.py).
+exports as a baked Constant (see compiler/numerics/hadamard.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from compiler.errors import BuildError, RecipeError
-from compiler.hadamard import SUPPORTED_BLOCKS, OnlineHadamard, block_for, hadamard_matrix, is_power_of_two
+from compiler.core.errors import BuildError, RecipeError
+from compiler.numerics.hadamard import SUPPORTED_BLOCKS, OnlineHadamard, block_for, hadamard_matrix, is_power_of_two
 from compiler.steps.base import TORCH, ModelInfo, Step, StepContext
 
 METHODS = ("hadamard",)
@@ -194,7 +194,7 @@ class RotateStep(Step):
                                   f"no power-of-two block rotates {what}; remove the rotate step") from None
 
     def apply_torch(self, model, ctx: StepContext):
-        from compiler.modelopt_quant import exclude_patterns
+        from compiler.steps.modelopt import exclude_patterns
 
         done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx), list(self.params.layers),
                               bool(self.params.fuse_attention))

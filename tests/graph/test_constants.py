@@ -71,7 +71,7 @@ def test_large_constants_promoted_small_kept():
 def test_fix_constants_file_then_external_data(tmp_path):
     """After the fix-up every large tensor is an initializer, so external data takes all of them: the
     .onnx proto keeps only small tensors."""
-    from compiler.export import save_onnx
+    from compiler.graph.io import save_onnx
 
     src = tmp_path / "m.onnx"
     onnx.save(_rotated_weight_graph(), str(src))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.errors import BuildError
+from compiler.core.errors import BuildError
 from compiler.graph.input_flow import MESSAGE, check_input_flow, needs_reference_runner
 
 
@@ -29,8 +29,8 @@ class EagerRotation(torch.nn.Module):
 
 
 def _export(module, loaded, path):
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.core.schema import ExportConfig
 
     return export_onnx(module, loaded.input_names, loaded.output_names, path, ExportConfig(opset=17))
 

@@ -9,7 +9,7 @@ from onnx import helper as h
 from onnx import numpy_helper
 
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, coverage
-from compiler.schema import DoctorConfig
+from compiler.core.schema import DoctorConfig
 
 
 def _mlp(tmp_path, gemm: bool = True):

@@ -8,7 +8,7 @@ from onnx import helper as h
 from onnx import numpy_helper
 
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, fp16_types
-from compiler.schema import DoctorConfig
+from compiler.core.schema import DoctorConfig
 
 
 def _rotary_like(tmp_path, broken: bool):

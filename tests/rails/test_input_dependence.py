@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, input_dependence as dep
-from compiler.schema import DoctorConfig
+from compiler.core.schema import DoctorConfig
 
 
 class Embed(torch.nn.Module):

@@ -9,7 +9,7 @@ from onnx import helper as h
 from onnx import numpy_helper
 
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, provider_fallback as pf
-from compiler.schema import DoctorConfig
+from compiler.core.schema import DoctorConfig
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 

@@ -7,7 +7,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from compiler.rails import PASSED, WARNED, RailContext, shape_inference as si
-from compiler.schema import DoctorConfig
+from compiler.core.schema import DoctorConfig
 
 
 def _save(tmp_path, nodes, inputs, outputs, value_info=(), name="g.onnx", domains=()):
@@ -57,8 +57,8 @@ def test_judge_when_both_passes_fail():
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_modernbert"])
 def test_real_exports_pass(fixture, request, tmp_path):
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.core.schema import ExportConfig
 
     model = request.getfixturevalue(fixture)
     path = export_onnx(model.module, model.input_names, model.output_names, tmp_path / "m.onnx", ExportConfig())

@@ -8,7 +8,7 @@ from onnx import helper as h
 from onnx import numpy_helper
 
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, size
-from compiler.schema import DoctorConfig
+from compiler.core.schema import DoctorConfig
 
 LIMIT = 4000  # stands in for protobuf's 2 GB
 THRESHOLD = 1024  # stands in for export.constant_promote_bytes

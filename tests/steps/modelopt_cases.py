@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import torch
 
-from compiler.export import export_onnx
-from compiler.schema import ExportConfig
+from compiler.stages.export import export_onnx
+from compiler.core.schema import ExportConfig
 from compiler.steps.base import STEP_REGISTRY, StepContext, load_all_steps
 
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from compiler.errors import BuildError, RecipeError
+from compiler.core.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
 from compiler.steps.fp16 import Fp16Step, Params, convert_fp16, drop_fp16_roundtrips
 
@@ -165,7 +165,7 @@ def test_drop_roundtrips_keeps_int_casts():
 def test_torch_half_runs_on_cpu_close_to_fp32(request, name):
     import torch
 
-    from compiler.runners import torch_predictor
+    from compiler.runners.callable import torch_predictor
 
     model = request.getfixturevalue(name)
     data = request.getfixturevalue(DATA[name])
@@ -186,7 +186,7 @@ def test_bfloat16_is_a_torch_only_choice():
     from omegaconf import OmegaConf
 
     from compiler.steps.base import ModelInfo
-    from compiler.validate import validate_steps
+    from compiler.stages.validate import validate_steps
 
     info = ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
     node = OmegaConf.create({"name": "t", "steps": {"fp16": {"dtype": "bfloat16"}}})

@@ -17,8 +17,8 @@ import pytest
 import torch
 from modelopt_cases import eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs
 
-from compiler.errors import RecipeError
-from compiler.schema import ExportConfig
+from compiler.core.errors import RecipeError
+from compiler.core.schema import ExportConfig
 
 FP8_REL_BOUND = 3e-2
 

@@ -15,7 +15,7 @@ import pytest
 from modelopt_cases import (eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs,
                             weight_dq_initializer_types)
 
-from compiler.errors import RecipeError
+from compiler.core.errors import RecipeError
 from compiler.graph.qdq_weights import quantize_array
 
 INT8_REL_BOUND = 1e-2
@@ -127,7 +127,7 @@ def test_calibration_parameter():
 def test_bad_calibration_is_a_recipe_error(tiny_bert):
     from omegaconf import OmegaConf
 
-    from compiler.validate import validate_steps
+    from compiler.stages.validate import validate_steps
 
     node = OmegaConf.create({"name": "int8", "steps": {"int8": {"calibration": "kl"}}})
     with pytest.raises(RecipeError, match="recipe.steps.int8: calibration: unknown method 'kl'"):

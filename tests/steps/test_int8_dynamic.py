@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from compiler.errors import BuildError, RecipeError
+from compiler.core.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
 from compiler.steps.int8_dynamic import Int8DynamicStep, Params
 
@@ -77,7 +77,7 @@ def test_ort_per_channel_changes_the_weight_scales(exported, tmp_path):
 def test_torch_dynamic_linear_close_to_fp32(request, name, tmp_path):
     import torch
 
-    from compiler.runners import torch_predictor
+    from compiler.runners.callable import torch_predictor
 
     model = request.getfixturevalue(name)
     data = request.getfixturevalue(DATA[name])
@@ -113,7 +113,7 @@ def _validate(steps, target):
     from omegaconf import OmegaConf
 
     from compiler.steps.base import ModelInfo
-    from compiler.validate import validate_steps
+    from compiler.stages.validate import validate_steps
 
     info = ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
     return validate_steps(OmegaConf.create({"name": "t", "steps": {"int8_dynamic": steps}}), target, info)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from modelopt_cases import eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs
 
-from compiler.errors import RecipeError
+from compiler.core.errors import RecipeError
 
 INT8_REL_BOUND = 1e-2
 
@@ -22,7 +22,7 @@ INT8_REL_BOUND = 1e-2
 def test_alpha_outside_unit_interval_is_a_recipe_error(alpha, tiny_bert):
     from omegaconf import OmegaConf
 
-    from compiler.validate import validate_steps
+    from compiler.stages.validate import validate_steps
 
     node = OmegaConf.create({"name": "sq", "steps": {"int8_smoothquant": {"alpha": alpha}}})
     with pytest.raises(RecipeError) as e:

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from compiler.errors import BuildError, RecipeError
+from compiler.core.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
 from compiler.steps.int8_static import Int8StaticStep, Params, compute_ranges
 
@@ -155,8 +155,8 @@ def test_entropy_with_onnxruntimes_default_bins_equals_minmax(exported, tmp_path
 
 
 def test_calibration_ranges_come_from_the_cache_and_any_input_change_misses(exported, tmp_path):
-    from compiler.cache import Cache
-    from compiler.data import Features
+    from compiler.stages.cache import Cache
+    from compiler.stages.data import Features
 
     cache = Cache(tmp_path / "cache", versions={"test": "1"})
     model, data, fp32 = exported["tiny_bert"]
@@ -182,7 +182,7 @@ def _validate(steps, target="ort", info=None):
     from omegaconf import OmegaConf
 
     from compiler.steps.base import ModelInfo
-    from compiler.validate import validate_steps
+    from compiler.stages.validate import validate_steps
 
     info = info or ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
     return validate_steps(OmegaConf.create({"name": "t", "steps": steps}), target, info)
@@ -239,7 +239,7 @@ def test_torch_target_hands_over_to_the_modelopt_int8_step(calibration):
 def test_torch_target_quantizes_with_modelopt_close_to_fp32(tiny_bert, tiny_data, tmp_path):
     import copy
 
-    from compiler.runners import torch_predictor
+    from compiler.runners.callable import torch_predictor
 
     step = Int8StaticStep(Params())
     ctx = StepContext(target="torch", model_info=tiny_bert.info, calibration=tiny_data.calibration, work_dir=tmp_path,

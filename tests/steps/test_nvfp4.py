@@ -12,8 +12,8 @@ import onnx
 import pytest
 import torch
 
-from compiler.errors import RecipeError
-from compiler.nvfp4_numerics import E2M1_GRID, nvfp4_fake_quant, nvfp4_quantize, round_to_e2m1
+from compiler.core.errors import RecipeError
+from compiler.numerics.nvfp4 import E2M1_GRID, nvfp4_fake_quant, nvfp4_quantize, round_to_e2m1
 from compiler.steps.base import ModelInfo, StepContext
 from compiler.steps.nvfp4 import NVFP4Params, NVFP4Step
 from tests.conftest import model_cfg
@@ -146,7 +146,7 @@ def test_error_vs_fp32_within_bound(bert_nvfp4, tiny_bert, tiny_data):
 def test_not_runnable_on_ort_names_the_fix():
     from omegaconf import OmegaConf
 
-    from compiler.validate import validate_steps
+    from compiler.stages.validate import validate_steps
 
     info = ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
     node = OmegaConf.create({"name": "nvfp4", "steps": {"nvfp4": {}}})
@@ -160,8 +160,8 @@ def test_not_runnable_on_ort_names_the_fix():
 
 def _export(module, loaded, tmp_path, name):
     from compiler import graph as graph_passes
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.core.schema import ExportConfig
 
     cfg = graph_passes.export_config(ExportConfig(opset=17), [NVFP4Step(NVFP4Params())])
     assert cfg.opset == 23
@@ -177,7 +177,7 @@ def _fp4_weight_dqs(model):
 
 def test_export_is_the_tensorrt_nvfp4_graph_and_matches_torch(bert_nvfp4, tiny_bert, tiny_data, tmp_path):
     from compiler.graph.input_flow import check_input_flow
-    from compiler.reference_runner import reference_predictor
+    from compiler.runners.reference import reference_predictor
 
     module, _ = bert_nvfp4
     path = _export(module, tiny_bert, tmp_path, "nvfp4")
@@ -201,7 +201,7 @@ def test_export_is_the_tensorrt_nvfp4_graph_and_matches_torch(bert_nvfp4, tiny_b
 def test_nvfp4_rotate_export_keeps_rotation_live(tiny_bert, tiny_data, tmp_path):
     """rotate then nvfp4: the Hadamard MatMuls stay in the TensorRT graph in front of the FP4 quantize of
     each Linear input, and the graph equals the torch model."""
-    from compiler.reference_runner import reference_predictor
+    from compiler.runners.reference import reference_predictor
 
     module, _ = _quantize(tiny_bert, tiny_data, rotate_block=128)
     assert module.inner.encoder.layer[0].attention.self.query.linear.input_quantizer.is_enabled

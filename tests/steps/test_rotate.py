@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 
-from compiler.errors import RecipeError
-from compiler.hadamard import sylvester
+from compiler.core.errors import RecipeError
+from compiler.numerics.hadamard import sylvester
 from compiler.steps.base import ModelInfo, StepContext
 from compiler.steps.rotate import RotatedLinear, RotateParams, RotateStep
 from tests.conftest import model_cfg
@@ -25,7 +25,7 @@ def _rotate(loaded, block_size=128):
 
 
 def _feed(loaded, seed=0, batch=2, seq=32):
-    from compiler.data import synthetic_feed
+    from compiler.core.feeds import synthetic_feed
 
     feed = synthetic_feed(loaded.input_names, batch, seq, seed=seed)
     feed["attention_mask"][1, seq // 2:] = 0  # padding exercises the mask path too
@@ -59,7 +59,7 @@ def test_tiny_modernbert_rotated_equals_original(tiny_modernbert):
 
 def test_minilm_rotated_equals_original():
     """The default model: hidden 384 = 3 x 128 and intermediate 1536 = 12 x 128, block-diagonal."""
-    from compiler.models import load_model
+    from compiler.stages.models import load_model
 
     minilm = load_model(model_cfg("minilm"))
     rotated, report = _rotate(minilm)
@@ -81,9 +81,9 @@ def test_export_keeps_the_rotation_as_live_matmuls(tmp_path, tiny_bert):
     passes the input-flow check and ORT matches the torch module."""
     import onnxruntime as ort
 
-    from compiler.export import export_onnx
+    from compiler.stages.export import export_onnx
     from compiler.graph.input_flow import check_input_flow
-    from compiler.schema import ExportConfig
+    from compiler.core.schema import ExportConfig
 
     rotated, report = _rotate(tiny_bert)
     path = export_onnx(rotated, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "r.onnx",
@@ -146,7 +146,7 @@ def test_layers_selects_which_inputs_rotate(tiny_bert):
     assert isinstance(module.inner.encoder.layer[1].output.dense, RotatedLinear)
     assert isinstance(module.inner.encoder.layer[1].attention.self.query, torch.nn.Linear)
     _assert_equivalent(tiny_bert, module)
-    from compiler.errors import BuildError
+    from compiler.core.errors import BuildError
 
     with pytest.raises(BuildError, match=r"no Linear layer matches recipe.steps.rotate.layers=\['\*nothing\*'\]"):
         RotateStep(RotateParams(layers=["*nothing*"])).apply_torch(copy.deepcopy(tiny_bert.module), ctx)

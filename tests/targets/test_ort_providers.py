@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
-from compiler.errors import BuildError, RecipeError
-from compiler.schema import TargetConfig
+from compiler.core.errors import BuildError, RecipeError
+from compiler.core.schema import TargetConfig
 from targets import ort as O
 from tests.conftest import FAST
 

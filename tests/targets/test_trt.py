@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from compiler.errors import BuildError, RecipeError
-from compiler.schema import TargetConfig
+from compiler.core.errors import BuildError, RecipeError
+from compiler.core.schema import TargetConfig
 from targets import trt as T
 from targets import trt_hardware as H
 from tests.conftest import FAST
@@ -172,8 +172,8 @@ def test_profile_shapes_cover_every_input():
 
 
 def test_profile_from_exported_graph(tiny_bert, tmp_path):
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.core.schema import ExportConfig
 
     path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "m.onnx",
                        ExportConfig())
@@ -489,8 +489,8 @@ def test_build_engine_without_tensorrt(monkeypatch, tmp_path):
 
 def test_lower_with_recording_tensorrt(monkeypatch, tmp_path, tiny_bert):
     """lower() on a 'machine' with TensorRT and a GPU: plan, layer report, cache and verdict wiring."""
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.core.schema import ExportConfig
 
     onnx_path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
                             ExportConfig())
@@ -515,8 +515,8 @@ def test_lower_with_recording_tensorrt(monkeypatch, tmp_path, tiny_bert):
 def test_build_run_dir_cli(monkeypatch, tmp_path, tiny_bert, capsys):
     """`python -m targets.trt build <run_dir>` (what build_engine.sh runs without trtexec): the run's
     model.onnx and recipe.yaml target settings; a second build reuses the run's timing cache."""
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.core.schema import ExportConfig
 
     export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
                 ExportConfig())
@@ -613,9 +613,9 @@ def test_gpu_int8_qdq_engine_runs_quantized(qcompile):
 @pytest.mark.gpu
 def test_gpu_trt_runner_vs_fp32(tiny_bert, tiny_data, tmp_path):
     _require_tensorrt()
-    from compiler.export import export_onnx
-    from compiler.runners import torch_predictor
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.runners.callable import torch_predictor
+    from compiler.core.schema import ExportConfig
 
     onnx_path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
                             ExportConfig())
@@ -632,8 +632,8 @@ def test_gpu_trt_runner_vs_fp32(tiny_bert, tiny_data, tmp_path):
 
 
 def test_cpu_runner_choice(tmp_path, tiny_bert, monkeypatch):
-    from compiler.export import export_onnx
-    from compiler.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from compiler.core.schema import ExportConfig
 
     _fake_machine(monkeypatch, None, None, "not installed")
     with pytest.raises(RecipeError) as e:

@@ -1,0 +1,1 @@
+"""The qcompile command line: the Hydra build app and the plain subcommands."""

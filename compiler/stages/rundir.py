@@ -1,0 +1,82 @@
+"""Run directories that look finished only when they are: a build writes into `<name>.partial`; on
+success it is renamed to `<name>`, on failure to `<name>.FAILED` with FAILED.md saying why."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+PARTIAL = ".partial"
+FAILED = ".FAILED"
+GATE_FAILED = ".gate-failed"
+BUILDING_MARKER = "BUILDING"  # inside an explicitly named run dir (hydra.run.dir=...) while it builds
+
+
+def final_name(staging: Path, suffix: str = "") -> Path:
+    """The directory name a staging directory gets when it ends: never one that exists already."""
+    staging = Path(staging)
+    base = staging.name[: -len(PARTIAL)] if staging.name.endswith(PARTIAL) else staging.name
+    candidate = staging.with_name(base + suffix)
+    n = 1
+    while candidate.exists() and candidate != staging:
+        candidate = staging.with_name(f"{base}-{n}{suffix}")
+        n += 1
+    return candidate
+
+
+def is_staging(path: Path) -> bool:
+    return Path(path).name.endswith(PARTIAL)
+
+
+def begin(run_dir: Path) -> None:
+    """Refuse to build into a directory that holds a finished run; mark explicit dirs as building."""
+    run_dir = Path(run_dir)
+    if (run_dir / "report.json").exists() or (run_dir / "manifest.json").exists():
+        from compiler.core.errors import RecipeError
+
+        raise RecipeError("hydra.run.dir", f"{run_dir} already holds a finished run",
+                          "choose another hydra.run.dir; finished runs are never overwritten")
+    if not os.access(run_dir, os.W_OK):
+        from compiler.core.errors import RecipeError
+
+        raise RecipeError("hydra.run.dir", f"{run_dir} is not writable", "pass a writable hydra.run.dir=...")
+    if not is_staging(run_dir):
+        (run_dir / BUILDING_MARKER).write_text("a qcompile build is writing this directory\n")
+
+
+def succeed(run_dir: Path, gate_failed: bool = False) -> Path:
+    run_dir = Path(run_dir)
+    (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
+    if not is_staging(run_dir):
+        return run_dir
+    dest = final_name(run_dir, GATE_FAILED if gate_failed else "")
+    run_dir.rename(dest)
+    return dest
+
+
+def fail(run_dir: Path, reason: str, kind: str = "build failed") -> Optional[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return None
+    (run_dir / "FAILED.md").write_text(f"# qcompile: {kind}\n\n{reason}\n\nThis directory is not a usable build.\n")
+    for name in ("report.json", "manifest.json"):  # a failed build must never look complete
+        if (run_dir / name).exists():
+            (run_dir / name).rename(run_dir / f"{name}.incomplete")
+    (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
+    if not is_staging(run_dir):
+        return run_dir
+    dest = final_name(run_dir, FAILED)
+    run_dir.rename(dest)
+    return dest
+
+
+def discard(run_dir: Path) -> None:
+    """A recipe error: nothing was built, so the staging directory goes away entirely."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if is_staging(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        (run_dir / BUILDING_MARKER).unlink(missing_ok=True)

@@ -1,0 +1,186 @@
+"""Validate stage: the composed recipe against structured schemas and the step x target capability
+table. Everything here runs before any model weights are loaded; errors name the key and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, List, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from compiler.core.errors import RecipeError
+from compiler.core.schema import (BenchConfig, CacheConfig, CheckConfig, DataConfig, DoctorConfig, ExportConfig,
+                             GateConfig, ModelConfig, TargetConfig)
+from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "export": ExportConfig, "check": CheckConfig,
+            "bench": BenchConfig, "target": TargetConfig, "doctor": DoctorConfig, "cache": CacheConfig}
+TOP_LEVEL_KEYS = set(SECTIONS) | {"recipe", "seed", "cache", "doctor", "output", "hydra", "sweep", "verbose"}
+
+
+@dataclass
+class BuildSpec:
+    """A validated recipe: typed sections, instantiated steps in order, the target's name."""
+
+    model: Any
+    data: Any
+    export: Any
+    check: Any
+    bench: Any
+    target: Any
+    recipe_name: str
+    steps: List[Step]
+    gate: Any
+    seed: int
+    model_info: ModelInfo
+    raw: DictConfig  # the resolved composed config (written as recipe.yaml)
+    doctor: Any = None  # DoctorConfig: the guard rails' thresholds
+    cache: Any = None  # CacheConfig: where the content-addressed cache lives, or disabled
+
+    @property
+    def torch_steps(self) -> List[Step]:
+        return [s for s in self.steps if s.stage_for(self.target.name) == TORCH]
+
+    @property
+    def onnx_steps(self) -> List[Step]:
+        return [s for s in self.steps if s.stage_for(self.target.name) == ONNX]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(s.needs_calibration for s in self.steps)
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f"did you mean {match[0]!r}?" if match else f"valid: {', '.join(sorted(map(str, options)))}"
+
+
+def _typed(schema, node, prefix: str):
+    """Merge a config node onto its dataclass schema; OmegaConf errors become RecipeErrors."""
+    base = OmegaConf.structured(schema)
+    fields = [f.name for f in dataclasses.fields(schema)]
+    if node is None:
+        node = {}
+    try:
+        merged = OmegaConf.merge(base, node)
+        obj = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = str(getattr(e, "key", "") or "")
+        raise RecipeError(f"{prefix}.{key}" if key else prefix, "unknown key", _closest(key, fields)) from None
+    except ValidationError as e:
+        key = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
+        want = next((f.type for f in dataclasses.fields(schema) if f.name == key.split(".")[-1]), None)
+        value = getattr(e, "value", None)
+        want_s = getattr(want, "__name__", str(want)).replace("typing.", "")
+        raise RecipeError(f"{prefix}.{key}", f"bad value {value!r}", f"expected {want_s}") from None
+    except (ValueError, TypeError) as e:  # a Params.__post_init__ check
+        raise RecipeError(prefix, str(e)) from None
+    except OmegaConfBaseException as e:
+        raise RecipeError(prefix, str(e).splitlines()[0]) from None
+    return obj
+
+
+def _positive(value, key: str, allow_zero: bool = False):
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise RecipeError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}",
+                          f"set {key} to a positive number")
+
+
+def validate_steps(recipe_node, target: str, info: ModelInfo) -> Tuple[List[Step], Any]:
+    load_all_steps()
+    steps_node = recipe_node.get("steps") if recipe_node is not None else None
+    if steps_node is None:
+        steps_node = {}
+    if not isinstance(steps_node, (dict, DictConfig)):
+        raise RecipeError("recipe.steps", "must be a mapping of step name -> parameters",
+                          "write e.g. steps: {int8_static: {calibration: minmax}}")
+    unknown_keys = set(recipe_node.keys()) - {"name", "description", "steps", "gate"}
+    if unknown_keys:
+        k = sorted(unknown_keys)[0]
+        raise RecipeError(f"recipe.{k}", "unknown key", _closest(k, ["name", "description", "steps", "gate"]))
+    steps: List[Step] = []
+    seen_onnx = None
+    for name, params in steps_node.items():
+        key = f"recipe.steps.{name}"
+        if name not in STEP_REGISTRY:
+            raise RecipeError(key, "unknown step", _closest(name, STEP_REGISTRY))
+        cls = STEP_REGISTRY[name]
+        if isinstance(params, DictConfig) or params is None or isinstance(params, dict):
+            typed = _typed(cls.Params, params, key)
+        else:
+            raise RecipeError(key, f"parameters must be a mapping, got {params!r}", "write {} for the defaults")
+        step = cls(typed)
+        if target not in cls.runs_on:
+            ok = sorted(cls.runs_on)
+            raise RecipeError(key, f"{name} is not runnable on target={target}",
+                              f"use target={' or target='.join(ok)}" if ok else "remove the step")
+        stage = cls.runs_on[target]
+        if stage == ONNX:
+            seen_onnx = name
+        elif seen_onnx:
+            raise RecipeError(key, f"torch-side step {name} comes after ONNX-side step {seen_onnx}",
+                              f"put {name} before {seen_onnx} in recipe.steps")
+        step.validate(info, target)
+        steps.append(step)
+    gate = _typed(GateConfig, recipe_node.get("gate") if recipe_node is not None else None, "recipe.gate")
+    return steps, gate
+
+
+def validate(cfg: DictConfig) -> BuildSpec:
+    """Validate stage: the composed Hydra config -> BuildSpec, or RecipeError."""
+    from compiler.stages.models import model_info
+    from targets.base import get_target, target_names
+
+    for key in cfg.keys():
+        if key not in TOP_LEVEL_KEYS:
+            raise RecipeError(str(key), "unknown top-level key", _closest(key, TOP_LEVEL_KEYS - {"hydra"}))
+    typed = {name: _typed(schema, cfg.get(name), name) for name, schema in SECTIONS.items()}
+    model, data, target = typed["model"], typed["data"], typed["target"]
+    if target.name not in target_names():
+        raise RecipeError("target.name", f"unknown target {target.name!r}", _closest(target.name, target_names()))
+    for k in ("calibration_samples", "evaluation_samples", "seq_len", "batch_size"):
+        _positive(getattr(data, k), f"data.{k}")
+    if data.on_short_data not in ("clamp", "error"):
+        raise RecipeError("data.on_short_data", f"bad value {data.on_short_data!r}", "use clamp or error")
+    for k in ("batch_size", "seq_len", "iterations"):
+        _positive(getattr(typed["bench"], k), f"bench.{k}")
+    _positive(typed["bench"].warmup, "bench.warmup", allow_zero=True)
+    _positive(typed["bench"].threads, "bench.threads", allow_zero=True)
+    _positive(typed["doctor"].max_memcpy, "doctor.max_memcpy", allow_zero=True)
+    if not 0.0 <= typed["doctor"].min_quantized_fraction <= 1.0:
+        raise RecipeError("doctor.min_quantized_fraction", f"{typed['doctor'].min_quantized_fraction} is not a fraction",
+                          "use a value between 0 and 1")
+    if model.task not in ("embedding", "classification"):
+        raise RecipeError("model.task", f"bad value {model.task!r}", "use embedding or classification")
+    if typed["export"].exporter not in ("torchscript", "dynamo"):
+        raise RecipeError("export.exporter", f"bad value {typed['export'].exporter!r}", "use torchscript or dynamo")
+    if typed["export"].external_data not in ("auto", "always", "never"):
+        raise RecipeError("export.external_data", f"bad value {typed['export'].external_data!r}",
+                          "use auto, always or never")
+    info = model_info(model)  # reads config.json only
+    if info.max_positions:
+        for key, seq in (("data.seq_len", data.seq_len), ("bench.seq_len", typed["bench"].seq_len)):
+            if seq > info.max_positions:
+                raise RecipeError(key, f"{seq} is above {model.name}'s maximum of {info.max_positions} positions",
+                                  f"set {key}<={info.max_positions}")
+    recipe_node = cfg.get("recipe")
+    if recipe_node is None:
+        raise RecipeError("recipe", "no recipe selected", "pass recipe=<name>")
+    steps, gate = validate_steps(recipe_node, target.name, info)
+    for step in steps:  # checks that depend on the export settings (fp8 on ort needs opset >= 19)
+        if hasattr(step, "validate_export"):
+            step.validate_export(typed["export"], target.name)
+    from compiler.stages.data import check_data_files
+
+    check_data_files(data, need_calibration=any(s.needs_calibration for s in steps))
+    tgt = get_target(target.name)(target)
+    tgt.check_environment(recipe_node)
+    return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],
+                     target=target, recipe_name=str(recipe_node.get("name", "custom")), steps=steps, gate=gate,
+                     seed=int(cfg.get("seed", 0)), model_info=info, raw=cfg, doctor=typed["doctor"],
+                     cache=typed["cache"])
