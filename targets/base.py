@@ -9,6 +9,8 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional
 
 import numpy as np
 
+from compiler.core.capabilities import TargetCapabilities
+
 TARGET_REGISTRY: Dict[str, type["Target"]] = {}
 TARGET_MODULES = ("torch", "ort", "trt")
 
@@ -32,6 +34,7 @@ class Engine:
 class Target:
     name: ClassVar[str] = ""
     needs_onnx: ClassVar[bool] = True
+    capabilities: ClassVar[TargetCapabilities]
     summary: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from compiler.core.errors import BuildError, RecipeError
+from compiler.core.capabilities import TargetCapabilities
 from targets.base import Engine, Target
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ def node_placement(sess) -> Dict[str, Dict[str, int]]:
 class OrtTarget(Target):
     name = "ort"
     needs_onnx = True
+    capabilities = TargetCapabilities("ort", runs_onnx=True, ort_session=True, trt_custom_ops=False,
+                                      symmetric_int8_only=False, gpu=False)
     summary = "ONNX Runtime InferenceSession (CPU, or CUDA / TensorRT execution providers)"
 
     def check_environment(self, recipe) -> None:

@@ -7,12 +7,15 @@ from typing import Optional
 
 from compiler.core.errors import BuildError
 from compiler.runners.callable import torch_predictor
+from compiler.core.capabilities import TargetCapabilities
 from targets.base import Engine, Target
 
 
 class TorchTarget(Target):
     name = "torch"
     needs_onnx = False
+    capabilities = TargetCapabilities("torch", runs_onnx=False, ort_session=False, trt_custom_ops=False,
+                                      symmetric_int8_only=False, gpu=False)
     summary = "the torch module itself (modelopt fake-quant or torch int8 kernels), eager"
 
     def check_environment(self, recipe) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from compiler.core.errors import BuildError, RecipeError
+from compiler.core.capabilities import TargetCapabilities
 from targets.base import Engine, Target
 from targets.trt_hardware import (detect_gpu, detect_tensorrt, engine_decision, hardware_problem,
                                   normalize_build_engine, recipe_precisions)
@@ -510,6 +511,8 @@ def _recipe_name(run_dir: Path) -> str:
 class TrtTarget(Target):
     name = "trt"
     needs_onnx = True
+    capabilities = TargetCapabilities("trt", runs_onnx=True, ort_session=False, trt_custom_ops=True,
+                                      symmetric_int8_only=True, gpu=True)
     summary = ("TensorRT engine plan from the explicit-quantization ONNX (strongly typed); without a GPU, "
                "the ONNX checked with the reference evaluator and the engine build command written")
 
