@@ -7,42 +7,16 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
-
 from compiler.core.errors import BuildError, RecipeError
 from compiler.core.capabilities import TargetCapabilities
+from compiler.runners.sessions import node_placement, ort_session, session_predictor
 from targets.base import Engine, Target
 
 log = logging.getLogger(__name__)
 
-OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-              "all": "ORT_ENABLE_ALL"}
-
-
-def session_options(opt_level: str = "all", threads: Optional[int] = None, optimized_path: Optional[Path] = None,
-                    record_placement: bool = False):
-    import onnxruntime as ort
-
-    if opt_level not in OPT_LEVELS:
-        raise RecipeError("target.graph_optimization", f"unknown level {opt_level!r}", f"use one of {list(OPT_LEVELS)}")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    if record_placement:
-        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    return so
-
-
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider")
 # providers that compile subgraphs into their own engines: ORT cannot save its optimized graph for them
 COMPILING_PROVIDERS = ("TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider")
-
 
 def check_providers(providers: List[str]) -> None:
     """target.providers against this onnxruntime build: a name it does not know is a recipe error; a
@@ -69,24 +43,19 @@ def check_providers(providers: List[str]) -> None:
         raise BuildError(f"target.providers: {', '.join(missing)} not available in this onnxruntime "
                          f"{ort.__version__} build (available: {', '.join(available)}) -- {fix}")
 
-
 def provider_list(providers: List[str], provider_options: Optional[Dict[str, Dict]] = None) -> List:
     """ORT's providers argument: a name, or (name, options) where the recipe gives options for it."""
     opts = provider_options or {}
     return [(p, dict(opts[p])) if opts.get(p) else p for p in providers]
 
-
 def create_session(model_path: Path, providers: List[str], opt_level: str = "all", threads: Optional[int] = None,
                    optimized_path: Optional[Path] = None, record_placement: bool = False,
                    provider_options: Optional[Dict[str, Dict]] = None):
     """InferenceSession that fails loudly when the first requested provider is not the one in use."""
-    import onnxruntime as ort
-
     check_providers(list(providers))
-    so = session_options(opt_level, threads, optimized_path, record_placement)
     try:
-        sess = ort.InferenceSession(str(model_path), sess_options=so,
-                                    providers=provider_list(list(providers), provider_options))
+        sess = ort_session(model_path, provider_list(list(providers), provider_options), opt_level, threads,
+                           optimized_path, record_placement)
     except Exception as e:
         raise BuildError(f"onnxruntime cannot load {Path(model_path).name}: {str(e).splitlines()[0]}") from e
     used = sess.get_providers()
@@ -94,23 +63,6 @@ def create_session(model_path: Path, providers: List[str], opt_level: str = "all
         raise BuildError(f"target.providers: asked for {providers[0]} but the session runs {used}: "
                          "onnxruntime fell back silently (no GPU, or a provider library failed to load)")
     return sess
-
-
-def node_placement(sess) -> Dict[str, Dict[str, int]]:
-    """provider -> op type -> node count, from ORT's graph assignment record."""
-    out: Dict[str, Dict[str, int]] = {}
-    try:
-        info = sess.get_provider_graph_assignment_info()
-    except Exception:  # older ORT: no record
-        return out
-    for sub in info:
-        ep = getattr(sub, "ep_name", None) or str(sub)
-        for node in getattr(sub, "get_nodes", lambda: [])():
-            op = getattr(node, "op_type", "?")
-            out.setdefault(ep, {})
-            out[ep][op] = out[ep].get(op, 0) + 1
-    return out
-
 
 class OrtTarget(Target):
     name = "ort"
@@ -188,14 +140,7 @@ class OrtTarget(Target):
                               provider_options=engine.info.get("provider_options"))
 
     def predictor(self, engine: Engine, threads: Optional[int] = None):
-        sess = self.session(engine, threads)
-        names = engine.output_names
-
-        def predict(feed):
-            outs = sess.run(names, {k: np.ascontiguousarray(v) for k, v in feed.items()})
-            return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, outs)}
-
-        return predict
+        return session_predictor(self.session(engine, threads), engine.output_names)
 
     def placement(self, engine: Engine):
         return {"providers": list(self.cfg.providers), "nodes": engine.info.get("placement", {})}

@@ -21,7 +21,7 @@ def capabilities(argv: List[str]) -> int:
     return 0
 
 
-DOCTOR_USAGE = ("usage: qcompile doctor path/to/model.onnx [target=ort|trt] [providers=CUDAExecutionProvider,...] "
+DOCTOR_USAGE = ("usage: qcompile doctor path/to/model.onnx [target=ort|trt (a target that runs ONNX)] [providers=CUDAExecutionProvider,...] "
                 "[quantized=true|false] [max_memcpy=N] [min_quantized_fraction=F] [max_constant_bytes=N] "
                 "[input_dependence=true|false] [json=out.json]")
 
@@ -39,6 +39,7 @@ def doctor(argv: List[str]) -> int:
     from compiler.core.errors import RecipeError
     from compiler.core.schema import DoctorConfig
     from compiler.stages.validate import _closest, _typed
+    from targets.base import get_target, target_names
 
     paths = [a for a in argv if "=" not in a]
     if len(paths) != 1 or any(a in ("-h", "--help") for a in argv):
@@ -46,8 +47,11 @@ def doctor(argv: List[str]) -> int:
         return 0 if any(a in ("-h", "--help") for a in argv) else 2
     opts = dict(a.split("=", 1) for a in argv if "=" in a)
     target = opts.pop("target", "ort")
-    if target not in ("ort", "trt"):
-        raise RecipeError("target", f"bad value {target!r}", "use target=ort or target=trt")
+    # the doctor judges ONNX graphs: any target that declares it runs one
+    graph_targets = [t for t in target_names() if get_target(t).capabilities.runs_onnx]
+    if target not in graph_targets:
+        raise RecipeError("target", f"bad value {target!r}",
+                          f"use {' or '.join(f'target={t}' for t in graph_targets)} (the targets that run an ONNX graph)")
     providers = [p.strip() for p in opts.pop("providers", "CPUExecutionProvider").strip("[]").split(",") if p.strip()]
     json_out = opts.pop("json", None)
     fields = [f for f in DoctorConfig.__dataclass_fields__ if f != "enabled"]

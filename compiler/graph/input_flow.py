@@ -1,94 +1,124 @@
-"""Input-flow check of an exported graph: two different inputs must give different outputs; if they do
+"""Input-flow check of a graph or engine: two different inputs must give different outputs; if they do
 not, something that should have read the input was evaluated at export time and baked into a Constant
-(e.g. a CUDA-only custom op such as fast_hadamard_transform traced eagerly)."""
+(e.g. a CUDA-only custom op such as fast_hadamard_transform traced eagerly). The one check behind both
+the export stage (raises) and the input_dependence guard rail (reports)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from compiler.core.errors import BuildError
+from compiler.runners.sessions import cpu_predictor, cpu_runner_kind, needs_reference_runner
+
+__all__ = ["MESSAGE", "check_input_flow", "compare", "feeds_for_graph", "needs_reference_runner", "probe",
+           "token_feeds"]
 
 MESSAGE = "output does not depend on input: an op was baked into a Constant during export"
+BATCH, SEQ = 2, 16
+RUNNER_LABEL = {"ort": "onnxruntime", "reference": "reference"}
+
+ONNX_TO_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
+                 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+Feed = Dict[str, np.ndarray]
 
 
-def needs_reference_runner(model) -> bool:
-    """Graphs ONNX Runtime's CPU provider cannot run: TensorRT custom ops, FLOAT4E2M1 tensors."""
-    from onnx import TensorProto
-
-    if any(n.domain not in ("", "ai.onnx", "com.microsoft") for n in model.graph.node):
-        return True
-    fp4 = getattr(TensorProto, "FLOAT4E2M1", None)
-    return fp4 is not None and any(t.data_type == fp4 for t in model.graph.initializer)
-
-
-def predictor(onnx_path: Path, model=None) -> Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]:
-    """ORT for standard graphs, compiler.runners.reference for TensorRT-flavoured ones."""
-    import onnx
-
-    model = model if model is not None else onnx.load(str(onnx_path), load_external_data=False)
-    if needs_reference_runner(model):
-        from compiler.runners.reference import reference_predictor
-
-        return reference_predictor(onnx_path)
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in sess.get_inputs()]
-    names = [o.name for o in sess.get_outputs()]
-    return lambda feed: dict(zip(names, sess.run(names, {k: feed[k] for k in inputs})))
-
-
-def two_feeds(input_names: List[str], vocab: int, batch: int = 2, seq: int = 16) -> List[Dict[str, np.ndarray]]:
-    """Two valid token feeds that differ in their token ids (same mask and token types)."""
-    from compiler.core.feeds import synthetic_feed
-
-    a = synthetic_feed(input_names, batch, seq, vocab=vocab, seed=1)
-    b = synthetic_feed(input_names, batch, seq, vocab=vocab, seed=2)
-    return [a, b]
-
-
-def _vocab(model, default: int = 30522) -> int:
-    """Rows of the table the token ids index (Gather(initializer, input_ids)), to keep ids in range."""
+def _vocab_size(model, input_name: str) -> Optional[int]:
+    """Rows of the embedding table an integer input indexes (Gather(table, input)), if any."""
     inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
-        if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == "input_ids" and n.input[0] in inits:
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == input_name and n.input[0] in inits:
             return int(inits[n.input[0]].dims[0])
-    return default
+    return None
 
 
-def constant_outputs(out_a: Dict[str, np.ndarray], out_b: Dict[str, np.ndarray]) -> List[str]:
-    """Float outputs that came back bit-identical for the two feeds."""
-    same = []
-    for name, a in out_a.items():
-        a, b = np.asarray(a), np.asarray(out_b[name])
-        if a.dtype.kind == "f" and a.shape == b.shape and np.array_equal(a, b):
-            same.append(name)
-    return same
+def feeds_for_graph(model, seeds=(1, 2)) -> List[Feed]:
+    """Two feeds that differ, shaped from the graph's inputs (symbolic dims: batch 2, length 16).
+    Token ids stay inside the embedding table; masks stay all ones, token types zeros, so both
+    feeds are valid inputs and differ only in content."""
+    init_names = {t.name for t in model.graph.initializer}
+    feeds = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        feed = {}
+        for vi in model.graph.input:
+            if vi.name in init_names:
+                continue
+            tt = vi.type.tensor_type
+            dims = [d.dim_value if d.dim_value > 0 else (BATCH if i == 0 else SEQ)
+                    for i, d in enumerate(tt.shape.dim)]
+            dtype = ONNX_TO_NUMPY.get(tt.elem_type, np.float32)
+            lname = vi.name.lower()
+            if np.issubdtype(dtype, np.floating):
+                feed[vi.name] = rng.standard_normal(dims).astype(dtype)
+            elif dtype == np.bool_:
+                feed[vi.name] = np.ones(dims, dtype=dtype) if "mask" in lname else rng.integers(0, 2, dims).astype(dtype)
+            elif "mask" in lname:
+                feed[vi.name] = np.ones(dims, dtype=dtype)
+            elif "type" in lname or "segment" in lname or "position" in lname:
+                feed[vi.name] = np.zeros(dims, dtype=dtype)
+            else:
+                high = _vocab_size(model, vi.name) or 100
+                feed[vi.name] = rng.integers(1, max(high, 2), size=dims).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def token_feeds(input_names: List[str], vocab: int = 30522) -> List[Feed]:
+    """Two valid tokenized feeds for a qcompile model without a graph (the torch target's module)."""
+    from compiler.core.feeds import synthetic_feed
+
+    return [synthetic_feed(input_names, BATCH, SEQ, vocab=vocab, seed=s) for s in (1, 2)]
+
+
+def compare(out_a: Feed, out_b: Feed) -> Dict[str, object]:
+    """Pure comparison of the outputs for two different feeds: float outputs that came back bit-identical
+    (constant_outputs), integer ones (unchanged_int_outputs), and each output's largest change."""
+    constant, int_same, diffs = [], [], {}
+    for name in out_a:
+        a, b = np.asarray(out_a[name]), np.asarray(out_b[name])
+        same = a.shape == b.shape and np.array_equal(a, b)
+        if a.shape == b.shape and a.size and np.issubdtype(a.dtype, np.number):
+            diffs[name] = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+        if same:
+            (constant if np.issubdtype(a.dtype, np.floating) else int_same).append(name)
+    return {"outputs": len(out_a), "constant_outputs": constant, "unchanged_int_outputs": int_same,
+            "max_abs_change": diffs, "min_max_abs_change": min(diffs.values()) if diffs else 0.0}
+
+
+def probe(onnx_path: Optional[Path] = None, predict: Optional[Callable[[Feed], Feed]] = None,
+          input_names: Optional[List[str]] = None) -> Tuple[Dict[str, object], str]:
+    """Run two different feeds and compare: (compare()'s numbers, the runner that ran them). With a
+    graph the feeds are shaped from its inputs and, unless an engine's `predict` is given, the CPU
+    runner that can execute it runs them (compiler.runners.sessions); without a graph, `predict` gets
+    token feeds for `input_names`."""
+    if onnx_path is None:
+        if predict is None:
+            raise ValueError("input flow: neither a graph nor a predictor")
+        feed_a, feed_b = token_feeds(list(input_names or []))
+        runner = "engine"
+    else:
+        import onnx
+
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        feed_a, feed_b = feeds_for_graph(model)
+        if predict is None:
+            kind = cpu_runner_kind(model)
+            predict, runner = cpu_predictor(Path(onnx_path), kind=kind), RUNNER_LABEL[kind]
+        else:
+            runner = "engine"
+    return compare(predict(feed_a), predict(feed_b)), runner
 
 
 def check_input_flow(onnx_path: Path, input_names: Optional[List[str]] = None,
                      predict: Optional[Callable] = None) -> Dict[str, object]:
     """Raise BuildError when any float output is identical for two different inputs; else return the
     numbers (runner used, smallest max change over outputs)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    init = {t.name for t in model.graph.initializer}
-    names = input_names or [i.name for i in model.graph.input if i.name not in init]
-    runner = "reference" if needs_reference_runner(model) else "onnxruntime"
-    predict = predict or predictor(onnx_path, model)
-    feed_a, feed_b = two_feeds(names, _vocab(model))
-    out_a, out_b = predict(feed_a), predict(feed_b)
-    same = constant_outputs(out_a, out_b)
+    numbers, runner = probe(onnx_path, predict, input_names)
+    same = numbers["constant_outputs"]
     if same:
         raise BuildError(f"{MESSAGE} (output(s) {', '.join(same)} identical for two different inputs; "
                          f"checked with {runner} on {Path(onnx_path).name})")
-    change = {n: float(np.max(np.abs(np.asarray(out_a[n], np.float64) - np.asarray(out_b[n], np.float64))))
-              for n in out_a if np.asarray(out_a[n]).dtype.kind == "f"}
-    return {"runner": runner, "outputs": len(out_a), "min_max_abs_change": min(change.values()) if change else 0.0}
+    return {"runner": runner, "outputs": numbers["outputs"], "min_max_abs_change": numbers["min_max_abs_change"]}

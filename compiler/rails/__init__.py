@@ -1,5 +1,9 @@
 """Guard rails: one module per dead end that people hit by hand, each a pure check over a graph, an
-engine or a report, returning one result dict {"rail", "status", "message", ...numbers}."""
+engine or a report, returning one result dict {"rail", "status", "message", ...numbers}.
+
+Each rail module declares `NAME`, `run(ctx)`, and the targets it applies to as a question on their
+declared capabilities: `applies_to(caps) -> bool` with `APPLIES_TO`, the same in words for the skip
+message. The doctor runs a rail only where it applies; no rail compares target names."""
 
 from __future__ import annotations
 
@@ -7,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from compiler.core.capabilities import TargetCapabilities
 from compiler.graph.io import PROTOBUF_LIMIT
 
 PASSED, WARNED, FAILED, SKIPPED = "passed", "warned", "failed", "skipped"
 ORDER = (PASSED, SKIPPED, WARNED, FAILED)  # worst last
 
 # The order rails appear in the report and in `qcompile doctor`.
-RAIL_NAMES = ("shape_inference", "size", "fp16_types", "coverage", "memcpy", "provider_fallback", "input_dependence")
+RAIL_NAMES = ("shape_inference", "size", "fp16_types", "coverage", "memcpy", "provider_fallback", "input_dependence",
+              "trt_explicit_quant")
 
 
 def result(rail: str, status: str, message: str, **numbers: Any) -> Dict[str, Any]:
@@ -29,7 +35,7 @@ def worst(statuses) -> str:
 class RailContext:
     """What the rails may look at. A build fills it from its artifacts; `qcompile doctor` from a file."""
 
-    target: str  # "ort" | "trt" | "torch"
+    target: TargetCapabilities  # what the target declares it can do (targets/<runtime>.py)
     config: Any  # compiler.core.schema.DoctorConfig
     onnx_path: Optional[Path] = None  # the graph the target was lowered from (None: torch target)
     providers: List[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
@@ -74,3 +80,15 @@ def first_line(err: BaseException | str, limit: int = 300) -> str:
     text = str(err).strip()
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__ if isinstance(err, BaseException) else "")
     return line[:limit]
+
+
+def applies(rail, caps: TargetCapabilities) -> bool:
+    """Does the rail module's declaration (`applies_to`) cover this target? Rails without one apply to all."""
+    check = getattr(rail, "applies_to", None)
+    return True if check is None else bool(check(caps))
+
+
+def not_applicable(rail, caps: TargetCapabilities) -> Dict[str, Any]:
+    """The skipped row of a rail that does not apply to the target, saying why in the rail's own words."""
+    return result(rail.NAME, SKIPPED, f"applies to {getattr(rail, 'APPLIES_TO', 'other targets')}; "
+                  f"target={caps.name} is not one")

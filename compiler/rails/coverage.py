@@ -9,6 +9,13 @@ from typing import Dict, Optional
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, result
 
 NAME = "coverage"
+APPLIES_TO = "every target (the ONNX graph, or the torch module)"
+
+
+def applies_to(caps) -> bool:
+    return True
+
+
 FLOAT_COMPUTE = {"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv"}
 QUANTIZED_COMPUTE = {"QLinearMatMul", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearConv",
                      "ConvInteger", "QGemm", "MatMulIntegerToFloat", "QAttention", "QOrderedMatMul", "MatMulBnb4"}

@@ -6,9 +6,17 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from compiler.runners.sessions import load_error
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, first_line, iter_nodes, result
 
 NAME = "fp16_types"
+APPLIES_TO = "every target (type errors fail where an ONNX Runtime session must load the graph, warn elsewhere)"
+
+
+def applies_to(caps) -> bool:
+    return True
+
+
 FLOAT16 = 10
 
 
@@ -56,19 +64,12 @@ def type_errors(model) -> List[str]:
 
 def ort_loads(onnx_path) -> str:
     """'' when ONNX Runtime's CPU provider builds a session on the graph, else its error."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        return first_line(e)
-    return ""
+    return load_error(onnx_path, opt_level="disable")
 
 
-def judge(fp16: bool, blocked: Dict[str, Any], errors: List[str], load_error: str, target: str) -> Dict:
+def judge(fp16: bool, blocked: Dict[str, Any], errors: List[str], load_error: str, strict: bool) -> Dict:
+    """strict: type errors fail (the graph must load in ONNX Runtime); else they warn (TensorRT's parser
+    types the graph itself)."""
     n_blocked = sum(len(v) if isinstance(v, (list, tuple, dict)) else int(bool(v)) for v in blocked.values())
     numbers = dict(fp16=fp16, kept_fp32=blocked, kept_fp32_count=n_blocked)
     if not fp16:
@@ -78,7 +79,7 @@ def judge(fp16: bool, blocked: Dict[str, Any], errors: List[str], load_error: st
         return result(NAME, FAILED, f"the fp16 graph does not load in ONNX Runtime: {load_error}{kept} -- keep the "
                       "offending subgraph in fp32 (the fp16 step's block list)", **numbers)
     if errors:
-        status = WARNED if target == "trt" else FAILED
+        status = FAILED if strict else WARNED
         return result(NAME, status, f"type errors in the fp16 graph: {errors[0]}{kept}", **numbers)
     return result(NAME, PASSED, f"fp16 graph type-checks and loads{kept}", **numbers)
 
@@ -94,8 +95,8 @@ def run(ctx: RailContext) -> Dict:
     model = ctx.model()
     fp16 = has_fp16(model)
     if not fp16:
-        return judge(False, blocked_from_steps(ctx.steps), [], "", ctx.target)
-    # TensorRT custom ops (trt::) do not load in ORT's CPU provider: only the ort target must load there
-    load_error = ort_loads(ctx.onnx_path) if ctx.target != "trt" else ""
+        return judge(False, blocked_from_steps(ctx.steps), [], "", ctx.target.ort_session)
+    # TensorRT custom ops (trt::) do not load in ORT's CPU provider: only an ORT-session target must load there
+    load_error = ort_loads(ctx.onnx_path) if ctx.target.ort_session else ""
     errors = type_errors(model)  # needs no weights: the structure-only graph is enough
-    return judge(True, blocked_from_steps(ctx.steps), errors, load_error, ctx.target)
+    return judge(True, blocked_from_steps(ctx.steps), errors, load_error, ctx.target.ort_session)

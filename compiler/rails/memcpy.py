@@ -4,14 +4,20 @@ produced a graph that ping-pongs between devices (a dynamo export once got 56 an
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Dict, Optional
 
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, iter_nodes, result
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, iter_nodes, not_applicable, result
 
 NAME = "memcpy"
 MEMCPY_OPS = ("MemcpyToHost", "MemcpyFromHost")
 CPU = "CPUExecutionProvider"
+APPLIES_TO = "targets that run an ONNX Runtime session (TensorRT builds the whole graph on the GPU)"
+
+
+def applies_to(caps) -> bool:
+    return caps.ort_session
 
 
 def count_memcpy(model) -> Dict[str, int]:
@@ -54,10 +60,8 @@ def judge(memcpy: Dict[str, int], cpu_nodes: Dict[str, int], max_memcpy: int, ex
 
 
 def run(ctx: RailContext) -> Dict:
-    if ctx.target == "torch":
-        return result(NAME, SKIPPED, "torch target: no ONNX Runtime graph")
-    if ctx.target == "trt":
-        return result(NAME, SKIPPED, "TensorRT builds the whole graph on the GPU; Memcpy is an ONNX Runtime matter")
+    if not applies_to(ctx.target):
+        return not_applicable(sys.modules[__name__], ctx.target)
     if ctx.optimized_path is None:
         return result(NAME, SKIPPED, f"no optimized graph: {ctx.probe_error or 'ONNX Runtime could not load the model'}")
     import onnx

@@ -4,12 +4,20 @@ session once ran dynamic int8 there and lost half its accuracy."""
 
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Optional
 
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, result
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, not_applicable, result
+from compiler.runners.sessions import node_placement
 
 NAME = "provider_fallback"
 CPU = "CPUExecutionProvider"
+APPLIES_TO = ("targets that run an ONNX Runtime session, and the torch module itself (its parameters' device); "
+              "TensorRT reports which layers run quantized in its own layer report")
+
+
+def applies_to(caps) -> bool:
+    return caps.ort_session or not caps.runs_onnx
 # ops that carry the quantized arithmetic: on the wrong provider they change numbers, not only speed
 QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "QGemm",
@@ -25,10 +33,8 @@ def is_quantized_op(op_type: str) -> bool:
 
 
 def placement_from_session(sess) -> Dict[str, Dict[str, int]]:
-    """provider -> op type -> node count, from a session created with
-    session.record_ep_graph_assignment_info=1 (see targets.ort.session_options)."""
-    from targets.ort import node_placement
-
+    """provider -> op type -> node count, from a session created with record_placement=True
+    (compiler.runners.sessions)."""
     return node_placement(sess)
 
 
@@ -77,10 +83,10 @@ def judge(placement: Dict[str, Dict[str, int]], providers: List[str]) -> Dict:
 
 
 def run(ctx: RailContext) -> Dict:
-    if ctx.target == "torch":
+    if not applies_to(ctx.target):
+        return not_applicable(sys.modules[__name__], ctx.target)
+    if not ctx.target.runs_onnx:
         return _torch(ctx)
-    if ctx.target == "trt":
-        return result(NAME, SKIPPED, "TensorRT: which layers run quantized is in the target's layer report")
     if ctx.provider_error:
         return result(NAME, FAILED, f"{ctx.provider_error} -- install the provider (onnxruntime-gpu on a GPU machine) "
                       "or change target.providers", provider=ctx.providers[0] if ctx.providers else CPU)

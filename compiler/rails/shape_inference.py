@@ -9,6 +9,13 @@ from typing import Dict, Optional, Tuple
 from compiler.rails import PASSED, SKIPPED, WARNED, RailContext, first_line, result
 
 NAME = "shape_inference"
+APPLIES_TO = "targets that run an ONNX graph"
+
+
+def applies_to(caps) -> bool:
+    return caps.runs_onnx
+
+
 
 
 def infer(model) -> Tuple[Optional[object], str, str]:

@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from compiler.core.errors import BuildError
-from compiler.rails import (FAILED, RAIL_NAMES, SKIPPED, WARNED, RailContext, coverage, first_line, fp16_types,
-                            input_dependence, memcpy, provider_fallback, result, shape_inference, size)
+from compiler.core.capabilities import TargetCapabilities
+from compiler.rails import (FAILED, RAIL_NAMES, SKIPPED, WARNED, RailContext, applies, coverage, first_line,
+                            fp16_types, input_dependence, memcpy, not_applicable, provider_fallback, result,
+                            shape_inference, size, trt_explicit_quant)
+from compiler.runners.sessions import node_placement, ort_session
+from targets.base import get_target
 
 log = logging.getLogger("qcompile")
 
 RAILS = {"shape_inference": shape_inference, "size": size, "fp16_types": fp16_types, "coverage": coverage,
-         "memcpy": memcpy, "provider_fallback": provider_fallback, "input_dependence": input_dependence}
+         "memcpy": memcpy, "provider_fallback": provider_fallback, "input_dependence": input_dependence,
+         "trt_explicit_quant": trt_explicit_quant}
 EXPORT_RAILS = ("shape_inference", "size")  # the ones that judge the freshly exported graph
 
 
@@ -37,11 +42,16 @@ def _constant_limit(cfg, export_cfg=None) -> int:
 
 
 def run_rails(ctx: RailContext, names=RAIL_NAMES) -> List[Dict[str, Any]]:
-    """Every rail in order; a rail that throws is reported as failed with its error, never a crash."""
+    """Every rail in order, each only where its declaration (`applies_to`) covers the target; a rail that
+    throws is reported as failed with its error, never a crash."""
     out = []
     for name in names:
+        rail = RAILS[name]
+        if not applies(rail, ctx.target):
+            out.append(not_applicable(rail, ctx.target))
+            continue
         try:
-            out.append(RAILS[name].run(ctx))
+            out.append(rail.run(ctx))
         except Exception as e:
             out.append(result(name, FAILED, f"the rail itself failed: {type(e).__name__}: {first_line(e)}"))
     return out
@@ -71,17 +81,15 @@ def probe_ort(onnx_path: Path, providers: List[str], work_dir: Path) -> Dict[str
     the optimized graph can be saved; placement recorded)."""
     import onnxruntime as ort
 
-    from targets.ort import node_placement, session_options
-
     available = ort.get_available_providers()
     missing = [p for p in providers if p not in available]
     if missing:
         msg = (f"{missing} not available in onnxruntime {ort.__version__} (available: {available})")
         return {"provider_error": msg, "probe_error": msg}
     optimized = Path(work_dir) / (Path(onnx_path).stem + ".optimized.onnx")
-    so = session_options("extended", threads=1, optimized_path=optimized, record_placement=True)
     try:
-        sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=list(providers))
+        sess = ort_session(onnx_path, providers, "extended", threads=1, optimized_path=optimized,
+                           record_placement=True)
     except Exception as e:
         return {"probe_error": f"onnxruntime cannot load {Path(onnx_path).name}: {first_line(e)}"}
     out: Dict[str, Any] = {"optimized_path": optimized, "placement": node_placement(sess)}
@@ -107,7 +115,7 @@ def after_export(onnx_path: Path, spec, report: Dict[str, Any]) -> Path:
     cfg = _config(spec)
     if not cfg.enabled:
         return onnx_path
-    ctx = RailContext(target=spec.target.name, config=cfg, onnx_path=Path(onnx_path),
+    ctx = RailContext(target=capabilities_of(spec.target.name), config=cfg, onnx_path=Path(onnx_path),
                       exporter=spec.export.exporter, constant_limit=_constant_limit(cfg, spec.export))
     results = run_rails(ctx, EXPORT_RAILS)
     for r in results:
@@ -127,15 +135,15 @@ def after_lower(engine, onnx_path, target, spec, report) -> List[Dict[str, Any]]
     cfg = _config(spec)
     if not cfg.enabled:
         return [result("doctor", SKIPPED, "doctor.enabled=false: no guard rail ran")]
-    name = spec.target.name
-    ctx = RailContext(target=name, config=cfg, onnx_path=Path(onnx_path) if onnx_path else None,
+    caps = target.capabilities
+    ctx = RailContext(target=caps, config=cfg, onnx_path=Path(onnx_path) if onnx_path else None,
                       providers=list(getattr(spec.target, "providers", None) or ["CPUExecutionProvider"]),
                       exporter=spec.export.exporter, quantized=_quantized(spec), steps=report.get("steps", {}),
                       input_names=list(engine.input_names), constant_limit=_constant_limit(cfg, spec.export))
-    if name == "torch":
+    if not caps.runs_onnx:  # the torch module itself is the engine
         ctx.module = engine.handle
         ctx.providers = [str(getattr(spec.target, "device", "cpu"))]
-    if name == "ort" and engine.path is not None and Path(engine.path).exists():
+    if caps.ort_session and engine.path is not None and Path(engine.path).exists():
         ctx.optimized_path = Path(engine.path)  # the ort target saved ORT's optimized graph
         ctx.placement = engine.info.get("placement")
     try:
@@ -165,10 +173,16 @@ def _write_doctor_md(report: Dict[str, Any], results: List[Dict[str, Any]]) -> N
 
 # -- on any ONNX file: `qcompile doctor path/to/model.onnx target=ort|trt` ----------------------------
 
-def doctor_file(onnx_path: Path, target: str = "ort", config=None, providers: Optional[List[str]] = None,
+def capabilities_of(target) -> TargetCapabilities:
+    """A target's declared capabilities, from its name (the target's class) or as given."""
+    return target if isinstance(target, TargetCapabilities) else get_target(str(target)).capabilities
+
+
+def doctor_file(onnx_path: Path, target="ort", config=None, providers: Optional[List[str]] = None,
                 quantized: Optional[bool] = None) -> List[Dict[str, Any]]:
-    """Every rail on an ONNX file from anywhere. ORT's optimized graph and placement come from a
-    session on `providers` (default: the CPU)."""
+    """Every rail that applies to `target` (a name or its TargetCapabilities) on an ONNX file from anywhere.
+    ORT's optimized graph and placement come from a session on `providers` (default: the CPU) where the
+    target runs an ONNX Runtime session."""
     import onnx
 
     cfg = config or default_config()
@@ -179,10 +193,11 @@ def doctor_file(onnx_path: Path, target: str = "ort", config=None, providers: Op
         raise BuildError(f"{onnx_path} is not a readable ONNX model: {first_line(e)}") from None
     providers = list(providers or ["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="qcompile-doctor-") as tmp:
-        ctx = RailContext(target=target, config=cfg, onnx_path=onnx_path, providers=providers,
+        caps = capabilities_of(target)
+        ctx = RailContext(target=caps, config=cfg, onnx_path=onnx_path, providers=providers,
                           quantized=quantized if quantized is not None else cfg.quantized,
                           constant_limit=_constant_limit(cfg))
-        if target == "ort":
+        if caps.ort_session:
             for k, v in probe_ort(onnx_path, providers, Path(tmp)).items():
                 setattr(ctx, k, v)
         results = run_rails(ctx)

@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, coverage
 from compiler.core.schema import DoctorConfig
+from compiler.stages.doctor import capabilities_of
 
 
 def _mlp(tmp_path, gemm: bool = True):
@@ -100,7 +101,7 @@ def test_not_quantized_recipe_passes_and_file_mode_judges_from_the_graph(tmp_pat
     assert coverage.judge(counts, quantized=False)["status"] == PASSED
     r = coverage.judge(counts, quantized=None)  # a float file from elsewhere
     assert r["status"] == PASSED and r["quantized_recipe"] is False
-    ctx = RailContext(target="ort", config=DoctorConfig(), onnx_path=_mlp(tmp_path), quantized=True)
+    ctx = RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=_mlp(tmp_path), quantized=True)
     assert coverage.run(ctx)["status"] == FAILED
 
 
@@ -131,7 +132,7 @@ def test_torch_module_counts():
     q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
     counts = coverage.module_counts(q)
     assert counts["compute_ops"] == 2 and counts["quantized_ops"] == 2
-    assert coverage.run(RailContext(target="torch", config=DoctorConfig(), module=q, quantized=True))["status"] == PASSED
+    assert coverage.run(RailContext(target=capabilities_of("torch"), config=DoctorConfig(), module=q, quantized=True))["status"] == PASSED
 
 
 def test_empty_graph_skips_unless_quantized():

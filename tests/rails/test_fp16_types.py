@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, fp16_types
 from compiler.core.schema import DoctorConfig
+from compiler.stages.doctor import capabilities_of
 
 
 def _rotary_like(tmp_path, broken: bool):
@@ -34,7 +35,7 @@ def test_type_clash_fails_with_the_ort_error(tmp_path):
     assert fp16_types.has_fp16(model)
     assert fp16_types.type_errors(model) and "Mul" in fp16_types.type_errors(model)[0]
     assert fp16_types.ort_loads(path)  # ORT's own error text
-    r = fp16_types.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=path))
+    r = fp16_types.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path))
     assert r["status"] == FAILED and "does not load in ONNX Runtime" in r["message"]
     assert "keep the offending subgraph in fp32" in r["message"]
 
@@ -43,7 +44,7 @@ def test_consistent_fp16_graph_passes_and_reports_what_the_step_kept(tmp_path):
     path = _rotary_like(tmp_path, broken=False)
     steps = {"fp16": {"where": "onnx", "blocked_nodes": ["/rotary/Mul", "/rotary/Cast"], "op_block_list": ["Range"]},
              "int8_static": {"blocked_nodes": ["not fp16's"]}}
-    r = fp16_types.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=path, steps=steps))
+    r = fp16_types.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path, steps=steps))
     assert r["status"] == PASSED
     assert r["kept_fp32"] == {"blocked_nodes": ["/rotary/Mul", "/rotary/Cast"], "op_block_list": ["Range"]}
     assert r["kept_fp32_count"] == 3 and "kept in fp32 by the fp16 step: 3" in r["message"]
@@ -61,7 +62,7 @@ def test_real_fp16_conversion_loads(tmp_path):
     fp16 = convert_float_to_float16(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), keep_io_types=True)
     path = tmp_path / "fp16.onnx"
     onnx.save(fp16, str(path))
-    r = fp16_types.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=path))
+    r = fp16_types.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path))
     assert r["status"] == PASSED and r["fp16"] is True
 
 
@@ -72,4 +73,4 @@ def test_fp32_graph_skips(tmp_path):
     g = h.make_graph([h.make_node("Mul", ["x", "cos"], ["y"])], "g", list(m.graph.input), list(m.graph.output),
                      initializer=list(m.graph.initializer))
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), str(path))
-    assert fp16_types.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=path))["status"] == SKIPPED
+    assert fp16_types.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path))["status"] == SKIPPED

@@ -10,6 +10,7 @@ import torch
 
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, input_dependence as dep
 from compiler.core.schema import DoctorConfig
+from compiler.stages.doctor import capabilities_of
 
 
 class Embed(torch.nn.Module):
@@ -42,7 +43,7 @@ def _export(tmp_path, baked: bool, vocab: int = 50):
 
 def test_baked_constant_output_fails(tmp_path):
     path = _export(tmp_path, baked=True)
-    r = dep.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=path))
+    r = dep.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path))
     assert r["status"] == FAILED
     assert r["constant_outputs"] == ["sentence_embedding"]
     assert "sentence_embedding are bit-identical for two different inputs" in r["message"]
@@ -50,7 +51,7 @@ def test_baked_constant_output_fails(tmp_path):
 
 
 def test_live_model_passes(tmp_path):
-    r = dep.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=_export(tmp_path, baked=False)))
+    r = dep.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=_export(tmp_path, baked=False)))
     assert r["status"] == PASSED and r["constant_outputs"] == []
     assert min(r["max_abs_change"].values()) > 1e-3
 
@@ -79,7 +80,7 @@ def test_engine_predictor_is_used_when_given():
         calls.append(feed)
         return {"sentence_embedding": np.zeros((2, 4), np.float32)}  # ignores its input
 
-    ctx = RailContext(target="torch", config=DoctorConfig(), predict=predict,
+    ctx = RailContext(target=capabilities_of("torch"), config=DoctorConfig(), predict=predict,
                       input_names=["input_ids", "attention_mask"])
     r = dep.run(ctx)
     assert r["status"] == FAILED and len(calls) == 2
@@ -87,7 +88,7 @@ def test_engine_predictor_is_used_when_given():
 
 
 def test_switched_off_and_unrunnable_graphs_skip(tmp_path):
-    assert dep.run(RailContext(target="ort", config=DoctorConfig(input_dependence=False)))["status"] == SKIPPED
+    assert dep.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(input_dependence=False)))["status"] == SKIPPED
     from onnx import TensorProto as T
     from onnx import helper as h
 
@@ -95,15 +96,22 @@ def test_switched_off_and_unrunnable_graphs_skip(tmp_path):
                      [h.make_tensor_value_info("x", T.FLOAT, [2])], [h.make_tensor_value_info("y", T.FLOAT, [2])])
     path = tmp_path / "custom.onnx"
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("custom.dom", 1)]), str(path))
-    r = dep.run(RailContext(target="trt", config=DoctorConfig(), onnx_path=path))
+    r = dep.run(RailContext(target=capabilities_of("trt"), config=DoctorConfig(), onnx_path=path))
     assert r["status"] == SKIPPED and "could not run" in r["message"]
 
 
-def test_engineer_c_input_flow_check_is_used_for_token_graphs(tmp_path):
-    """With compiler/graph/input_flow.py present, token-input graphs go through its check_input_flow."""
-    pytest.importorskip("compiler.graph.input_flow")
-    baked = dep.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=_export(tmp_path, True, vocab=2000)))
+def test_the_rail_and_the_export_stage_share_one_check(tmp_path):
+    """The rail and the export stage judge a graph through the same compiler.graph.input_flow check:
+    same verdict, same runner, on a larger vocabulary too."""
+    from compiler.core.errors import BuildError
+    from compiler.graph.input_flow import MESSAGE, check_input_flow
+
+    with pytest.raises(BuildError, match=MESSAGE):
+        check_input_flow(_export(tmp_path, True, vocab=2000))
+    assert check_input_flow(_export(tmp_path, False, vocab=2000))["runner"] == "onnxruntime"
+    baked = dep.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=_export(tmp_path, True, vocab=2000)))
     assert baked["status"] == FAILED and baked["checked_by"] == "compiler.graph.input_flow"
     assert "sentence_embedding" in baked["message"]
-    live = dep.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=_export(tmp_path, False, vocab=2000)))
+    live = dep.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=_export(tmp_path, False, vocab=2000)))
     assert live["status"] == PASSED and live["checked_by"] == "compiler.graph.input_flow"
+    assert live["runner"] == "onnxruntime"

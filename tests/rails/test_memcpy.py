@@ -9,6 +9,7 @@ from onnx import helper as h
 
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, memcpy
 from compiler.core.schema import DoctorConfig
+from compiler.stages.doctor import capabilities_of
 
 
 def planted_graph(n_from: int, n_to: int, in_subgraph: int = 0):
@@ -71,7 +72,7 @@ def test_cpu_placed_nodes_counted_only_under_a_gpu_provider():
 def test_rail_reads_the_optimized_graph_file(tmp_path):
     path = tmp_path / "optimized.onnx"
     onnx.save(planted_graph(n_from=6, n_to=5), str(path))
-    ctx = RailContext(target="ort", config=DoctorConfig(max_memcpy=10), optimized_path=path, exporter="dynamo",
+    ctx = RailContext(target=capabilities_of("ort"), config=DoctorConfig(max_memcpy=10), optimized_path=path, exporter="dynamo",
                       providers=["CUDAExecutionProvider"])
     r = memcpy.run(ctx)
     assert r["status"] == FAILED and r["memcpy_nodes"] == 11
@@ -94,7 +95,7 @@ def test_real_cpu_session_has_no_memcpy(tmp_path):
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), str(src))
     probe = probe_ort(src, ["CPUExecutionProvider"], tmp_path)
     assert Path(probe["optimized_path"]).exists() and not probe.get("provider_error")
-    ctx = RailContext(target="ort", config=DoctorConfig(), optimized_path=probe["optimized_path"],
+    ctx = RailContext(target=capabilities_of("ort"), config=DoctorConfig(), optimized_path=probe["optimized_path"],
                       placement=probe["placement"])
     r = memcpy.run(ctx)
     assert r["status"] == PASSED and r["memcpy_nodes"] == 0 and r["cpu_placed_nodes"] == 0
@@ -102,4 +103,7 @@ def test_real_cpu_session_has_no_memcpy(tmp_path):
 
 @pytest.mark.parametrize("target", ["torch", "trt"])
 def test_not_applicable_targets_skip(target):
-    assert memcpy.run(RailContext(target=target, config=DoctorConfig()))["status"] == SKIPPED
+    from compiler.rails import applies
+
+    assert not applies(memcpy, capabilities_of(target)) and applies(memcpy, capabilities_of("ort"))
+    assert memcpy.run(RailContext(target=capabilities_of(target), config=DoctorConfig()))["status"] == SKIPPED

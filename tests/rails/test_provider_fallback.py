@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, provider_fallback as pf
 from compiler.core.schema import DoctorConfig
+from compiler.stages.doctor import capabilities_of
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -45,7 +46,7 @@ def test_cpu_requested_everything_on_cpu_passes():
 
 
 def test_provider_error_from_the_session_fails():
-    ctx = RailContext(target="ort", config=DoctorConfig(), providers=[CUDA],
+    ctx = RailContext(target=capabilities_of("ort"), config=DoctorConfig(), providers=[CUDA],
                       provider_error="asked for CUDAExecutionProvider but the session runs ['CPUExecutionProvider']")
     r = pf.run(ctx)
     assert r["status"] == FAILED and "session runs" in r["message"]
@@ -86,14 +87,17 @@ def test_torch_target_parameters_on_the_asked_device():
     import torch
 
     m = torch.nn.Linear(4, 4)
-    ok = pf.run(RailContext(target="torch", config=DoctorConfig(), module=m, providers=["cpu"]))
+    ok = pf.run(RailContext(target=capabilities_of("torch"), config=DoctorConfig(), module=m, providers=["cpu"]))
     assert ok["status"] == PASSED and ok["by_device"] == {"cpu": 2}
-    bad = pf.run(RailContext(target="torch", config=DoctorConfig(), module=m, providers=["cuda"]))
+    bad = pf.run(RailContext(target=capabilities_of("torch"), config=DoctorConfig(), module=m, providers=["cuda"]))
     assert bad["status"] == FAILED and "2 parameters not on cuda" in bad["message"]
 
 
 def test_trt_target_skips():
-    assert pf.run(RailContext(target="trt", config=DoctorConfig()))["status"] == SKIPPED
+    from compiler.rails import applies
+
+    assert not applies(pf, capabilities_of("trt")) and applies(pf, capabilities_of("torch"))
+    assert pf.run(RailContext(target=capabilities_of("trt"), config=DoctorConfig()))["status"] == SKIPPED
 
 
 @pytest.mark.parametrize("op,quantized", [("QLinearMatMul", True), ("MatMulNBits", True), ("ConvInteger", True),

@@ -8,6 +8,7 @@ from onnx import helper as h
 
 from compiler.rails import PASSED, WARNED, RailContext, shape_inference as si
 from compiler.core.schema import DoctorConfig
+from compiler.stages.doctor import capabilities_of
 
 
 def _save(tmp_path, nodes, inputs, outputs, value_info=(), name="g.onnx", domains=()):
@@ -19,7 +20,7 @@ def _save(tmp_path, nodes, inputs, outputs, value_info=(), name="g.onnx", domain
 
 
 def _run(path):
-    return si.run(RailContext(target="ort", config=DoctorConfig(), onnx_path=path))
+    return si.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path))
 
 
 def test_wrong_rank_value_info_is_reported_and_worked_around(tmp_path):

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, size
 from compiler.core.schema import DoctorConfig
+from compiler.stages.doctor import capabilities_of
 
 LIMIT = 4000  # stands in for protobuf's 2 GB
 THRESHOLD = 1024  # stands in for export.constant_promote_bytes
@@ -28,7 +29,7 @@ def _graph(as_constant: bool, n: int = 1024):
 
 
 def _ctx(path):
-    return RailContext(target="ort", config=DoctorConfig(), onnx_path=path, constant_limit=THRESHOLD,
+    return RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path, constant_limit=THRESHOLD,
                        proto_limit=LIMIT)
 
 
@@ -80,7 +81,7 @@ def test_constant_in_a_subgraph_is_found():
 
 
 def test_torch_target_skips():
-    assert size.run(RailContext(target="torch", config=DoctorConfig()))["status"] == SKIPPED
+    assert size.run(RailContext(target=capabilities_of("torch"), config=DoctorConfig()))["status"] == SKIPPED
 
 
 def test_engineer_c_promotion_makes_the_rail_pass(tmp_path):
