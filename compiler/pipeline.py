@@ -28,7 +28,7 @@ from compiler.stages.report import write_report
 from compiler.runners.callable import CallableRunner, torch_predictor
 from compiler.steps.base import StepContext
 from compiler.stages.validate import BuildSpec
-from targets.base import Engine, get_target
+from targets.base import BuildInfo, Engine, get_target
 
 log = logging.getLogger("qcompile")
 
@@ -92,7 +92,7 @@ def reference_runner(reference: LoadedModel) -> CallableRunner:
     return CallableRunner(predict, reference.input_names, reference.output_names, name="fp32-reference")
 
 
-def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
+def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
     """One whole build into run_dir (already created). Returns the report; raises GateError when the
     accuracy gate fails (after writing the report), BuildError when a stage fails."""
     import torch
@@ -152,7 +152,8 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
                           "opset": int(export_cfg.opset), "exporter": spec.export.exporter}
 
     with stage("lower", timings):
-        engine: Engine = target.lower(model, onnx_path, run_dir)
+        engine: Engine = target.lower(model, onnx_path, run_dir,
+                                      BuildInfo(model_name=model.name, recipe_name=spec.recipe_name, overrides=overrides))
         report["lower"] = engine.info
         report["placement"] = target.placement(engine)
         # what a target could not do here (e.g. no TensorRT engine without a GPU) is said up front
@@ -171,6 +172,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None) -> Dict[str, Any]:
         with stage("bench", timings):
             report["bench"] = run_bench(lambda: target.predictor(engine, threads=int(spec.bench.threads) or None),
                                         model.input_names, spec.bench, engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}")
+    report["placement"] = target.placement(engine)  # again: what running the engine measured (TensorRT GPU memory)
     shutil.rmtree(work_dir, ignore_errors=True)
 
     failures = report.get("check", {}).get("gate_failures", [])

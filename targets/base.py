@@ -31,6 +31,16 @@ class Engine:
     files: List[Path] = field(default_factory=list)  # every file of the artifact (for size and hashes)
 
 
+@dataclass(frozen=True)
+class BuildInfo:
+    """What a target may know about the build that lowers into it, passed in by the pipeline (targets never
+    read recipe.yaml back or ask Hydra): names for messages and the command that redoes the build."""
+
+    model_name: str = ""
+    recipe_name: str = "<recipe>"
+    overrides: Optional[List[str]] = None  # the command line's overrides (None: not run from the command line)
+
+
 class Target:
     name: ClassVar[str] = ""
     needs_onnx: ClassVar[bool] = True
@@ -48,7 +58,7 @@ class Target:
     def check_environment(self, recipe) -> None:
         """Checks of the machine this build runs on (GPU, libraries), before any model loads."""
 
-    def lower(self, model, onnx_path: Optional[Path], run_dir: Path) -> Engine:
+    def lower(self, model, onnx_path: Optional[Path], run_dir: Path, build_info: Optional[BuildInfo] = None) -> Engine:
         raise NotImplementedError
 
     def predictor(self, engine: Engine, threads: Optional[int] = None) -> Predict:

@@ -93,7 +93,7 @@ class OrtTarget(Target):
         session reuses the engines the lower session built)."""
         out: Dict[str, Dict] = {}
         if "TensorrtExecutionProvider" in self.cfg.providers:
-            from targets.trt import onnx_inputs, profile_shapes, shape_arg
+            from targets.profiles import onnx_inputs, profile_shapes, shape_arg
 
             profiles = profile_shapes(onnx_inputs(onnx_path), self.cfg.min_shapes, self.cfg.opt_shapes,
                                       self.cfg.max_shapes)
@@ -110,7 +110,7 @@ class OrtTarget(Target):
             out.setdefault(p, {}).update(dict(opts))
         return out
 
-    def lower(self, model, onnx_path: Optional[Path], run_dir: Path) -> Engine:
+    def lower(self, model, onnx_path: Optional[Path], run_dir: Path, build_info=None) -> Engine:
         providers = list(self.cfg.providers)
         options = self.provider_options(Path(onnx_path), Path(run_dir))
         compiling = providers[0] in COMPILING_PROVIDERS

@@ -25,7 +25,7 @@ class TorchTarget(Target):
             raise BuildError("target.device=cuda but torch sees no CUDA device "
                              f"(torch {torch.__version__}); use target.device=cpu")
 
-    def lower(self, model, onnx_path: Optional[Path], run_dir: Path) -> Engine:
+    def lower(self, model, onnx_path: Optional[Path], run_dir: Path, build_info=None) -> Engine:
         import torch
 
         module = model.module.to(self.cfg.device)

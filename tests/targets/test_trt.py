@@ -15,7 +15,11 @@ from omegaconf import OmegaConf
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.core.schema import TargetConfig
+from targets import profiles as P
 from targets import trt as T
+from targets import trt_build as B
+from targets import trt_layers as L
+from tests.targets import fake_tensorrt as FT
 from targets import trt_hardware as H
 from tests.conftest import FAST
 
@@ -141,16 +145,16 @@ def test_check_environment_require_without_tensorrt(monkeypatch):
 
 
 def test_shape_ranges_validated():
-    T.validate_shape_ranges(target_cfg())
+    P.validate_shape_ranges(target_cfg())
     with pytest.raises(RecipeError) as e:
-        T.validate_shape_ranges(target_cfg(opt_shapes={"seq": 1024}))
+        P.validate_shape_ranges(target_cfg(opt_shapes={"seq": 1024}))
     assert str(e.value) == ("target.opt_shapes.seq: min 1 <= opt 1024 <= max 512 does not hold -- choose "
                             "target.min_shapes.seq <= target.opt_shapes.seq <= target.max_shapes.seq")
     with pytest.raises(RecipeError) as e:
-        T.validate_shape_ranges(target_cfg(max_shapes={"tokens": 4}))
+        P.validate_shape_ranges(target_cfg(max_shapes={"tokens": 4}))
     assert str(e.value) == "target.max_shapes.tokens: unknown axis -- the profile axes are batch and seq"
     with pytest.raises(RecipeError) as e:
-        T.validate_shape_ranges(target_cfg(min_quantized_layer_fraction=1.5))
+        P.validate_shape_ranges(target_cfg(min_quantized_layer_fraction=1.5))
     assert str(e.value).startswith("target.min_quantized_layer_fraction: must be in [0, 1], got 1.5")
 
 
@@ -158,15 +162,15 @@ def test_shape_ranges_validated():
 
 def test_profile_shapes_cover_every_input():
     inputs = [("input_ids", ["batch", "seq"]), ("attention_mask", ["s0", "s1"]), ("pixel_scale", [1, 3])]
-    prof = T.profile_shapes(inputs, {"batch": 1, "seq": 16}, {"batch": 8, "seq": 128}, {"batch": 64, "seq": 512})
+    prof = P.profile_shapes(inputs, {"batch": 1, "seq": 16}, {"batch": 8, "seq": 128}, {"batch": 64, "seq": 512})
     assert prof == {
         "input_ids": {"min": [1, 16], "opt": [8, 128], "max": [64, 512]},
         "attention_mask": {"min": [1, 16], "opt": [8, 128], "max": [64, 512]},
         "pixel_scale": {"min": [1, 3], "opt": [1, 3], "max": [1, 3]},
     }
-    assert T.shape_arg(prof, "max") == "input_ids:64x512,attention_mask:64x512,pixel_scale:1x3"
+    assert P.shape_arg(prof, "max") == "input_ids:64x512,attention_mask:64x512,pixel_scale:1x3"
     with pytest.raises(BuildError) as e:
-        T.profile_shapes([("x", ["batch", "seq", "channels"])], {"batch": 1, "seq": 1}, {"batch": 1, "seq": 1},
+        P.profile_shapes([("x", ["batch", "seq", "channels"])], {"batch": 1, "seq": 1}, {"batch": 1, "seq": 1},
                          {"batch": 1, "seq": 1})
     assert "input x: dynamic dimension 2 ('channels') is neither batch nor seq" in str(e.value)
 
@@ -178,21 +182,21 @@ def test_profile_from_exported_graph(tiny_bert, tmp_path):
     path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "m.onnx",
                        ExportConfig())
     cfg = target_cfg()
-    prof = T.profile_shapes(T.onnx_inputs(path), cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
+    prof = P.profile_shapes(P.onnx_inputs(path), cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
     assert list(prof) == list(tiny_bert.input_names)
     assert all(p == {"min": [1, 1], "opt": [8, 128], "max": [64, 512]} for p in prof.values())
 
 
 def test_trtexec_and_qcompile_commands():
     prof = {"input_ids": {"min": [1, 1], "opt": [8, 128], "max": [64, 512]}}
-    assert T.trtexec_args("model.onnx", prof, 2048, "timing.cache") == [
+    assert B.trtexec_args("model.onnx", prof, 2048, "timing.cache") == [
         "trtexec", "--onnx=model.onnx", "--stronglyTyped", "--minShapes=input_ids:1x1", "--optShapes=input_ids:8x128",
         "--maxShapes=input_ids:64x512", "--memPoolSize=workspace:2048M", "--timingCacheFile=timing.cache",
         "--profilingVerbosity=detailed", "--exportLayerInfo=engine.layers.json", "--saveEngine=engine.plan"]
-    assert T.qcompile_args(["model=tiny_bert", "recipe=int8", "target=trt", "target.build_engine=false",
+    assert B.qcompile_args(["model=tiny_bert", "recipe=int8", "target=trt", "target.build_engine=false",
                             "data.seq_len=32"], "x", "y") == [
         "qcompile", "model=tiny_bert", "recipe=int8", "target=trt", "data.seq_len=32", "target.build_engine=require"]
-    assert T.qcompile_args(None, "minilm", "fp8") == ["qcompile", "model=minilm", "recipe=fp8", "target=trt",
+    assert B.qcompile_args(None, "minilm", "fp8") == ["qcompile", "model=minilm", "recipe=fp8", "target=trt",
                                                        "target.build_engine=require"]
 
 
@@ -239,11 +243,11 @@ SAMPLE = {
     ("Row major linear Int64 format", "index"), ("Row major linear Int32", "index"), ("Int4", "int4"), ("", None),
 ])
 def test_dtype_class(text, cls):
-    assert T.dtype_class(text) == cls
+    assert L.dtype_class(text) == cls
 
 
 def test_summarize_layers_counts_precisions():
-    s = T.summarize_layers(json.dumps(SAMPLE))
+    s = L.summarize_layers(json.dumps(SAMPLE))
     kinds = {l["name"]: (l["kind"], l["precision"]) for l in s["per_layer"]}
     assert kinds["/embeddings/word_embeddings/Gather"] == ("data", "fp32")  # int64 ids in, floats out
     assert kinds["/encoder/layer.0/attention/self/query/input_quantizer/QuantizeLinear"] == ("qdq", "fp16")
@@ -263,33 +267,33 @@ def test_summarize_layers_counts_precisions():
 def _with_gemm_precisions(*fmts):
     layers = [{"Name": f"/l{i}/MatMul", "LayerType": "CaskGemmMatrixMultiply", "Inputs": [_t("x", f)],
                "Outputs": [_t("y", "Half")]} for i, f in enumerate(fmts)]
-    return T.summarize_layers({"Layers": layers})
+    return L.summarize_layers({"Layers": layers})
 
 
 def test_verdict_warns_when_quantized_recipe_stays_high_precision():
     s = _with_gemm_precisions("Int8", "Half", "Half", "Row major linear FP32")
-    level, msg = T.quantization_verdict(s, graph_quantized=True, min_fraction=0.0)
+    level, msg = L.quantization_verdict(s, graph_quantized=True, min_fraction=0.0)
     assert level == "warn"
     assert msg.startswith("quantized recipe, but 1 of 4 matmul/conv layers run quantized (25%); high precision: "
                           "2 in fp16, 1 in fp32: TensorRT kept most of them in high precision")
     # the same engine from an fp16 recipe (no Q/DQ in the graph) is fine
-    assert T.quantization_verdict(s, graph_quantized=False, min_fraction=0.0)[0] == "ok"
+    assert L.quantization_verdict(s, graph_quantized=False, min_fraction=0.0)[0] == "ok"
 
 
 def test_verdict_fails_below_recipe_threshold():
     s = _with_gemm_precisions("Int8", "FP8", "Half")
-    level, msg = T.quantization_verdict(s, graph_quantized=True, min_fraction=0.9)
+    level, msg = L.quantization_verdict(s, graph_quantized=True, min_fraction=0.9)
     assert level == "fail"
     assert msg.startswith("2 of 3 matmul/conv layers run quantized (67%); high precision: 1 in fp16: below "
                           "target.min_quantized_layer_fraction=0.9")
-    assert T.quantization_verdict(s, graph_quantized=True, min_fraction=0.6) == (
+    assert L.quantization_verdict(s, graph_quantized=True, min_fraction=0.6) == (
         "ok", "2 of 3 matmul/conv layers run quantized (67%); high precision: 1 in fp16")
 
 
 def test_verdict_without_detailed_layer_info():
-    s = T.summarize_layers({"Layers": ["Reformatting CopyNode for Input Tensor 0", "q_proj + bias"]})
+    s = L.summarize_layers({"Layers": ["Reformatting CopyNode for Input Tensor 0", "q_proj + bias"]})
     assert s["detailed"] is False and s["quantized_layer_fraction"] is None
-    level, msg = T.quantization_verdict(s, graph_quantized=True, min_fraction=0.5)
+    level, msg = L.quantization_verdict(s, graph_quantized=True, min_fraction=0.5)
     assert level == "fail" and "cannot be checked: per-layer precision unknown: the engine was built without " \
                                "detailed profiling verbosity" in msg
 
@@ -308,131 +312,20 @@ def test_graph_quantization(tmp_path):
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("trt", 1)])
     onnx.save(model, tmp_path / "q.onnx")
-    g = T.graph_quantization(tmp_path / "q.onnx")
+    g = L.graph_quantization(tmp_path / "q.onnx")
     assert g == {"qdq_nodes": 4, "qdq_ops": {"DequantizeLinear": 1, "QuantizeLinear": 1, "TRT_FP8DequantizeLinear": 1,
                                              "TRT_FP8QuantizeLinear": 1},
                  "custom_ops": ["trt::TRT_FP8DequantizeLinear", "trt::TRT_FP8QuantizeLinear"]}
-    assert T.onnx_inputs(tmp_path / "q.onnx") == [("x", ["batch", 4])]
+    assert P.onnx_inputs(tmp_path / "q.onnx") == [("x", ["batch", 4])]
 
 
 # --- the engine build, against a recording stand-in of TensorRT's Python API -----------------------
-# Not TensorRT: it records which API calls build_engine makes with which values (the network flag, the
-# pool limit, the profile, the timing cache round trip) so that logic is tested here; the real API is
-# exercised by the gpu tests below.
+# tests/targets/fake_tensorrt.py: not TensorRT; it records which calls Polygraphy's loaders make for
+# build_engine with which values (the network flag, the pool limit, the profile, the timing cache round
+# trip) so that logic is tested here; the real API is exercised by the gpu tests below.
 
-def _fake_tensorrt(calls, strongly_typed=True, parse_ok=True, inputs=("input_ids", "attention_mask")):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.13.0.35"
-
-    class Logger:
-        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-    class ILogger:
-        def __init__(self):
-            pass
-
-    trt.Logger, trt.ILogger = Logger, ILogger
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(**({"STRONGLY_TYPED": 0} if strongly_typed else {}))
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
-    trt.LayerInformationFormat = types.SimpleNamespace(JSON="JSON")
-    trt.init_libnvinfer_plugins = lambda logger, ns: calls.append(("init_plugins",))
-
-    class Network:
-        num_inputs = len(inputs)
-
-        def get_input(self, i):
-            return types.SimpleNamespace(name=inputs[i])
-
-    class Cache:
-        def __init__(self, blob):
-            self.blob = bytes(blob)
-
-        def serialize(self):
-            return self.blob + b"+tactics"
-
-    class Config:
-        def __init__(self):
-            self.cache = None
-
-        def set_memory_pool_limit(self, pool, size):
-            calls.append(("pool", pool, size))
-
-        def add_optimization_profile(self, p):
-            calls.append(("profile", dict(p.shapes)))
-            return 0
-
-        def create_timing_cache(self, blob):
-            calls.append(("create_timing_cache", bytes(blob)))
-            return Cache(blob)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-        def __setattr__(self, k, v):
-            if k == "profiling_verbosity":
-                calls.append(("verbosity", v))
-            object.__setattr__(self, k, v)
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, lo, mid, hi):
-            self.shapes[name] = (lo, mid, hi)
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            calls.append(("create_network", flags))
-            return Network()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            return b"PLAN:" + config.cache.blob
-
-    class Error:
-        def __str__(self):
-            return "In node 12 (importFallbackPluginImporter): UNSUPPORTED_NODE: no importer for op TRT_Bogus"
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.num_errors = 0 if parse_ok else 1
-
-        def parse_from_file(self, path):
-            calls.append(("parse_from_file", Path(path).name))
-            return parse_ok
-
-        def get_error(self, i):
-            return Error()
-
-    class Engine:
-        device_memory_size_v2 = 3 << 20
-
-        def create_engine_inspector(self):
-            return types.SimpleNamespace(get_engine_information=lambda fmt: json.dumps(SAMPLE))
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, plan):
-            assert plan.startswith(b"PLAN:")
-            return Engine()
-
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
-    return trt
+def _fake_tensorrt(calls, **kw):
+    return FT.make(calls, sample=SAMPLE, **kw)
 
 
 PROFILES = {"input_ids": {"min": [1, 1], "opt": [8, 128], "max": [64, 512]},
@@ -441,8 +334,8 @@ PROFILES = {"input_ids": {"min": [1, 1], "opt": [8, 128], "max": [64, 512]},
 
 def test_build_engine_calls(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(calls))
-    r = T.build_engine(tmp_path / "model.onnx", PROFILES, 1024, tmp_path / "engine.plan", tmp_path / "timing.cache")
+    FT.install(monkeypatch, _fake_tensorrt(calls))
+    r = B.build_engine(tmp_path / "model.onnx", PROFILES, 1024, tmp_path / "engine.plan", tmp_path / "timing.cache")
     assert ("create_network", 1 << 0) in calls  # strongly typed
     assert ("parse_from_file", "model.onnx") in calls
     assert ("pool", "WORKSPACE", 1024 << 20) in calls
@@ -455,34 +348,34 @@ def test_build_engine_calls(monkeypatch, tmp_path):
     assert r.device_memory_bytes == 3 << 20 and json.loads(r.inspector_json) == SAMPLE
     # a rebuild reuses the cache it wrote: the builder starts from the saved tactics
     calls.clear()
-    r2 = T.build_engine(tmp_path / "model.onnx", PROFILES, 1024, tmp_path / "engine2.plan", tmp_path / "timing2.cache",
+    r2 = B.build_engine(tmp_path / "model.onnx", PROFILES, 1024, tmp_path / "engine2.plan", tmp_path / "timing2.cache",
                         timing_cache_in=tmp_path / "timing.cache")
     assert ("create_timing_cache", b"+tactics") in calls and r2.timing_cache_loaded is True
 
 
 def test_build_engine_tensorrt_without_strongly_typed_flag(monkeypatch, tmp_path):
     calls = []  # a TensorRT where the deprecated flag is gone: always strongly typed, flags 0
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(calls, strongly_typed=False))
-    T.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
+    FT.install(monkeypatch, _fake_tensorrt(calls, strongly_typed=False))
+    B.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
     assert ("create_network", 0) in calls
 
 
 def test_build_engine_errors(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt([], parse_ok=False))
+    FT.install(monkeypatch, _fake_tensorrt([], parse_ok=False))
     with pytest.raises(BuildError) as e:
-        T.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
+        B.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
     assert str(e.value) == ("TensorRT 10.13.0.35's ONNX parser rejected model.onnx: In node 12 "
                             "(importFallbackPluginImporter): UNSUPPORTED_NODE: no importer for op TRT_Bogus")
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt([], inputs=("input_ids", "token_type_ids")))
+    FT.install(monkeypatch, _fake_tensorrt([], inputs=("input_ids", "token_type_ids")))
     with pytest.raises(BuildError) as e:
-        T.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
+        B.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
     assert "TensorRT network inputs ['token_type_ids'] have no optimization profile" in str(e.value)
 
 
 def test_build_engine_without_tensorrt(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    FT.install(monkeypatch, None)  # import tensorrt -> ImportError
     with pytest.raises(BuildError) as e:
-        T.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
+        B.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
     assert str(e.value).startswith("building a TensorRT engine needs the tensorrt package")
     assert "pip install 'qcompile[gpu]'" in str(e.value)
 
@@ -495,7 +388,7 @@ def test_lower_with_recording_tensorrt(monkeypatch, tmp_path, tiny_bert):
     onnx_path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
                             ExportConfig())
     calls = []
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(calls, inputs=tuple(tiny_bert.input_names)))
+    FT.install(monkeypatch, _fake_tensorrt(calls, inputs=tuple(tiny_bert.input_names)))
     _fake_machine(monkeypatch, H100, "10.13.0.35")
     eng = T.TrtTarget(target_cfg(workspace_mb=512)).lower(tiny_bert, onnx_path, tmp_path)
     assert eng.path == tmp_path / "engine.plan" and eng.files == [tmp_path / "engine.plan"]
@@ -521,11 +414,11 @@ def test_build_run_dir_cli(monkeypatch, tmp_path, tiny_bert, capsys):
     export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
                 ExportConfig())
     OmegaConf.save({"recipe": {"name": "fp32"}, "target": {"name": "trt", "workspace_mb": 256}}, tmp_path / "recipe.yaml")
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    FT.install(monkeypatch, None)
     assert T.main(["build", str(tmp_path)]) == 1
     assert "build failed: building a TensorRT engine needs the tensorrt package" in capsys.readouterr().err
     calls = []
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(calls, inputs=tuple(tiny_bert.input_names)))
+    FT.install(monkeypatch, _fake_tensorrt(calls, inputs=tuple(tiny_bert.input_names)))
     assert T.main(["build", str(tmp_path)]) == 0
     assert ("pool", "WORKSPACE", 256 << 20) in calls and ("create_timing_cache", b"") in calls
     assert (tmp_path / "engine.plan").exists() and (tmp_path / "engine.layers.json").exists()
