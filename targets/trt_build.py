@@ -121,11 +121,11 @@ def _tensorrt():
     """TensorRT through Polygraphy's lazy import; a missing package is a BuildError that says what to install."""
     from polygraphy import mod
 
-    trt = mod.lazy_import("tensorrt")
-    if not trt.is_importable():
+    lazy = mod.lazy_import("tensorrt")
+    if not lazy.is_importable():
         raise BuildError("building a TensorRT engine needs the tensorrt package (not importable) -- "
                          "pip install 'qcompile[gpu]' on a machine with an NVIDIA GPU")
-    return trt
+    return lazy
 
 
 def _polygraphy_errors(text: str) -> List[str]:
