@@ -553,3 +553,88 @@ def test_cpu_runner_choice(tmp_path, tiny_bert, monkeypatch):
     assert str(e.value) == ("no engine and no CPU runner for the TensorRT-ready graph: target.cpu_runner=ort: "
                             "onnxruntime cannot run the TensorRT custom ops ['trt::TRT_FP4QDQ'] of this graph -- use "
                             "target.cpu_runner=reference")
+
+
+# --- the timing cache shared by parallel jobs ------------------------------------------------------
+
+def _hold_cache_lock(shared: str, ready, release) -> None:
+    """Another job merging into the shared cache: it holds the lock while the file is half-written."""
+    with B._lock(Path(shared)):
+        Path(shared).write_bytes(b"half")
+        ready.set()
+        release.wait(10)
+        Path(shared).write_bytes(b"complete tactics")
+
+
+def test_run_copy_of_the_shared_timing_cache_waits_for_a_writer(tmp_path):
+    """Two processes: while one rewrites the shared cache under its lock, the other's run copy blocks and
+    then gets the whole new file, never the half-written one (Polygraphy's LockFile is per process)."""
+    import multiprocessing as mp
+    import threading
+
+    shared = tmp_path / "shared.cache"
+    shared.write_bytes(b"old")
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=_hold_cache_lock, args=(str(shared), ready, release))
+    writer.start()
+    try:
+        assert ready.wait(30)
+        got = {}
+        reader = threading.Thread(target=lambda: got.update(path=B.run_timing_cache(shared, tmp_path / "run.cache")))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not (tmp_path / "run.cache").exists()  # blocked on the writer's lock
+        release.set()
+        reader.join(30)
+        assert got["path"] == tmp_path / "run.cache"
+        assert (tmp_path / "run.cache").read_bytes() == b"complete tactics"
+    finally:
+        release.set()
+        writer.join(30)
+    # each job builds from its own copy: a second run gets its own file
+    assert B.run_timing_cache(shared, tmp_path / "run2.cache").read_bytes() == b"complete tactics"
+    assert B.run_timing_cache(None, tmp_path / "run3.cache") == tmp_path / "run3.cache"
+    assert not (tmp_path / "run3.cache").exists()
+
+
+def test_shared_timing_cache_merged_back_under_lock(monkeypatch, tmp_path, tiny_bert):
+    """lower() with target.timing_cache: the build loads its run copy, and merges what it learned into the
+    shared file (TensorRT's combine) instead of overwriting it."""
+    from compiler.core.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+
+    onnx_path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
+                            ExportConfig())
+    shared = tmp_path / "caches" / "shared.cache"
+    shared.parent.mkdir()
+    shared.write_bytes(b"from-another-job+tactics")
+    calls = []
+    FT.install(monkeypatch, _fake_tensorrt(calls, inputs=tuple(tiny_bert.input_names)))
+    _fake_machine(monkeypatch, H100, "10.13.0.35")
+    eng = T.TrtTarget(target_cfg(timing_cache=str(shared))).lower(tiny_bert, onnx_path, tmp_path)
+    assert ("create_timing_cache", b"from-another-job+tactics") in calls  # loaded from the run's copy
+    assert ("combine", b"from-another-job+tactics") in calls  # merged into the shared file, not overwritten
+    assert eng.info["timing_cache"]["reused"] is True and (tmp_path / "timing.cache").exists()
+
+
+def test_build_info_is_passed_in_not_read_back(tmp_path, tiny_bert, monkeypatch):
+    """The recipe name and the command line's overrides come from the pipeline (BuildInfo), not from
+    recipe.yaml on disk or Hydra's global state; lower leaves the engine's info to itself afterwards."""
+    from compiler.core.schema import ExportConfig
+    from compiler.stages.export import export_onnx
+    from targets.base import BuildInfo
+
+    onnx_path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
+                            ExportConfig())
+    _fake_machine(monkeypatch, None, None, "not installed")
+    (tmp_path / "recipe.yaml").write_text("recipe: {name: not_this_one}\n")
+    info = BuildInfo(model_name="tiny_bert", recipe_name="int8_static", overrides=["recipe=int8_static", "target=trt"])
+    T.TrtTarget(target_cfg()).lower(tiny_bert, onnx_path, tmp_path, info)
+    script = (tmp_path / "build_engine.sh").read_text()
+    assert "#   qcompile recipe=int8_static target=trt target.build_engine=require" in script
+    T.TrtTarget(target_cfg()).lower(tiny_bert, onnx_path, tmp_path, BuildInfo(model_name="tiny_bert",
+                                                                             recipe_name="fp8"))
+    assert "#   qcompile model=tiny_bert recipe=fp8 target=trt target.build_engine=require" in (
+        tmp_path / "build_engine.sh").read_text()
+    assert "not_this_one" not in (tmp_path / "build_engine.sh").read_text()
