@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from compiler.core.errors import BuildError, RecipeError
 from compiler.core.capabilities import TargetCapabilities
+from compiler.core.errors import BuildError, RecipeError
 from compiler.runners.sessions import node_placement, ort_session, session_predictor
 from targets.base import Engine, Target
 

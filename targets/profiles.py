@@ -3,8 +3,9 @@ an ONNX graph's inputs, for TensorRT engines and ONNX Runtime's TensorRT executi
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 from compiler.core.errors import BuildError, RecipeError
 
@@ -41,7 +42,7 @@ def validate_shape_ranges(cfg) -> None:
                           "e.g. 0.5 (fail when fewer than half the matmul layers run quantized), 0 to only warn")
 
 
-def onnx_inputs(onnx_path: Path) -> List[Tuple[str, List[Any]]]:
+def onnx_inputs(onnx_path: Path) -> list[tuple[str, list[Any]]]:
     """(name, dims) of the graph's real inputs; a dim is an int, a dim_param name or None."""
     import onnx
 
@@ -51,7 +52,7 @@ def onnx_inputs(onnx_path: Path) -> List[Tuple[str, List[Any]]]:
     for vi in model.graph.input:
         if vi.name in init:
             continue
-        dims: List[Any] = []
+        dims: list[Any] = []
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_value"):
                 dims.append(int(d.dim_value))
@@ -63,7 +64,7 @@ def onnx_inputs(onnx_path: Path) -> List[Tuple[str, List[Any]]]:
     return out
 
 
-def _axis_of(index: int, dim: Any) -> Optional[str]:
+def _axis_of(index: int, dim: Any) -> str | None:
     if isinstance(dim, str):
         low = dim.lower()
         for axis in AXES:
@@ -73,14 +74,14 @@ def _axis_of(index: int, dim: Any) -> Optional[str]:
     return AXES[index] if index < len(AXES) else None
 
 
-def profile_shapes(inputs: Sequence[Tuple[str, Sequence[Any]]], min_shapes: Mapping[str, int],
-                   opt_shapes: Mapping[str, int], max_shapes: Mapping[str, int]) -> Dict[str, Dict[str, List[int]]]:
+def profile_shapes(inputs: Sequence[tuple[str, Sequence[Any]]], min_shapes: Mapping[str, int],
+                   opt_shapes: Mapping[str, int], max_shapes: Mapping[str, int]) -> dict[str, dict[str, list[int]]]:
     """One optimization profile for every input: {input: {min: [..], opt: [..], max: [..]}}; fixed dims
     stay as they are, dynamic ones take the recipe's batch / seq range."""
     src = {"min": min_shapes, "opt": opt_shapes, "max": max_shapes}
-    out: Dict[str, Dict[str, List[int]]] = {}
+    out: dict[str, dict[str, list[int]]] = {}
     for name, dims in inputs:
-        shapes: Dict[str, List[int]] = {w: [] for w in WHICH}
+        shapes: dict[str, list[int]] = {w: [] for w in WHICH}
         for i, d in enumerate(dims):
             if isinstance(d, int) and d > 0:
                 for w in WHICH:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
 from compiler.runners.callable import torch_predictor
-from compiler.core.capabilities import TargetCapabilities
 from targets.base import Engine, Target
 
 

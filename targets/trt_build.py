@@ -9,13 +9,23 @@ import logging
 import re
 import shlex
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 from compiler.core.errors import BuildError
-from targets.profiles import onnx_inputs, profile_shapes, shape_arg, validate_shape_ranges
-from targets.trt_layers import graph_quantization, quantization_verdict, summarize_layers
+from targets.profiles import (
+    onnx_inputs,
+    profile_shapes,
+    shape_arg,
+    validate_shape_ranges,
+)
+from targets.trt_layers import (
+    graph_quantization,
+    quantization_verdict,
+    summarize_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +36,7 @@ SCRIPT = "build_engine.sh"
 
 
 def trtexec_args(onnx_name: str, profiles, workspace_mb: int, timing_cache: str, plan: str = PLAN,
-                 layers: str = LAYERS) -> List[str]:
+                 layers: str = LAYERS) -> list[str]:
     """The trtexec equivalent of build_engine(): same network flag, profiles, pool limit, cache."""
     args = ["trtexec", f"--onnx={onnx_name}",
             # TensorRT 11 builds every network strongly typed and ignores the flag; 10.x needs it
@@ -39,7 +49,7 @@ def trtexec_args(onnx_name: str, profiles, workspace_mb: int, timing_cache: str,
     return args
 
 
-def qcompile_args(overrides: Optional[Sequence[str]], model_name: str, recipe_name: str) -> List[str]:
+def qcompile_args(overrides: Sequence[str] | None, model_name: str, recipe_name: str) -> list[str]:
     """The qcompile command that redoes this build with the engine required (on a GPU machine)."""
     if overrides is None:
         overrides = [f"model={model_name}", f"recipe={recipe_name}", "target=trt"]
@@ -83,8 +93,8 @@ class BuildResult:
     inspector_json: str
     build_s: float
     tensorrt: str
-    device_memory_bytes: Optional[int]
-    warnings: List[str] = field(default_factory=list)
+    device_memory_bytes: int | None
+    warnings: list[str] = field(default_factory=list)
 
 
 def _lock(path: Path):
@@ -94,7 +104,7 @@ def _lock(path: Path):
     return LockFile(str(path))
 
 
-def run_timing_cache(shared: Optional[Path], run_cache: Path) -> Path:
+def run_timing_cache(shared: Path | None, run_cache: Path) -> Path:
     """This run's own timing cache: a copy of the configured (shared) cache taken under its lock, so a
     parallel job that is merging into the shared file is never read half-written. Returns run_cache."""
     run_cache = Path(run_cache)
@@ -128,15 +138,15 @@ def _tensorrt():
     return lazy
 
 
-def _polygraphy_errors(text: str) -> List[str]:
+def _polygraphy_errors(text: str) -> list[str]:
     """The [E] lines Polygraphy logged (TensorRT's parser and builder errors), without colour codes."""
     clean = re.sub(r"\x1b\[[0-9;]*m", "", text)
     return [ln.split("[E]", 1)[1].strip() for ln in clean.splitlines() if "[E]" in ln and ln.split("[E]", 1)[1].strip()]
 
 
 def build_engine(onnx_path: Path, profiles: Mapping[str, Mapping[str, Sequence[int]]], workspace_mb: int,
-                 plan_path: Path, timing_cache_out: Path, timing_cache_in: Optional[Path] = None,
-                 shared_timing_cache: Optional[Path] = None) -> BuildResult:
+                 plan_path: Path, timing_cache_out: Path, timing_cache_in: Path | None = None,
+                 shared_timing_cache: Path | None = None) -> BuildResult:
     """ONNX -> strongly typed network -> engine plan through Polygraphy's loaders (NetworkFromOnnxPath,
     CreateConfig, EngineFromNetwork, SaveEngine): one optimization profile over every input, a workspace
     pool limit, the timing cache (loaded from timing_cache_in, saved to timing_cache_out, merged into
@@ -145,7 +155,13 @@ def build_engine(onnx_path: Path, profiles: Mapping[str, Mapping[str, Sequence[i
     import contextlib
     import io
 
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        SaveEngine,
+    )
     from polygraphy.exception import PolygraphyException
 
     trt = _tensorrt()
@@ -197,7 +213,7 @@ def build_engine(onnx_path: Path, profiles: Mapping[str, Mapping[str, Sequence[i
                        device_memory_bytes=int(mem) if mem is not None else None, warnings=warnings)
 
 
-def gpu_memory_info() -> Optional[Tuple[int, int]]:
+def gpu_memory_info() -> tuple[int, int] | None:
     """(free, total) bytes on the current CUDA device: torch if it has CUDA, else cuda-python."""
     try:
         import torch
@@ -221,7 +237,7 @@ def gpu_memory_info() -> Optional[Tuple[int, int]]:
 
 
 
-def build_run_dir(run_dir: Path) -> Dict[str, Any]:
+def build_run_dir(run_dir: Path) -> dict[str, Any]:
     """Build engine.plan for a run directory from its model.onnx and recipe.yaml's target section."""
     from omegaconf import OmegaConf
 

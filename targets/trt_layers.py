@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 # Ordered: narrow formats before the wide names they contain (FLOAT8 before FLOAT, UINT8 before INT8).
 _DTYPE_RULES = [
@@ -22,13 +23,13 @@ _DTYPE_RULES = [
 ]
 QUANTIZED_LAYER_PRECISIONS = ("fp4", "int4", "fp8", "int8")
 FLOAT_LAYER_PRECISIONS = ("bf16", "fp16", "fp32")
-_GEMM = re.compile(r"matrixmultiply|matmul|gemm|convolution|fullyconnected|\bconv", re.I)
-_QDQ = re.compile(r"quantize", re.I)
+_GEMM = re.compile(r"matrixmultiply|matmul|gemm|convolution|fullyconnected|\bconv", re.IGNORECASE)
+_QDQ = re.compile(r"quantize", re.IGNORECASE)
 _DATA = re.compile(r"^(reformat|shuffle|noop|constant|shape|slice|concatenation|gather|identity|cast|"
-                   r"resize|padding|fill|scatter|assertion)", re.I)
+                   r"resize|padding|fill|scatter|assertion)", re.IGNORECASE)
 
 
-def dtype_class(text: Optional[str]) -> Optional[str]:
+def dtype_class(text: str | None) -> str | None:
     """Map an inspector format/datatype string ('Row major linear FP32', 'Channel major INT8 format ...',
     'Half', TensorRT 11's separate 'Datatype') to fp4 | int4 | fp8 | int8 | bf16 | fp16 | fp32 | index."""
     if not text:
@@ -40,14 +41,14 @@ def dtype_class(text: Optional[str]) -> Optional[str]:
     return None
 
 
-def tensor_precision(tensor: Mapping[str, Any]) -> Optional[str]:
+def tensor_precision(tensor: Mapping[str, Any]) -> str | None:
     # TensorRT <= 10: "Format/Datatype"; TensorRT 11 split it into "Datatype" and "Format"
     if "Format/Datatype" in tensor:
         return dtype_class(tensor["Format/Datatype"])
     return dtype_class(" ".join(str(tensor[k]) for k in ("Datatype", "Format") if tensor.get(k)))
 
 
-def _pick(classes: Sequence[Optional[str]]) -> Optional[str]:
+def _pick(classes: Sequence[str | None]) -> str | None:
     present = [c for c in classes if c]
     for p in QUANTIZED_LAYER_PRECISIONS + FLOAT_LAYER_PRECISIONS:
         if p in present:
@@ -55,7 +56,7 @@ def _pick(classes: Sequence[Optional[str]]) -> Optional[str]:
     return "index" if present else None
 
 
-def classify_layer(layer: Any) -> Dict[str, Any]:
+def classify_layer(layer: Any) -> dict[str, Any]:
     """One inspector layer -> {name, type, kind: gemm | qdq | data | fused | other, precision}.
     A layer's precision is the narrowest format among its inputs and weights (a fused int8 GEMM reads
     int8 and writes fp16/fp32); its outputs decide only when the inputs say nothing."""
@@ -84,7 +85,7 @@ def classify_layer(layer: Any) -> Dict[str, Any]:
     return {"name": name, "type": ltype, "kind": kind, "precision": precision}
 
 
-def summarize_layers(engine_info: Any) -> Dict[str, Any]:
+def summarize_layers(engine_info: Any) -> dict[str, Any]:
     """The engine inspector's get_engine_information(LayerInformationFormat.JSON) -> which layers run in
     which precision, and the fraction that run quantized. The fraction's basis is the matmul/conv layers
     when the engine names any (these are what quantization is for), else every compute layer."""
@@ -94,7 +95,7 @@ def summarize_layers(engine_info: Any) -> Dict[str, Any]:
     detailed = any(isinstance(layer, Mapping) for layer in raw)
 
     def hist(items):
-        out: Dict[str, int] = {}
+        out: dict[str, int] = {}
         for it in items:
             out[it["precision"]] = out.get(it["precision"], 0) + 1
         return dict(sorted(out.items()))
@@ -120,7 +121,7 @@ def summarize_layers(engine_info: Any) -> Dict[str, Any]:
 
 
 def quantization_verdict(summary: Mapping[str, Any], graph_quantized: bool, min_fraction: float
-                         ) -> Tuple[str, str]:
+                         ) -> tuple[str, str]:
     """('ok' | 'warn' | 'fail', message). Fail when target.min_quantized_layer_fraction asks for more
     quantized layers than the engine has; warn when a quantized recipe left most layers in fp16/fp32 --
     the usual cause of "INT8 is slower than FP16" in TensorRT (Q/DQ placed where TensorRT cannot fuse it)."""
@@ -150,12 +151,12 @@ def quantization_verdict(summary: Mapping[str, Any], graph_quantized: bool, min_
     return "ok", state
 
 
-def graph_quantization(onnx_path: Path) -> Dict[str, Any]:
+def graph_quantization(onnx_path: Path) -> dict[str, Any]:
     """Q/DQ nodes in the TensorRT-ready graph, by op type, and its custom-domain ops."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    qdq: Dict[str, int] = {}
+    qdq: dict[str, int] = {}
     custom = set()
     for node in model.graph.node:
         if "quantize" in node.op_type.lower() or node.op_type.startswith("TRT_FP4"):

@@ -35,9 +35,9 @@ def doctor(argv: List[str]) -> int:
 
     from omegaconf import OmegaConf
 
-    from compiler.stages.doctor import doctor_file, failures, render_table
     from compiler.core.errors import RecipeError
     from compiler.core.schema import DoctorConfig
+    from compiler.stages.doctor import doctor_file, failures, render_table
     from compiler.stages.validate import _closest, _typed
     from targets.base import get_target, target_names
 

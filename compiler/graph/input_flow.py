@@ -5,13 +5,17 @@ the export stage (raises) and the input_dependence guard rail (reports)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from compiler.core.errors import BuildError
-from compiler.runners.sessions import cpu_predictor, cpu_runner_kind, needs_reference_runner
+from compiler.runners.sessions import (
+    cpu_predictor,
+    cpu_runner_kind,
+    needs_reference_runner,
+)
 
 __all__ = ["MESSAGE", "check_input_flow", "compare", "feeds_for_graph", "needs_reference_runner", "probe",
            "token_feeds"]
@@ -22,10 +26,10 @@ RUNNER_LABEL = {"ort": "onnxruntime", "reference": "reference"}
 
 ONNX_TO_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
                  10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
-Feed = Dict[str, np.ndarray]
+Feed = dict[str, np.ndarray]
 
 
-def _vocab_size(model, input_name: str) -> Optional[int]:
+def _vocab_size(model, input_name: str) -> int | None:
     """Rows of the embedding table an integer input indexes (Gather(table, input)), if any."""
     inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
@@ -34,7 +38,7 @@ def _vocab_size(model, input_name: str) -> Optional[int]:
     return None
 
 
-def feeds_for_graph(model, seeds=(1, 2)) -> List[Feed]:
+def feeds_for_graph(model, seeds=(1, 2)) -> list[Feed]:
     """Two feeds that differ, shaped from the graph's inputs (symbolic dims: batch 2, length 16).
     Token ids stay inside the embedding table; masks stay all ones, token types zeros, so both
     feeds are valid inputs and differ only in content."""
@@ -66,14 +70,14 @@ def feeds_for_graph(model, seeds=(1, 2)) -> List[Feed]:
     return feeds
 
 
-def token_feeds(input_names: List[str], vocab: int = 30522) -> List[Feed]:
+def token_feeds(input_names: list[str], vocab: int = 30522) -> list[Feed]:
     """Two valid tokenized feeds for a qcompile model without a graph (the torch target's module)."""
     from compiler.core.feeds import synthetic_feed
 
     return [synthetic_feed(input_names, BATCH, SEQ, vocab=vocab, seed=s) for s in (1, 2)]
 
 
-def compare(out_a: Feed, out_b: Feed) -> Dict[str, object]:
+def compare(out_a: Feed, out_b: Feed) -> dict[str, object]:
     """Pure comparison of the outputs for two different feeds: float outputs that came back bit-identical
     (constant_outputs), integer ones (unchanged_int_outputs), and each output's largest change."""
     constant, int_same, diffs = [], [], {}
@@ -88,8 +92,8 @@ def compare(out_a: Feed, out_b: Feed) -> Dict[str, object]:
             "max_abs_change": diffs, "min_max_abs_change": min(diffs.values()) if diffs else 0.0}
 
 
-def probe(onnx_path: Optional[Path] = None, predict: Optional[Callable[[Feed], Feed]] = None,
-          input_names: Optional[List[str]] = None) -> Tuple[Dict[str, object], str]:
+def probe(onnx_path: Path | None = None, predict: Callable[[Feed], Feed] | None = None,
+          input_names: list[str] | None = None) -> tuple[dict[str, object], str]:
     """Run two different feeds and compare: (compare()'s numbers, the runner that ran them). With a
     graph the feeds are shaped from its inputs and, unless an engine's `predict` is given, the CPU
     runner that can execute it runs them (compiler.runners.sessions); without a graph, `predict` gets
@@ -112,8 +116,8 @@ def probe(onnx_path: Optional[Path] = None, predict: Optional[Callable[[Feed], F
     return compare(predict(feed_a), predict(feed_b)), runner
 
 
-def check_input_flow(onnx_path: Path, input_names: Optional[List[str]] = None,
-                     predict: Optional[Callable] = None) -> Dict[str, object]:
+def check_input_flow(onnx_path: Path, input_names: list[str] | None = None,
+                     predict: Callable | None = None) -> dict[str, object]:
     """Raise BuildError when any float output is identical for two different inputs; else return the
     numbers (runner used, smallest max change over outputs)."""
     numbers, runner = probe(onnx_path, predict, input_names)

@@ -6,8 +6,17 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from compiler.rails import (
+    FAILED,
+    PASSED,
+    SKIPPED,
+    WARNED,
+    RailContext,
+    first_line,
+    iter_nodes,
+    result,
+)
 from compiler.runners.sessions import load_error
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, first_line, iter_nodes, result
 
 NAME = "fp16_types"
 APPLIES_TO = "every target (type errors fail where an ONNX Runtime session must load the graph, warn elsewhere)"

@@ -4,11 +4,17 @@ and fail on any float output that comes back bit-identical (the check is compile
 
 from __future__ import annotations
 
-from typing import Dict
-
 from compiler.graph.input_flow import compare as compare_outputs
 from compiler.graph.input_flow import feeds_for_graph, probe, token_feeds
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, first_line, result
+from compiler.rails import (
+    FAILED,
+    PASSED,
+    SKIPPED,
+    WARNED,
+    RailContext,
+    first_line,
+    result,
+)
 
 __all__ = ["NAME", "applies_to", "compare", "feeds_for_graph", "run", "token_feeds"]
 
@@ -21,11 +27,11 @@ def applies_to(caps) -> bool:
     return True
 
 
-def judge(numbers: Dict, runner: str) -> Dict:
+def judge(numbers: dict, runner: str) -> dict:
     """The rail's verdict over input_flow.compare()'s numbers."""
     constant, int_same = numbers["constant_outputs"], numbers["unchanged_int_outputs"]
-    keep = dict(outputs=numbers["outputs"], constant_outputs=constant, max_abs_change=numbers["max_abs_change"],
-                runner=runner, checked_by=CHECKED_BY)
+    keep = {"outputs": numbers["outputs"], "constant_outputs": constant, "max_abs_change": numbers["max_abs_change"],
+            "runner": runner, "checked_by": CHECKED_BY}
     if constant:
         return result(NAME, FAILED, f"output(s) {', '.join(constant)} are bit-identical for two different inputs: "
                       "an op was baked into a Constant at export (a traced custom op, or data-dependent control "
@@ -37,12 +43,12 @@ def judge(numbers: Dict, runner: str) -> Dict:
                   f"{numbers['min_max_abs_change']:.3g}; {runner})", **keep)
 
 
-def compare(out_a, out_b) -> Dict:
+def compare(out_a, out_b) -> dict:
     """Pure: the rail's verdict on the outputs for two different feeds."""
     return judge(compare_outputs(out_a, out_b), "given")
 
 
-def run(ctx: RailContext) -> Dict:
+def run(ctx: RailContext) -> dict:
     if not getattr(ctx.config, "input_dependence", True):
         return result(NAME, SKIPPED, "doctor.input_dependence=false")
     if ctx.onnx_path is None and ctx.predict is None:

@@ -7,7 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from compiler.rails import FAILED, PASSED, PROTOBUF_LIMIT, SKIPPED, WARNED, RailContext, iter_nodes, result
+from compiler.rails import (
+    FAILED,
+    PASSED,
+    PROTOBUF_LIMIT,
+    SKIPPED,
+    WARNED,
+    RailContext,
+    iter_nodes,
+    result,
+)
 
 NAME = "size"
 APPLIES_TO = "targets that run an ONNX graph"

@@ -11,9 +11,16 @@ weights only. onnx's checker knows none of them and no library checks them witho
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Optional, Set, Tuple
 
-from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, not_applicable, result
+from compiler.rails import (
+    FAILED,
+    PASSED,
+    SKIPPED,
+    RailContext,
+    iter_nodes,
+    not_applicable,
+    result,
+)
 
 NAME = "trt_explicit_quant"
 APPLIES_TO = "targets whose int8 must be symmetric (TensorRT explicit quantization)"
@@ -57,11 +64,11 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def _constants(model) -> Tuple[Dict[str, object], Set[str]]:
+def _constants(model) -> tuple[dict[str, object], set[str]]:
     """(name -> TensorProto of initializers and Constant outputs, names of every tensor computable from
     constants alone -- what TensorRT's parser folds)."""
-    tensors: Dict[str, object] = {t.name: t for t in model.graph.initializer}
-    const: Set[str] = set(tensors)
+    tensors: dict[str, object] = {t.name: t for t in model.graph.initializer}
+    const: set[str] = set(tensors)
     for node in model.graph.node:  # ONNX graphs are topologically sorted
         if node.op_type == "Constant" and _attr(node, "value") is not None:
             tensors[node.output[0]] = _attr(node, "value")
@@ -72,9 +79,9 @@ def _constants(model) -> Tuple[Dict[str, object], Set[str]]:
     return tensors, const
 
 
-def _elem_types(model) -> Dict[str, int]:
+def _elem_types(model) -> dict[str, int]:
     """Element type of every tensor the graph declares (inputs, outputs, value_info, initializers)."""
-    types: Dict[str, int] = {}
+    types: dict[str, int] = {}
     for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         if vi.type.tensor_type.elem_type:
             types[vi.name] = vi.type.tensor_type.elem_type
@@ -83,7 +90,7 @@ def _elem_types(model) -> Dict[str, int]:
     return types
 
 
-def _qtype(node, types: Dict[str, int], tensors: Dict[str, object]) -> Optional[int]:
+def _qtype(node, types: dict[str, int], tensors: dict[str, object]) -> int | None:
     """The integer / narrow-float type a Q or DQ node works in: its zero point's type, else QuantizeLinear's
     output_dtype (default uint8), else DequantizeLinear's input type."""
     zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -97,7 +104,7 @@ def _qtype(node, types: Dict[str, int], tensors: Dict[str, object]) -> Optional[
     return types.get(node.input[0])
 
 
-def _zero_point_nonzero(node, tensors: Dict[str, object]) -> Optional[str]:
+def _zero_point_nonzero(node, tensors: dict[str, object]) -> str | None:
     zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if zp is None or zp not in tensors:
         return None
@@ -117,7 +124,7 @@ def _zero_point_nonzero(node, tensors: Dict[str, object]) -> Optional[str]:
     return None
 
 
-def _scale_elements(node, tensors: Dict[str, object]) -> int:
+def _scale_elements(node, tensors: dict[str, object]) -> int:
     scale = tensors.get(node.input[1]) if len(node.input) > 1 else None
     if scale is None:
         return 1
@@ -127,11 +134,11 @@ def _scale_elements(node, tensors: Dict[str, object]) -> int:
     return n
 
 
-def violations(model) -> List[Dict[str, str]]:
+def violations(model) -> list[dict[str, str]]:
     """Every node that breaks one of TensorRT's explicit-quantization rules: {node, op, rule}."""
     tensors, const = _constants(model)
     types = _elem_types(model)
-    consumers: Dict[str, List] = {}
+    consumers: dict[str, list] = {}
     for node in iter_nodes(model.graph):
         for i in node.input:
             consumers.setdefault(i, []).append(node)
@@ -142,7 +149,7 @@ def violations(model) -> List[Dict[str, str]]:
             if t:
                 types[node.output[0]] = t
 
-    out: List[Dict[str, str]] = []
+    out: list[dict[str, str]] = []
 
     def bad(node, rule: str) -> None:
         out.append({"node": node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>",
@@ -176,10 +183,13 @@ def violations(model) -> List[Dict[str, str]]:
     return out
 
 
-def judge(found: List[Dict[str, str]], qdq_nodes: int) -> Dict:
-    numbers = dict(violations=len(found), qdq_nodes=qdq_nodes,
-                   by_rule={r["rule"].split(":")[0]: sum(1 for f in found if f["rule"] == r["rule"]) for r in found},
-                   nodes=[f"{f['node']} ({f['op']})" for f in found[:20]])
+def judge(found: list[dict[str, str]], qdq_nodes: int) -> dict:
+    by_rule: dict[str, int] = {}
+    for f in found:
+        key = f["rule"].split(":")[0]
+        by_rule[key] = by_rule.get(key, 0) + 1
+    numbers = {"violations": len(found), "qdq_nodes": qdq_nodes, "by_rule": by_rule,
+               "nodes": [f"{f['node']} ({f['op']})" for f in found[:20]]}
     if found:
         first = found[0]
         more = f" (+{len(found) - 1} more node(s))" if len(found) > 1 else ""
@@ -190,7 +200,7 @@ def judge(found: List[Dict[str, str]], qdq_nodes: int) -> Dict:
     return result(NAME, PASSED, f"{qdq_nodes} Q/DQ nodes follow TensorRT's explicit-quantization rules", **numbers)
 
 
-def run(ctx: RailContext) -> Dict:
+def run(ctx: RailContext) -> dict:
     if not applies_to(ctx.target):
         return not_applicable(sys.modules[__name__], ctx.target)
     model = ctx.model()

@@ -3,21 +3,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from compiler.core.errors import RecipeError
 
-Feed = Dict[str, np.ndarray]
+Feed = dict[str, np.ndarray]
 CPU = "CPUExecutionProvider"
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
 ORT_DOMAINS = ("", "ai.onnx", "com.microsoft")  # what the onnxruntime CPU provider has kernels for
 
 
-def session_options(opt_level: str = "all", threads: Optional[int] = None, optimized_path: Optional[Path] = None,
+def session_options(opt_level: str = "all", threads: int | None = None, optimized_path: Path | None = None,
                     record_placement: bool = False):
     """SessionOptions: quiet log, the optimization level by its recipe name, pinned threads (no spinning:
     the machines are shared), optionally ORT's optimized graph saved and the node placement recorded."""
@@ -39,8 +39,8 @@ def session_options(opt_level: str = "all", threads: Optional[int] = None, optim
     return so
 
 
-def ort_session(model: Union[str, Path, bytes], providers: Sequence = (CPU,), opt_level: str = "all",
-                threads: Optional[int] = None, optimized_path: Optional[Path] = None,
+def ort_session(model: str | Path | bytes, providers: Sequence = (CPU,), opt_level: str = "all",
+                threads: int | None = None, optimized_path: Path | None = None,
                 record_placement: bool = False):
     """An InferenceSession on a path or serialized model bytes; errors propagate unchanged (callers word
     them for their own context)."""
@@ -51,7 +51,7 @@ def ort_session(model: Union[str, Path, bytes], providers: Sequence = (CPU,), op
     return ort.InferenceSession(src, sess_options=so, providers=list(providers))
 
 
-def load_error(model: Union[str, Path, bytes], opt_level: str = "disable") -> str:
+def load_error(model: str | Path | bytes, opt_level: str = "disable") -> str:
     """'' when onnxruntime's CPU provider builds a session on the graph, else the first line of its error."""
     try:
         ort_session(model, opt_level=opt_level)
@@ -61,24 +61,24 @@ def load_error(model: Union[str, Path, bytes], opt_level: str = "disable") -> st
     return ""
 
 
-def node_placement(sess) -> Dict[str, Dict[str, int]]:
+def node_placement(sess) -> dict[str, dict[str, int]]:
     """provider -> op type -> node count, from ORT's graph assignment record
     (a session made with record_placement=True)."""
-    out: Dict[str, Dict[str, int]] = {}
+    out: dict[str, dict[str, int]] = {}
     try:
         info = sess.get_provider_graph_assignment_info()
     except Exception:  # older ORT: no record
         return out
     for sub in info:
         ep = getattr(sub, "ep_name", None) or str(sub)
-        for node in getattr(sub, "get_nodes", lambda: [])():
+        for node in getattr(sub, "get_nodes", list)():
             op = getattr(node, "op_type", "?")
             out.setdefault(ep, {})
             out[ep][op] = out[ep].get(op, 0) + 1
     return out
 
 
-def session_predictor(sess, output_names: Optional[List[str]] = None) -> Callable[[Feed], Feed]:
+def session_predictor(sess, output_names: list[str] | None = None) -> Callable[[Feed], Feed]:
     """feed -> {output: float32 array} over a session; feed entries the graph does not take are dropped."""
     inputs = [i.name for i in sess.get_inputs()]
     names = list(output_names or [o.name for o in sess.get_outputs()])
@@ -109,7 +109,7 @@ def cpu_runner_kind(model) -> str:
     return "reference" if needs_reference_runner(model) else "ort"
 
 
-def cpu_predictor(onnx_path: Path, model=None, kind: Optional[str] = None, threads: Optional[int] = 1,
+def cpu_predictor(onnx_path: Path, model=None, kind: str | None = None, threads: int | None = 1,
                   opt_level: str = "all") -> Callable[[Feed], Feed]:
     """A feed -> outputs callable for the graph on the CPU: onnxruntime for standard graphs, the
     onnx.reference runner (compiler.runners.reference) for what onnxruntime cannot run."""

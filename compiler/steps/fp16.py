@@ -133,7 +133,8 @@ def float_tensors(model) -> List[str]:
 def overflow_nodes(model, feed: Dict[str, np.ndarray]) -> Set[str]:
     """Nodes whose fp32 inputs or outputs leave the fp16 range on the feed: in fp16 they become inf."""
     import onnx
-    import onnxruntime as ort
+
+    from compiler.runners.sessions import ort_session
 
     probe = copy.deepcopy(model)
     names = float_tensors(probe)
@@ -141,10 +142,8 @@ def overflow_nodes(model, feed: Dict[str, np.ndarray]) -> Set[str]:
     for name in names:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as it is
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # optimizations off: keep every tensor as it is
+    sess = ort_session(probe.SerializeToString(), opt_level="disable")
     values = dict(zip(names, sess.run(names, feed)))
     big = {n for n, v in values.items() if v.size and float(np.max(np.abs(v))) > FP16_MAX}
     for init in model.graph.initializer:
@@ -167,12 +166,10 @@ def _run_model(model, feed: Dict[str, np.ndarray]) -> Tuple[Optional[str], Optio
 
 def _run(path: Path, feed: Dict[str, np.ndarray]) -> Tuple[Optional[str], Optional[List[np.ndarray]]]:
     """(error message, None) or (None, outputs) for a graph on the feed with ORT's CPU provider."""
-    import onnxruntime as ort
+    from compiler.runners.sessions import ort_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(path)
         return None, sess.run(None, feed)
     except Exception as e:
         return str(e), None

@@ -478,12 +478,10 @@ class Int8StaticStep(Step):
 def _check_loads(path: Path, activation_type: str, opset: int) -> None:
     """A QDQ graph ORT writes but cannot load (FIELD_NOTES: S8S8 on ModernBERT at opset >= 21) fails here,
     with the fix, instead of as an opaque error at the lower stage."""
-    import onnxruntime as ort
+    from compiler.runners.sessions import ort_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
     try:
-        ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        ort_session(path)
     except Exception as e:
         hint = ""
         if activation_type == "int8":

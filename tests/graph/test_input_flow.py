@@ -29,8 +29,8 @@ class EagerRotation(torch.nn.Module):
 
 
 def _export(module, loaded, path):
-    from compiler.stages.export import export_onnx
     from compiler.core.schema import ExportConfig
+    from compiler.stages.export import export_onnx
 
     return export_onnx(module, loaded.input_names, loaded.output_names, path, ExportConfig(opset=17))
 

@@ -8,8 +8,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
-from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, coverage
 from compiler.core.schema import DoctorConfig
+from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, coverage
 from compiler.stages.doctor import capabilities_of
 
 

@@ -7,8 +7,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
-from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, fp16_types
 from compiler.core.schema import DoctorConfig
+from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, fp16_types
 from compiler.stages.doctor import capabilities_of
 
 

@@ -8,8 +8,9 @@ import onnx
 import pytest
 import torch
 
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, input_dependence as dep
 from compiler.core.schema import DoctorConfig
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext
+from compiler.rails import input_dependence as dep
 from compiler.stages.doctor import capabilities_of
 
 

@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, memcpy
 from compiler.core.schema import DoctorConfig
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, memcpy
 from compiler.stages.doctor import capabilities_of
 
 

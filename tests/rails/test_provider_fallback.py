@@ -2,14 +2,14 @@
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, provider_fallback as pf
 from compiler.core.schema import DoctorConfig
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext
+from compiler.rails import provider_fallback as pf
 from compiler.stages.doctor import capabilities_of
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -70,9 +70,9 @@ def _quantized_graph(tmp_path):
 
 def test_real_cpu_session_assignment(tmp_path):
     path = _quantized_graph(tmp_path)
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    sess = ort.InferenceSession(str(path), so, providers=[CPU])
+    from compiler.runners.sessions import ort_session
+
+    sess = ort_session(path, [CPU], record_placement=True)
     placement = pf.placement_from_session(sess)
     assert set(placement) == {CPU}
     quant_nodes = sum(n for op, n in placement[CPU].items() if pf.is_quantized_op(op))

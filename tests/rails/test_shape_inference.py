@@ -6,8 +6,9 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from compiler.rails import PASSED, WARNED, RailContext, shape_inference as si
 from compiler.core.schema import DoctorConfig
+from compiler.rails import PASSED, WARNED, RailContext
+from compiler.rails import shape_inference as si
 from compiler.stages.doctor import capabilities_of
 
 
@@ -58,8 +59,8 @@ def test_judge_when_both_passes_fail():
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_modernbert"])
 def test_real_exports_pass(fixture, request, tmp_path):
-    from compiler.stages.export import export_onnx
     from compiler.core.schema import ExportConfig
+    from compiler.stages.export import export_onnx
 
     model = request.getfixturevalue(fixture)
     path = export_onnx(model.module, model.input_names, model.output_names, tmp_path / "m.onnx", ExportConfig())

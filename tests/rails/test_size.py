@@ -7,8 +7,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, size
 from compiler.core.schema import DoctorConfig
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, size
 from compiler.stages.doctor import capabilities_of
 
 LIMIT = 4000  # stands in for protobuf's 2 GB

@@ -54,10 +54,10 @@ def test_symmetric_int8_qdq_passes():
 
 
 @pytest.mark.parametrize("planted,rule", [
-    (dict(zp_dtype=np.uint8, zp=128), "Q/DQ type: TensorRT takes int8 or fp8 e4m3 Q/DQ (int4 / fp4 blocks for "
-                                      "weights), never uint8"),
-    (dict(zp=3), "zero point: TensorRT quantization is symmetric, every zero point must be 0 (here 3)"),
-    (dict(scale_shape=(4,)), "per-channel scale: TensorRT takes per-channel (axis) Q/DQ on constant weights only"),
+    ({"zp_dtype": np.uint8, "zp": 128},
+     "Q/DQ type: TensorRT takes int8 or fp8 e4m3 Q/DQ (int4 / fp4 blocks for weights), never uint8"),
+    ({"zp": 3}, "zero point: TensorRT quantization is symmetric, every zero point must be 0 (here 3)"),
+    ({"scale_shape": (4,)}, "per-channel scale: TensorRT takes per-channel (axis) Q/DQ on constant weights only"),
 ])
 def test_each_planted_rule_fails_naming_node_and_rule(planted, rule):
     r = _run(_qdq(**planted))

@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+
 class _Enum:
     """A TensorRT enum: members as attributes, __members__, int() of each."""
 

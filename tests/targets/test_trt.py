@@ -5,8 +5,6 @@ path end to end; real engine builds are marked gpu."""
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +16,10 @@ from compiler.core.schema import TargetConfig
 from targets import profiles as P
 from targets import trt as T
 from targets import trt_build as B
-from targets import trt_layers as L
-from tests.targets import fake_tensorrt as FT
 from targets import trt_hardware as H
+from targets import trt_layers as L
 from tests.conftest import FAST
+from tests.targets import fake_tensorrt as FT
 
 H100 = H.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), "test")
 A100 = H.GpuInfo("NVIDIA A100-SXM4-40GB", (8, 0), "test")
@@ -176,8 +174,8 @@ def test_profile_shapes_cover_every_input():
 
 
 def test_profile_from_exported_graph(tiny_bert, tmp_path):
-    from compiler.stages.export import export_onnx
     from compiler.core.schema import ExportConfig
+    from compiler.stages.export import export_onnx
 
     path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "m.onnx",
                        ExportConfig())
@@ -382,8 +380,8 @@ def test_build_engine_without_tensorrt(monkeypatch, tmp_path):
 
 def test_lower_with_recording_tensorrt(monkeypatch, tmp_path, tiny_bert):
     """lower() on a 'machine' with TensorRT and a GPU: plan, layer report, cache and verdict wiring."""
-    from compiler.stages.export import export_onnx
     from compiler.core.schema import ExportConfig
+    from compiler.stages.export import export_onnx
 
     onnx_path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
                             ExportConfig())
@@ -408,8 +406,8 @@ def test_lower_with_recording_tensorrt(monkeypatch, tmp_path, tiny_bert):
 def test_build_run_dir_cli(monkeypatch, tmp_path, tiny_bert, capsys):
     """`python -m targets.trt build <run_dir>` (what build_engine.sh runs without trtexec): the run's
     model.onnx and recipe.yaml target settings; a second build reuses the run's timing cache."""
-    from compiler.stages.export import export_onnx
     from compiler.core.schema import ExportConfig
+    from compiler.stages.export import export_onnx
 
     export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
                 ExportConfig())
@@ -506,9 +504,9 @@ def test_gpu_int8_qdq_engine_runs_quantized(qcompile):
 @pytest.mark.gpu
 def test_gpu_trt_runner_vs_fp32(tiny_bert, tiny_data, tmp_path):
     _require_tensorrt()
-    from compiler.stages.export import export_onnx
-    from compiler.runners.callable import torch_predictor
     from compiler.core.schema import ExportConfig
+    from compiler.runners.callable import torch_predictor
+    from compiler.stages.export import export_onnx
 
     onnx_path = export_onnx(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names, tmp_path / "model.onnx",
                             ExportConfig())
@@ -525,8 +523,8 @@ def test_gpu_trt_runner_vs_fp32(tiny_bert, tiny_data, tmp_path):
 
 
 def test_cpu_runner_choice(tmp_path, tiny_bert, monkeypatch):
-    from compiler.stages.export import export_onnx
     from compiler.core.schema import ExportConfig
+    from compiler.stages.export import export_onnx
 
     _fake_machine(monkeypatch, None, None, "not installed")
     with pytest.raises(RecipeError) as e:

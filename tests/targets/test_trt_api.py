@@ -7,9 +7,8 @@ fallback), never used directly."""
 from __future__ import annotations
 
 import ast
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
 
 import pytest
 
@@ -22,8 +21,8 @@ TRT_MODULES = {"targets/trt_build.py": {"trt", "builder", "network", "parser", "
 PROBES = {"getattr", "hasattr"}
 
 
-@lru_cache(maxsize=None)
-def exported(version: str) -> Tuple[Set[str], str]:
+@cache
+def exported(version: str) -> tuple[set[str], str]:
     """(names, the same joined with NULs): a name is exported when it is listed or the tail of a listed
     name (the linker stores "serialize" inside "deserialize")."""
     lines = [ln for ln in (API / f"tensorrt-{version}.txt").read_text().splitlines() if ln and not ln.startswith("#")]
@@ -35,9 +34,9 @@ def has(version: str, name: str) -> bool:
     return name in names or f"{name}\0" in joined
 
 
-def _root(node) -> Tuple[str, List[str]]:
+def _root(node) -> tuple[str, list[str]]:
     """(root variable, attribute chain) of x.a().b.c: ('x', ['a', 'b', 'c'])."""
-    chain: List[str] = []
+    chain: list[str] = []
     while True:
         if isinstance(node, ast.Attribute):
             chain.append(node.attr)
@@ -50,10 +49,10 @@ def _root(node) -> Tuple[str, List[str]]:
             return "", chain[::-1]
 
 
-def used_names(source: str, objects: Set[str]) -> Dict[str, Set[str]]:
+def used_names(source: str, objects: set[str]) -> dict[str, set[str]]:
     """name -> how it is used ('direct' or 'probed'), for every attribute of the TensorRT module and of
     TensorRT objects (variables named in `objects`) in the source."""
-    out: Dict[str, Set[str]] = {}
+    out: dict[str, set[str]] = {}
     tree = ast.parse(source)
     # only the outermost attribute of a chain: its parts are collected from it
     inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
@@ -73,7 +72,7 @@ def used_names(source: str, objects: Set[str]) -> Dict[str, Set[str]]:
     return out
 
 
-def problems(used: Dict[str, Set[str]]) -> List[str]:
+def problems(used: dict[str, set[str]]) -> list[str]:
     out = []
     for name, how in sorted(used.items()):
         present = [v for v in VERSIONS if has(v, name)]
