@@ -61,6 +61,24 @@ def test_doctor_file_trt_target_skips_ort_only_rails(bert_onnx):
     assert by["coverage"]["status"] == PASSED and by["input_dependence"]["status"] == PASSED
 
 
+def test_rails_run_by_declared_capabilities_not_by_name(bert_onnx):
+    """A target the rails have never heard of, described only by its capabilities: each rail runs or is
+    skipped by its own applies_to declaration (an ORT session, symmetric int8), whatever the name."""
+    from compiler.core.capabilities import TargetCapabilities
+
+    caps = TargetCapabilities("some_new_runtime", runs_onnx=True, ort_session=True, trt_custom_ops=False,
+                              symmetric_int8_only=True, gpu=False)
+    by = {r["rail"]: r for r in doctor.doctor_file(bert_onnx, target=caps)}
+    assert by["memcpy"]["status"] == PASSED and by["provider_fallback"]["status"] == PASSED  # ORT session: probed
+    assert by["trt_explicit_quant"]["status"] == SKIPPED and "no Q/DQ nodes" in by["trt_explicit_quant"]["message"]
+    trt_like = TargetCapabilities("another", runs_onnx=True, ort_session=False, trt_custom_ops=True,
+                                  symmetric_int8_only=False, gpu=True)
+    by = {r["rail"]: r for r in doctor.doctor_file(bert_onnx, target=trt_like)}
+    assert by["memcpy"]["message"] == ("applies to targets that run an ONNX Runtime session (TensorRT builds the "
+                                       "whole graph on the GPU); target=another is not one")
+    assert "target=another is not one" in by["trt_explicit_quant"]["message"]
+
+
 def test_cli_doctor_passes_a_good_graph(qcompile, bert_onnx, tmp_path):
     out = tmp_path / "rails.json"
     r = qcompile("doctor", str(bert_onnx), "target=ort", f"json={out}", timeout=300)
