@@ -16,39 +16,12 @@ from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
 from compiler.runners.sessions import cpu_runner_kind, ort_session, session_predictor
 from targets.base import BuildInfo, Engine, Target
-from targets.profiles import (
-    WHICH,
-    onnx_inputs,
-    profile_shapes,
-    shape_arg,
-    validate_shape_ranges,
-)
-from targets.trt_build import (
-    LAYERS,
-    PLAN,
-    SCRIPT,
-    TIMING_CACHE,
-    build_engine,
-    build_run_dir,
-    gpu_memory_info,
-    qcompile_args,
-    render_build_script,
-    run_timing_cache,
-    trtexec_args,
-)
-from targets.trt_hardware import (
-    detect_gpu,
-    detect_tensorrt,
-    engine_decision,
-    hardware_problem,
-    normalize_build_engine,
-    recipe_precisions,
-)
-from targets.trt_layers import (
-    graph_quantization,
-    quantization_verdict,
-    summarize_layers,
-)
+from targets.profiles import WHICH, onnx_inputs, profile_shapes, shape_arg, validate_shape_ranges
+from targets.trt_build import (LAYERS, PLAN, SCRIPT, TIMING_CACHE, build_engine, build_run_dir, gpu_memory_info,
+                               qcompile_args, render_build_script, run_timing_cache, trtexec_args)
+from targets.trt_hardware import (detect_gpu, detect_tensorrt, engine_decision, hardware_problem,
+                                  normalize_build_engine, recipe_precisions)
+from targets.trt_layers import graph_quantization, quantization_verdict, summarize_layers
 
 log = logging.getLogger(__name__)
 

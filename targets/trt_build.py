@@ -15,17 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from compiler.core.errors import BuildError
-from targets.profiles import (
-    onnx_inputs,
-    profile_shapes,
-    shape_arg,
-    validate_shape_ranges,
-)
-from targets.trt_layers import (
-    graph_quantization,
-    quantization_verdict,
-    summarize_layers,
-)
+from targets.profiles import onnx_inputs, profile_shapes, shape_arg, validate_shape_ranges
+from targets.trt_layers import graph_quantization, quantization_verdict, summarize_layers
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,8 @@ def build_job(cfg) -> int:
     from compiler.pipeline import run_build
 
     try:
-        report = run_build(spec, run_dir, cache=open_cache(spec.cache), overrides=list(HydraConfig.get().overrides.task))
+        report = run_build(spec, run_dir, cache=open_cache(spec.cache),
+                           overrides=list(HydraConfig.get().overrides.task))
     except GateError as e:
         final = rundir.succeed(run_dir, gate_failed=True)
         _print_error(e)

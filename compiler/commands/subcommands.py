@@ -51,7 +51,8 @@ def doctor(argv: List[str]) -> int:
     graph_targets = [t for t in target_names() if get_target(t).capabilities.runs_onnx]
     if target not in graph_targets:
         raise RecipeError("target", f"bad value {target!r}",
-                          f"use {' or '.join(f'target={t}' for t in graph_targets)} (the targets that run an ONNX graph)")
+                          f"use {' or '.join(f'target={t}' for t in graph_targets)} "
+                          "(the targets that run an ONNX graph)")
     providers = [p.strip() for p in opts.pop("providers", "CPUExecutionProvider").strip("[]").split(",") if p.strip()]
     json_out = opts.pop("json", None)
     fields = [f for f in DoctorConfig.__dataclass_fields__ if f != "enabled"]

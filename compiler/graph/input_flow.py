@@ -11,11 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.core.errors import BuildError
-from compiler.runners.sessions import (
-    cpu_predictor,
-    cpu_runner_kind,
-    needs_reference_runner,
-)
+from compiler.runners.sessions import cpu_predictor, cpu_runner_kind, needs_reference_runner
 
 __all__ = ["MESSAGE", "check_input_flow", "compare", "feeds_for_graph", "needs_reference_runner", "probe",
            "token_feeds"]

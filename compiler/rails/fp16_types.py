@@ -6,16 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from compiler.rails import (
-    FAILED,
-    PASSED,
-    SKIPPED,
-    WARNED,
-    RailContext,
-    first_line,
-    iter_nodes,
-    result,
-)
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, first_line, iter_nodes, result
 from compiler.runners.sessions import load_error
 
 NAME = "fp16_types"

@@ -6,15 +6,7 @@ from __future__ import annotations
 
 from compiler.graph.input_flow import compare as compare_outputs
 from compiler.graph.input_flow import feeds_for_graph, probe, token_feeds
-from compiler.rails import (
-    FAILED,
-    PASSED,
-    SKIPPED,
-    WARNED,
-    RailContext,
-    first_line,
-    result,
-)
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, first_line, result
 
 __all__ = ["NAME", "applies_to", "compare", "feeds_for_graph", "run", "token_feeds"]
 

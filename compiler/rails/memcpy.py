@@ -8,16 +8,7 @@ import sys
 from collections import Counter
 from typing import Dict, Optional
 
-from compiler.rails import (
-    FAILED,
-    PASSED,
-    SKIPPED,
-    WARNED,
-    RailContext,
-    iter_nodes,
-    not_applicable,
-    result,
-)
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, iter_nodes, not_applicable, result
 
 NAME = "memcpy"
 MEMCPY_OPS = ("MemcpyToHost", "MemcpyFromHost")

@@ -7,15 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Dict, List, Optional
 
-from compiler.rails import (
-    FAILED,
-    PASSED,
-    SKIPPED,
-    WARNED,
-    RailContext,
-    not_applicable,
-    result,
-)
+from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, not_applicable, result
 from compiler.runners.sessions import node_placement
 
 NAME = "provider_fallback"

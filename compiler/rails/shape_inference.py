@@ -16,8 +16,6 @@ def applies_to(caps) -> bool:
     return caps.runs_onnx
 
 
-
-
 def infer(model) -> Tuple[Optional[object], str, str]:
     """(inferred model or None, strict error or '', permissive error or ''). Strict mode raises on
     the first node it cannot type or shape; the permissive pass skips such nodes and keeps going.

@@ -7,16 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from compiler.rails import (
-    FAILED,
-    PASSED,
-    PROTOBUF_LIMIT,
-    SKIPPED,
-    WARNED,
-    RailContext,
-    iter_nodes,
-    result,
-)
+from compiler.rails import FAILED, PASSED, PROTOBUF_LIMIT, SKIPPED, WARNED, RailContext, iter_nodes, result
 
 NAME = "size"
 APPLIES_TO = "targets that run an ONNX graph"
@@ -24,8 +15,6 @@ APPLIES_TO = "targets that run an ONNX graph"
 
 def applies_to(caps) -> bool:
     return caps.runs_onnx
-
-
 
 
 def _tensor_bytes(t) -> int:

@@ -12,15 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from compiler.rails import (
-    FAILED,
-    PASSED,
-    SKIPPED,
-    RailContext,
-    iter_nodes,
-    not_applicable,
-    result,
-)
+from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, not_applicable, result
 
 NAME = "trt_explicit_quant"
 APPLIES_TO = "targets whose int8 must be symmetric (TensorRT explicit quantization)"

@@ -10,25 +10,9 @@ from typing import Any, Dict, List, Optional
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
-from compiler.rails import (
-    FAILED,
-    RAIL_NAMES,
-    SKIPPED,
-    WARNED,
-    RailContext,
-    applies,
-    coverage,
-    first_line,
-    fp16_types,
-    input_dependence,
-    memcpy,
-    not_applicable,
-    provider_fallback,
-    result,
-    shape_inference,
-    size,
-    trt_explicit_quant,
-)
+from compiler.rails import (FAILED, RAIL_NAMES, SKIPPED, WARNED, RailContext, applies, coverage, first_line, fp16_types,
+                            input_dependence, memcpy, not_applicable, provider_fallback, result, shape_inference, size,
+                            trt_explicit_quant)
 from compiler.runners.sessions import node_placement, ort_session
 from targets.base import get_target
 

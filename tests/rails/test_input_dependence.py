@@ -110,9 +110,10 @@ def test_the_rail_and_the_export_stage_share_one_check(tmp_path):
     with pytest.raises(BuildError, match=MESSAGE):
         check_input_flow(_export(tmp_path, True, vocab=2000))
     assert check_input_flow(_export(tmp_path, False, vocab=2000))["runner"] == "onnxruntime"
-    baked = dep.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=_export(tmp_path, True, vocab=2000)))
+    ort_caps = capabilities_of("ort")
+    baked = dep.run(RailContext(target=ort_caps, config=DoctorConfig(), onnx_path=_export(tmp_path, True, vocab=2000)))
     assert baked["status"] == FAILED and baked["checked_by"] == "compiler.graph.input_flow"
     assert "sentence_embedding" in baked["message"]
-    live = dep.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=_export(tmp_path, False, vocab=2000)))
+    live = dep.run(RailContext(target=ort_caps, config=DoctorConfig(), onnx_path=_export(tmp_path, False, vocab=2000)))
     assert live["status"] == PASSED and live["checked_by"] == "compiler.graph.input_flow"
     assert live["runner"] == "onnxruntime"

@@ -53,7 +53,8 @@ def extract(wheel: Path, out_dir: Path) -> Path:
             names |= names_from_init(z.read(init[0]).decode())
         names = sorted(names)
     out = out_dir / f"tensorrt-{version.group('version')}.txt"
-    out.write_text(f"# names in {wheel.name}:{so[0]} (tests/targets/trt_api/extract_names.py)\n" + "\n".join(names) + "\n")
+    header = f"# names in {wheel.name}:{so[0]} (tests/targets/trt_api/extract_names.py)\n"
+    out.write_text(header + "\n".join(names) + "\n")
     return out
 
 
