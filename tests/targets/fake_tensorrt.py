@@ -56,7 +56,7 @@ def make(calls, strongly_typed=True, parse_ok=True, inputs=("input_ids", "attent
 
     trt.Logger, trt.ILogger = Logger, ILogger
     trt.NetworkDefinitionCreationFlag = _Enum(*(["STRONGLY_TYPED"] if strongly_typed else []))
-    trt.BuilderFlag = _Enum("FP16", "INT8", "TF32")
+    trt.BuilderFlag = _Enum("TF32", "REFIT")  # FP16 / INT8 flags are gone in TensorRT 11
     trt.MemoryPoolType = _Enum("WORKSPACE")
     trt.ProfilingVerbosity = _Enum("LAYER_NAMES_ONLY", "NONE", "DETAILED")
     trt.LayerInformationFormat = _Enum("ONELINE", "JSON")

@@ -123,3 +123,24 @@ def test_a_planted_name_fails():
     found = problems(used_names(src, {"trt", "network", "engine"}))
     assert found == ["EXPLICIT_BATCH: only in TensorRT 10.13.0.35, used without a getattr/hasattr fallback",
                      "get_inptu: in no TensorRT version (10.13.0.35, 11.4.0.106)"]
+
+
+def test_the_recording_stand_in_only_speaks_tensorrt():
+    """tests/targets/fake_tensorrt.py, which the build tests drive through Polygraphy, invents no API:
+    its classes, enums, enum values and methods all exist in both TensorRT versions."""
+    import inspect
+
+    from tests.targets import fake_tensorrt as FT
+
+    fake = FT.make([], sample={})
+    names = set()
+    for attr, value in vars(fake).items():
+        if attr.startswith("__") and attr != "__version__":
+            continue
+        names.add(attr)
+        if isinstance(value, FT._Enum):
+            names.update(value.__members__)
+        elif inspect.isclass(value):
+            names.update(n for n in vars(value) if not n.startswith("_"))
+    assert {"Builder", "OnnxParser", "STRONGLY_TYPED", "WORKSPACE", "create_builder_config"} <= names
+    assert [n for n in sorted(names) if not all(has(v, n) for v in VERSIONS)] == []
