@@ -118,7 +118,7 @@ def main():
     base_size = built[0][3]
     for v, report, _, size in built:
         s = summarize(times[v], args.batch)
-        task = report.get("check", {}).get("task", {})
+        task = report.get("check", {}).get("fidelity", {})
         rows.append({"variant": v, "p50_ms": s["latency_ms_p50"], "p90_ms": s["latency_ms_p90"],
                      "speedup_vs_" + base: base_ms / s["latency_ms_p50"], "artifact_mb": size / 1e6,
                      "smaller_than_" + base: base_size / size, "embedding_cosine": task.get("embedding_cosine_mean"),

@@ -23,7 +23,7 @@ from compiler.graph.io import onnx_size_bytes, op_histogram
 from compiler.stages.export import export_onnx
 from compiler.core.hashing import text_sha256
 from compiler.stages.manifest import write_manifest
-from compiler.stages.models import LoadedModel, load_model
+from compiler.stages.models import LoadedModel, label_names, load_model
 from compiler.stages.report import write_report
 from compiler.runners.callable import CallableRunner, torch_predictor
 from compiler.steps.base import StepContext
@@ -113,13 +113,15 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
 
     with stage("load", timings):
         model = load_model(spec.model)
-        data = load_data(spec.data, model.tokenizer, model.input_names, need_calibration=spec.needs_calibration)
+        data = load_data(spec.data, model.tokenizer, model.input_names, need_calibration=spec.needs_calibration,
+                         label_names=label_names(spec.model), evaluation_limit=spec.check.samples)
         reference = LoadedModel(**{**model.__dict__, "module": copy.deepcopy(model.module)})
     report["model"] = {"name": model.name, "architecture": model.info.architecture, "hidden_size": model.info.hidden_size,
                        "parameters": int(sum(p.numel() for p in reference.module.parameters())),
                        "weights_sha256": model.weights_sha256, **model.source}
     report["data"] = {"calibration_samples": len(data.calibration), "evaluation_samples": len(data.evaluation),
-                      "seq_len": int(spec.data.seq_len), "files": data.files}
+                      "seq_len": int(spec.data.seq_len), "files": data.files,
+                      "evaluation_task": data.evaluation_labels.task if data.evaluation_labels else None}
 
     with stage("quantize-torch", timings):
         model = quantize_torch(model, spec, data, work_dir, report["steps"], cache)
@@ -162,10 +164,10 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
 
     if spec.check.enabled:
         with stage("check", timings):
+            # check.samples already limited the evaluation examples at load (pairs stay whole)
             feeds = list(data.evaluation.batches(int(spec.data.batch_size)))
-            if spec.check.samples:
-                feeds = list(_limit(data.evaluation, int(spec.check.samples), int(spec.data.batch_size)))
-            result = run_check(reference_runner(reference), target.runner(engine), feeds, model.task, spec.gate)
+            result = run_check(reference_runner(reference), target.runner(engine), feeds, model.task, spec.gate,
+                               labels=data.evaluation_labels)
             report["check"] = result
 
     if spec.bench.enabled:
@@ -189,13 +191,3 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     if failures:
         raise GateError("; ".join(failures))
     return report
-
-
-def _limit(features, n: int, batch_size: int):
-    count = 0
-    for feed in features.batches(batch_size):
-        if count >= n:
-            return
-        k = min(batch_size, n - count)
-        yield {name: arr[:k] for name, arr in feed.items()}
-        count += k

@@ -78,7 +78,7 @@ def check_run(run_dir, model, recipe, target):
     resolved = OmegaConf.load(run_dir / "recipe.yaml")
     assert resolved.recipe.name == recipe
     gate = resolved.recipe.gate
-    task = report["check"]["task"]
+    task = report["check"]["fidelity"]
     assert report["status"] == "passed" and report["check"]["gate_failures"] == []
     assert task["embedding_cosine_mean"] >= gate.min_embedding_cosine
     assert task["embedding_cosine_mean"] >= TINY_BOUND[recipe], task

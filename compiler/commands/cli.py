@@ -119,16 +119,21 @@ def print_summary(report, run_dir: Path) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     chk = report.get("check", {})
-    for k, v in chk.get("task", {}).items():
+    for k, v in chk.get("fidelity", {}).items():
         table.add_row(k, f"{v:.5f}")
     for name, s in chk.get("per_output", {}).items():
-        table.add_row(f"{name} cosine (mean)", f"{s['cosine_mean']:.6f}")
+        if "cosine_mean" in s:
+            table.add_row(f"{name} cosine (mean)", f"{s['cosine_mean']:.6f}")
         table.add_row(f"{name} max abs diff", f"{s.get('max_absdiff', float('nan')):.4g}")
     bench = report.get("bench", {})
     for k in ("latency_ms_p50", "latency_ms_p90", "samples_per_s", "peak_rss_mb", "artifact_mb"):
         if k in bench:
             table.add_row(k, f"{bench[k]:.3f}")
     console.print(table)
+    if chk.get("task"):
+        from compiler.stages.report import task_line
+
+        console.print(f"task metric: {task_line(chk['task'])}", markup=False, soft_wrap=True)
     for note in report.get("notes") or []:
         console.print(f"note: {note}", style="yellow", markup=False)
     console.print(f"run directory: {run_dir}")

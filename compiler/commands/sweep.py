@@ -148,7 +148,7 @@ def read_run(run_dir: Path, sweep_dir: Optional[Path] = None) -> Row:
     else:
         status = report.get("status") or (GATE if name.endswith(GATE_FAILED) else PASSED)
         reason = report.get("reason", "") or ""
-    bench, task = report.get("bench", {}) or {}, (report.get("check", {}) or {}).get("task", {}) or {}
+    bench, task = report.get("bench", {}) or {}, (report.get("check", {}) or {}).get("fidelity", {}) or {}
     try:
         rel = str(run_dir.relative_to(sweep_dir)) if sweep_dir else str(run_dir)
     except ValueError:

@@ -35,6 +35,11 @@ class DataConfig:
     batch_size: int = 8
     # asking for more samples than the file has: "clamp" (warn and use them all) or "error"
     on_short_data: str = "clamp"
+    # how evaluation_file is read: auto (by extension: .tsv / .jsonl labeled rows, else plain text), text,
+    # paired_text (lines 1-2, 3-4, ... are paraphrases: a retrieval task), tsv, jsonl. A labeled file's
+    # columns name its task: text,label (classification) | sentence1,sentence2,score (STS) | query,positive
+    # (retrieval). The built-in evaluation set is paired_text. Samples count examples (rows).
+    format: str = "auto"
 
 
 @dataclass
@@ -54,6 +59,12 @@ class GateConfig:
     atol: float = 1.0e-1  # Polygraphy per-output absolute tolerance (reported, see strict_tolerance)
     rtol: float = 1.0e-1
     strict_tolerance: bool = False  # also fail the gate on atol/rtol, not only on cosine
+    # largest allowed drop of the task metric against gold labels, fp32 minus target, in the metric's units
+    # (0.005 = 0.5 points); None: reported, not gated. Needs labeled evaluation data.
+    max_task_drop: Optional[float] = None
+    # which task metric the budget is on; None: the task's default (classification: accuracy | macro_f1;
+    # sts: spearman | pearson; retrieval: accuracy_at_1 | mrr -- the first of each is the default)
+    task_metric: Optional[str] = None
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """Check stage: Polygraphy's Comparator runs the target and the fp32 reference on the evaluation set;
-per-output statistics plus task metrics (embedding cosine, top-1 agreement) gate the build."""
+per-output statistics, fidelity metrics (embeddings: cosine and top-1 agreement; classifiers: label agreement,
+KL, logit difference) and task metrics against gold labels (fp32 vs target, with the drop's interval) gate it."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from compiler.core.errors import RecipeError
+from compiler.numerics.metrics import (TASK_METRICS, TaskLabels, classifier_fidelity, compare_task, default_metric,
+                                       embedding_fidelity)
 
 log = logging.getLogger(__name__)
 
@@ -17,17 +22,18 @@ def _quiet_polygraphy():
     G_LOGGER.module_severity = G_LOGGER.CRITICAL
 
 
-def compare_outputs(reference_runner, target_runner, feeds: List[Dict[str, np.ndarray]], gate) -> Dict[str, Any]:
-    """Polygraphy comparison: per output, max/mean abs and rel diff over iterations and mean cosine."""
+def compare_outputs(reference_runner, target_runner, feeds: List[Dict[str, np.ndarray]], gate,
+                    cosine: bool = True) -> Dict[str, Any]:
+    """Polygraphy comparison: per output, max/mean abs and rel diff over iterations and (cosine=True) mean
+    cosine; classifiers pass cosine=False, the cosine of a 2-value logit vector being no statistic of them."""
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SimpleCompareFunc
 
     _quiet_polygraphy()
     results = Comparator.run([reference_runner, target_runner], data_loader=feeds)
-    funcs = [
-        SimpleCompareFunc(atol=float(gate.atol), rtol=float(gate.rtol), check_error_stat="median"),
-        CosineSimilarityCompareFunc(cosine_similarity_threshold=float(gate.min_output_cosine)),
-    ]
+    funcs = [SimpleCompareFunc(atol=float(gate.atol), rtol=float(gate.rtol), check_error_stat="median")]
+    if cosine:
+        funcs.append(CosineSimilarityCompareFunc(cosine_similarity_threshold=float(gate.min_output_cosine)))
     accuracy = Comparator.compare_accuracy(results, compare_func=funcs)
     per_output: Dict[str, Dict[str, Any]] = {}
     for acc in accuracy:
@@ -53,8 +59,9 @@ def compare_outputs(reference_runner, target_runner, feeds: List[Dict[str, np.nd
             if k in stats:
                 stats[k] /= n
         cos = stats.pop("_cos", [])
-        stats["cosine_mean"] = float(np.mean(cos)) if cos else float("nan")
-        stats["cosine_min"] = float(np.min(cos)) if cos else float("nan")
+        if cosine:
+            stats["cosine_mean"] = float(np.mean(cos)) if cos else float("nan")
+            stats["cosine_min"] = float(np.min(cos)) if cos else float("nan")
     ref_name, tgt_name = reference_runner.name, target_runner.name
     outputs = {
         "reference": {n: np.concatenate([r[n] for r in results[ref_name]], axis=0) for n in reference_runner.output_names},
@@ -63,57 +70,80 @@ def compare_outputs(reference_runner, target_runner, feeds: List[Dict[str, np.nd
     return {"per_output": per_output, "outputs": outputs}
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
+def validate_gate(gate, task: Optional[str], where: str) -> None:
+    """Validate-time: the task budget is a non-negative number and its metric fits the evaluation task
+    (task None: plain-text evaluation data, which has no task metric). where names the data file."""
+    if gate.max_task_drop is not None and gate.max_task_drop < 0:
+        raise RecipeError("recipe.gate.max_task_drop", f"{gate.max_task_drop} is below 0",
+                          "give the largest allowed drop (fp32 minus target) in the metric's units, e.g. 0.005")
+    for key in ("max_task_drop", "task_metric"):
+        if getattr(gate, key) is not None and task is None:
+            raise RecipeError(f"recipe.gate.{key}", f"needs gold labels but {where} is plain text",
+                              "give data.evaluation_file with labels (TSV/JSONL columns text,label | "
+                              "sentence1,sentence2,score | query,positive) or leave the key unset")
+    if gate.task_metric is not None and gate.task_metric not in TASK_METRICS[task]:
+        raise RecipeError("recipe.gate.task_metric", f"{gate.task_metric!r} does not fit the {task} task of {where}",
+                          f"use one of {', '.join(TASK_METRICS[task])}")
 
 
-def embedding_metrics(ref: np.ndarray, tgt: np.ndarray) -> Dict[str, float]:
-    """Mean cosine of target vs reference embeddings; retrieval top-1 agreement (each sentence's nearest
-    other sentence is the same under both)."""
-    r, t = _normalize(ref), _normalize(tgt)
-    cos = np.sum(r * t, axis=-1)
-    def top1(e):
-        s = e @ e.T
-        np.fill_diagonal(s, -np.inf)
-        return np.argmax(s, axis=1)
-    agree = float(np.mean(top1(r) == top1(t))) if len(r) > 1 else 1.0
-    return {"embedding_cosine_mean": float(np.mean(cos)), "embedding_cosine_min": float(np.min(cos)),
-            "top1_agreement": agree}
+def fidelity_metrics(task_kind: str, reference: Dict[str, np.ndarray], target: Dict[str, np.ndarray]
+                     ) -> Dict[str, float]:
+    if task_kind == "classification":
+        return classifier_fidelity(reference["logits"], target["logits"])
+    return embedding_fidelity(reference["sentence_embedding"], target["sentence_embedding"])
 
 
-def classification_metrics(ref: np.ndarray, tgt: np.ndarray) -> Dict[str, float]:
-    r, t = ref.astype(np.float64), tgt.astype(np.float64)
-    cos = np.sum(_normalize(r) * _normalize(t), axis=-1)
-    return {"embedding_cosine_mean": float(np.mean(cos)), "embedding_cosine_min": float(np.min(cos)),
-            "top1_agreement": float(np.mean(np.argmax(r, -1) == np.argmax(t, -1)))}
+def task_result(labels: TaskLabels, reference: Dict[str, np.ndarray], target: Dict[str, np.ndarray], gate
+                ) -> Dict[str, Any]:
+    """Every metric of the task on fp32 and target, the drop and its paired-bootstrap 95% interval."""
+    metric = gate.task_metric or default_metric(labels.task)
+    return {"task": labels.task, "examples": len(labels), "metric": metric, "max_task_drop": gate.max_task_drop,
+            "metrics": compare_task(labels, reference[labels.output], target[labels.output])}
 
 
-def gate_failures(per_output: Dict[str, Dict[str, Any]], task: Dict[str, float], gate) -> List[str]:
+def gate_failures(per_output: Dict[str, Dict[str, Any]], fidelity: Dict[str, float], gate,
+                  task: Optional[Dict[str, Any]] = None) -> List[str]:
     """Each failure names the output or metric, the statistic, the value and the threshold."""
     fails = []
     for name, s in per_output.items():
-        if s["cosine_mean"] < gate.min_output_cosine or not np.isfinite(s["cosine_mean"]):
+        if "cosine_mean" in s and (s["cosine_mean"] < gate.min_output_cosine or not np.isfinite(s["cosine_mean"])):
             fails.append(f"output {name}: cosine {s['cosine_mean']:.5f} < {gate.min_output_cosine} "
                          f"(short by {gate.min_output_cosine - s['cosine_mean']:.5f})")
         if gate.strict_tolerance and not s["tolerance_passed"]:
             fails.append(f"output {name}: median abs diff {s.get('median_absdiff', float('nan')):.4g} / max abs diff "
                          f"{s.get('max_absdiff', float('nan')):.4g} beyond atol={gate.atol} rtol={gate.rtol}")
-    if task["embedding_cosine_mean"] < gate.min_embedding_cosine or not np.isfinite(task["embedding_cosine_mean"]):
-        fails.append(f"task: mean embedding cosine {task['embedding_cosine_mean']:.5f} < {gate.min_embedding_cosine} "
-                     f"(short by {gate.min_embedding_cosine - task['embedding_cosine_mean']:.5f})")
-    if task["top1_agreement"] < gate.min_top1_agreement:
-        fails.append(f"task: top-1 agreement {task['top1_agreement']:.4f} < {gate.min_top1_agreement} "
-                     f"(short by {gate.min_top1_agreement - task['top1_agreement']:.4f})")
+    if "embedding_cosine_mean" in fidelity:
+        cos = fidelity["embedding_cosine_mean"]
+        if cos < gate.min_embedding_cosine or not np.isfinite(cos):
+            fails.append(f"fidelity: mean embedding cosine {cos:.5f} < {gate.min_embedding_cosine} "
+                         f"(short by {gate.min_embedding_cosine - cos:.5f})")
+        if fidelity["top1_agreement"] < gate.min_top1_agreement:
+            fails.append(f"fidelity: retrieval top-1 agreement {fidelity['top1_agreement']:.4f} < "
+                         f"{gate.min_top1_agreement} (short by {gate.min_top1_agreement - fidelity['top1_agreement']:.4f})")
+    if "label_agreement" in fidelity and not fidelity["label_agreement"] >= gate.min_top1_agreement:
+        fails.append(f"fidelity: label agreement {fidelity['label_agreement']:.4f} < {gate.min_top1_agreement} "
+                     f"(short by {gate.min_top1_agreement - fidelity['label_agreement']:.4f})")
+    if task is not None and gate.max_task_drop is not None:
+        m = task["metric"]
+        r = task["metrics"][m]
+        lo, hi = r["drop_ci95"]
+        if not r["drop"] <= gate.max_task_drop:
+            fails.append(f"task: {task['task']} {m} dropped {r['drop']:.4f} (fp32 {r['fp32']:.4f} -> target "
+                         f"{r['target']:.4f}, 95% interval of the drop [{lo:.4f}, {hi:.4f}]) > max_task_drop "
+                         f"{gate.max_task_drop}")
     return fails
 
 
-def run_check(reference_runner, target_runner, feeds: List[Dict[str, np.ndarray]], task_kind: str, gate
-              ) -> Dict[str, Any]:
-    cmp = compare_outputs(reference_runner, target_runner, feeds, gate)
-    key = "logits" if task_kind == "classification" else "sentence_embedding"
-    metrics_fn = classification_metrics if task_kind == "classification" else embedding_metrics
-    task = metrics_fn(cmp["outputs"]["reference"][key], cmp["outputs"]["target"][key])
-    fails = gate_failures(cmp["per_output"], task, gate)
-    return {"per_output": cmp["per_output"], "task": task, "gate_failures": fails, "passed": not fails,
-            "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+def run_check(reference_runner, target_runner, feeds: List[Dict[str, np.ndarray]], task_kind: str, gate,
+              labels: Optional[TaskLabels] = None) -> Dict[str, Any]:
+    """task_kind is the model's (embedding | classification); labels the evaluation rows' gold labels."""
+    cmp = compare_outputs(reference_runner, target_runner, feeds, gate, cosine=task_kind != "classification")
+    ref, tgt = cmp["outputs"]["reference"], cmp["outputs"]["target"]
+    fidelity = fidelity_metrics(task_kind, ref, tgt)
+    task = task_result(labels, ref, tgt, gate) if labels is not None else None
+    fails = gate_failures(cmp["per_output"], fidelity, gate, task)
+    out = {"per_output": cmp["per_output"], "fidelity": fidelity, "gate_failures": fails, "passed": not fails,
+           "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+    if task is not None:
+        out["task"] = task
+    return out

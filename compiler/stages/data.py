@@ -1,21 +1,35 @@
-"""Calibration and evaluation data: sentences read from text files, tokenized into fixed-length feeds."""
+"""Calibration and evaluation data: sentences (plain text) or labeled rows (TSV / JSONL: classification, STS,
+retrieval) read from files, tokenized into fixed-length feeds, with the gold labels the check scores."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from compiler.core.paths import BUILTIN_DATA_DIR
 from compiler.core.errors import BuildError, RecipeError
+from compiler.core.paths import BUILTIN_DATA_DIR
+from compiler.numerics.metrics import TaskLabels
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = BUILTIN_DATA_DIR
+
+# data.format: how evaluation_file is read. auto: by extension (.tsv, .jsonl, anything else plain text);
+# the built-in evaluation set is paired_text (lines 1-2, 3-4, ... are paraphrases of each other).
+FORMATS = ("auto", "text", "paired_text", "tsv", "jsonl")
+# a labeled file's columns (TSV header / JSONL keys) say its task
+TASK_COLUMNS: Dict[str, Tuple[str, ...]] = {
+    "classification": ("text", "label"),
+    "sts": ("sentence1", "sentence2", "score"),
+    "retrieval": ("query", "positive"),
+}
+_EXPECTED = " | ".join(",".join(c) for c in TASK_COLUMNS.values())
 
 
 @dataclass
@@ -46,47 +60,243 @@ class Dataset:
     evaluation: Features
     files: Dict[str, str]  # role -> path
     files_sha256: Dict[str, str]
+    # gold labels scored on evaluation's rows (None: plain text, fidelity only)
+    evaluation_labels: Optional[TaskLabels] = None
 
 
-def read_sentences(path: Path, key: str) -> List[str]:
+@dataclass
+class Rows:
+    """A data file parsed: task None (plain sentences) or a labeled task, one tuple of fields per example."""
+
+    path: Path
+    task: Optional[str]
+    examples: List[tuple]
+    lines: List[int]  # 1-based line of each example, for error messages
+    paired: bool = False  # paired_text: example 2k and 2k+1 are each other's gold partner
+    digest: str = ""
+
+    def texts(self) -> List[str]:
+        """Every sentence of the rows (what calibration feeds the model)."""
+        if self.task is None or self.paired:
+            return [e[0] for e in self.examples]
+        if self.task == "classification":
+            return [e[0] for e in self.examples]
+        return [t for e in self.examples for t in e[:2]]
+
+
+def _read_lines(path: Path, key: str) -> List[Tuple[int, str]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise RecipeError(key, f"cannot read {path}: {e.strerror}", "give an existing UTF-8 text file, one sentence per line") from e
     except UnicodeDecodeError as e:
         raise RecipeError(key, f"{path} is not UTF-8 text", "save it as UTF-8, one sentence per line") from e
-    return [ln.strip() for ln in lines if ln.strip()]
+    return [(i, ln.strip()) for i, ln in enumerate(lines, 1) if ln.strip()]
+
+
+def read_sentences(path: Path, key: str) -> List[str]:
+    return [ln for _, ln in _read_lines(path, key)]
+
+
+def _task_of(columns, path: Path, where: str, key: str) -> str:
+    for task, cols in TASK_COLUMNS.items():
+        if set(cols) <= set(columns):
+            return task
+    raise RecipeError(key, f"{path}:{where}: columns {', '.join(map(str, columns)) or '(none)'} name no task",
+                      f"use the columns {_EXPECTED}")
+
+
+def _fields(row: Dict[str, object], task: str, path: Path, line: int, key: str) -> tuple:
+    cols = TASK_COLUMNS[task]
+    values = []
+    for c in cols:
+        v = row.get(c)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise RecipeError(key, f"{path}:{line}: empty or missing {c!r}", f"every row needs {', '.join(cols)}")
+        values.append(v.strip() if isinstance(v, str) else v)
+    if task == "sts":
+        try:
+            values[2] = float(values[2])
+        except (TypeError, ValueError):
+            raise RecipeError(key, f"{path}:{line}: score {values[2]!r} is not a number",
+                              "give the gold similarity as a number, e.g. 3.8") from None
+        if not np.isfinite(values[2]):
+            raise RecipeError(key, f"{path}:{line}: score {values[2]!r} is not finite", "give a finite number")
+    if task == "classification":
+        values[1] = str(values[1])
+    for c, v in zip(cols, values):
+        if c != "score" and c != "label" and not isinstance(v, str):
+            raise RecipeError(key, f"{path}:{line}: {c!r} is {type(v).__name__}, not text", f"give {c} as a string")
+    return tuple(values)
+
+
+def _format_of(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return {".tsv": "tsv", ".jsonl": "jsonl"}.get(path.suffix.lower(), "text")
+
+
+def read_rows(path: Path, fmt: str, key: str) -> Rows:
+    """Parse a data file; a malformed row is a RecipeError naming the file, the line and what was expected."""
+    lines = _read_lines(path, key)
+    digest = hashlib.sha256("\n".join(ln for _, ln in lines).encode()).hexdigest()
+    fmt = _format_of(path, fmt)
+    if fmt in ("text", "paired_text"):
+        rows = Rows(path, None, [(ln,) for _, ln in lines], [i for i, _ in lines], digest=digest)
+        if fmt == "paired_text":
+            if len(lines) % 2:
+                raise RecipeError(key, f"{path}:{lines[-1][0]}: paired_text needs an even number of sentences "
+                                  f"(lines 1-2, 3-4, ... are pairs); this last one has no partner",
+                                  "add its paraphrase on the next line or remove it")
+            rows.task, rows.paired = "retrieval", True
+        return rows
+    if fmt == "tsv":
+        if not lines:
+            return Rows(path, None, [], [], digest=digest)
+        header_line, header = lines[0][0], lines[0][1].split("\t")
+        header = [h.strip() for h in header]
+        task = _task_of(header, path, f"{header_line} (header)", key)
+        examples, at = [], []
+        for i, ln in lines[1:]:
+            parts = ln.split("\t")
+            if len(parts) != len(header):
+                raise RecipeError(key, f"{path}:{i}: {len(parts)} tab-separated fields, expected {len(header)} "
+                                  f"({', '.join(header)})", "fix that row (one tab between fields, no tabs inside)")
+            examples.append(_fields(dict(zip(header, parts)), task, path, i, key))
+            at.append(i)
+        return Rows(path, task, examples, at, digest=digest)
+    if fmt == "jsonl":
+        task, examples, at = None, [], []
+        for i, ln in lines:
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise RecipeError(key, f"{path}:{i}: not a JSON object ({e.msg})",
+                                  f"write one object per line with the keys {_EXPECTED}") from None
+            if not isinstance(row, dict):
+                raise RecipeError(key, f"{path}:{i}: a JSON {type(row).__name__}, not an object",
+                                  f"write one object per line with the keys {_EXPECTED}")
+            if task is None:
+                task = _task_of(sorted(row), path, str(i), key)
+            examples.append(_fields(row, task, path, i, key))
+            at.append(i)
+        return Rows(path, task, examples, at, digest=digest)
+    raise RecipeError("data.format", f"bad value {fmt!r}", f"use one of {', '.join(FORMATS)}")
+
+
+def label_ids(label_names: Dict[int, str]) -> Dict[str, int]:
+    """Label text -> class id: a row's label may be the class name (config id2label) or its id."""
+    ids = {str(i): int(i) for i in label_names}
+    ids.update({str(name): int(i) for i, name in label_names.items()})
+    return ids
+
+
+def check_labels(rows: Rows, key: str, model_task: str, label_names: Optional[Dict[int, str]]) -> None:
+    """The rows' task fits the model, and every classification label is in the model's label set."""
+    if rows.task is None:
+        return
+    if rows.task == "classification":
+        if model_task != "classification":
+            raise RecipeError(key, f"{rows.path} holds classification rows (text, label) but model.task={model_task}",
+                              "set model.task=classification for a classifier, or give sentence pairs / plain text")
+        if not label_names:
+            raise RecipeError(key, f"{rows.path} holds labels but the model's config names no labels (id2label)",
+                              "save the classifier with its id2label / label2id in config.json")
+        ids = label_ids(label_names)
+        for (_, label), line in zip(rows.examples, rows.lines):
+            if label not in ids:
+                names = ", ".join(f"{i}={n}" for i, n in sorted(label_names.items()))
+                raise RecipeError(key, f"{rows.path}:{line}: label {label!r} is not in the model's label set ({names})",
+                                  "use one of those names or ids, or fix the row")
+    elif model_task == "classification":
+        raise RecipeError(key, f"{rows.path} holds {rows.task} rows, scored on sentence embeddings, but model.task="
+                          "classification outputs logits", "give (text, label) rows for a classifier")
+
+
+def _take_count(n: int, available: int, key: str, role: str, path: Path, policy: str, unit: str) -> int:
+    if available == 0:
+        raise BuildError(f"data.{role}_file: {path} holds no {unit}; {role} needs at least one")
+    if n > available:
+        if policy == "error":
+            raise RecipeError(key, f"{n} samples asked but {path.name} has {available}",
+                              f"set {key}<={available} or data.on_short_data=clamp")
+        log.warning("%s=%d but %s has only %d %s: using all %d", key, n, path.name, available, unit, available)
+        return available
+    return n
 
 
 def _take(sentences: List[str], n: int, key: str, role: str, path: Path, policy: str) -> List[str]:
-    if not sentences:
-        raise BuildError(f"data.{role}_file: {path} holds no sentences; {role} needs at least one")
-    if n > len(sentences):
-        if policy == "error":
-            raise RecipeError(key, f"{n} samples asked but {path.name} has {len(sentences)}",
-                              f"set {key}<={len(sentences)} or data.on_short_data=clamp")
-        log.warning("%s=%d but %s has only %d sentences: using all %d", key, n, path.name, len(sentences),
-                    len(sentences))
-        return sentences
-    return sentences[:n]
+    return sentences[:_take_count(n, len(sentences), key, role, path, policy, "sentences")]
 
 
-def check_data_files(cfg, need_calibration: bool = True) -> None:
-    """Validate-time look at the data files (text only, no tokenizer): an empty file, or fewer
-    sentences than asked with data.on_short_data=error, is a recipe error before any model loads."""
+def evaluation_set(rows: Rows, n: int, label_names: Optional[Dict[int, str]] = None
+                   ) -> Tuple[List[str], Optional[TaskLabels]]:
+    """The first n examples as the texts to run (in order) and the gold labels indexing them."""
+    ex = rows.examples[:n]
+    if rows.task is None:
+        return [e[0] for e in ex], None
+    if rows.paired:  # each sentence is a query; its gold partner is the other line of its pair
+        ex = ex[:len(ex) - len(ex) % 2]
+        idx = np.arange(len(ex))
+        return [e[0] for e in ex], TaskLabels("retrieval", queries=idx, candidates=idx, gold=idx ^ 1)
+    if rows.task == "classification":
+        ids = label_ids(label_names or {})
+        names = tuple(str(label_names[i]) for i in sorted(label_names)) if label_names else ()
+        return [e[0] for e in ex], TaskLabels("classification", labels=np.array([ids[e[1]] for e in ex], np.int64),
+                                              label_names=names)
+    texts = [t for e in ex for t in e[:2]]
+    k = np.arange(len(ex))
+    if rows.task == "sts":
+        return texts, TaskLabels("sts", pairs=np.stack([2 * k, 2 * k + 1], axis=1),
+                                 scores=np.array([e[2] for e in ex], np.float64))
+    # query i at row 2i retrieves among all positives (rows 2j+1); its gold is its own positive
+    return texts, TaskLabels("retrieval", queries=2 * k, candidates=2 * k + 1, gold=k)
+
+
+def data_file(cfg, role: str) -> Path:
+    given = getattr(cfg, f"{role}_file")
+    return Path(given).expanduser() if given else BUILTIN_DIR / f"{role}.txt"
+
+
+def file_format(cfg, role: str) -> str:
+    """data.format applies to evaluation_file; calibration files go by extension; built-in evaluation is paired."""
+    if role == "evaluation" and not cfg.evaluation_file and cfg.format == "auto":
+        return "paired_text"
+    return cfg.format if role == "evaluation" else "auto"
+
+
+def read_data_file(cfg, role: str) -> Rows:
+    return read_rows(data_file(cfg, role), file_format(cfg, role), f"data.{role}_file")
+
+
+def check_data_files(cfg, need_calibration: bool = True, model_task: str = "embedding",
+                     label_names: Optional[Dict[int, str]] = None) -> Optional[str]:
+    """Validate-time look at the data files (no tokenizer, no weights): malformed rows, labels outside the
+    model's label set, an empty file, or fewer examples than asked with data.on_short_data=error are recipe
+    errors before any model loads. Returns the evaluation task (None: plain text)."""
+    if cfg.format not in FORMATS:
+        raise RecipeError("data.format", f"bad value {cfg.format!r}", f"use one of {', '.join(FORMATS)}")
+    task = None
     for role in ("calibration", "evaluation"):
         path = data_file(cfg, role)
         key = f"data.{role}_file"
-        sentences = read_sentences(path, key)
-        if not sentences:
+        rows = read_data_file(cfg, role)
+        if not rows.examples:
             raise RecipeError(key, f"{path} holds no sentences",
                               "give a UTF-8 text file with one sentence per line")
-        if role == "calibration" and not need_calibration:
-            continue
+        if role == "evaluation":
+            check_labels(rows, key, model_task, label_names)
+            task = rows.task
+            available = len(rows.examples)
+        else:
+            if not need_calibration:
+                continue
+            available = len(rows.texts())
         n = int(getattr(cfg, f"{role}_samples"))
-        if n > len(sentences) and cfg.on_short_data == "error":
-            raise RecipeError(f"data.{role}_samples", f"{n} samples asked but {path.name} has {len(sentences)}",
-                              f"set data.{role}_samples<={len(sentences)} or data.on_short_data=clamp")
+        if n > available and cfg.on_short_data == "error":
+            raise RecipeError(f"data.{role}_samples", f"{n} samples asked but {path.name} has {available}",
+                              f"set data.{role}_samples<={available} or data.on_short_data=clamp")
+    return task
 
 
 def tokenize(tokenizer, texts: List[str], seq_len: int, input_names: List[str]) -> Features:
@@ -102,25 +312,32 @@ def tokenize(tokenizer, texts: List[str], seq_len: int, input_names: List[str]) 
     return Features(texts=list(texts), arrays=arrays)
 
 
-def data_file(cfg, role: str) -> Path:
-    given = getattr(cfg, f"{role}_file")
-    return Path(given).expanduser() if given else BUILTIN_DIR / f"{role}.txt"
-
-
-def load_data(cfg, tokenizer, input_names: List[str], need_calibration: bool = True) -> Dataset:
-    """Load stage for data. cfg is the `data` section."""
+def load_data(cfg, tokenizer, input_names: List[str], need_calibration: bool = True,
+              label_names: Optional[Dict[int, str]] = None, evaluation_limit: Optional[int] = None) -> Dataset:
+    """Load stage for data. cfg is the `data` section; label_names the model's id2label (classifiers);
+    evaluation_limit (check.samples) takes fewer evaluation examples than data.evaluation_samples."""
     files, hashes, feats = {}, {}, {}
+    labels = None
     for role in ("calibration", "evaluation"):
         path = data_file(cfg, role)
         files[role] = str(path)
-        sentences = read_sentences(path, f"data.{role}_file")
-        hashes[role] = hashlib.sha256("\n".join(sentences).encode()).hexdigest()
+        rows = read_data_file(cfg, role)
+        hashes[role] = rows.digest
         n = int(getattr(cfg, f"{role}_samples"))
-        if role == "calibration" and not need_calibration:
-            n = min(n, len(sentences)) or 1
-        chosen = _take(sentences, n, f"data.{role}_samples", role, path, cfg.on_short_data)
+        key = f"data.{role}_samples"
+        if role == "calibration":
+            sentences = rows.texts()
+            if not need_calibration:
+                n = min(n, len(sentences)) or 1
+            chosen = _take(sentences, n, key, role, path, cfg.on_short_data)
+        else:
+            n = _take_count(n, len(rows.examples), key, role, path, cfg.on_short_data,
+                            "examples" if rows.task else "sentences")
+            if evaluation_limit:
+                n = min(n, int(evaluation_limit))
+            chosen, labels = evaluation_set(rows, n, label_names)
+            if not chosen:
+                raise BuildError(f"data.evaluation_samples: {n} example(s) of {path} make no complete pair")
         feats[role] = tokenize(tokenizer, chosen, int(cfg.seq_len), input_names)
     return Dataset(calibration=feats["calibration"], evaluation=feats["evaluation"], files=files,
-                   files_sha256=hashes)
-
-
+                   files_sha256=hashes, evaluation_labels=labels)

@@ -124,6 +124,23 @@ def model_info(cfg) -> ModelInfo:
     )
 
 
+def label_names(cfg) -> Optional[Dict[int, str]]:
+    """A classifier's label set (class id -> name) from its config's id2label, read without the weights;
+    None for embedding models or a config that names no labels."""
+    if cfg.task != "classification":
+        return None
+    if cfg.source == "tiny":
+        raw = dict(getattr(_tiny_config(cfg), "id2label", None) or {})
+    else:
+        path = resolve_model_dir(cfg)
+        try:
+            raw = json.loads((path / "config.json").read_text()).get("id2label") or {}
+        except (OSError, json.JSONDecodeError) as e:
+            raise RecipeError("model.path", f"cannot read {path / 'config.json'}: {e}",
+                              "give a directory with a valid config.json") from e
+    return {int(k): str(v) for k, v in raw.items()} or None
+
+
 def state_dict_sha256(module) -> str:
     """Content hash of a module's weights, independent of file format (names sorted, raw bytes)."""
     import torch

@@ -38,6 +38,44 @@ def _fmt(v, nd=4):
     return str(v)
 
 
+def _fidelity_rows(chk: Dict[str, Any], gate: Dict[str, Any]):
+    f = chk.get("fidelity", {}) or {}
+    if "label_agreement" in f:  # a classifier: its logits are compared as distributions, never by cosine
+        return [("label agreement with fp32", f.get("label_agreement"), f">= {gate.get('min_top1_agreement')}"),
+                ("mean KL(softmax(target) || softmax(fp32)), nats", f.get("kl_target_reference_mean"), ""),
+                ("max abs logit difference", f.get("max_abs_logit_diff"), "")]
+    return [("mean embedding cosine to fp32", f.get("embedding_cosine_mean"), f">= {gate.get('min_embedding_cosine')}"),
+            ("min embedding cosine to fp32", f.get("embedding_cosine_min"), ""),
+            ("retrieval top-1 agreement with fp32", f.get("top1_agreement"), f">= {gate.get('min_top1_agreement')}")]
+
+
+def task_line(task: Dict[str, Any]) -> str:
+    """One line for the gated (or default) task metric: fp32 / target / drop with its 95% interval."""
+    m = task["metric"]
+    r = task["metrics"][m]
+    lo, hi = r["drop_ci95"]
+    budget = task.get("max_task_drop")
+    return (f"{task['task']} {m}: fp32 {_fmt(r['fp32'])} / target {_fmt(r['target'])} / drop {_fmt(r['drop'])} "
+            f"(95% interval [{_fmt(lo)}, {_fmt(hi)}], {task['examples']} examples"
+            + (f", budget {budget})" if budget is not None else ", not gated)"))
+
+
+def _task_lines(task) -> list:
+    if not task:
+        return []
+    budget = task.get("max_task_drop")
+    lines = [f"### Task metrics against gold labels ({task['task']}, {task['examples']} examples)", "",
+             "Drop = fp32 - target; its 95% interval is a paired bootstrap over the examples (1000 resamples, "
+             "seed 0): an interval that holds 0 is within noise.", "",
+             "| metric | fp32 | target | drop | 95% interval of the drop | budget |", "|---|---|---|---|---|---|"]
+    for m, r in task["metrics"].items():
+        lo, hi = r["drop_ci95"]
+        gated = m == task["metric"] and budget is not None
+        lines.append(f"| {m} | {_fmt(r['fp32'])} | {_fmt(r['target'])} | {_fmt(r['drop'])} | [{_fmt(lo)}, {_fmt(hi)}] | "
+                     f"{'<= ' + str(budget) if gated else ''} |")
+    return lines + [""]
+
+
 def render_markdown(report: Dict[str, Any]) -> str:
     b = report.get("build", {})
     lines = [f"# qcompile: {b.get('model')} / {b.get('recipe')} / {b.get('target')}", ""]
@@ -62,11 +100,10 @@ def render_markdown(report: Dict[str, Any]) -> str:
             lines.append(f"| {name} | {_fmt(s.get('cosine_mean'), 6)} | {_fmt(s.get('cosine_min'), 6)} | "
                          f"{_fmt(s.get('max_absdiff'))} | {_fmt(s.get('mean_absdiff'))} | {_fmt(s.get('median_absdiff'))} | "
                          f"{'yes' if s.get('tolerance_passed') else 'no'} |")
-        t = chk.get("task", {})
-        lines += ["", "| task metric | value | gate |", "|---|---|---|",
-                  f"| mean embedding cosine to fp32 | {_fmt(t.get('embedding_cosine_mean'), 6)} | >= {gate.get('min_embedding_cosine')} |",
-                  f"| min embedding cosine to fp32 | {_fmt(t.get('embedding_cosine_min'), 6)} | |",
-                  f"| top-1 agreement with fp32 | {_fmt(t.get('top1_agreement'))} | >= {gate.get('min_top1_agreement')} |", ""]
+        lines += ["", "| fidelity to fp32 | value | gate |", "|---|---|---|"]
+        lines += [f"| {label} | {_fmt(value, 6)} | {bound} |" for label, value, bound in _fidelity_rows(chk, gate)]
+        lines.append("")
+        lines += _task_lines(chk.get("task"))
         if chk.get("gate_failures"):
             lines += ["### Gate failures", ""] + [f"- {f}" for f in chk["gate_failures"]] + [""]
         else:

@@ -175,9 +175,13 @@ def validate(cfg: DictConfig) -> BuildSpec:
     for step in steps:  # checks that depend on the export settings (fp8 on ort needs opset >= 19)
         if hasattr(step, "validate_export"):
             step.validate_export(typed["export"], target.name)
-    from compiler.stages.data import check_data_files
+    from compiler.stages.check import validate_gate
+    from compiler.stages.data import check_data_files, data_file
+    from compiler.stages.models import label_names
 
-    check_data_files(data, need_calibration=any(s.needs_calibration for s in steps))
+    eval_task = check_data_files(data, need_calibration=any(s.needs_calibration for s in steps),
+                                 model_task=model.task, label_names=label_names(model))
+    validate_gate(gate, eval_task, str(data_file(data, "evaluation")))
     tgt = get_target(target.name)(target)
     tgt.check_environment(recipe_node)
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],

@@ -21,7 +21,7 @@ from tests.conftest import FAST, REPO
 def _report(model, recipe, target, status, ms, cos, top1, mb, rss, reason=None, cache=None):
     r = {"build": {"model": model, "recipe": recipe, "target": target}, "status": status,
          "bench": {"ms_per_sample": ms, "samples_per_s": 1000.0 / ms, "artifact_mb": mb, "peak_rss_mb": rss},
-         "check": {"task": {"embedding_cosine_mean": cos, "top1_agreement": top1}},
+         "check": {"fidelity": {"embedding_cosine_mean": cos, "top1_agreement": top1}},
          "cache": cache or {"enabled": False}}
     if reason:
         r["reason"] = reason
@@ -197,7 +197,7 @@ def test_real_parallel_multirun_writes_the_summary(qcompile, tmp_path):
         assert float(row["ms_per_sample"]) == report["bench"]["ms_per_sample"] > 0
         assert float(row["samples_per_s"]) == report["bench"]["samples_per_s"] > 0
         assert float(row["peak_rss_mb"]) == report["bench"]["peak_rss_mb"] > 50
-        assert float(row["embedding_cosine"]) == report["check"]["task"]["embedding_cosine_mean"]
+        assert float(row["embedding_cosine"]) == report["check"]["fidelity"]["embedding_cosine_mean"]
         engine = {"torch": ["engine.pt"], "ort": ["engine.ort.onnx"]}[row["target"]]
         assert float(row["artifact_mb"]) == pytest.approx(sum((run / e).stat().st_size for e in engine) / 1e6)
     by = {(r["recipe"], r["target"]): r for r in rows}

@@ -7,7 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from compiler.stages.check import embedding_metrics, gate_failures, run_check
+from compiler.numerics.metrics import embedding_fidelity
+from compiler.stages.check import gate_failures, run_check
 from compiler.core.feeds import synthetic_feed
 from compiler.stages.data import load_data
 from compiler.core.errors import BuildError, RecipeError
@@ -97,11 +98,11 @@ def test_export_failure_is_a_build_error(tmp_path, tiny_bert):
 def test_embedding_metrics_on_known_values():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(20, 16))
-    m = embedding_metrics(ref, ref)
+    m = embedding_fidelity(ref, ref)
     assert m["embedding_cosine_mean"] == pytest.approx(1.0) and m["top1_agreement"] == 1.0
     flipped = ref.copy()
     flipped[0] *= -1
-    m2 = embedding_metrics(ref, flipped)
+    m2 = embedding_fidelity(ref, flipped)
     assert m2["embedding_cosine_min"] == pytest.approx(-1.0)
     assert m2["embedding_cosine_mean"] == pytest.approx((19 - 1) / 20)
 
@@ -132,8 +133,8 @@ def test_gate_failure_messages_name_metric_and_shortfall():
     fails = gate_failures({"y": {"cosine_mean": 0.95, "tolerance_passed": True}},
                           {"embedding_cosine_mean": 0.97, "top1_agreement": 0.5}, GateConfig())
     assert fails == ["output y: cosine 0.95000 < 0.98 (short by 0.03000)",
-                     "task: mean embedding cosine 0.97000 < 0.99 (short by 0.02000)",
-                     "task: top-1 agreement 0.5000 < 0.9 (short by 0.4000)"]
+                     "fidelity: mean embedding cosine 0.97000 < 0.99 (short by 0.02000)",
+                     "fidelity: retrieval top-1 agreement 0.5000 < 0.9 (short by 0.4000)"]
 
 
 def test_report_and_manifest(tmp_path):
@@ -141,7 +142,7 @@ def test_report_and_manifest(tmp_path):
     report = {"build": {"model": "m", "recipe": "r", "target": "ort"}, "status": "passed",
               "check": {"samples": 4, "per_output": {"y": {"cosine_mean": 0.999, "cosine_min": 0.99,
                                                           "max_absdiff": 0.1, "tolerance_passed": True}},
-                        "task": {"embedding_cosine_mean": 0.995, "top1_agreement": 1.0}, "gate_failures": []},
+                        "fidelity": {"embedding_cosine_mean": 0.995, "top1_agreement": 1.0}, "gate_failures": []},
               "bench": {"latency_ms_p50": 1.5, "artifact_mb": 2.0, "nan": float("nan")}}
     write_report(tmp_path, report)
     assert json.loads((tmp_path / "report.json").read_text())["bench"]["nan"] == "nan"
@@ -157,5 +158,5 @@ def test_report_and_manifest(tmp_path):
 
 def test_report_markdown_lists_gate_failures():
     md = render_markdown({"build": {}, "status": "gate failed", "reason": "x",
-                          "check": {"per_output": {}, "task": {}, "gate_failures": ["output y: cosine 0.5 < 0.9"]}})
+                          "check": {"per_output": {}, "fidelity": {}, "gate_failures": ["output y: cosine 0.5 < 0.9"]}})
     assert "### Gate failures" in md and "- output y: cosine 0.5 < 0.9" in md

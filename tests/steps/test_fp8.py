@@ -102,4 +102,4 @@ def test_cli_tiny_bert_ort(qcompile):
     ops = report["onnx"]["ops"]
     assert not any(k.startswith("trt::") for k in ops) and ops["QuantizeLinear"] == 12
     assert report["steps"]["fp8"]["input_quantizers"] == 12
-    assert report["check"]["task"]["embedding_cosine_mean"] > 0.995
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] > 0.995

@@ -163,5 +163,5 @@ def test_cli_tiny_bert_ort(qcompile):
     assert step["excluded_layers"] == ["inner.encoder.layer.0.output.dense", "inner.encoder.layer.1.output.dense",
                                        "inner.pooler.dense"]
     assert report["onnx"]["ops"]["QuantizeLinear"] == 10
-    assert report["check"]["task"]["embedding_cosine_mean"] > 0.99
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] > 0.99
     assert report["status"] == "passed"

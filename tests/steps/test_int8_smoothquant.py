@@ -90,4 +90,4 @@ def test_cli_tiny_bert_ort(qcompile):
     assert report["steps"]["int8_smoothquant"]["alpha"] == 0.6
     assert report["steps"]["int8_smoothquant"]["input_quantizers"] == 10  # recipe: FFN down-projections fp32
     assert report["onnx"]["ops"]["QuantizeLinear"] == 10
-    assert report["check"]["task"]["embedding_cosine_mean"] > 0.99
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] > 0.99

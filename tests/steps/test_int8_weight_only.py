@@ -64,4 +64,4 @@ def test_cli_tiny_bert_ort(qcompile):
     report = json.loads((run / "report.json").read_text())
     assert report["steps"]["int8_weight_only"]["input_quantizers"] == 0
     assert report["onnx"]["ops"]["DequantizeLinear"] == 12 and "QuantizeLinear" not in report["onnx"]["ops"]
-    assert report["check"]["task"]["embedding_cosine_mean"] > 0.999
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] > 0.999

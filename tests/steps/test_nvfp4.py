@@ -256,7 +256,7 @@ def test_cli_nvfp4_rotate_trt_end_to_end(qcompile):
     assert (rot["rotated_layers"], rot["fused_rotations"], rot["online_rotations"]) == (4, 2, 2)
     assert report["onnx"]["ops"]["MatMul"] == 16 + 2
     assert report["export"]["input_flow"]["runner"] == "reference"
-    assert report["check"]["task"]["embedding_cosine_mean"] > 0.99
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] > 0.99
 
 
 def test_cli_nvfp4_on_ort_is_a_recipe_error(qcompile):

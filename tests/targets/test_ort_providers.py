@@ -133,4 +133,4 @@ def test_gpu_providers_end_to_end(qcompile, providers):
     (run,) = r.run_dirs()
     report = json.loads((run / "report.json").read_text())
     assert report["lower"]["session_providers"][0] == providers[0]
-    assert report["check"]["task"]["embedding_cosine_mean"] > 0.999
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] > 0.999

@@ -481,7 +481,7 @@ def test_gpu_engine_fp32_matches_torch_and_rebuild_reuses_cache(qcompile):
     (run,) = r.run_dirs()
     report = json.loads((run / "report.json").read_text())
     assert report["lower"]["engine_built"] is True and (run / "engine.plan").stat().st_size > 0
-    assert report["check"]["task"]["embedding_cosine_mean"] > 0.999
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] > 0.999
     assert report["lower"]["layers"]["layers"] > 0 and report["bench"]["latency_ms_p50"] > 0
     r2 = qcompile("model=tiny_bert", "recipe=fp32", "target=trt", "target.build_engine=require",
                   f"target.timing_cache={run / 'timing.cache'}", *FAST)
