@@ -161,3 +161,15 @@ def exported(request, tmp_path_factory):
         path = export_onnx(model.module, model.input_names, model.output_names, root / f"{name}.onnx", ExportConfig())
         out[name] = (model, request.getfixturevalue(data), path)
     return out
+
+
+@pytest.fixture(scope="session")
+def sentiment_classifier(tmp_path_factory):
+    """(model dir, train TSV, held-out TSV): a 2-layer BERT trained on compiler/datasets/sentiment.tsv with a
+    fixed seed (tests/classifier_fixture.py; 65 s with the 2 cores under load 9, most of it waiting), saved with save_pretrained + tokenizer."""
+    from classifier_fixture import sentiment_rows, split_rows, train_sentiment_classifier, write_tsv
+
+    root = tmp_path_factory.mktemp("sentiment")
+    train, held_out = split_rows(sentiment_rows())
+    model_dir = train_sentiment_classifier(root / "model")
+    return model_dir, write_tsv(root / "train.tsv", train), write_tsv(root / "held_out.tsv", held_out)
