@@ -112,8 +112,8 @@ def test_gate_names_metric_values_drop_and_budget(classifier):
 def test_int8_static_build_reports_accuracy_fp32_target_and_drop(qcompile, sentiment_classifier):
     model_dir, train_tsv, held_out_tsv = sentiment_classifier
     res = qcompile("model=hf", f"model.path={model_dir}", "model.task=classification", "recipe=int8_static",
-                   "target=ort", f"data.calibration_file={train_tsv}", f"data.evaluation_file={held_out_tsv}",
-                   "data.evaluation_samples=1000", "recipe.gate.max_task_drop=0.03", *FAST)
+                   "target=ort", *FAST, f"data.calibration_file={train_tsv}", f"data.evaluation_file={held_out_tsv}",
+                   "data.evaluation_samples=140", "recipe.gate.max_task_drop=0.03")
     assert res.rc == 0, res
     (run_dir,) = res.run_dirs()
     report = json.loads((run_dir / "report.json").read_text())

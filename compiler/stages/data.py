@@ -84,14 +84,16 @@ class Rows:
         return [t for e in self.examples for t in e[:2]]
 
 
-def _read_lines(path: Path, key: str) -> List[Tuple[int, str]]:
+def _read_lines(path: Path, key: str, chars: Optional[str] = None) -> List[Tuple[int, str]]:
+    """Non-blank lines, numbered from 1, stripped of `chars` (None: all whitespace; TSV keeps its tabs, so an
+    empty last field is reported as empty rather than missing)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise RecipeError(key, f"cannot read {path}: {e.strerror}", "give an existing UTF-8 text file, one sentence per line") from e
     except UnicodeDecodeError as e:
         raise RecipeError(key, f"{path} is not UTF-8 text", "save it as UTF-8, one sentence per line") from e
-    return [(i, ln.strip()) for i, ln in enumerate(lines, 1) if ln.strip()]
+    return [(i, ln.strip(chars)) for i, ln in enumerate(lines, 1) if ln.strip()]
 
 
 def read_sentences(path: Path, key: str) -> List[str]:
@@ -138,9 +140,9 @@ def _format_of(path: Path, fmt: str) -> str:
 
 def read_rows(path: Path, fmt: str, key: str) -> Rows:
     """Parse a data file; a malformed row is a RecipeError naming the file, the line and what was expected."""
-    lines = _read_lines(path, key)
-    digest = hashlib.sha256("\n".join(ln for _, ln in lines).encode()).hexdigest()
     fmt = _format_of(path, fmt)
+    lines = _read_lines(path, key, " \r\n" if fmt == "tsv" else None)
+    digest = hashlib.sha256("\n".join(ln for _, ln in lines).encode()).hexdigest()
     if fmt in ("text", "paired_text"):
         rows = Rows(path, None, [(ln,) for _, ln in lines], [i for i, _ in lines], digest=digest)
         if fmt == "paired_text":
