@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FAST, data_cfg, model_cfg
 
 from compiler.core.schema import GateConfig
 from compiler.runners.callable import CallableRunner, torch_predictor
 from compiler.stages.check import run_check
 from compiler.stages.data import load_data
 from compiler.stages.models import label_names, load_model
-from conftest import FAST, data_cfg, model_cfg
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,19 @@ KL, logit difference) and task metrics against gold labels (fp32 vs target, with
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 
 from compiler.core.errors import RecipeError
-from compiler.numerics.metrics import (TASK_METRICS, TaskLabels, classifier_fidelity, compare_task, default_metric,
-                                       embedding_fidelity)
+from compiler.numerics.metrics import (
+    TASK_METRICS,
+    TaskLabels,
+    classifier_fidelity,
+    compare_task,
+    default_metric,
+    embedding_fidelity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +28,15 @@ def _quiet_polygraphy():
     G_LOGGER.module_severity = G_LOGGER.CRITICAL
 
 
-def compare_outputs(reference_runner, target_runner, feeds: List[Dict[str, np.ndarray]], gate,
-                    cosine: bool = True) -> Dict[str, Any]:
+def compare_outputs(reference_runner, target_runner, feeds: list[dict[str, np.ndarray]], gate,
+                    cosine: bool = True) -> dict[str, Any]:
     """Polygraphy comparison: per output, max/mean abs and rel diff over iterations and (cosine=True) mean
     cosine; classifiers pass cosine=False, the cosine of a 2-value logit vector being no statistic of them."""
     from polygraphy.comparator import Comparator
-    from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SimpleCompareFunc
+    from polygraphy.comparator.compare import (
+        CosineSimilarityCompareFunc,
+        SimpleCompareFunc,
+    )
 
     _quiet_polygraphy()
     results = Comparator.run([reference_runner, target_runner], data_loader=feeds)
@@ -35,9 +44,9 @@ def compare_outputs(reference_runner, target_runner, feeds: List[Dict[str, np.nd
     if cosine:
         funcs.append(CosineSimilarityCompareFunc(cosine_similarity_threshold=float(gate.min_output_cosine)))
     accuracy = Comparator.compare_accuracy(results, compare_func=funcs)
-    per_output: Dict[str, Dict[str, Any]] = {}
+    per_output: dict[str, dict[str, Any]] = {}
     for acc in accuracy:
-        for _pair, iterations in acc.items():
+        for iterations in acc.values():
             for it in iterations:
                 for name, res in it.items():
                     stats = per_output.setdefault(name, {"iterations": 0, "tolerance_passed": True})
@@ -70,7 +79,7 @@ def compare_outputs(reference_runner, target_runner, feeds: List[Dict[str, np.nd
     return {"per_output": per_output, "outputs": outputs}
 
 
-def validate_gate(gate, task: Optional[str], where: str) -> None:
+def validate_gate(gate, task: str | None, where: str) -> None:
     """Validate-time: the task budget is a non-negative number and its metric fits the evaluation task
     (task None: plain-text evaluation data, which has no task metric). where names the data file."""
     if gate.max_task_drop is not None and gate.max_task_drop < 0:
@@ -86,23 +95,23 @@ def validate_gate(gate, task: Optional[str], where: str) -> None:
                           f"use one of {', '.join(TASK_METRICS[task])}")
 
 
-def fidelity_metrics(task_kind: str, reference: Dict[str, np.ndarray], target: Dict[str, np.ndarray]
-                     ) -> Dict[str, float]:
+def fidelity_metrics(task_kind: str, reference: dict[str, np.ndarray], target: dict[str, np.ndarray]
+                     ) -> dict[str, float]:
     if task_kind == "classification":
         return classifier_fidelity(reference["logits"], target["logits"])
     return embedding_fidelity(reference["sentence_embedding"], target["sentence_embedding"])
 
 
-def task_result(labels: TaskLabels, reference: Dict[str, np.ndarray], target: Dict[str, np.ndarray], gate
-                ) -> Dict[str, Any]:
+def task_result(labels: TaskLabels, reference: dict[str, np.ndarray], target: dict[str, np.ndarray], gate
+                ) -> dict[str, Any]:
     """Every metric of the task on fp32 and target, the drop and its paired-bootstrap 95% interval."""
     metric = gate.task_metric or default_metric(labels.task)
     return {"task": labels.task, "examples": len(labels), "metric": metric, "max_task_drop": gate.max_task_drop,
             "metrics": compare_task(labels, reference[labels.output], target[labels.output])}
 
 
-def gate_failures(per_output: Dict[str, Dict[str, Any]], fidelity: Dict[str, float], gate,
-                  task: Optional[Dict[str, Any]] = None) -> List[str]:
+def gate_failures(per_output: dict[str, dict[str, Any]], fidelity: dict[str, float], gate,
+                  task: dict[str, Any] | None = None) -> list[str]:
     """Each failure names the output or metric, the statistic, the value and the threshold."""
     fails = []
     for name, s in per_output.items():
@@ -134,8 +143,8 @@ def gate_failures(per_output: Dict[str, Dict[str, Any]], fidelity: Dict[str, flo
     return fails
 
 
-def run_check(reference_runner, target_runner, feeds: List[Dict[str, np.ndarray]], task_kind: str, gate,
-              labels: Optional[TaskLabels] = None) -> Dict[str, Any]:
+def run_check(reference_runner, target_runner, feeds: list[dict[str, np.ndarray]], task_kind: str, gate,
+              labels: TaskLabels | None = None) -> dict[str, Any]:
     """task_kind is the model's (embedding | classification); labels the evaluation rows' gold labels."""
     cmp = compare_outputs(reference_runner, target_runner, feeds, gate, cosine=task_kind != "classification")
     ref, tgt = cmp["outputs"]["reference"], cmp["outputs"]["target"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -24,7 +24,7 @@ BUILTIN_DIR = BUILTIN_DATA_DIR
 # the built-in evaluation set is paired_text (lines 1-2, 3-4, ... are paraphrases of each other).
 FORMATS = ("auto", "text", "paired_text", "tsv", "jsonl")
 # a labeled file's columns (TSV header / JSONL keys) say its task
-TASK_COLUMNS: Dict[str, Tuple[str, ...]] = {
+TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
     "sts": ("sentence1", "sentence2", "score"),
     "retrieval": ("query", "positive"),
@@ -36,13 +36,13 @@ _EXPECTED = " | ".join(",".join(c) for c in TASK_COLUMNS.values())
 class Features:
     """Tokenized sentences: name -> int64 array [N, seq_len], in the model's input order."""
 
-    texts: List[str]
-    arrays: Dict[str, np.ndarray]
+    texts: list[str]
+    arrays: dict[str, np.ndarray]
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def batches(self, batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, len(self), batch_size):
             yield {k: v[start:start + batch_size] for k, v in self.arrays.items()}
 
@@ -58,10 +58,10 @@ class Features:
 class Dataset:
     calibration: Features
     evaluation: Features
-    files: Dict[str, str]  # role -> path
-    files_sha256: Dict[str, str]
+    files: dict[str, str]  # role -> path
+    files_sha256: dict[str, str]
     # gold labels scored on evaluation's rows (None: plain text, fidelity only)
-    evaluation_labels: Optional[TaskLabels] = None
+    evaluation_labels: TaskLabels | None = None
 
 
 @dataclass
@@ -69,13 +69,13 @@ class Rows:
     """A data file parsed: task None (plain sentences) or a labeled task, one tuple of fields per example."""
 
     path: Path
-    task: Optional[str]
-    examples: List[tuple]
-    lines: List[int]  # 1-based line of each example, for error messages
+    task: str | None
+    examples: list[tuple]
+    lines: list[int]  # 1-based line of each example, for error messages
     paired: bool = False  # paired_text: example 2k and 2k+1 are each other's gold partner
     digest: str = ""
 
-    def texts(self) -> List[str]:
+    def texts(self) -> list[str]:
         """Every sentence of the rows (what calibration feeds the model)."""
         if self.task is None or self.paired:
             return [e[0] for e in self.examples]
@@ -84,7 +84,7 @@ class Rows:
         return [t for e in self.examples for t in e[:2]]
 
 
-def _read_lines(path: Path, key: str, chars: Optional[str] = None) -> List[Tuple[int, str]]:
+def _read_lines(path: Path, key: str, chars: str | None = None) -> list[tuple[int, str]]:
     """Non-blank lines, numbered from 1, stripped of `chars` (None: all whitespace; TSV keeps its tabs, so an
     empty last field is reported as empty rather than missing)."""
     try:
@@ -96,7 +96,7 @@ def _read_lines(path: Path, key: str, chars: Optional[str] = None) -> List[Tuple
     return [(i, ln.strip(chars)) for i, ln in enumerate(lines, 1) if ln.strip()]
 
 
-def read_sentences(path: Path, key: str) -> List[str]:
+def read_sentences(path: Path, key: str) -> list[str]:
     return [ln for _, ln in _read_lines(path, key)]
 
 
@@ -108,7 +108,7 @@ def _task_of(columns, path: Path, where: str, key: str) -> str:
                       f"use the columns {_EXPECTED}")
 
 
-def _fields(row: Dict[str, object], task: str, path: Path, line: int, key: str) -> tuple:
+def _fields(row: dict[str, object], task: str, path: Path, line: int, key: str) -> tuple:
     cols = TASK_COLUMNS[task]
     values = []
     for c in cols:
@@ -186,14 +186,14 @@ def read_rows(path: Path, fmt: str, key: str) -> Rows:
     raise RecipeError("data.format", f"bad value {fmt!r}", f"use one of {', '.join(FORMATS)}")
 
 
-def label_ids(label_names: Dict[int, str]) -> Dict[str, int]:
+def label_ids(label_names: dict[int, str]) -> dict[str, int]:
     """Label text -> class id: a row's label may be the class name (config id2label) or its id."""
     ids = {str(i): int(i) for i in label_names}
     ids.update({str(name): int(i) for i, name in label_names.items()})
     return ids
 
 
-def check_labels(rows: Rows, key: str, model_task: str, label_names: Optional[Dict[int, str]]) -> None:
+def check_labels(rows: Rows, key: str, model_task: str, label_names: dict[int, str] | None) -> None:
     """The rows' task fits the model, and every classification label is in the model's label set."""
     if rows.task is None:
         return
@@ -227,12 +227,12 @@ def _take_count(n: int, available: int, key: str, role: str, path: Path, policy:
     return n
 
 
-def _take(sentences: List[str], n: int, key: str, role: str, path: Path, policy: str) -> List[str]:
+def _take(sentences: list[str], n: int, key: str, role: str, path: Path, policy: str) -> list[str]:
     return sentences[:_take_count(n, len(sentences), key, role, path, policy, "sentences")]
 
 
-def evaluation_set(rows: Rows, n: int, label_names: Optional[Dict[int, str]] = None
-                   ) -> Tuple[List[str], Optional[TaskLabels]]:
+def evaluation_set(rows: Rows, n: int, label_names: dict[int, str] | None = None
+                   ) -> tuple[list[str], TaskLabels | None]:
     """The first n examples as the texts to run (in order) and the gold labels indexing them."""
     ex = rows.examples[:n]
     if rows.task is None:
@@ -272,7 +272,7 @@ def read_data_file(cfg, role: str) -> Rows:
 
 
 def check_data_files(cfg, need_calibration: bool = True, model_task: str = "embedding",
-                     label_names: Optional[Dict[int, str]] = None) -> Optional[str]:
+                     label_names: dict[int, str] | None = None) -> str | None:
     """Validate-time look at the data files (no tokenizer, no weights): malformed rows, labels outside the
     model's label set, an empty file, or fewer examples than asked with data.on_short_data=error are recipe
     errors before any model loads. Returns the evaluation task (None: plain text)."""
@@ -301,7 +301,7 @@ def check_data_files(cfg, need_calibration: bool = True, model_task: str = "embe
     return task
 
 
-def tokenize(tokenizer, texts: List[str], seq_len: int, input_names: List[str]) -> Features:
+def tokenize(tokenizer, texts: list[str], seq_len: int, input_names: list[str]) -> Features:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
     arrays = {}
     for name in input_names:
@@ -314,8 +314,8 @@ def tokenize(tokenizer, texts: List[str], seq_len: int, input_names: List[str]) 
     return Features(texts=list(texts), arrays=arrays)
 
 
-def load_data(cfg, tokenizer, input_names: List[str], need_calibration: bool = True,
-              label_names: Optional[Dict[int, str]] = None, evaluation_limit: Optional[int] = None) -> Dataset:
+def load_data(cfg, tokenizer, input_names: list[str], need_calibration: bool = True,
+              label_names: dict[int, str] | None = None, evaluation_limit: int | None = None) -> Dataset:
     """Load stage for data. cfg is the `data` section; label_names the model's id2label (classifiers);
     evaluation_limit (check.samples) takes fewer evaluation examples than data.evaluation_samples."""
     files, hashes, feats = {}, {}, {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 
 def _clean(o):
@@ -26,7 +26,7 @@ def _clean(o):
     return o
 
 
-def write_report_json(run_dir: Path, report: Dict[str, Any]) -> Path:
+def write_report_json(run_dir: Path, report: dict[str, Any]) -> Path:
     path = Path(run_dir) / "report.json"
     path.write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
     return path
@@ -38,7 +38,7 @@ def _fmt(v, nd=4):
     return str(v)
 
 
-def _fidelity_rows(chk: Dict[str, Any], gate: Dict[str, Any]):
+def _fidelity_rows(chk: dict[str, Any], gate: dict[str, Any]):
     f = chk.get("fidelity", {}) or {}
     if "label_agreement" in f:  # a classifier: its logits are compared as distributions, never by cosine
         return [("label agreement with fp32", f.get("label_agreement"), f">= {gate.get('min_top1_agreement')}"),
@@ -49,7 +49,7 @@ def _fidelity_rows(chk: Dict[str, Any], gate: Dict[str, Any]):
             ("retrieval top-1 agreement with fp32", f.get("top1_agreement"), f">= {gate.get('min_top1_agreement')}")]
 
 
-def task_line(task: Dict[str, Any]) -> str:
+def task_line(task: dict[str, Any]) -> str:
     """One line for the gated (or default) task metric: fp32 / target / drop with its 95% interval."""
     m = task["metric"]
     r = task["metrics"][m]
@@ -65,8 +65,8 @@ def _task_lines(task) -> list:
         return []
     budget = task.get("max_task_drop")
     lines = [f"### Task metrics against gold labels ({task['task']}, {task['examples']} examples)", "",
-             "Drop = fp32 - target; its 95% interval is a paired bootstrap over the examples (1000 resamples, "
-             "seed 0): an interval that holds 0 is within noise.", "",
+             ("Drop = fp32 - target; its 95% interval is a paired bootstrap over the examples (1000 resamples, "
+              "seed 0): an interval that holds 0 is within noise."), "",
              "| metric | fp32 | target | drop | 95% interval of the drop | budget |", "|---|---|---|---|---|---|"]
     for m, r in task["metrics"].items():
         lo, hi = r["drop_ci95"]
@@ -76,7 +76,7 @@ def _task_lines(task) -> list:
     return lines + [""]
 
 
-def render_markdown(report: Dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any]) -> str:
     b = report.get("build", {})
     lines = [f"# qcompile: {b.get('model')} / {b.get('recipe')} / {b.get('target')}", ""]
     status = report.get("status", "?")
@@ -131,7 +131,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, report: Dict[str, Any]) -> Path:
+def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
     write_report_json(run_dir, report)
     path = Path(run_dir) / "REPORT.md"
     path.write_text(render_markdown(report))

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from compiler.numerics.metrics import (TaskLabels, classifier_fidelity, compare_task, embedding_fidelity,
-                                       task_metric, task_metrics)
+from compiler.numerics.metrics import (
+    TaskLabels,
+    classifier_fidelity,
+    compare_task,
+    embedding_fidelity,
+    task_metric,
+    task_metrics,
+)
 
 
 def test_classification_accuracy_and_macro_f1_by_hand():

@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import data_cfg
+from test_bad_input import assert_clean_error, leftovers
 
 from compiler.core.errors import RecipeError
 from compiler.core.paths import BUILTIN_DATA_DIR
 from compiler.stages.data import evaluation_set, load_data, read_rows
-from conftest import data_cfg
-from test_bad_input import assert_clean_error, leftovers
 
 
 def test_builtin_evaluation_is_paraphrase_retrieval(tiny_bert):
@@ -63,8 +63,8 @@ def test_tsv_and_jsonl_name_their_task_by_columns(tmp_path):
     ("bad.tsv", "sentence1\tsentence2\tscore\na.\tb.\thigh\n", "auto",
      "{path}:2: score 'high' is not a number -- give the gold similarity as a number"),
     ("bad.tsv", "sentence\tgold\na.\tb.\n", "auto",
-     "{path}:1 (header): columns sentence, gold name no task -- use the columns text,label | "
-     "sentence1,sentence2,score | query,positive"),
+     ("{path}:1 (header): columns sentence, gold name no task -- use the columns text,label | "
+      "sentence1,sentence2,score | query,positive")),
     ("bad.jsonl", '{"text": "a.", "label": "x"}\n{"text": "b.", "label": \n', "auto", "{path}:2: not a JSON object"),
     ("bad.jsonl", '{"text": "a.", "label": "x"}\n["b.", "x"]\n', "auto", "{path}:2: a JSON list, not an object"),
     ("odd.txt", "one.\ntwo.\nthree.\n", "paired_text", "{path}:3: paired_text needs an even number of sentences"),
@@ -102,8 +102,8 @@ CLS = ["model=tiny_bert", "model.task=classification", "recipe=fp32", "target=or
     ("unknown label", CLS, "text\tlabel\ngood.\tLABEL_1\nbad.\tpositive\n",
      "data.evaluation_file: {file}:3: label 'positive' is not in the model's label set (0=LABEL_0, 1=LABEL_1) -- "),
     ("task_metric that does not fit the task", CLS + ["recipe.gate.task_metric=spearman"], "text\tlabel\na.\t1\n",
-     "recipe.gate.task_metric: 'spearman' does not fit the classification task of {file} -- use one of accuracy, "
-     "macro_f1"),
+     ("recipe.gate.task_metric: 'spearman' does not fit the classification task of {file} -- use one of "
+      "accuracy, macro_f1")),
     ("budget below 0", CLS + ["recipe.gate.max_task_drop=-0.01"], "text\tlabel\na.\t1\n",
      "recipe.gate.max_task_drop: -0.01 is below 0 -- give the largest allowed drop"),
     ("labels for a model that has none", ["model=tiny_bert", "recipe=fp32", "target=ort"], "text\tlabel\na.\t1\n",
