@@ -43,10 +43,11 @@ def stage(name: str, timings: Dict[str, float]):
 
 
 def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None) -> StepContext:
-    return StepContext(target=spec.target.name, model_info=spec.model_info,
+    """What a step may read: the target's capabilities, the data, the resolved opset and batch size."""
+    return StepContext(target=spec.capabilities, model_info=spec.model_info,
                        calibration=data.calibration if data is not None else None, work_dir=work_dir,
-                       seed=spec.seed, exclude=list(spec.model.exclude), opset=int(spec.export.opset), cache=cache,
-                       report={"batch_size": int(spec.data.batch_size)})
+                       seed=spec.seed, exclude=list(spec.model.exclude), opset=int(spec.export.opset),
+                       batch_size=int(spec.data.batch_size), cache=cache)
 
 
 def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir: Path,
@@ -56,7 +57,7 @@ def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir:
     for step in spec.torch_steps:
         ctx = step_context(spec, data, work_dir, cache)
         module = step.apply_torch(module, ctx)
-        step_reports[step.name] = {"where": "torch", **{k: v for k, v in ctx.report.items() if k != "batch_size"}}
+        step_reports[step.name] = {"where": "torch", **ctx.report}
     return LoadedModel(**{**model.__dict__, "module": module})
 
 
@@ -68,7 +69,7 @@ def quantize_onnx(onnx_path: Path, spec: BuildSpec, data: Dataset, work_dir: Pat
         ctx = step_context(spec, data, work_dir, cache)
         out = work_dir / f"{i:02d}_{step.name}.onnx"
         current = step.apply_onnx(current, out, ctx)
-        step_reports[step.name] = {"where": "onnx", **{k: v for k, v in ctx.report.items() if k != "batch_size"}}
+        step_reports[step.name] = {"where": "onnx", **ctx.report}
     return current
 
 
@@ -129,7 +130,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     onnx_path: Optional[Path] = None
     if target.needs_onnx:
         with stage("export", timings):
-            export_cfg = graph_passes.export_config(spec.export, spec.torch_steps)
+            export_cfg = spec.export  # its opset resolved by validation from the steps' min_opset
             if cache is not None and not spec.torch_steps:
                 # the unmodified fp32 export is what sweep points share (compiler/stages/cache.py)
                 from compiler.stages.cache import cached_fp32_export
@@ -142,9 +143,8 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
             for i, step in enumerate(spec.torch_steps):
                 ctx = step_context(spec, data, work_dir, cache)
                 exported = step.after_export(exported, work_dir / f"export_{i:02d}_{step.name}.onnx", ctx)
-                extra = {k: v for k, v in ctx.report.items() if k != "batch_size"}
-                if extra:  # what the step's graph pass did (e.g. weights folded, custom ops lowered)
-                    report["steps"].setdefault(step.name, {})["after_export"] = extra
+                if ctx.report:  # what the step's graph pass did (e.g. weights folded, custom ops lowered)
+                    report["steps"].setdefault(step.name, {})["after_export"] = dict(ctx.report)
             graph_passes.check_input_flow(exported, model.input_names, report)
             exported = doctor.after_export(exported, spec, report)
         with stage("quantize-onnx", timings):

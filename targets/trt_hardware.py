@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 log = logging.getLogger(__name__)
 
@@ -82,40 +82,25 @@ def normalize_build_engine(value: Any) -> str:
     return aliases[text]
 
 
-_PARAM_FORMAT_KEYS = ("format", "dtype", "precision", "numerics", "quant_format")
+def recipe_precisions(steps: Union[Iterable[Any], Mapping[str, Any], None]) -> List[str]:
+    """The formats a recipe's steps produce, as each step declares them (compiler.steps.base.Step.precision /
+    precisions()), narrowest first: the known formats in PRECISION_ORDER, then any other by name. ['fp32']
+    when nothing is quantized. ``steps``: Step objects, or a recipe's steps mapping (name -> parameters),
+    whose names are looked up in the step registry (an unknown name is validation's to report)."""
+    from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
-
-def _precision_of(text: str) -> Optional[str]:
-    t = str(text).lower()
-    if "fp4" in t or "e2m1" in t:
-        return "nvfp4"
-    if "fp8" in t or "e4m3" in t or "e5m2" in t:
-        return "fp8"
-    if "int4" in t or "w4a" in t or "awq" in t:
-        return "int4"
-    if "int8" in t or "w8a8" in t or "smoothquant" in t:
-        return "int8"
-    if "fp16" in t or "bf16" in t or "half" in t:
-        return "fp16"
-    return None
-
-
-def recipe_precisions(steps: Optional[Mapping[str, Any]]) -> List[str]:
-    """The formats a recipe's steps produce, narrowest first, from the step names (int8, fp8, nvfp4,
-    nvfp4_rotate, int8_smoothquant ...) and format-like parameters (e.g. {format: fp8}). ['fp32'] when
-    nothing is quantized."""
     found = set()
-    for name, params in (steps or {}).items():
-        p = _precision_of(name)
-        if p:
-            found.add(p)
-        if isinstance(params, Mapping):
-            for key in _PARAM_FORMAT_KEYS:
-                if key in params and params[key] is not None:
-                    q = _precision_of(params[key])
-                    if q:
-                        found.add(q)
-    return [p for p in PRECISION_ORDER if p in found] or ["fp32"]
+    if isinstance(steps, Mapping):
+        load_all_steps()
+        for name in steps:
+            cls = STEP_REGISTRY.get(str(name))
+            if cls is not None:
+                found |= set(cls.precision)
+    else:
+        for step in steps or []:
+            found |= set(step.precisions())
+    known = [p for p in PRECISION_ORDER if p in found]
+    return known + sorted(found - set(PRECISION_ORDER)) or ["fp32"]
 
 
 def best_supported(capability: Tuple[int, int], trt_version: Optional[str]) -> str:

@@ -42,10 +42,16 @@ class DataConfig:
     format: str = "auto"
 
 
+# the export opset when neither the user nor a step asks for more
+DEFAULT_OPSET = 17
+
+
 @dataclass
 class ExportConfig:
     exporter: str = "torchscript"  # "torchscript" (torch.onnx.export dynamo=False) or "dynamo"
-    opset: int = 17
+    # None: auto, resolved at validation to max(DEFAULT_OPSET, the recipe's steps' min_opset on the target);
+    # a value set by the user is kept, and a step that needs more says so (RecipeError)
+    opset: Optional[int] = None
     dynamic_axes: bool = True
     external_data: str = "auto"  # "auto" (only past protobuf's 2 GB), "always", "never"
     constant_promote_bytes: int = 65536

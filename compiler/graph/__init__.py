@@ -4,18 +4,8 @@ The two entry points the pipeline's export stage calls on every exported graph l
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List
-
-
-def export_config(export_cfg, torch_steps: List[Any]):
-    """The export section with the opset raised to what the recipe's torch steps need (a step's
-    `min_opset`, e.g. nvfp4: FLOAT4E2M1 and blocked DequantizeLinear exist from opset 23 on)."""
-    need = max([int(export_cfg.opset)] + [int(getattr(s, "min_opset", 0) or 0) for s in torch_steps])
-    if need <= int(export_cfg.opset):
-        return export_cfg
-    return dataclasses.replace(export_cfg, opset=need)
 
 
 def fix_exported(onnx_path: Path, work_dir: Path, export_cfg, report: Dict[str, Any]) -> Path:

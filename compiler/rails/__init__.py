@@ -42,6 +42,7 @@ class RailContext:
     exporter: str = "unknown"  # export.exporter of the build, or "unknown" for a file from elsewhere
     quantized: Optional[bool] = None  # does the recipe quantize (None: judge from the graph)
     steps: Dict[str, Any] = field(default_factory=dict)  # the build's step reports (report["steps"])
+    recipe_steps: List[Any] = field(default_factory=list)  # the build's Step objects: their declared facts
     predict: Optional[Callable] = None  # feed -> outputs of the lowered engine (input dependence)
     input_names: List[str] = field(default_factory=list)
     module: Any = None  # the torch target's module

@@ -3,8 +3,7 @@ that matches nothing (MatMul vs Gemm) writes a valid, unquantized graph: zero is
 
 from __future__ import annotations
 
-import re
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, result
 
@@ -21,9 +20,6 @@ QUANTIZED_COMPUTE = {"QLinearMatMul", "MatMulInteger", "MatMulNBits", "DynamicQu
                      "ConvInteger", "QGemm", "MatMulIntegerToFloat", "QAttention", "QOrderedMatMul", "MatMulBnb4"}
 # ops a dequantized tensor may pass through on its way into a MatMul (weights are often transposed)
 PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze", "Flatten", "Expand"}
-# step names that quantize, when a step class does not say (Step has no `quantizes` attribute yet)
-_QUANT_STEP = re.compile(r"int\d|fp8|fp4|nvfp4|mxfp|awq|gptq|weight_only|quant", re.I)
-_NOT_QUANT_STEP = {"smoothquant", "rotate", "fp16", "bf16"}
 
 
 def is_dequantize(node) -> bool:
@@ -117,19 +113,9 @@ def module_counts(module) -> Dict[str, object]:
             "unit": "Linear/Conv layers"}
 
 
-def recipe_quantizes(steps) -> bool:
-    """Whether a recipe's steps quantize: a step class may say so with `quantizes = True/False`;
-    otherwise its name decides (int8_*, fp8, nvfp4, *weight_only ... but not smoothquant/rotate/fp16)."""
-    for step in steps:
-        flag = getattr(step, "quantizes", None)
-        if flag is not None:
-            if flag:
-                return True
-            continue
-        name = getattr(step, "name", str(step))
-        if name not in _NOT_QUANT_STEP and _QUANT_STEP.search(name):
-            return True
-    return False
+def recipe_quantizes(steps: Iterable) -> bool:
+    """Whether a recipe's steps (compiler.steps.base.Step objects) quantize: each declares quantizes_compute."""
+    return any(step.quantizes_compute for step in steps)
 
 
 def judge(counts: Dict[str, object], quantized: Optional[bool], min_fraction: float = 0.0) -> Dict:

@@ -4,7 +4,7 @@ what it kept and proves the result loads in ONNX Runtime."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List
 
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, first_line, iter_nodes, result
 from compiler.runners.sessions import load_error
@@ -36,16 +36,15 @@ def has_fp16(model) -> bool:
     return False
 
 
-def blocked_from_steps(steps: Dict[str, Any]) -> Dict[str, Any]:
-    """What the fp16 step (compiler/steps/fp16.py) kept in fp32, from its step report: every key that
-    names blocked / kept-fp32 nodes or ops."""
+def blocked_from_steps(steps: Iterable[Any], reports: Dict[str, Any]) -> Dict[str, Any]:
+    """What the recipe's steps kept in full precision: for each step (compiler.steps.base.Step), the keys of
+    its step report that it declares in kept_fp32_report_keys (e.g. the fp16 step's blocked nodes)."""
     out: Dict[str, Any] = {}
-    for name, rep in (steps or {}).items():
-        if "fp16" not in name or not isinstance(rep, dict):
-            continue
-        for k, v in rep.items():
-            if any(w in k for w in ("block", "fp32", "kept")):
-                out[k] = v
+    for step in steps:
+        rep = (reports or {}).get(step.name) or {}
+        for k in step.kept_fp32_report_keys:
+            if k in rep:
+                out[k] = rep[k]
     return out
 
 
@@ -90,13 +89,13 @@ def run(ctx: RailContext) -> Dict:
             dtypes = {str(p.dtype) for p in ctx.module.parameters()}
             fp16 = "torch.float16" in dtypes
             return result(NAME, PASSED if fp16 else SKIPPED, f"torch module parameter dtypes: {sorted(dtypes)}",
-                          fp16=fp16, kept_fp32=blocked_from_steps(ctx.steps))
+                          fp16=fp16, kept_fp32=blocked_from_steps(ctx.recipe_steps, ctx.steps))
         return result(NAME, SKIPPED, "no graph")
     model = ctx.model()
     fp16 = has_fp16(model)
     if not fp16:
-        return judge(False, blocked_from_steps(ctx.steps), [], "", ctx.target.ort_session)
+        return judge(False, blocked_from_steps(ctx.recipe_steps, ctx.steps), [], "", ctx.target.ort_session)
     # TensorRT custom ops (trt::) do not load in ORT's CPU provider: only an ORT-session target must load there
     load_error = ort_loads(ctx.onnx_path) if ctx.target.ort_session else ""
     errors = type_errors(model)  # needs no weights: the structure-only graph is enough
-    return judge(True, blocked_from_steps(ctx.steps), errors, load_error, ctx.target.ort_session)
+    return judge(True, blocked_from_steps(ctx.recipe_steps, ctx.steps), errors, load_error, ctx.target.ort_session)

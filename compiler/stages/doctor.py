@@ -139,6 +139,7 @@ def after_lower(engine, onnx_path, target, spec, report) -> List[Dict[str, Any]]
     ctx = RailContext(target=caps, config=cfg, onnx_path=Path(onnx_path) if onnx_path else None,
                       providers=list(getattr(spec.target, "providers", None) or ["CPUExecutionProvider"]),
                       exporter=spec.export.exporter, quantized=_quantized(spec), steps=report.get("steps", {}),
+                      recipe_steps=list(spec.steps),
                       input_names=list(engine.input_names), constant_limit=_constant_limit(cfg, spec.export))
     if not caps.runs_onnx:  # the torch module itself is the engine
         ctx.module = engine.handle

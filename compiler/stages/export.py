@@ -10,6 +10,7 @@ from typing import Dict, List
 
 
 from compiler.core.errors import BuildError, RecipeError
+from compiler.core.schema import DEFAULT_OPSET
 from compiler.graph.io import save_onnx
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
         try:
             if cfg.exporter == "torchscript":
                 torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
-                                  dynamic_axes=dyn or None, opset_version=int(cfg.opset), dynamo=False,
+                                  dynamic_axes=dyn or None, opset_version=_opset(cfg), dynamo=False,
                                   do_constant_folding=True)
             else:
                 shapes = None
@@ -56,13 +57,18 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
                     shapes = {n: {0: b, 1: s} for n in input_names}
                     # the wrapper's positional names: input_ids, attention_mask, token_type_ids
                 prog = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
-                                         dynamic_shapes=shapes, opset_version=int(cfg.opset), dynamo=True,
+                                         dynamic_shapes=shapes, opset_version=_opset(cfg), dynamo=True,
                                          external_data=False)
                 prog.save(str(tmp))
         except Exception as e:
-            raise BuildError(f"export ({cfg.exporter}, opset {cfg.opset}) failed: {type(e).__name__}: "
+            raise BuildError(f"export ({cfg.exporter}, opset {_opset(cfg)}) failed: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
     model = onnx.load(str(tmp), load_external_data=True)
     for f in tmp.parent.glob(tmp.name + "*"):
         f.unlink()
     return save_onnx(model, out_path, cfg.external_data)
+
+
+def _opset(cfg) -> int:
+    """The export opset: validation resolves an unset (auto) opset; a config built directly gets the default."""
+    return int(cfg.opset) if cfg.opset is not None else DEFAULT_OPSET

@@ -6,14 +6,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import RecipeError
-from compiler.core.schema import (BenchConfig, CacheConfig, CheckConfig, DataConfig, DoctorConfig, ExportConfig,
-                             GateConfig, ModelConfig, TargetConfig)
+from compiler.core.schema import (DEFAULT_OPSET, BenchConfig, CacheConfig, CheckConfig, DataConfig, DoctorConfig,
+                                  ExportConfig, GateConfig, ModelConfig, TargetConfig)
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "export": ExportConfig, "check": CheckConfig,
@@ -39,6 +40,7 @@ class BuildSpec:
     raw: DictConfig  # the resolved composed config (written as recipe.yaml)
     doctor: Any = None  # DoctorConfig: the guard rails' thresholds
     cache: Any = None  # CacheConfig: where the content-addressed cache lives, or disabled
+    capabilities: Optional[TargetCapabilities] = None  # the target's declared capabilities (Target.capabilities)
 
     @property
     def torch_steps(self) -> List[Step]:
@@ -91,7 +93,8 @@ def _positive(value, key: str, allow_zero: bool = False):
                           f"set {key} to a positive number")
 
 
-def validate_steps(recipe_node, target: str, info: ModelInfo) -> Tuple[List[Step], Any]:
+def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> Tuple[List[Step], Any]:
+    """The recipe's steps, typed and checked against the target's capabilities and each other's order."""
     load_all_steps()
     steps_node = recipe_node.get("steps") if recipe_node is not None else None
     if steps_node is None:
@@ -115,11 +118,18 @@ def validate_steps(recipe_node, target: str, info: ModelInfo) -> Tuple[List[Step
         else:
             raise RecipeError(key, f"parameters must be a mapping, got {params!r}", "write {} for the defaults")
         step = cls(typed)
-        if target not in cls.runs_on:
+        if target.name not in cls.runs_on:
             ok = sorted(cls.runs_on)
-            raise RecipeError(key, f"{name} is not runnable on target={target}",
+            raise RecipeError(key, f"{name} is not runnable on target={target.name}",
                               f"use target={' or target='.join(ok)}" if ok else "remove the step")
-        stage = cls.runs_on[target]
+        quantizer = next((s for s in steps if s.quantizes_compute), None)
+        if cls.must_precede_quantizers and quantizer is not None:
+            order = [s.name for s in steps if s is not quantizer] + [name, quantizer.name]
+            order += [str(k) for k in list(steps_node.keys())[len(steps) + 1:]]
+            raise RecipeError("recipe.steps", f"{name} must come before {quantizer.name} (it changes the weights "
+                              f"{quantizer.name} quantizes)",
+                              "write steps: {" + ", ".join(f"{k}: ..." for k in order) + "}")
+        stage = cls.runs_on[target.name]
         if stage == ONNX:
             seen_onnx = name
         elif seen_onnx:
@@ -143,6 +153,7 @@ def validate(cfg: DictConfig) -> BuildSpec:
     model, data, target = typed["model"], typed["data"], typed["target"]
     if target.name not in target_names():
         raise RecipeError("target.name", f"unknown target {target.name!r}", _closest(target.name, target_names()))
+    capabilities: TargetCapabilities = get_target(target.name).capabilities
     for k in ("calibration_samples", "evaluation_samples", "seq_len", "batch_size"):
         _positive(getattr(data, k), f"data.{k}")
     if data.on_short_data not in ("clamp", "error"):
@@ -171,10 +182,18 @@ def validate(cfg: DictConfig) -> BuildSpec:
     recipe_node = cfg.get("recipe")
     if recipe_node is None:
         raise RecipeError("recipe", "no recipe selected", "pass recipe=<name>")
-    steps, gate = validate_steps(recipe_node, target.name, info)
-    for step in steps:  # checks that depend on the export settings (fp8 on ort needs opset >= 19)
-        if hasattr(step, "validate_export"):
-            step.validate_export(typed["export"], target.name)
+    steps, gate = validate_steps(recipe_node, capabilities, info)
+    for step in steps:  # checks against the export settings: an explicit opset below a step's min_opset
+        step.validate_export(typed["export"], capabilities)
+    if typed["export"].opset is None:
+        # auto: the highest opset the steps need on this target (fp8 on ort: 19, nvfp4: 23), at least the
+        # default; written into the resolved recipe.yaml so a rebuild exports at the same opset
+        opset = max([DEFAULT_OPSET] + [s.min_opset(capabilities) for s in steps])
+        typed["export"] = dataclasses.replace(typed["export"], opset=opset)
+        with open_dict(cfg):
+            if cfg.get("export") is None:
+                cfg.export = {}
+            cfg.export.opset = opset
     from compiler.stages.check import validate_gate
     from compiler.stages.data import check_data_files, data_file
     from compiler.stages.models import label_names
@@ -187,4 +206,4 @@ def validate(cfg: DictConfig) -> BuildSpec:
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],
                      target=target, recipe_name=str(recipe_node.get("name", "custom")), steps=steps, gate=gate,
                      seed=int(cfg.get("seed", 0)), model_info=info, raw=cfg, doctor=typed["doctor"],
-                     cache=typed["cache"])
+                     cache=typed["cache"], capabilities=capabilities)

@@ -1,17 +1,31 @@
-"""What a quantization step is: its parameters, where it runs for each target, how it is applied."""
+"""What a quantization step is: its parameters, the facts it declares, where it runs, how it is applied."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+
+from compiler.core.capabilities import TargetCapabilities
 
 STEP_REGISTRY: Dict[str, type["Step"]] = {}
 
 # Where a step does its work for a given target:
 TORCH = "torch"  # on the torch nn.Module, before export
 ONNX = "onnx"  # on the exported ONNX graph, after export
+
+# The formats a layer can be given through Step.with_layer_formats; "fp32" (or None) keeps it out.
+FULL_PRECISION = "fp32"
+LAYER_FORMATS = (FULL_PRECISION, "fp16", "int8", "fp8", "nvfp4")
+
+# How a calibrating step picks activation ranges from its data, for every step (modelopt and onnxruntime
+# each map these names to their own calibrators):
+#   minmax     -> the largest |x| seen
+#   entropy    -> the threshold minimizing the KL divergence of the quantized histogram (TensorRT's method)
+#   percentile -> the given percentile of |x|
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 @dataclass
@@ -30,13 +44,14 @@ class ModelInfo:
 class StepContext:
     """Everything a step may read besides its input artifact. Steps never read global state."""
 
-    target: str
+    target: TargetCapabilities  # what the target can run: steps ask it, never its name
     model_info: ModelInfo
     calibration: Any = None  # compiler.stages.data.Features for calibration, None if the recipe needs none
     work_dir: Optional[Path] = None  # where a step may write intermediate files
     seed: int = 0
-    exclude: List[str] = dataclasses.field(default_factory=list)
-    opset: int = 17
+    exclude: List[str] = dataclasses.field(default_factory=list)  # model.exclude: module-name patterns
+    opset: int = 17  # the export opset (validation resolved it from the steps' min_opset)
+    batch_size: int = 8  # data.batch_size: calibration forwards run in batches of this many samples
     report: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the step writes its numbers here
     # compiler.stages.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
     # returns a directory holding what build() wrote, keyed by the sha256 of kind + key (key must name
@@ -44,19 +59,53 @@ class StepContext:
     cache: Any = None
 
 
+class StepParams:
+    """Base of every step's parameter dataclass. Parameters are checked ONE way: ``problems()`` beside the
+    fields returns (field, what is wrong, what would work) for each bad value, and Step.validate raises the
+    first as a RecipeError naming recipe.steps.<step>.<field> (a __post_init__ ValueError could only name
+    the step, and would fire before validation can say which key)."""
+
+    def problems(self) -> List[Tuple[str, str, str]]:
+        return []
+
+
 class Step:
     """One recipe step. Subclasses set the class attributes and implement apply_torch / apply_onnx.
 
-    Defining a subclass with a ``name`` registers it under that name.
+    Defining a subclass with a ``name`` registers it under that name. A step declares its facts here, where
+    it is defined, and every other module (validation, rails, the TensorRT hardware check, the capability
+    table) asks the step instead of reading them from its name:
+
+    - ``precision``: the number formats the step produces (e.g. {"int8"}, {"fp8"}, {"nvfp4"}, {"fp16"}; empty
+      for a step that only transforms, like rotate). ``precisions()`` adds the formats given to single layers.
+    - ``quantizes_compute``: its output has quantized Linear/MatMul ops (weights or activations), so a graph in
+      which none is quantized is an error (the coverage rail).
+    - ``min_opset(target)``: the lowest export opset its exported graph needs on that target;
+      ``validate_export(export_cfg, target)`` raises when an explicitly set export.opset is below it.
+    - ``must_precede_quantizers``: it rewrites weights or activations that a quantizing step then quantizes, so
+      it must come before every step with quantizes_compute (validation rejects the other order).
+    - ``kept_fp32_report_keys``: the keys of its step report that list what it kept in full precision (the fp16
+      rail shows them).
+    - ``layers(module, exclude)``: the Linear modules it would touch on this model; ``with_layer_formats({name:
+      None | "fp32" | "fp8" ...})``: a configured copy that keeps named layers out (None / "fp32") or gives
+      them another format from ``layer_format_choices``. This is the hook per-layer mixed precision calls.
     """
 
     name: ClassVar[str] = ""
-    Params: ClassVar[type] = object
+    Params: ClassVar[type] = StepParams
     # target name -> TORCH | ONNX: the capability table. A target missing here cannot run the step.
     runs_on: ClassVar[Dict[str, str]] = {}
     needs_calibration: ClassVar[bool] = False
     # what the step does, one line, shown by `qcompile capabilities`
     summary: ClassVar[str] = ""
+    precision: ClassVar[FrozenSet[str]] = frozenset()
+    quantizes_compute: ClassVar[bool] = False
+    must_precede_quantizers: ClassVar[bool] = False
+    kept_fp32_report_keys: ClassVar[Tuple[str, ...]] = ()
+    # formats with_layer_formats accepts besides keeping a layer out ("fp32")
+    layer_format_choices: ClassVar[FrozenSet[str]] = frozenset()
+    # why the step needs min_opset, for the error when an explicit export.opset is below it
+    opset_reason: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -65,13 +114,82 @@ class Step:
 
     def __init__(self, params: Any):
         self.params = params
+        # module name -> format; FULL_PRECISION keeps the layer out of this step (see with_layer_formats)
+        self.layer_formats: Dict[str, str] = {}
+
+    @property
+    def key(self) -> str:
+        """The recipe key of this step's parameters, for messages."""
+        return f"recipe.steps.{self.name}"
 
     def stage_for(self, target: str) -> str:
         return self.runs_on[target]
 
-    def validate(self, info: ModelInfo, target: str) -> None:
-        """Checks that need the model's shape (not its weights). Raise RecipeError naming the key."""
+    # -- declared facts ------------------------------------------------------------------------------------
+    def precisions(self) -> FrozenSet[str]:
+        """The formats this configured step produces: its precision plus the formats given to single layers."""
+        return frozenset(self.precision) | {f for f in self.layer_formats.values() if f != FULL_PRECISION}
 
+    def min_opset(self, target: TargetCapabilities) -> int:
+        """The lowest export opset the step's graph needs on this target (0: no requirement)."""
+        return 0
+
+    def validate(self, info: ModelInfo, target: TargetCapabilities) -> None:
+        """The parameters' problems(), then (in subclasses) checks that need the model's shape (not its
+        weights) and the target. Raise RecipeError naming the key."""
+        from compiler.core.errors import RecipeError
+
+        for field_name, what, fix in self.params.problems():
+            raise RecipeError(f"{self.key}.{field_name}", what, fix)
+
+    def validate_export(self, export_cfg, target: TargetCapabilities) -> None:
+        """Checks against the export section; by default that its opset is at least min_opset(target)."""
+        need = self.min_opset(target)
+        if export_cfg.opset is not None and int(export_cfg.opset) < need:
+            from compiler.core.errors import RecipeError
+
+            why = f" ({self.opset_reason})" if self.opset_reason else ""
+            raise RecipeError("export.opset", f"{export_cfg.opset} is too old for {self.name} on "
+                              f"target={target.name}{why}",
+                              f"pass export.opset={need} (or higher), or leave export.opset unset (auto)")
+
+    # -- per-layer hooks -------------------------------------------------------------------------------------
+    def layers(self, module, exclude: Sequence[str] = ()) -> List[str]:
+        """Names of the Linear modules of ``module`` this step would touch: every nn.Linear not matched by an
+        exclude pattern (model.exclude) or by the step's own ``exclude`` parameter, if it has one."""
+        import torch
+
+        from compiler.core.patterns import matches_any
+
+        patterns = list(exclude) + self.own_exclude()
+        return [n for n, m in module.named_modules()
+                if n and isinstance(m, torch.nn.Linear) and not matches_any(n, patterns)]
+
+    def own_exclude(self) -> List[str]:
+        """The step's own exclude patterns (its `exclude` parameter, where it has one)."""
+        return []
+
+    def with_layer_formats(self, formats: Mapping[str, Optional[str]]) -> "Step":
+        """A copy of this step that keeps the named layers out (None or "fp32") or gives them another format
+        (one of layer_format_choices). Names are module names as layers() returns them."""
+        from compiler.core.errors import RecipeError
+
+        out = copy.copy(self)
+        out.layer_formats = dict(self.layer_formats)
+        for layer, fmt in formats.items():
+            fmt = FULL_PRECISION if fmt is None else str(fmt)
+            if fmt != FULL_PRECISION and fmt not in self.layer_format_choices:
+                ok = sorted({FULL_PRECISION} | set(self.layer_format_choices))
+                raise RecipeError(f"{self.key}.layer_formats.{layer}", f"{self.name} cannot give a layer format {fmt!r}",
+                                  f"use one of {ok}")
+            out.layer_formats[str(layer)] = fmt
+        return out
+
+    def kept_layers(self) -> List[str]:
+        """The layers with_layer_formats kept out of this step (full precision)."""
+        return sorted(n for n, f in self.layer_formats.items() if f == FULL_PRECISION)
+
+    # -- applying it ------------------------------------------------------------------------------------------
     def apply_torch(self, model, ctx: StepContext):
         raise NotImplementedError(f"step {self.name} has no torch-side implementation")
 

@@ -14,8 +14,9 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
+from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
-from compiler.steps.base import ONNX, TORCH, Step, StepContext
+from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ NODE_IN_ERROR = (r"in node \(([^)]+)\)", r"node with name '([^']+)'", r"Name:'([
 
 
 @dataclass
-class Params:
+class Params(StepParams):
     # torch side: float16 | bfloat16. On this AVX2 CPU torch float16 runs (MiniLM cosine 0.9998 to fp32)
     # but ~7x slower than fp32, bfloat16 ~10x slower and less exact (0.9995): float16 is the default.
     # The ONNX side is always float16 (ORT's converter and CPU kernels).
@@ -41,6 +42,15 @@ class Params:
     # gives ~1e-3 (MiniLM hidden states: cosine 0.999999), so 1e-2 flags real range damage only
     max_probe_rel_error: float = 0.01
 
+    def problems(self) -> List[Tuple[str, str, str]]:
+        out = []
+        if self.dtype not in ("float16", "bfloat16"):
+            out.append(("dtype", f"bad value {self.dtype!r}", "use float16 or bfloat16"))
+        if not self.max_probe_rel_error > 0:
+            out.append(("max_probe_rel_error", f"must be > 0, got {self.max_probe_rel_error}", "use e.g. 0.01"))
+        if self.max_fixes < 0:
+            out.append(("max_fixes", f"must be >= 0, got {self.max_fixes}", "use e.g. 32"))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,11 +199,13 @@ def rel_error(outputs: List[np.ndarray], reference: List[np.ndarray]) -> float:
 
 
 def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_list: List[str],
-                 keep_rotary: bool = True, max_fixes: int = 32, max_rel_error: float = 0.01) -> Dict[str, Any]:
+                 keep_rotary: bool = True, max_fixes: int = 32, max_rel_error: float = 0.01,
+                 keep_nodes: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Convert to fp16 (float32 graph inputs/outputs), then load and run the result in ORT on a probe input.
     Every node ORT rejects is put on the block list; when the outputs come out non-finite or further than
     max_rel_error from fp32, every node whose fp32 values leave the fp16 range is blocked; the conversion is
-    redone until the graph runs. Returns what was blocked and why."""
+    redone until the graph runs. keep_nodes: node name -> why, kept fp32 from the start. Returns what was
+    blocked and why."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -203,7 +215,7 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
     if error is not None:
         raise BuildError(f"fp16: onnxruntime cannot run the fp32 graph itself: {error.splitlines()[0][:300]}")
     notes: List[str] = []
-    blocked: Dict[str, str] = {}
+    blocked: Dict[str, str] = dict(keep_nodes or {})
     if keep_rotary:
         blocked.update({n: "rotary angle (Sin/Cos input)" for n in rotary_nodes(model)})
     fixes: List[str] = []
@@ -264,20 +276,19 @@ class Fp16Step(Step):
     runs_on = {"torch": TORCH, "ort": ONNX, "trt": ONNX}
     needs_calibration = False
     summary = "fp16: ORT float16 conversion with fp32 kept where fp16 fails (found by load+run); torch .half()"
+    precision = frozenset({"fp16"})
+    # what the fp16 rail shows as kept in fp32 (see apply_onnx's report)
+    kept_fp32_report_keys = ("blocked_nodes", "blocked_ops", "blocked_reasons", "blocked_op_types",
+                             "blocked_node_names")
 
-    def validate(self, info, target: str) -> None:
+    def validate(self, info, target: TargetCapabilities) -> None:
         from compiler.core.errors import RecipeError
 
-        key, p = "recipe.steps.fp16", self.params
-        if p.dtype not in ("float16", "bfloat16"):
-            raise RecipeError(f"{key}.dtype", f"bad value {p.dtype!r}", "use float16 or bfloat16")
-        if not p.max_probe_rel_error > 0:
-            raise RecipeError(f"{key}.max_probe_rel_error", f"must be > 0, got {p.max_probe_rel_error}", "use e.g. 0.01")
-        if p.max_fixes < 0:
-            raise RecipeError(f"{key}.max_fixes", f"must be >= 0, got {p.max_fixes}", "use e.g. 32")
-        if target != "torch" and p.dtype != "float16":
-            raise RecipeError("recipe.steps.fp16.dtype", f"{self.params.dtype} is not runnable on target={target} "
-                              "(the ONNX side converts to float16)", "use dtype=float16, or target=torch")
+        super().validate(info, target)
+        if target.runs_onnx and self.params.dtype != "float16":
+            raise RecipeError(f"{self.key}.dtype", f"{self.params.dtype} is not runnable on target={target.name} "
+                              "(the ONNX side converts to float16)", "use dtype=float16, or a target that runs "
+                              "the torch module (target=torch)")
 
     def apply_torch(self, model, ctx: StepContext):
         import torch
@@ -296,8 +307,12 @@ class Fp16Step(Step):
         model = onnx.load(str(onnx_path), load_external_data=True)
         feed = probe_feed(ctx, model)
         op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(self.params.block_ops))
+        from compiler.steps.ort_quant import layer_nodes
+
+        # a layer kept out by with_layer_formats: every node exported from that module stays fp32
+        keep = {n: "layer kept fp32 (layer_formats)" for n in layer_nodes(model, self.kept_layers())}
         result = convert_fp16(model, Path(out_path), feed, op_block, self.params.keep_rotary_fp32,
-                              int(self.params.max_fixes), float(self.params.max_probe_rel_error))
+                              int(self.params.max_fixes), float(self.params.max_probe_rel_error), keep)
         cos = [_cosine(a, b) for a, b in zip(result["reference"], result["outputs"])]
         by_node = {n.name: n.op_type for n in model.graph.node}
         blocked = result["blocked"]

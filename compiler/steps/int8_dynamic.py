@@ -9,18 +9,19 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
+from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
-from compiler.steps.base import ONNX, TORCH, Step, StepContext
-from compiler.steps.int8_static import (_quietly, check_ops_match, exclude_nodes, linear_ops_found, preprocess,
-                                        quantized_coverage)
+from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
+from compiler.steps.ort_quant import (check_ops_match, exclude_nodes, layer_nodes, linear_ops_found, preprocess,
+                                      quantized_coverage, quietly)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Params:
+class Params(StepParams):
     # the exporter writes nn.Linear as MatMul (+Add); other exporters and models emit Gemm: quantize both
     op_types_to_quantize: List[str] = field(default_factory=lambda: ["MatMul", "Gemm"])
     # per-output-channel weight scales (torch: per_channel_dynamic_qconfig). Measured on MiniLM (128 sentences,
@@ -30,6 +31,13 @@ class Params:
     reduce_range: bool = False  # ort: 7-bit weights, for CPUs without VNNI
     preprocess: bool = False  # the blog path quantizes the exported graph as is
 
+    def problems(self) -> List[Tuple[str, str, str]]:
+        out = []
+        if self.weight_type not in ("int8", "uint8"):
+            out.append(("weight_type", f"bad value {self.weight_type!r}", "use int8 or uint8"))
+        if not self.op_types_to_quantize:
+            out.append(("op_types_to_quantize", "is empty", "use e.g. [MatMul, Gemm]"))
+        return out
 
 
 class Int8DynamicStep(Step):
@@ -39,18 +47,17 @@ class Int8DynamicStep(Step):
     needs_calibration = False
     summary = "dynamic int8: onnxruntime quantize_dynamic (ort) or torch dynamic nn.Linear int8 (torch)"
 
-    KEY = "recipe.steps.int8_dynamic"
+    precision = frozenset({"int8"})
+    quantizes_compute = True
 
-    def validate(self, info, target: str) -> None:
+    def validate(self, info, target: TargetCapabilities) -> None:
         from compiler.core.errors import RecipeError
 
-        if self.params.weight_type not in ("int8", "uint8"):
-            raise RecipeError(f"{self.KEY}.weight_type", f"bad value {self.params.weight_type!r}", "use int8 or uint8")
-        if not self.params.op_types_to_quantize:
-            raise RecipeError(f"{self.KEY}.op_types_to_quantize", "is empty", "use e.g. [MatMul, Gemm]")
-        if target == "torch" and self.params.weight_type != "int8":
-            raise RecipeError(f"{self.KEY}.weight_type", f"{self.params.weight_type} is not runnable on target=torch "
-                              "(torch dynamic quantization has qint8 weights only)", "use weight_type=int8")
+        super().validate(info, target)
+        if not target.runs_onnx and self.params.weight_type != "int8":
+            raise RecipeError(f"{self.key}.weight_type", f"{self.params.weight_type} is not runnable on "
+                              f"target={target.name} (torch dynamic quantization has qint8 weights only)",
+                              "use weight_type=int8")
 
     # -- torch: torch.ao dynamic quantization ----------------------------------------------------------------
     def apply_torch(self, model, ctx: StepContext):
@@ -61,7 +68,7 @@ class Int8DynamicStep(Step):
         engines = torch.backends.quantized.supported_engines
         engine = next((e for e in ("x86", "fbgemm", "onednn", "qnnpack") if e in engines), None)
         if engine is None:
-            raise BuildError(f"{self.KEY}: this torch build has no int8 CPU engine (supported: {engines})")
+            raise BuildError(f"{self.key}: this torch build has no int8 CPU engine (supported: {engines})")
         torch.backends.quantized.engine = engine
         with warnings.catch_warnings():
             # torch.ao.quantization warns it is deprecated in favour of torchao; in torch 2.13 it still ships
@@ -71,15 +78,16 @@ class Int8DynamicStep(Step):
 
             qconfig = per_channel_dynamic_qconfig if self.params.per_channel else default_dynamic_qconfig
             linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-            chosen = [n for n in linears if not matches_any(n, ctx.exclude)]
+            kept = set(self.kept_layers())
+            chosen = [n for n in linears if not matches_any(n, ctx.exclude) and n not in kept]
             if not chosen:
-                raise BuildError(f"{self.KEY}: no nn.Linear left to quantize: the model has {len(linears)} and the "
+                raise BuildError(f"{self.key}: no nn.Linear left to quantize: the model has {len(linears)} and the "
                                  f"exclude patterns {ctx.exclude} match all of them")
             quantized = quantize_dynamic(model, {n: qconfig for n in chosen}, dtype=torch.qint8, inplace=False)
         done = sum(1 for m in quantized.modules() if type(m).__name__ == "Linear"
                    and type(m).__module__.startswith("torch.ao.nn.quantized.dynamic"))
         if done == 0:
-            raise BuildError(f"{self.KEY}: torch quantize_dynamic converted no nn.Linear ({len(linears)} found)")
+            raise BuildError(f"{self.key}: torch quantize_dynamic converted no nn.Linear ({len(linears)} found)")
         ctx.report.update({"backend": f"torch.ao dynamic int8 ({engine})", "per_channel": bool(self.params.per_channel),
                            "quantized": done, "total": len(linears), "fraction": round(done / len(linears), 4),
                            "excluded": sorted(set(linears) - set(chosen))})
@@ -92,21 +100,22 @@ class Int8DynamicStep(Step):
 
         p = self.params
         fp32 = onnx.load(str(onnx_path), load_external_data=False)
-        check_ops_match(fp32, p.op_types_to_quantize, self.KEY)
+        check_ops_match(fp32, p.op_types_to_quantize, self.key)
         graph = Path(onnx_path)
         if p.preprocess:
             work_dir = Path(ctx.work_dir or tempfile.mkdtemp(prefix="qcompile."))
             graph = preprocess(graph, work_dir / f"{Path(out_path).stem}.pre.onnx", ctx.report)
         prepared = onnx.load(str(graph), load_external_data=False)
-        excluded = exclude_nodes(prepared, ctx.exclude)
-        _quietly(quantize_dynamic, str(graph), str(out_path), op_types_to_quantize=list(p.op_types_to_quantize),
+        excluded = sorted(set(exclude_nodes(prepared, ctx.exclude))
+                          | set(layer_nodes(prepared, self.kept_layers(), list(p.op_types_to_quantize))))
+        quietly(quantize_dynamic, str(graph), str(out_path), op_types_to_quantize=list(p.op_types_to_quantize),
                  per_channel=bool(p.per_channel), reduce_range=bool(p.reduce_range),
                  weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[p.weight_type],
                  nodes_to_exclude=excluded)
         quantized = onnx.load(str(out_path), load_external_data=False)
         coverage = quantized_coverage(prepared, quantized, p.op_types_to_quantize)
         if coverage["quantized"] == 0:
-            raise BuildError(f"{self.KEY}: quantize_dynamic quantized none of the {coverage['total']} "
+            raise BuildError(f"{self.key}: quantize_dynamic quantized none of the {coverage['total']} "
                              f"{'/'.join(p.op_types_to_quantize)} nodes (it takes only those with a constant weight; "
                              f"excluded: {len(excluded)}); the graph's linear layers are {linear_ops_found(prepared)}")
         # dynamic mode quantizes only MatMuls with a constant weight (MatMulConstBOnly): the activation x

@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from compiler.core.errors import RecipeError
+from typing import Tuple
+
+from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep
-from compiler.steps.base import ModelInfo
 
 
 @dataclass
-class Params:
+class Params(StepParams):
     """alpha: migration strength in [0, 1]; the per-channel scale is s = max|x|^alpha / max|w|^(1-alpha).
     0 leaves activations alone, 1 moves all of their range into the weights; 0.5 is the paper's default
     for BERT-sized models. exclude: module-name patterns (fnmatch) kept in full precision, on top of
@@ -21,19 +22,18 @@ class Params:
     alpha: float = 0.5
     exclude: List[str] = field(default_factory=list)
 
+    def problems(self) -> List[Tuple[str, str, str]]:
+        if not 0.0 <= self.alpha <= 1.0:
+            return [("alpha", f"{self.alpha} is outside [0, 1]", "set it to a value in [0, 1], e.g. 0.5")]
+        return []
+
 
 class Int8SmoothQuantStep(ModeloptStep):
     name = "int8_smoothquant"
     Params = Params
     FORMAT = "int8_smoothquant"
     summary = "SmoothQuant (alpha) + W8A8 static int8 with modelopt, exported as Q/DQ"
-
-    def validate(self, info: ModelInfo, target: str) -> None:
-        alpha = self.params.alpha
-        # checked here rather than in Params so the message names the exact key
-        if not 0.0 <= alpha <= 1.0:
-            raise RecipeError(f"{self.key}.alpha", f"{alpha} is outside [0, 1]",
-                              f"set {self.key}.alpha to a value in [0, 1], e.g. 0.5")
+    precision = frozenset({"int8"})
 
     def algorithm(self):
         return {"method": "smoothquant", "alpha": float(self.params.alpha)}

@@ -3,36 +3,28 @@ on the recipe's calibration data (on target=torch it hands over to the modelopt 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import os
 import logging
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
-
-from compiler.core.errors import BuildError, RecipeError
+from compiler.core.capabilities import TargetCapabilities
+from compiler.core.errors import BuildError
 from compiler.core.hashing import onnx_sha256
-from compiler.steps.base import ONNX, TORCH, ModelInfo, Step, StepContext
+from compiler.steps.base import CALIBRATION_METHODS, ONNX, TORCH, ModelInfo, Step, StepContext, StepParams
+from compiler.steps.modelopt import exclude_patterns, quantize_module, store_int8_weights
+from compiler.steps.ort_quant import (FeaturesReader, activation_gathers, check_ops_match, exclude_nodes, layer_nodes,
+                                      linear_ops_found, ort_calibration_method, preprocess, quantized_coverage,
+                                      quantized_gathers, quietly)
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANT_TYPES = ("uint8", "int8")
-# ops that carry a layer's weights: what "the graph's linear layers are ..." lists
-LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "FusedMatMul", "Attention",
-                   "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm", "MatMulNBits")
-# ops that are a quantized linear layer by themselves (QOperator / dynamic formats)
-QUANTIZED_LINEAR_OP_TYPES = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm", "QLinearConv",
-                             "ConvInteger", "QAttention", "MatMulNBits")
 
 
 @dataclass
-class Params:
+class Params(StepParams):
     calibration: str = "minmax"  # minmax | entropy | percentile
     # per-output-channel weight scales. MiniLM (minmax, 64 samples): mean embedding cosine 0.962 per tensor,
     # 0.989 per channel; tiny models 0.9999 either way
@@ -62,9 +54,7 @@ class Params:
     preprocess: bool = True  # onnxruntime's quant_pre_process (shape inference + basic optimizations)
 
     def problems(self) -> List[Tuple[str, str, str]]:
-        """(field, what is wrong, what would work) for each bad value; the step's validate() raises the first
-        as a RecipeError naming recipe.steps.int8_static.<field> (a __post_init__ ValueError could only name
-        the step)."""
+        """(field, what is wrong, what would work) for each bad value (compiler.steps.base.StepParams)."""
         out = []
         if self.calibration not in CALIBRATION_METHODS:
             out.append(("calibration", f"unknown method {self.calibration!r}", f"use one of {', '.join(CALIBRATION_METHODS)}"))
@@ -90,192 +80,14 @@ class Params:
         return 512 if self.calibration == "entropy" else 2048
 
 
-def resolved_activation_type(params: Params, target: str) -> str:
+def resolved_activation_type(params: Params, target: TargetCapabilities) -> str:
     if params.activation_type != "auto":
         return params.activation_type
-    return "int8" if target == "trt" else "uint8"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# graph facts shared with int8_dynamic
-
-
-def linear_ops_found(model) -> str:
-    """'MatMul x16, Gemm x1' for the linear-layer ops of a graph (or all its op types when it has none)."""
-    counts = Counter(n.op_type for n in model.graph.node)
-    found = {op: counts[op] for op in LINEAR_OP_TYPES if counts.get(op)}
-    if found:
-        return ", ".join(f"{op} x{c}" for op, c in found.items())
-    return "none (its ops: " + ", ".join(sorted(counts)) + ")"
-
-
-def check_ops_match(model, op_types: List[str], key: str) -> int:
-    """Number of nodes that op_types_to_quantize matches; zero is a BuildError, never a silent no-op."""
-    n = sum(1 for node in model.graph.node if node.op_type in set(op_types))
-    if n == 0:
-        raise BuildError(f"{key}: op_types_to_quantize={list(op_types)} matched no node: the graph's linear "
-                         f"layers are {linear_ops_found(model)}")
-    return n
-
-
-def quantized_coverage(before, after, op_types: List[str]) -> Dict[str, Any]:
-    """How many of the fp32 graph's op_types nodes are quantized in the output: Q/DQ-fed (QDQ format) or
-    replaced by a quantized op (QOperator / dynamic format)."""
-    targets = set(op_types)
-    total = sum(1 for n in before.graph.node if n.op_type in targets)
-    producer = {o: n.op_type for n in after.graph.node for o in n.output}
-    fp_left = sum(1 for n in after.graph.node if n.op_type in targets
-                  and not any(producer.get(i) == "DequantizeLinear" for i in n.input))
-    quantized = max(total - fp_left, 0)
-    by_type = Counter(n.op_type for n in before.graph.node if n.op_type in targets)
-    return {"linear_ops": dict(sorted(by_type.items())), "quantized": quantized, "total": total,
-            "fraction": round(quantized / total, 4) if total else 0.0,
-            "qdq_nodes": sum(1 for n in after.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")),
-            "quantized_op_nodes": sum(1 for n in after.graph.node if n.op_type in QUANTIZED_LINEAR_OP_TYPES)}
-
-
-def module_name(node_name: str) -> str:
-    """The torch module a TorchScript-exported node came from: '/inner/encoder/layer.0/output/dense/MatMul'
-    -> 'inner.encoder.layer.0.output.dense', so model.exclude patterns mean the same on both sides."""
-    parts = [p for p in node_name.split("/") if p]
-    return ".".join(parts[:-1]) if len(parts) > 1 else node_name
-
-
-def exclude_nodes(model, patterns: List[str], op_types: Optional[List[str]] = None) -> List[str]:
-    """Nodes (of op_types, if given) whose name or module name matches a pattern ('*pooler*',
-    '*layer.0.output.dense')."""
-    from compiler.core.patterns import matches_any
-
-    if not patterns:
-        return []
-    return sorted(n.name for n in model.graph.node if n.name and (op_types is None or n.op_type in op_types)
-                  and (matches_any(n.name, patterns) or matches_any(module_name(n.name), patterns)))
-
-
-def activation_gathers(model) -> List[str]:
-    """Gather nodes whose data is not an initializer (shape arithmetic, activations): no table to store int8."""
-    inits = {i.name for i in model.graph.initializer}
-    return sorted(n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] not in inits)
-
-
-def quantized_gathers(model) -> int:
-    producer = {o: n.op_type for n in model.graph.node for o in n.output}
-    return sum(1 for n in model.graph.node if n.op_type == "Gather" and producer.get(n.input[0]) == "DequantizeLinear")
-
-
-def preprocess(onnx_path: Path, out_path: Path, report: Dict[str, Any]) -> Path:
-    """onnxruntime's quant_pre_process, retried with the settings that fix known shape-inference failures
-    (BERT: 'Incomplete symbolic shape inference' -> auto_merge; ModernBERT rotary -> skip symbolic);
-    if every attempt fails the graph is quantized as exported. What happened goes into the report."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    attempts = [("default", {}), ("auto_merge", {"auto_merge": True}),
-                ("skip_symbolic_shape", {"skip_symbolic_shape": True}),
-                ("skip_symbolic_shape+skip_optimization", {"skip_symbolic_shape": True, "skip_optimization": True})]
-    failures = []
-    for label, kwargs in attempts:
-        try:
-            # onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx (+ data) into the current
-            # directory when it gives up: run it from the work directory so nothing lands where the user is
-            src, dst = Path(onnx_path).resolve(), Path(out_path).resolve()  # before the chdir below
-            with _in_dir(dst.parent):
-                _quietly(quant_pre_process, str(src), str(dst), **kwargs)
-            report["preprocess"] = label
-            if failures:
-                report["preprocess_failures"] = failures
-            return out_path
-        except Exception as e:  # the shape-inference helpers raise bare Exception / AssertionError
-            failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
-            log.info("quant_pre_process (%s) failed: %s", label, failures[-1])
-    report["preprocess"] = "skipped (every attempt failed)"
-    report["preprocess_failures"] = failures
-    return Path(onnx_path)
-
-
-@contextlib.contextmanager
-def _in_dir(path: Path):
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def _quietly(fn, *args, **kwargs):
-    """onnxruntime.quantization logs 'please pre-process' warnings through the root logger and prints its
-    calibrators' progress to stdout; keep both off the console (the step reports what matters)."""
-    import contextlib
-    import io
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            return fn(*args, **kwargs)
-    finally:
-        root.setLevel(level)
-        if printed.getvalue().strip():
-            log.debug("onnxruntime.quantization: %s", printed.getvalue().strip())
-
-
+    return "int8" if target.symmetric_int8_only else "uint8"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # calibration
-
-
-class FeaturesReader:
-    """onnxruntime CalibrationDataReader over compiler.stages.data.Features, with a progress bar."""
-
-    def __init__(self, features, input_names: List[str], batch_size: int, label: str = "calibration"):
-        self._feeds = [{n: np.ascontiguousarray(b[n]) for n in input_names}
-                       for b in features.batches(max(int(batch_size), 1))]
-        self._label = label
-        self.rewind()
-
-    def rewind(self):
-        self._i, self._end = 0, len(self._feeds)
-        self._progress = None
-
-    def set_range(self, start_index: int, end_index: int):
-        self._i, self._end = start_index, min(end_index, len(self._feeds))
-
-    def __len__(self):
-        return len(self._feeds)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
-
-    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
-        from rich.progress import Progress
-
-        if self._progress is None:
-            self._progress = Progress(transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task(self._label, total=self._end - self._i)
-        if self._i >= self._end:
-            self._progress.stop()
-            return None
-        feed = self._feeds[self._i]
-        self._i += 1
-        self._progress.advance(self._task)
-        return feed
-
-
-def _method(name: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[name]
 
 
 def calibrator_options(params: Params) -> Dict[str, Any]:
@@ -298,9 +110,9 @@ def compute_ranges(onnx_path: Path, features, params: Params, batch_size: int, w
     input_names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
     reader = FeaturesReader(features, input_names, batch_size, label=f"calibration ({params.calibration})")
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="calib.") as tmp:
-        calibrator = _quietly(create_calibrator, Path(onnx_path), list(op_types or params.op_types_to_quantize),
+        calibrator = quietly(create_calibrator, Path(onnx_path), list(op_types or params.op_types_to_quantize),
                               augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                              calibrate_method=_method(params.calibration),
+                              calibrate_method=ort_calibration_method(params.calibration),
                               extra_options=calibrator_options(params))
         calibrator.collect_data(reader)
         ranges = calibrator.compute_data()
@@ -358,50 +170,36 @@ class Int8StaticStep(Step):
     summary = ("static int8: onnxruntime quantize_static Q/DQ (MatMul+Gemm, minmax/entropy/percentile) on ONNX "
                "targets; modelopt W8A8 on torch")
 
-    KEY = "recipe.steps.int8_static"
+    precision = frozenset({"int8"})
+    quantizes_compute = True
 
-    def validate(self, info: ModelInfo, target: str) -> None:
-        p = self.params
-        for name, what, fix in p.problems():
-            raise RecipeError(f"{self.KEY}.{name}", what, fix)
-        if target == "trt" and resolved_activation_type(p, target) == "uint8":
-            raise RecipeError(f"{self.KEY}.activation_type", "uint8 activations are not runnable on target=trt "
-                              "(TensorRT needs symmetric int8, zero point 0)", "use activation_type=auto or int8")
-        if target == "torch":
-            self.torch_step()  # builds the modelopt step's Params now: a bad mapping fails before loading
+    def own_exclude(self) -> List[str]:
+        return list(self.params.exclude)
 
-    # -- torch: modelopt W8A8 -----------------------------------------------------------------------------------
-    def torch_step(self) -> Step:
-        """The modelopt `int8` step (compiler/steps/int8.py) with the matching calibration algorithm."""
-        from compiler.steps.base import STEP_REGISTRY, load_all_steps
+    def validate(self, info: ModelInfo, target: TargetCapabilities) -> None:
+        from compiler.core.errors import RecipeError
 
-        load_all_steps()
-        if "int8" not in STEP_REGISTRY:
-            raise RecipeError(self.KEY, "target=torch needs the modelopt `int8` step, which this install lacks",
-                              "use target=ort")
-        cls = STEP_REGISTRY["int8"]
-        # the modelopt step names calibration methods as this step does (compiler/steps/modelopt.py)
-        kwargs: Dict[str, Any] = {"calibration": self.params.calibration}
-        fields = {f.name for f in dataclasses.fields(cls.Params)}
-        if self.params.exclude and "exclude" in fields:
-            kwargs["exclude"] = list(self.params.exclude)
-        if self.params.calibration == "percentile" and "percentile" in fields:
-            kwargs["percentile"] = float(self.params.percentile)
-        try:
-            params = cls.Params(**kwargs)
-        except (ValueError, TypeError) as e:
-            raise RecipeError(f"{self.KEY}.calibration", f"{self.params.calibration!r} has no modelopt "
-                              f"equivalent on target=torch ({e})", "use calibration=minmax, or target=ort") from None
-        return cls(params)
+        super().validate(info, target)
+        if target.symmetric_int8_only and resolved_activation_type(self.params, target) == "uint8":
+            raise RecipeError(f"{self.key}.activation_type", f"uint8 activations are not runnable on "
+                              f"target={target.name} (it needs symmetric int8, zero point 0)",
+                              "use activation_type=auto or int8")
 
+    # -- torch: modelopt W8A8 (the same numerics as the `int8` step, calibration methods named alike) --------
     def apply_torch(self, model, ctx: StepContext):
-        step = self.torch_step()
-        out = step.apply_torch(model, ctx)
-        ctx.report.setdefault("delegated_to", f"int8 (modelopt W8A8, calibration={step.params.calibration})")
+        import torch
+
+        p = self.params
+        torch.manual_seed(ctx.seed)
+        out = quantize_module(model, "int8", ctx, calibration=p.calibration,
+                              percentile=float(p.percentile) if p.calibration == "percentile" else 99.99,
+                              exclude=exclude_patterns(ctx) + list(p.exclude),
+                              layer_formats=self.layer_formats)
+        ctx.report.setdefault("delegated_to", f"modelopt W8A8 (INT8_DEFAULT_CFG, calibration={p.calibration})")
         return out
 
     def after_export(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
-        return self.torch_step().after_export(onnx_path, out_path, ctx)
+        return store_int8_weights(onnx_path, out_path, self.name)
 
     # -- ONNX: onnxruntime quantize_static ------------------------------------------------------------------
     def apply_onnx(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
@@ -411,17 +209,17 @@ class Int8StaticStep(Step):
         p = self.params
         report = ctx.report
         if ctx.calibration is None or len(ctx.calibration) == 0:
-            raise BuildError(f"{self.KEY}: static int8 needs calibration data and got none; "
+            raise BuildError(f"{self.key}: static int8 needs calibration data and got none; "
                              "set data.calibration_samples > 0")
         op_types = list(dict.fromkeys(p.op_types_to_quantize))
-        if ctx.target == "trt" and "Gather" in op_types and len(op_types) > 1:
-            # TensorRT's explicit quantization places Q/DQ on compute inputs; an int8 table behind a Gather
-            # is not among the patterns it documents
+        if ctx.target.symmetric_int8_only and "Gather" in op_types and len(op_types) > 1:
+            # TensorRT-style explicit quantization places Q/DQ on compute inputs; an int8 table behind a
+            # Gather is not among the patterns it documents
             op_types.remove("Gather")
-            report["note"] = "Gather left fp32 on target=trt"
+            report["note"] = f"Gather left fp32 on target={ctx.target.name}"
         linear = [t for t in op_types if t != "Gather"] or op_types
         fp32 = onnx.load(str(onnx_path), load_external_data=False)
-        check_ops_match(fp32, op_types, self.KEY)
+        check_ops_match(fp32, op_types, self.key)
 
         work_dir = Path(ctx.work_dir or tempfile.mkdtemp(prefix="qcompile."))
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -429,9 +227,9 @@ class Int8StaticStep(Step):
         if p.preprocess:
             graph = preprocess(graph, work_dir / f"{Path(out_path).stem}.pre.onnx", report)
         prepared = onnx.load(str(graph), load_external_data=False)
-        check_ops_match(prepared, op_types, self.KEY)
+        check_ops_match(prepared, op_types, self.key)
 
-        batch_size = int(report.get("batch_size", 8) or 8)  # the data section's, set by the pipeline
+        batch_size = int(ctx.batch_size)
         cache_path = ranges_file(graph, ctx.calibration, p, batch_size, ctx, report, op_types)
 
         act = resolved_activation_type(p, ctx.target)
@@ -442,21 +240,22 @@ class Int8StaticStep(Step):
         if act == "int8":
             # TensorRT reads int8 Q/DQ only with zero point 0
             extra.update(ActivationSymmetric=True, WeightSymmetric=True)
-        excluded = sorted(set(exclude_nodes(prepared, ctx.exclude, linear)) | set(exclude_nodes(prepared, p.exclude)))
+        excluded = sorted(set(exclude_nodes(prepared, ctx.exclude, linear)) | set(exclude_nodes(prepared, p.exclude))
+                          | set(layer_nodes(prepared, self.kept_layers(), linear)))
         skipped = activation_gathers(prepared) if "Gather" in op_types else []
-        _quietly(quantize_static, str(graph), str(out_path), calibration_data_reader=None,
+        quietly(quantize_static, str(graph), str(out_path), calibration_data_reader=None,
                  quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                  per_channel=bool(p.per_channel), reduce_range=bool(p.reduce_range),
                  activation_type=qtype[act], weight_type=qtype[p.weight_type],
                  nodes_to_exclude=sorted(set(excluded) | set(skipped)),
-                 calibrate_method=_method(p.calibration), extra_options=extra,
+                 calibrate_method=ort_calibration_method(p.calibration), extra_options=extra,
                  calibration_cache_path=str(cache_path))
 
         quantized = onnx.load(str(out_path), load_external_data=False)
         coverage = quantized_coverage(prepared, quantized, linear)
         gathers = quantized_gathers(quantized)
         if coverage["quantized"] == 0 and gathers == 0:
-            raise BuildError(f"{self.KEY}: quantize_static quantized none of the {coverage['total']} "
+            raise BuildError(f"{self.key}: quantize_static quantized none of the {coverage['total']} "
                              f"{'/'.join(op_types)} nodes (excluded: {len(excluded)}); the graph's "
                              f"linear layers are {linear_ops_found(prepared)}")
         if "Gather" in op_types:
@@ -470,7 +269,7 @@ class Int8StaticStep(Step):
             report["excluded_node_names"] = excluded
         if p.calibration != "minmax":
             report["calibration_options"] = calibrator_options(p)
-        if ctx.target == "ort":
+        if ctx.target.ort_session:
             _check_loads(out_path, act, ctx.opset)
         return Path(out_path)
 

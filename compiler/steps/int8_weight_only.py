@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep
 
 
 @dataclass
-class Params:
+class Params(StepParams):
     """exclude: module-name patterns (fnmatch) kept in full precision, on top of model.exclude."""
 
     exclude: List[str] = field(default_factory=list)
@@ -22,4 +23,5 @@ class Int8WeightOnlyStep(ModeloptStep):
     FORMAT = "int8_weight_only"
     # weight amax comes from the weights themselves: no calibration data is read
     needs_calibration = False
+    precision = frozenset({"int8"})
     summary = "int8 weights per channel, fp32 activations (modelopt weight-only), exported as DQ-only weights"

@@ -10,7 +10,7 @@ import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from compiler.steps.base import TORCH, Step
+from compiler.steps.base import CALIBRATION_METHODS, FULL_PRECISION, TORCH, Step, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,10 @@ PRESETS = {
     "fp8": "FP8_DEFAULT_CFG",  # e4m3 weights and activations, per-tensor amax
 }
 
-# qcompile's calibration names -> how modelopt computes the activation amax.
+# qcompile's calibration names (compiler.steps.base.CALIBRATION_METHODS) -> how modelopt computes the amax.
 #   minmax     -> modelopt "max" calibrator (running absolute max over the calibration data)
 #   entropy    -> modelopt "histogram" calibrator, amax by KL-divergence (TensorRT's entropy method)
 #   percentile -> modelopt "histogram" calibrator, amax at the given percentile of |x| (default 99.99)
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 def _mtq():
@@ -47,10 +46,9 @@ def preset_config(fmt: str) -> Dict[str, Any]:
     return copy.deepcopy(getattr(_mtq(), PRESETS[fmt]))
 
 
-def exclude_patterns(ctx) -> List[str]:
+def exclude_patterns(ctx: StepContext) -> List[str]:
     """The recipe's exclude patterns (model.exclude), or DEFAULT_EXCLUDE when it names none."""
-    patterns = list(getattr(ctx, "exclude", None) or [])
-    return patterns or list(DEFAULT_EXCLUDE)
+    return list(ctx.exclude) or list(DEFAULT_EXCLUDE)
 
 
 def excluded_modules(module, patterns: Iterable[str]) -> List[str]:
@@ -84,7 +82,8 @@ def non_linear_quant_modules(module) -> List[str]:
 
 
 def build_config(module, fmt_or_cfg, patterns: Iterable[str], algorithm: Any = "__keep__",
-                 input_calibrator: Optional[str] = None, linear_only: bool = True) -> Dict[str, Any]:
+                 input_calibrator: Optional[str] = None, linear_only: bool = True,
+                 layer_formats: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """The mtq config to quantize ``module`` with: a preset (format name) or a given config, plus one
     ``{"quantizer_name": "<module>.*", "enable": False}`` entry per excluded module (and, with
     linear_only, per converted module that is not a Linear), appended last so they win over the preset's
@@ -93,7 +92,11 @@ def build_config(module, fmt_or_cfg, patterns: Iterable[str], algorithm: Any = "
     We expand the patterns against the module names ourselves rather than pass them to modelopt as
     quantizer wildcards: a recipe pattern names modules ("*pooler*", "inner.pooler.dense"), while modelopt
     matches quantizer names ("inner.pooler.dense.weight_quantizer"), so an exact module name would match
-    nothing there."""
+    nothing there.
+
+    layer_formats: module name -> "fp32" (its quantizers off) or another PRESETS format (the preset's
+    weight/input quantizer attributes applied to that module's quantizers only), appended after the
+    exclusions so a per-layer choice wins."""
     cfg = preset_config(fmt_or_cfg) if isinstance(fmt_or_cfg, str) else copy.deepcopy(fmt_or_cfg)
     entries = list(cfg.get("quant_cfg", []))
     if input_calibrator is not None:
@@ -107,10 +110,29 @@ def build_config(module, fmt_or_cfg, patterns: Iterable[str], algorithm: Any = "
         off += [n for n in non_linear_quant_modules(module) if n not in off]
     for name in off:
         entries.append({"quantizer_name": f"{name}.*", "enable": False})
+    for name, fmt in sorted((layer_formats or {}).items()):
+        entries += layer_entries(name, fmt)
     cfg["quant_cfg"] = entries
     if algorithm != "__keep__":
         cfg["algorithm"] = algorithm
     return cfg
+
+
+def layer_entries(layer: str, fmt: str) -> List[Dict[str, Any]]:
+    """quant_cfg entries that give one module another format: "fp32" disables its quantizers; a PRESETS
+    format copies that preset's weight and input quantizer attributes onto the module's own quantizers."""
+    if fmt == FULL_PRECISION:
+        return [{"quantizer_name": f"{layer}.*", "enable": False}]
+    out = []
+    for e in preset_config(fmt).get("quant_cfg", []):
+        name = e.get("quantizer_name", "")
+        if "parent_class" in e or not isinstance(e.get("cfg"), dict):
+            continue
+        for kind in ("weight_quantizer", "input_quantizer"):
+            if name == f"*{kind}":
+                out.append({"quantizer_name": f"{layer}.{kind}", "cfg": dict(e["cfg"]),
+                            "enable": bool(e.get("enable", True))})
+    return out
 
 
 def _torch_feed(feed: Dict[str, Any], device) -> List[Any]:
@@ -121,13 +143,13 @@ def _torch_feed(feed: Dict[str, Any], device) -> List[Any]:
 
 def forward_loop(ctx, limit: Optional[int] = None) -> Callable[[Any], None]:
     """modelopt's forward_loop over the recipe's calibration data (ctx.calibration, a Features whose arrays
-    are in the model's positional input order), in batches of ctx.report["batch_size"]."""
+    are in the model's positional input order), in batches of ctx.batch_size."""
     if ctx.calibration is None or len(ctx.calibration) == 0:
         from compiler.core.errors import BuildError
 
         raise BuildError("calibration needs data but the build has no calibration samples "
                          "(set data.calibration_samples > 0)")
-    batch_size = int((ctx.report or {}).get("batch_size", 8))
+    batch_size = int(ctx.batch_size)
 
     def loop(model) -> None:
         import torch
@@ -183,13 +205,15 @@ def _calibrate_histogram(model, loop: Callable[[Any], None], method: str, percen
 
 
 def quantize_module(module, quant_cfg: Dict[str, Any], ctx, algorithm: Any = "__keep__",
-                    calibration: str = "minmax", percentile: float = 99.99, exclude: Optional[List[str]] = None):
+                    calibration: str = "minmax", percentile: float = 99.99, exclude: Optional[List[str]] = None,
+                    layer_formats: Optional[Dict[str, str]] = None):
     """Quantize ``module`` in place with modelopt and return it.
 
     quant_cfg: an mtq config ({"quant_cfg": [...], "algorithm": ...}) or a PRESETS format name.
     algorithm: overrides quant_cfg["algorithm"] (e.g. {"method": "smoothquant", "alpha": 0.5}).
     calibration: minmax | entropy | percentile for the activation quantizers (see CALIBRATION_METHODS).
     exclude: module-name patterns kept in full precision; default: exclude_patterns(ctx).
+    layer_formats: module name -> "fp32" | another PRESETS format, per layer (Step.with_layer_formats).
     Writes the quantizer counts (quantizer_counts) into ctx.report."""
     if calibration not in CALIBRATION_METHODS:
         raise ValueError(f"calibration: unknown method {calibration!r}; use one of {list(CALIBRATION_METHODS)}")
@@ -197,7 +221,8 @@ def quantize_module(module, quant_cfg: Dict[str, Any], ctx, algorithm: Any = "__
     patterns = exclude_patterns(ctx) if exclude is None else list(exclude)
     histogram = calibration in ("entropy", "percentile")
     _check_something_left(module, patterns)
-    cfg = build_config(module, quant_cfg, patterns, algorithm, input_calibrator="histogram" if histogram else None)
+    cfg = build_config(module, quant_cfg, patterns, algorithm, input_calibrator="histogram" if histogram else None,
+                       layer_formats=layer_formats)
     needs_data = _needs_activation_data(cfg)
     loop = forward_loop(ctx) if needs_data else None
     with warnings.catch_warnings():
@@ -214,6 +239,8 @@ def quantize_module(module, quant_cfg: Dict[str, Any], ctx, algorithm: Any = "__
     module.eval()
     counts = quantizer_counts(module)
     counts["excluded_patterns"] = patterns
+    if layer_formats:
+        counts["layer_formats"] = dict(sorted(layer_formats.items()))
     counts["calibration"] = calibration if needs_data else "none (weights only)"
     if needs_data:
         counts["calibration_samples"] = len(ctx.calibration)
@@ -303,11 +330,10 @@ class ModeloptStep(Step):
 
     runs_on = {"torch": TORCH, "ort": TORCH, "trt": TORCH}
     needs_calibration = True
+    quantizes_compute = True
+    # a layer may be kept out or given another modelopt preset (int8 W8A8 or fp8) in place of the step's own
+    layer_format_choices = frozenset({"int8", "fp8"})
     FORMAT = ""  # a PRESETS key
-
-    @property
-    def key(self) -> str:
-        return f"recipe.steps.{self.name}"
 
     def algorithm(self) -> Any:
         return "__keep__"  # the preset's
@@ -318,9 +344,17 @@ class ModeloptStep(Step):
     def percentile(self) -> float:
         return 99.99
 
-    def exclude(self, ctx) -> List[str]:
+    def exclude(self, ctx: StepContext) -> List[str]:
         """model.exclude (or DEFAULT_EXCLUDE) plus the step's own `exclude` patterns."""
-        return exclude_patterns(ctx) + list(getattr(self.params, "exclude", None) or [])
+        return exclude_patterns(ctx) + self.own_exclude()
+
+    def own_exclude(self) -> List[str]:
+        return list(self.params.exclude)
+
+    def layers(self, module, exclude=()) -> List[str]:
+        """The Linear layers modelopt quantizes: every nn.Linear outside model.exclude (DEFAULT_EXCLUDE when
+        empty) and the step's own exclude patterns."""
+        return super().layers(module, list(exclude) or list(DEFAULT_EXCLUDE))
 
     def apply_torch(self, model, ctx):
         import torch
@@ -328,16 +362,21 @@ class ModeloptStep(Step):
         torch.manual_seed(ctx.seed)
         return quantize_module(model, self.FORMAT, ctx, algorithm=self.algorithm(),
                                calibration=self.calibration(), percentile=self.percentile(),
-                               exclude=self.exclude(ctx))
+                               exclude=self.exclude(ctx), layer_formats=self.layer_formats)
 
     def after_export(self, onnx_path, out_path, ctx):
-        """int8 formats: store the weights as int8 initializers feeding their DQ (compiler/graph/qdq_weights)."""
-        import onnx
+        return store_int8_weights(onnx_path, out_path, self.name)
 
-        from compiler.graph.io import save_onnx
-        from compiler.graph.qdq_weights import fold_weight_quantizers
 
-        model = onnx.load(str(onnx_path), load_external_data=True)
-        model, folded = fold_weight_quantizers(model)
-        log.info("%s: %d weights stored as int8 initializers", self.name, folded)
-        return save_onnx(model, out_path, "auto")
+def store_int8_weights(onnx_path, out_path, label: str):
+    """After export of an int8 modelopt graph: the weights stored as int8 initializers feeding their DQ
+    (compiler/graph/qdq_weights) instead of fp32 weights behind a Q/DQ pair."""
+    import onnx
+
+    from compiler.graph.io import save_onnx
+    from compiler.graph.qdq_weights import fold_weight_quantizers
+
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    model, folded = fold_weight_quantizers(model)
+    log.info("%s: %d weights stored as int8 initializers", label, folded)
+    return save_onnx(model, out_path, "auto")

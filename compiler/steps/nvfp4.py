@@ -15,10 +15,11 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Tuple
 
+from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
-from compiler.steps.base import TORCH, Step, StepContext
+from compiler.steps.base import TORCH, Step, StepContext, StepParams
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,16 @@ NVFP4_MIN_OPSET = 23  # FLOAT4E2M1 DequantizeLinear and blocked DequantizeLinear
 
 
 @dataclass
-class NVFP4Params:
+class NVFP4Params(StepParams):
     block_size: int = NVFP4_BLOCK
     # quantize the Linear inputs too (W4A4, dynamic per-block scales at run time); false: weights only
     activations: bool = True
 
-    def __post_init__(self):
+    def problems(self) -> List[Tuple[str, str, str]]:
         if self.block_size != NVFP4_BLOCK:
-            raise ValueError(f"block_size: NVFP4 uses blocks of {NVFP4_BLOCK} values (got {self.block_size}); "
-                             f"set block_size: {NVFP4_BLOCK}")
+            return [("block_size", f"NVFP4 uses blocks of {NVFP4_BLOCK} values (got {self.block_size})",
+                     f"set block_size: {NVFP4_BLOCK}")]
+        return []
 
 
 def nvfp4_config(activations: bool = True) -> Dict:
@@ -164,14 +166,26 @@ class NVFP4Step(Step):
     runs_on = {"torch": TORCH, "trt": TORCH}
     needs_calibration = True
     summary = "modelopt NVFP4 (e2m1, block 16, e4m3 scales) W4A4 on Linear layers; TensorRT NVFP4 ONNX export"
-    min_opset = NVFP4_MIN_OPSET
+    precision = frozenset({"nvfp4"})
+    quantizes_compute = True
+    # the fallback formats of mixed NVFP4 engines: a sensitive layer kept at fp8 or int8 (modelopt presets)
+    layer_format_choices = frozenset({"fp8", "int8"})
+    opset_reason = f"FLOAT4E2M1 and blocked DequantizeLinear need opset >= {NVFP4_MIN_OPSET}"
+
+    def min_opset(self, target: TargetCapabilities) -> int:
+        return NVFP4_MIN_OPSET if target.runs_onnx else 0
+
+    def layers(self, module, exclude=()) -> List[str]:
+        from compiler.steps.modelopt import DEFAULT_EXCLUDE
+
+        return super().layers(module, list(exclude) or list(DEFAULT_EXCLUDE))
 
     def apply_torch(self, model, ctx: StepContext):
         from compiler.steps.modelopt import quantize_module
         from compiler.numerics.nvfp4 import install_cpu_fallback
 
         install_cpu_fallback()
-        quantize_module(model, nvfp4_config(bool(self.params.activations)), ctx)
+        quantize_module(model, nvfp4_config(bool(self.params.activations)), ctx, layer_formats=self.layer_formats)
         marked = mark_for_trt_export(model)
         ctx.report.update({"format": "nvfp4", "block_size": NVFP4_BLOCK, "scale_format": "e4m3",
                            "activations": bool(self.params.activations), "trt_export_quantizers": marked})

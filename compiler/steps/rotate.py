@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.numerics.hadamard import SUPPORTED_BLOCKS, OnlineHadamard, block_for, hadamard_matrix, is_power_of_two
-from compiler.steps.base import TORCH, ModelInfo, Step, StepContext
+from compiler.core.capabilities import TargetCapabilities
+from compiler.steps.base import TORCH, ModelInfo, Step, StepContext, StepParams
 
 METHODS = ("hadamard",)
 
 
 @dataclass
-class RotateParams:
+class RotateParams(StepParams):
     method: str = "hadamard"  # the only method: normalized (block-diagonal) Sylvester Hadamard
     # Hadamard block: a dimension that block_size divides gets block-diagonal copies of H_block_size;
     # a power-of-two dimension smaller than block_size gets one Sylvester block of its own size.
@@ -40,12 +41,14 @@ class RotateParams:
     # where the Hadamard block fits inside one attention head; otherwise it runs online like the others
     fuse_attention: bool = True
 
-    def __post_init__(self):
+    def problems(self) -> List[Tuple[str, str, str]]:
+        out = []
         if self.method not in METHODS:
-            raise ValueError(f"method: unknown rotation {self.method!r}; use one of {list(METHODS)}")
+            out.append(("method", f"unknown rotation {self.method!r}", f"use one of {list(METHODS)}"))
         if not is_power_of_two(int(self.block_size)) or self.block_size not in SUPPORTED_BLOCKS:
-            raise ValueError(f"block_size: {self.block_size} is not a power of two in "
-                             f"{SUPPORTED_BLOCKS[0]}..{SUPPORTED_BLOCKS[-1]} (Sylvester construction)")
+            out.append(("block_size", f"{self.block_size} is not a power of two in {SUPPORTED_BLOCKS[0]}.."
+                        f"{SUPPORTED_BLOCKS[-1]} (Sylvester construction)", "use e.g. 16 or 128"))
+        return out
 
 
 def working_blocks(dims: Dict[str, int]) -> List[int]:
@@ -176,8 +179,19 @@ class RotateStep(Step):
     runs_on = {"torch": TORCH, "ort": TORCH, "trt": TORCH}
     needs_calibration = False
     summary = "Hadamard rotation of Linear inputs (W@H fused into weights, x@H as a live MatMul), exact in fp32"
+    # produces no number format; it changes the weights and activations a quantizing step then quantizes
+    must_precede_quantizers = True
 
-    def validate(self, info: ModelInfo, target: str) -> None:
+    def layers(self, module, exclude=()) -> List[str]:
+        """The Linear layers it would rotate: those matching `layers`, outside the exclude patterns."""
+        from compiler.core.patterns import matches_any
+        from compiler.steps.modelopt import DEFAULT_EXCLUDE
+
+        patterns = list(exclude) or list(DEFAULT_EXCLUDE)
+        return [n for n in super().layers(module, patterns) if matches_any(n, self.params.layers)]
+
+    def validate(self, info: ModelInfo, target: TargetCapabilities) -> None:
+        super().validate(info, target)
         dims = {k: v for k, v in (("hidden_size", info.hidden_size), ("intermediate_size", info.intermediate_size))
                 if v}
         bs = int(self.params.block_size)
@@ -196,8 +210,9 @@ class RotateStep(Step):
     def apply_torch(self, model, ctx: StepContext):
         from compiler.steps.modelopt import exclude_patterns
 
-        done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx), list(self.params.layers),
-                              bool(self.params.fuse_attention))
+        # a layer kept out by with_layer_formats is not rotated: its exact module name joins the exclusions
+        done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx) + self.kept_layers(),
+                              list(self.params.layers), bool(self.params.fuse_attention))
         ctx.report.update({"method": self.params.method, "block_size": int(self.params.block_size),
                            **{k: v for k, v in done.items() if k != "layers"}})
         return model

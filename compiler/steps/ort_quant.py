@@ -1,0 +1,219 @@
+"""Shared helpers for ONNX-side quantization with onnxruntime.quantization (int8_static, int8_dynamic): the
+graph's linear ops and how many got quantized, pre-processing, nodes kept out by module-name pattern or by
+layer, the calibration data reader, and keeping the library's console chatter off the console."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+
+from compiler.core.errors import BuildError
+from compiler.steps.base import CALIBRATION_METHODS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CALIBRATION_METHODS", "LINEAR_OP_TYPES", "QUANTIZED_LINEAR_OP_TYPES", "FeaturesReader",
+           "activation_gathers", "check_ops_match", "exclude_nodes", "layer_nodes", "linear_ops_found", "module_name",
+           "ort_calibration_method", "preprocess", "quantized_coverage", "quantized_gathers", "quietly"]
+
+# ops that carry a layer's weights: what "the graph's linear layers are ..." lists
+LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "FusedMatMul", "Attention",
+                   "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm", "MatMulNBits")
+# ops that are a quantized linear layer by themselves (QOperator / dynamic formats)
+QUANTIZED_LINEAR_OP_TYPES = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm", "QLinearConv",
+                             "ConvInteger", "QAttention", "MatMulNBits")
+
+
+
+
+def linear_ops_found(model) -> str:
+    """'MatMul x16, Gemm x1' for the linear-layer ops of a graph (or all its op types when it has none)."""
+    counts = Counter(n.op_type for n in model.graph.node)
+    found = {op: counts[op] for op in LINEAR_OP_TYPES if counts.get(op)}
+    if found:
+        return ", ".join(f"{op} x{c}" for op, c in found.items())
+    return "none (its ops: " + ", ".join(sorted(counts)) + ")"
+
+
+def check_ops_match(model, op_types: List[str], key: str) -> int:
+    """Number of nodes that op_types_to_quantize matches; zero is a BuildError, never a silent no-op."""
+    n = sum(1 for node in model.graph.node if node.op_type in set(op_types))
+    if n == 0:
+        raise BuildError(f"{key}: op_types_to_quantize={list(op_types)} matched no node: the graph's linear "
+                         f"layers are {linear_ops_found(model)}")
+    return n
+
+
+def quantized_coverage(before, after, op_types: List[str]) -> Dict[str, Any]:
+    """How many of the fp32 graph's op_types nodes are quantized in the output: Q/DQ-fed (QDQ format) or
+    replaced by a quantized op (QOperator / dynamic format)."""
+    targets = set(op_types)
+    total = sum(1 for n in before.graph.node if n.op_type in targets)
+    producer = {o: n.op_type for n in after.graph.node for o in n.output}
+    fp_left = sum(1 for n in after.graph.node if n.op_type in targets
+                  and not any(producer.get(i) == "DequantizeLinear" for i in n.input))
+    quantized = max(total - fp_left, 0)
+    by_type = Counter(n.op_type for n in before.graph.node if n.op_type in targets)
+    return {"linear_ops": dict(sorted(by_type.items())), "quantized": quantized, "total": total,
+            "fraction": round(quantized / total, 4) if total else 0.0,
+            "qdq_nodes": sum(1 for n in after.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")),
+            "quantized_op_nodes": sum(1 for n in after.graph.node if n.op_type in QUANTIZED_LINEAR_OP_TYPES)}
+
+
+def module_name(node_name: str) -> str:
+    """The torch module a TorchScript-exported node came from: '/inner/encoder/layer.0/output/dense/MatMul'
+    -> 'inner.encoder.layer.0.output.dense', so model.exclude patterns mean the same on both sides."""
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(parts[:-1]) if len(parts) > 1 else node_name
+
+
+def exclude_nodes(model, patterns: List[str], op_types: Optional[List[str]] = None) -> List[str]:
+    """Nodes (of op_types, if given) whose name or module name matches a pattern ('*pooler*',
+    '*layer.0.output.dense')."""
+    from compiler.core.patterns import matches_any
+
+    if not patterns:
+        return []
+    return sorted(n.name for n in model.graph.node if n.name and (op_types is None or n.op_type in op_types)
+                  and (matches_any(n.name, patterns) or matches_any(module_name(n.name), patterns)))
+
+
+def layer_nodes(model, layers: Iterable[str], op_types: Optional[List[str]] = None) -> List[str]:
+    """The nodes (of op_types, if given) that torch module ``layers`` (exact module names, as Step.layers()
+    returns them) were exported to, found from the TorchScript exporter's node scopes
+    ('/inner/encoder/layer.0/output/dense/MatMul' belongs to 'inner.encoder.layer.0.output.dense')."""
+    wanted = set(layers)
+    if not wanted:
+        return []
+    return sorted(n.name for n in model.graph.node if n.name and (op_types is None or n.op_type in op_types)
+                  and module_name(n.name) in wanted)
+
+
+def activation_gathers(model) -> List[str]:
+    """Gather nodes whose data is not an initializer (shape arithmetic, activations): no table to store int8."""
+    inits = {i.name for i in model.graph.initializer}
+    return sorted(n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] not in inits)
+
+
+def quantized_gathers(model) -> int:
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    return sum(1 for n in model.graph.node if n.op_type == "Gather" and producer.get(n.input[0]) == "DequantizeLinear")
+
+
+def preprocess(onnx_path: Path, out_path: Path, report: Dict[str, Any]) -> Path:
+    """onnxruntime's quant_pre_process, retried with the settings that fix known shape-inference failures
+    (BERT: 'Incomplete symbolic shape inference' -> auto_merge; ModernBERT rotary -> skip symbolic);
+    if every attempt fails the graph is quantized as exported. What happened goes into the report."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    attempts = [("default", {}), ("auto_merge", {"auto_merge": True}),
+                ("skip_symbolic_shape", {"skip_symbolic_shape": True}),
+                ("skip_symbolic_shape+skip_optimization", {"skip_symbolic_shape": True, "skip_optimization": True})]
+    failures = []
+    for label, kwargs in attempts:
+        try:
+            # onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx (+ data) into the current
+            # directory when it gives up: run it from the work directory so nothing lands where the user is
+            src, dst = Path(onnx_path).resolve(), Path(out_path).resolve()  # before the chdir below
+            with _in_dir(dst.parent):
+                quietly(quant_pre_process, str(src), str(dst), **kwargs)
+            report["preprocess"] = label
+            if failures:
+                report["preprocess_failures"] = failures
+            return out_path
+        except Exception as e:  # the shape-inference helpers raise bare Exception / AssertionError
+            failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            log.info("quant_pre_process (%s) failed: %s", label, failures[-1])
+    report["preprocess"] = "skipped (every attempt failed)"
+    report["preprocess_failures"] = failures
+    return Path(onnx_path)
+
+
+@contextlib.contextmanager
+def _in_dir(path: Path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def quietly(fn, *args, **kwargs):
+    """onnxruntime.quantization logs 'please pre-process' warnings through the root logger and prints its
+    calibrators' progress to stdout; keep both off the console (the step reports what matters)."""
+    import io
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            return fn(*args, **kwargs)
+    finally:
+        root.setLevel(level)
+        if printed.getvalue().strip():
+            log.debug("onnxruntime.quantization: %s", printed.getvalue().strip())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration data
+
+
+class FeaturesReader:
+    """onnxruntime CalibrationDataReader over compiler.stages.data.Features, with a progress bar."""
+
+    def __init__(self, features, input_names: List[str], batch_size: int, label: str = "calibration"):
+        self._feeds = [{n: np.ascontiguousarray(b[n]) for n in input_names}
+                       for b in features.batches(max(int(batch_size), 1))]
+        self._label = label
+        self.rewind()
+
+    def rewind(self):
+        self._i, self._end = 0, len(self._feeds)
+        self._progress = None
+
+    def set_range(self, start_index: int, end_index: int):
+        self._i, self._end = start_index, min(end_index, len(self._feeds))
+
+    def __len__(self):
+        return len(self._feeds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        from rich.progress import Progress
+
+        if self._progress is None:
+            self._progress = Progress(transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self._label, total=self._end - self._i)
+        if self._i >= self._end:
+            self._progress.stop()
+            return None
+        feed = self._feeds[self._i]
+        self._i += 1
+        self._progress.advance(self._task)
+        return feed
+
+
+def ort_calibration_method(name: str):
+    """onnxruntime's CalibrationMethod for one of CALIBRATION_METHODS."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
