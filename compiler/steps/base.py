@@ -139,7 +139,9 @@ class Step:
         weights) and the target. Raise RecipeError naming the key."""
         from compiler.core.errors import RecipeError
 
-        for field_name, what, fix in self.params.problems():
+        # a Params class outside StepParams (a plain dataclass) declares no checks
+        problems = self.params.problems() if isinstance(self.params, StepParams) else []
+        for field_name, what, fix in problems:
             raise RecipeError(f"{self.key}.{field_name}", what, fix)
 
     def validate_export(self, export_cfg, target: TargetCapabilities) -> None:

@@ -287,8 +287,7 @@ class Fp16Step(Step):
         super().validate(info, target)
         if target.runs_onnx and self.params.dtype != "float16":
             raise RecipeError(f"{self.key}.dtype", f"{self.params.dtype} is not runnable on target={target.name} "
-                              "(the ONNX side converts to float16)", "use dtype=float16, or a target that runs "
-                              "the torch module (target=torch)")
+                              "(the ONNX side converts to float16)", "use dtype=float16, or target=torch")
 
     def apply_torch(self, model, ctx: StepContext):
         import torch

@@ -182,7 +182,7 @@ class Int8StaticStep(Step):
         super().validate(info, target)
         if target.symmetric_int8_only and resolved_activation_type(self.params, target) == "uint8":
             raise RecipeError(f"{self.key}.activation_type", f"uint8 activations are not runnable on "
-                              f"target={target.name} (it needs symmetric int8, zero point 0)",
+                              f"target={target.name} (its explicit quantization needs symmetric int8, zero point 0)",
                               "use activation_type=auto or int8")
 
     # -- torch: modelopt W8A8 (the same numerics as the `int8` step, calibration methods named alike) --------

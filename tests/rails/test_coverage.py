@@ -105,20 +105,31 @@ def test_not_quantized_recipe_passes_and_file_mode_judges_from_the_graph(tmp_pat
     assert coverage.run(ctx)["status"] == FAILED
 
 
-def test_recipe_quantizes_from_step_names_or_flags():
-    class S:
-        def __init__(self, name, quantizes=None):
-            self.name = name
-            if quantizes is not None:
-                self.quantizes = quantizes
+def test_recipe_quantizes_asks_the_steps():
+    """Each step declares quantizes_compute; the rail never reads it from a step's name."""
+    from compiler.steps.base import STEP_REGISTRY, Step, StepParams, load_all_steps
+
+    load_all_steps()
+
+    def S(name):
+        cls = STEP_REGISTRY[name]
+        return cls(cls.Params())
 
     assert coverage.recipe_quantizes([S("int8_static")])
     assert coverage.recipe_quantizes([S("rotate"), S("nvfp4")])
-    assert coverage.recipe_quantizes([S("smoothquant"), S("int8_weight_only")])
-    assert not coverage.recipe_quantizes([S("smoothquant"), S("fp16"), S("rotate")])
+    assert coverage.recipe_quantizes([S("int8_smoothquant"), S("int8_weight_only")])
+    assert coverage.recipe_quantizes([S("int8_dynamic")]) and coverage.recipe_quantizes([S("fp8")])
+    assert not coverage.recipe_quantizes([S("fp16"), S("rotate")])
     assert not coverage.recipe_quantizes([])
-    assert coverage.recipe_quantizes([S("custom", quantizes=True)])
-    assert not coverage.recipe_quantizes([S("int8_lookalike", quantizes=False)])
+
+    class Lookalike(Step):  # no `name`: not registered; a quantizing name does not make it quantize
+        quantizes_compute = False
+
+    class Plain(Step):
+        quantizes_compute = True
+
+    assert not coverage.recipe_quantizes([Lookalike(StepParams())])
+    assert coverage.recipe_quantizes([Plain(StepParams())])
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")

@@ -42,11 +42,20 @@ def test_type_clash_fails_with_the_ort_error(tmp_path):
 
 def test_consistent_fp16_graph_passes_and_reports_what_the_step_kept(tmp_path):
     path = _rotary_like(tmp_path, broken=False)
-    steps = {"fp16": {"where": "onnx", "blocked_nodes": ["/rotary/Mul", "/rotary/Cast"], "op_block_list": ["Range"]},
+    from compiler.steps.fp16 import Fp16Step
+    from compiler.steps.fp16 import Params as Fp16Params
+    from compiler.steps.int8_static import Int8StaticStep
+    from compiler.steps.int8_static import Params as Int8Params
+
+    # what each step kept in fp32 is read from the report keys the step declares (kept_fp32_report_keys)
+    steps = {"fp16": {"where": "onnx", "blocked_nodes": ["/rotary/Mul", "/rotary/Cast"], "blocked_op_types": ["Range"],
+                      "dtype": "float16"},
              "int8_static": {"blocked_nodes": ["not fp16's"]}}
-    r = fp16_types.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path, steps=steps))
+    recipe_steps = [Fp16Step(Fp16Params()), Int8StaticStep(Int8Params())]
+    r = fp16_types.run(RailContext(target=capabilities_of("ort"), config=DoctorConfig(), onnx_path=path, steps=steps,
+                                   recipe_steps=recipe_steps))
     assert r["status"] == PASSED
-    assert r["kept_fp32"] == {"blocked_nodes": ["/rotary/Mul", "/rotary/Cast"], "op_block_list": ["Range"]}
+    assert r["kept_fp32"] == {"blocked_nodes": ["/rotary/Mul", "/rotary/Cast"], "blocked_op_types": ["Range"]}
     assert r["kept_fp32_count"] == 3 and "kept in fp32 by the fp16 step: 3" in r["message"]
 
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from compiler.core.errors import RecipeError
 from compiler.core.paths import RECIPES_DIR
-from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, Step, load_all_steps
+from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, Step, StepParams, load_all_steps
 from compiler.stages.validate import validate
 from conftest import compose
 
@@ -95,7 +95,7 @@ def test_missing_model_path_fails_before_loading():
 
 
 @dataclass
-class _NoParams:
+class _NoParams(StepParams):
     pass
 
 
@@ -148,5 +148,39 @@ def test_capability_table_is_consistent():
         for step in steps:
             runnable &= set(STEP_REGISTRY[step].runs_on)
         assert runnable, f"recipe {recipe} runs on no target"
-        for t in sorted(runnable):  # opset 19: fp8 on ort needs float8 QuantizeLinear
-            validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={t}", "export.opset=19"))
+        for t in sorted(runnable):  # the auto opset gives fp8 on ort its float8 QuantizeLinear (19)
+            validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={t}"))
+
+
+# -- export.opset: auto from the steps' min_opset, explicit values kept (issue 10) -------------------------
+
+@pytest.mark.parametrize("recipe,target,opset", [
+    ("fp8", "ort", 19),  # float8 QuantizeLinear/DequantizeLinear
+    ("fp8", "trt", 17),  # TensorRT reads its own FP8 ops at any opset
+    ("nvfp4", "trt", 23),  # FLOAT4E2M1 DequantizeLinear
+    ("int8_static", "ort", 17),
+])
+def test_unset_opset_becomes_the_highest_the_steps_need(recipe, target, opset):
+    spec = validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={target}"))
+    assert spec.export.opset == opset
+    # the resolved recipe.yaml carries it, so a rebuild exports at the same opset
+    assert OmegaConf.to_container(spec.raw, resolve=True)["export"]["opset"] == opset
+
+
+def test_explicit_opset_below_a_steps_need_stays_an_error():
+    msg = _err("model=tiny_bert", "recipe=fp8", "target=ort", "export.opset=17")
+    assert msg == ("export.opset: 17 is too old for fp8 on target=ort (float8e4m3fn QuantizeLinear/DequantizeLinear "
+                   "need opset >= 19) -- pass export.opset=19 (or higher), or leave export.opset unset (auto)")
+    assert validate(compose("model=tiny_bert", "recipe=fp8", "target=ort", "export.opset=21")).export.opset == 21
+
+
+# -- step order (issue 10): a step that rewrites weights must come before the step that quantizes them --------
+
+def test_rotate_after_nvfp4_is_rejected_naming_the_order_that_works():
+    def edit(cfg):
+        cfg.recipe.steps = OmegaConf.create({"nvfp4": {}, "rotate": {"block_size": 16}})
+
+    msg = _err("model=tiny_bert", "recipe=nvfp4_rotate", "target=trt", edit=edit)
+    assert msg == ("recipe.steps: rotate must come before nvfp4 (it changes the weights nvfp4 quantizes) -- "
+                   "write steps: {rotate: ..., nvfp4: ...}")
+

@@ -16,6 +16,13 @@ from compiler.core.schema import ExportConfig
 from compiler.steps.base import STEP_REGISTRY, StepContext, load_all_steps
 
 
+def caps(target: str):
+    """The declared capabilities of a target (what a StepContext carries), by its name."""
+    from targets.base import get_target
+
+    return get_target(target).capabilities
+
+
 def make_step(name: str, **params):
     load_all_steps()
     cls = STEP_REGISTRY[name]
@@ -25,9 +32,8 @@ def make_step(name: str, **params):
 def context(model, data, target: str = "ort", opset: int = 17, exclude=None, work_dir=None) -> StepContext:
     from tests.conftest import model_cfg  # noqa: F401  (only to fail loudly if run outside the test tree)
 
-    return StepContext(target=target, model_info=model.info, calibration=data.calibration, work_dir=work_dir,
-                       exclude=list(exclude if exclude is not None else _model_exclude(model)), opset=opset,
-                       report={"batch_size": 8})
+    return StepContext(target=caps(target), model_info=model.info, calibration=data.calibration, work_dir=work_dir,
+                       exclude=list(exclude if exclude is not None else _model_exclude(model)), opset=opset)
 
 
 def _model_exclude(model) -> List[str]:
@@ -56,8 +62,7 @@ def export(step, module, model, tmp_path: Path, target: str = "ort", opset: int 
     """Export as the pipeline does (legacy exporter) and run the step's after_export hook."""
     raw = export_onnx(module, model.input_names, model.output_names, tmp_path / "export.onnx",
                       ExportConfig(opset=opset))
-    ctx = StepContext(target=target, model_info=model.info, calibration=None, work_dir=tmp_path, opset=opset,
-                      report={"batch_size": 8})
+    ctx = StepContext(target=caps(target), model_info=model.info, calibration=None, work_dir=tmp_path, opset=opset)
     return Path(step.after_export(raw, tmp_path / "after_export.onnx", ctx))
 
 

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
+from modelopt_cases import caps
 from compiler.steps.fp16 import Fp16Step, Params, convert_fp16, drop_fp16_roundtrips
 
 MODELS = ["tiny_bert", "tiny_modernbert"]  # the `exported` fixture (tests/conftest.py) holds both
@@ -42,7 +43,7 @@ def tensor_types(model):
 @pytest.mark.parametrize("name", MODELS)
 def test_fp16_graph_runs_in_ort_close_to_fp32(exported, name, tmp_path):
     model, data, fp32 = exported[name]
-    ctx = StepContext(target="ort", model_info=model.info, calibration=data.calibration, work_dir=tmp_path, report={})
+    ctx = StepContext(target=caps("ort"), model_info=model.info, calibration=data.calibration, work_dir=tmp_path, report={})
     out = Fp16Step(Params()).apply_onnx(fp32, tmp_path / "fp16.onnx", ctx)
     feeds = list(data.evaluation.batches(8))
     # measured: embedding cosine 1 - 1e-7 on both tiny models, last_hidden_state the same (minilm 1 - 1e-6);
@@ -59,7 +60,7 @@ def test_fp16_graph_runs_in_ort_close_to_fp32(exported, name, tmp_path):
 
 def test_modernbert_rotary_angles_stay_fp32_without_fp16_round_trips(exported, tmp_path):
     model, data, fp32 = exported["tiny_modernbert"]
-    ctx = StepContext(target="ort", model_info=model.info, calibration=data.calibration, work_dir=tmp_path, report={})
+    ctx = StepContext(target=caps("ort"), model_info=model.info, calibration=data.calibration, work_dir=tmp_path, report={})
     out = Fp16Step(Params()).apply_onnx(fp32, tmp_path / "fp16.onnx", ctx)
     # found by walking up from Sin/Cos, not from a list of names: positions (Range, Cast), inv_freq (Mul), Concat
     assert ctx.report["blocked_reasons"] == {"rotary angle (Sin/Cos input)": 17}
@@ -85,7 +86,7 @@ def test_modernbert_rotary_angles_stay_fp32_without_fp16_round_trips(exported, t
 
 def test_bert_has_nothing_to_block(exported, tmp_path):
     model, data, fp32 = exported["tiny_bert"]
-    ctx = StepContext(target="ort", model_info=model.info, calibration=data.calibration, work_dir=tmp_path, report={})
+    ctx = StepContext(target=caps("ort"), model_info=model.info, calibration=data.calibration, work_dir=tmp_path, report={})
     Fp16Step(Params()).apply_onnx(fp32, tmp_path / "fp16.onnx", ctx)
     assert ctx.report["blocked_nodes"] == 0 and ctx.report["fp16_roundtrips_removed"] == 0
 
@@ -169,7 +170,7 @@ def test_torch_half_runs_on_cpu_close_to_fp32(request, name):
 
     model = request.getfixturevalue(name)
     data = request.getfixturevalue(DATA[name])
-    ctx = StepContext(target="torch", model_info=model.info, report={})
+    ctx = StepContext(target=caps("torch"), model_info=model.info, report={})
     half = Fp16Step(Params()).apply_torch(copy.deepcopy(model.module), ctx)
     assert {p.dtype for p in half.parameters()} == {torch.float16}
     feeds = list(data.evaluation.batches(8))
@@ -190,12 +191,12 @@ def test_bfloat16_is_a_torch_only_choice():
 
     info = ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
     node = OmegaConf.create({"name": "t", "steps": {"fp16": {"dtype": "bfloat16"}}})
-    (step,), _ = validate_steps(node, "torch", info)
+    (step,), _ = validate_steps(node, caps("torch"), info)
     assert step.params.dtype == "bfloat16"
     with pytest.raises(RecipeError) as e:
-        validate_steps(node, "ort", info)
+        validate_steps(node, caps("ort"), info)
     assert e.value.key == "recipe.steps.fp16.dtype"
     assert str(e.value) == ("recipe.steps.fp16.dtype: bfloat16 is not runnable on target=ort (the ONNX side "
                             "converts to float16) -- use dtype=float16, or target=torch")
     with pytest.raises(RecipeError, match=r"^recipe.steps.fp16.dtype: bad value 'fp8' -- use float16 or bfloat16$"):
-        validate_steps(OmegaConf.create({"name": "t", "steps": {"fp16": {"dtype": "fp8"}}}), "torch", info)
+        validate_steps(OmegaConf.create({"name": "t", "steps": {"fp16": {"dtype": "fp8"}}}), caps("torch"), info)

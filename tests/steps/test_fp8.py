@@ -15,7 +15,7 @@ import json
 import onnx
 import pytest
 import torch
-from modelopt_cases import eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs
+from modelopt_cases import caps, eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs
 
 from compiler.core.errors import RecipeError
 from compiler.core.schema import ExportConfig
@@ -76,13 +76,14 @@ def test_trt_target_keeps_tensorrt_ops(tiny_bert, tiny_data, tmp_path):
 def test_opset_below_19_on_ort_is_a_recipe_error():
     step = make_step("fp8")
     with pytest.raises(RecipeError) as e:
-        step.validate_export(ExportConfig(opset=17), "ort")
+        step.validate_export(ExportConfig(opset=17), caps("ort"))
     assert e.value.key == "export.opset"
     assert str(e.value) == ("export.opset: 17 is too old for fp8 on target=ort (float8e4m3fn "
-                            "QuantizeLinear/DequantizeLinear need opset >= 19) -- pass export.opset=19 (or higher)")
-    step.validate_export(ExportConfig(opset=19), "ort")
-    step.validate_export(ExportConfig(opset=17), "trt")  # TensorRT reads its own FP8 ops at any opset
-    step.validate_export(ExportConfig(opset=17), "torch")
+                            "QuantizeLinear/DequantizeLinear need opset >= 19) -- pass export.opset=19 (or higher), or "
+                            "leave export.opset unset (auto)")
+    step.validate_export(ExportConfig(opset=19), caps("ort"))
+    step.validate_export(ExportConfig(opset=17), caps("trt"))  # TensorRT reads its own FP8 ops at any opset
+    step.validate_export(ExportConfig(opset=17), caps("torch"))
 
 
 def test_cli_opset_error_before_loading(qcompile):

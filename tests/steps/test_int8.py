@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from modelopt_cases import (eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs,
+from modelopt_cases import (caps, eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs,
                             weight_dq_initializer_types)
 
 from compiler.core.errors import RecipeError
@@ -115,13 +115,13 @@ def test_folded_weights_equal_onnx_quantize_linear():
 
 
 def test_calibration_parameter():
-    P = make_step("int8").Params
-    assert P(calibration="max").calibration == "minmax"  # modelopt's name accepted
-    assert P(calibration="entropy").calibration == "entropy"
-    with pytest.raises(ValueError, match="calibration: unknown method 'kl'; use one of minmax, entropy, percentile"):
-        P(calibration="kl")
-    with pytest.raises(ValueError, match=r"percentile: 0.0 is not in \(0, 100\]"):
-        P(percentile=0.0)
+    step = make_step("int8", calibration="max")
+    assert step.calibration() == "minmax" and step.params.problems() == []  # modelopt's name accepted
+    assert make_step("int8", calibration="entropy").calibration() == "entropy"
+    assert make_step("int8", calibration="kl").params.problems() == [
+        ("calibration", "unknown method 'kl'", "use one of minmax, entropy, percentile")]
+    assert make_step("int8", percentile=0.0).params.problems() == [
+        ("percentile", "0.0 is not in (0, 100]", "use e.g. 99.99")]
 
 
 def test_bad_calibration_is_a_recipe_error(tiny_bert):
@@ -130,8 +130,8 @@ def test_bad_calibration_is_a_recipe_error(tiny_bert):
     from compiler.stages.validate import validate_steps
 
     node = OmegaConf.create({"name": "int8", "steps": {"int8": {"calibration": "kl"}}})
-    with pytest.raises(RecipeError, match="recipe.steps.int8: calibration: unknown method 'kl'"):
-        validate_steps(node, "ort", tiny_bert.info)
+    with pytest.raises(RecipeError, match=r"^recipe.steps.int8.calibration: unknown method 'kl' -- use one of minmax"):
+        validate_steps(node, caps("ort"), tiny_bert.info)
 
 
 def test_calibration_reaches_modelopt(tiny_modernbert, tiny_modernbert_data):

@@ -12,6 +12,7 @@ import pytest
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
+from modelopt_cases import caps
 from compiler.steps.int8_dynamic import Int8DynamicStep, Params
 
 MODELS = ["tiny_bert", "tiny_modernbert"]  # the `exported` fixture (tests/conftest.py) holds both
@@ -30,7 +31,7 @@ def embeddings_onnx(path, feeds):
 
 
 def ctx(model, target, tmp_path, exclude=()):
-    return StepContext(target=target, model_info=model.info, work_dir=tmp_path, exclude=list(exclude), report={})
+    return StepContext(target=caps(target), model_info=model.info, work_dir=tmp_path, exclude=list(exclude), report={})
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -116,7 +117,7 @@ def _validate(steps, target):
     from compiler.stages.validate import validate_steps
 
     info = ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
-    return validate_steps(OmegaConf.create({"name": "t", "steps": {"int8_dynamic": steps}}), target, info)
+    return validate_steps(OmegaConf.create({"name": "t", "steps": {"int8_dynamic": steps}}), caps(target), info)
 
 
 @pytest.mark.parametrize("steps,target,key,text", [

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from modelopt_cases import eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs
+from modelopt_cases import caps, eval_feed, export, make_step, op_counts, ort_outputs, quantize, rel_err, torch_outputs
 
 from compiler.core.errors import RecipeError
 
@@ -26,7 +26,7 @@ def test_alpha_outside_unit_interval_is_a_recipe_error(alpha, tiny_bert):
 
     node = OmegaConf.create({"name": "sq", "steps": {"int8_smoothquant": {"alpha": alpha}}})
     with pytest.raises(RecipeError) as e:
-        validate_steps(node, "ort", tiny_bert.info)
+        validate_steps(node, caps("ort"), tiny_bert.info)
     assert e.value.key == "recipe.steps.int8_smoothquant.alpha"
     assert str(e.value) == (f"recipe.steps.int8_smoothquant.alpha: {alpha} is outside [0, 1] -- set "
                             "recipe.steps.int8_smoothquant.alpha to a value in [0, 1], e.g. 0.5")

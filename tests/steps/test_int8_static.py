@@ -13,6 +13,7 @@ import pytest
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
+from modelopt_cases import caps
 from compiler.steps.int8_static import Int8StaticStep, Params, compute_ranges
 
 MODELS = ["tiny_bert", "tiny_modernbert"]  # the `exported` fixture (tests/conftest.py) holds both
@@ -33,8 +34,8 @@ def quantize(exported, name, tmp_path, target="ort", cache=None, model_exclude=(
     """Int8StaticStep(Params(**params)) on the model's fp32 graph; model_exclude plays model.exclude."""
     model, data, fp32 = exported[name]
     tmp_path.mkdir(parents=True, exist_ok=True)
-    ctx = StepContext(target=target, model_info=model.info, calibration=data.calibration, work_dir=tmp_path,
-                      exclude=list(model_exclude), cache=cache, report={"batch_size": 8})
+    ctx = StepContext(target=caps(target), model_info=model.info, calibration=data.calibration, work_dir=tmp_path,
+                      exclude=list(model_exclude), cache=cache)
     out = Int8StaticStep(Params(**params)).apply_onnx(fp32, tmp_path / "q.onnx", ctx)
     return out, ctx.report
 
@@ -168,8 +169,7 @@ def test_calibration_ranges_come_from_the_cache_and_any_input_change_misses(expo
     arrays = {k: v.copy() for k, v in data.calibration.arrays.items()}
     arrays["input_ids"][0, 1] += 1
     changed = Features(texts=list(data.calibration.texts), arrays=arrays)
-    ctx = StepContext(target="ort", model_info=model.info, calibration=changed, work_dir=tmp_path, cache=cache,
-                      report={"batch_size": 8})
+    ctx = StepContext(target=caps("ort"), model_info=model.info, calibration=changed, work_dir=tmp_path, cache=cache)
     Int8StaticStep(Params()).apply_onnx(fp32, tmp_path / "c.onnx", ctx)
     assert ctx.report["calibration_cache"] == "miss"
     # another method -> a different key
@@ -185,7 +185,7 @@ def _validate(steps, target="ort", info=None):
     from compiler.stages.validate import validate_steps
 
     info = info or ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
-    return validate_steps(OmegaConf.create({"name": "t", "steps": steps}), target, info)
+    return validate_steps(OmegaConf.create({"name": "t", "steps": steps}), caps(target), info)
 
 
 @pytest.mark.parametrize("steps,key,text", [
@@ -214,7 +214,7 @@ def test_uint8_activations_on_trt_are_a_recipe_error():
     with pytest.raises(RecipeError) as e:
         _validate({"int8_static": {"activation_type": "uint8"}}, target="trt")
     assert e.value.key == "recipe.steps.int8_static.activation_type"
-    assert "TensorRT needs symmetric int8" in str(e.value)
+    assert "target=trt (its explicit quantization needs symmetric int8, zero point 0)" in str(e.value)
 
 
 def test_bad_calibration_fails_at_cli_validation_with_exit_2(qcompile):
@@ -224,16 +224,19 @@ def test_bad_calibration_fails_at_cli_validation_with_exit_2(qcompile):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
-def test_torch_target_hands_over_to_the_modelopt_int8_step(calibration):
-    (step,), _ = _validate({"int8_static": {"calibration": calibration, "percentile": 99.9,
+def test_torch_target_passes_calibration_and_exclude_to_modelopt(tiny_bert, tiny_data, tmp_path):
+    """The torch side calls modelopt's quantize directly with the step's own calibration, percentile and
+    exclude patterns (no other step is built through the registry)."""
+    import copy
+
+    (step,), _ = _validate({"int8_static": {"calibration": "percentile", "percentile": 99.9,
                                             "exclude": ["*layer.0.output.dense"]}}, target="torch")
-    inner = step.torch_step()
-    assert inner.name == "int8"
-    assert inner.params.calibration == calibration
-    assert inner.params.exclude == ["*layer.0.output.dense"]
-    if calibration == "percentile":
-        assert inner.params.percentile == 99.9
+    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, calibration=tiny_data.calibration,
+                      work_dir=tmp_path, exclude=["*pooler*", "*embeddings*"])
+    step.apply_torch(copy.deepcopy(tiny_bert.module), ctx)
+    assert ctx.report["calibration"] == "percentile"
+    assert ctx.report["excluded_layers"] == ["inner.encoder.layer.0.output.dense", "inner.pooler.dense"]
+    assert ctx.report["excluded_patterns"] == ["*pooler*", "*embeddings*", "*layer.0.output.dense"]
 
 
 def test_torch_target_quantizes_with_modelopt_close_to_fp32(tiny_bert, tiny_data, tmp_path):
@@ -242,10 +245,10 @@ def test_torch_target_quantizes_with_modelopt_close_to_fp32(tiny_bert, tiny_data
     from compiler.runners.callable import torch_predictor
 
     step = Int8StaticStep(Params())
-    ctx = StepContext(target="torch", model_info=tiny_bert.info, calibration=tiny_data.calibration, work_dir=tmp_path,
-                      exclude=["*pooler*", "*embeddings*"], report={"batch_size": 8})
+    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, calibration=tiny_data.calibration, work_dir=tmp_path,
+                      exclude=["*pooler*", "*embeddings*"])
     module = step.apply_torch(copy.deepcopy(tiny_bert.module), ctx)
-    assert ctx.report["delegated_to"] == "int8 (modelopt W8A8, calibration=minmax)"
+    assert ctx.report["delegated_to"] == "modelopt W8A8 (INT8_DEFAULT_CFG, calibration=minmax)"
     assert ctx.report["quantized_layers"] == 12  # 13 Linear minus the pooler
     fp32 = torch_predictor(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names)
     q = torch_predictor(module, tiny_bert.input_names, tiny_bert.output_names)

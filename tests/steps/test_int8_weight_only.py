@@ -16,6 +16,7 @@ from modelopt_cases import (eval_feed, export, make_step, op_counts, ort_outputs
                             weight_dq_initializer_types)
 
 from compiler.steps.base import StepContext
+from modelopt_cases import caps
 
 WEIGHT_ONLY_REL_BOUND = 2e-3
 
@@ -47,8 +48,7 @@ def test_weights_only_quantized_and_error_bound(which, linear, quantized, reques
 
 
 def test_runs_without_calibration_data(tiny_bert):
-    ctx = StepContext(target="ort", model_info=tiny_bert.info, calibration=None, exclude=["*pooler*"],
-                      report={"batch_size": 8})
+    ctx = StepContext(target=caps("ort"), model_info=tiny_bert.info, calibration=None, exclude=["*pooler*"])
     import copy
 
     make_step("int8_weight_only").apply_torch(copy.deepcopy(tiny_bert.module), ctx)

@@ -12,11 +12,12 @@ import torch
 from compiler.steps import modelopt as mq
 from compiler.core.errors import BuildError
 from compiler.steps.base import StepContext
+from modelopt_cases import caps
 
 
 def _ctx(model, data, exclude=None, batch_size=8):
-    return StepContext(target="ort", model_info=model.info, calibration=data.calibration,
-                       exclude=list(exclude or []), report={"batch_size": batch_size})
+    return StepContext(target=caps("ort"), model_info=model.info, calibration=data.calibration,
+                       exclude=list(exclude or []), batch_size=batch_size)
 
 
 def test_excluded_modules_match_module_names_with_fnmatch(tiny_bert):
@@ -76,7 +77,7 @@ def test_forward_loop_runs_every_calibration_sample_in_batches(tiny_bert, tiny_d
     assert [c[0][0] for c in calls] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
     assert all(len(c) == len(tiny_bert.input_names) for c in calls)  # positional, every input
 
-    empty = StepContext(target="ort", model_info=tiny_bert.info, calibration=None, report={"batch_size": 8})
+    empty = StepContext(target=caps("ort"), model_info=tiny_bert.info, calibration=None)
     with pytest.raises(BuildError, match="calibration needs data"):
         mq.forward_loop(empty)
 
@@ -139,8 +140,7 @@ def test_histogram_calibration_clips_below_max(tiny_modernbert, tiny_modernbert_
 
 
 def test_weight_only_needs_no_calibration_data(tiny_bert):
-    ctx = StepContext(target="ort", model_info=tiny_bert.info, calibration=None, exclude=["*pooler*"],
-                      report={"batch_size": 8})
+    ctx = StepContext(target=caps("ort"), model_info=tiny_bert.info, calibration=None, exclude=["*pooler*"])
     mq.quantize_module(copy.deepcopy(tiny_bert.module), "int8_weight_only", ctx)
     assert (ctx.report["weight_quantizers"], ctx.report["input_quantizers"]) == (12, 0)
     assert ctx.report["calibration"] == "none (weights only)"

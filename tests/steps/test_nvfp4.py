@@ -15,6 +15,7 @@ import torch
 from compiler.core.errors import RecipeError
 from compiler.numerics.nvfp4 import E2M1_GRID, nvfp4_fake_quant, nvfp4_quantize, round_to_e2m1
 from compiler.steps.base import ModelInfo, StepContext
+from modelopt_cases import caps
 from compiler.steps.nvfp4 import NVFP4Params, NVFP4Step
 from tests.conftest import model_cfg
 
@@ -89,11 +90,11 @@ def _quantize(loaded, data, rotate_block=None, target="trt"):
     from compiler.steps.rotate import RotateParams, RotateStep
 
     module = copy.deepcopy(loaded.module)
-    ctx = StepContext(target=target, model_info=loaded.info, calibration=data.calibration,
-                      exclude=list(model_cfg(loaded.name).exclude), report={"batch_size": 8})
+    ctx = StepContext(target=caps(target), model_info=loaded.info, calibration=data.calibration,
+                      exclude=list(model_cfg(loaded.name).exclude))
     if rotate_block:
         module = RotateStep(RotateParams(block_size=rotate_block)).apply_torch(module, ctx)
-        ctx.report = {"batch_size": 8}
+        ctx.report = {}
     module = NVFP4Step(NVFP4Params()).apply_torch(module, ctx)
     return module, ctx
 
@@ -151,11 +152,12 @@ def test_not_runnable_on_ort_names_the_fix():
     info = ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
     node = OmegaConf.create({"name": "nvfp4", "steps": {"nvfp4": {}}})
     with pytest.raises(RecipeError) as e:
-        validate_steps(node, "ort", info)
+        validate_steps(node, caps("ort"), info)
     assert str(e.value) == ("recipe.steps.nvfp4: nvfp4 is not runnable on target=ort -- "
                             "use target=torch or target=trt")
-    with pytest.raises(RecipeError, match=r"recipe.steps.nvfp4: block_size: NVFP4 uses blocks of 16"):
-        validate_steps(OmegaConf.create({"steps": {"nvfp4": {"block_size": 32}}}), "trt", info)
+    with pytest.raises(RecipeError, match=r"recipe.steps.nvfp4.block_size: NVFP4 uses blocks of 16 values \(got 32\) "
+                       r"-- set block_size: 16"):
+        validate_steps(OmegaConf.create({"steps": {"nvfp4": {"block_size": 32}}}), caps("trt"), info)
 
 
 def _export(module, loaded, tmp_path, name):
@@ -163,8 +165,9 @@ def _export(module, loaded, tmp_path, name):
     from compiler.stages.export import export_onnx
     from compiler.core.schema import ExportConfig
 
-    cfg = graph_passes.export_config(ExportConfig(opset=17), [NVFP4Step(NVFP4Params())])
-    assert cfg.opset == 23
+    step = NVFP4Step(NVFP4Params())
+    assert step.min_opset(caps("trt")) == 23  # validation resolves the auto opset to this
+    cfg = ExportConfig(opset=step.min_opset(caps("trt")))
     path = export_onnx(module, loaded.input_names, loaded.output_names, tmp_path / f"{name}.onnx", cfg)
     path = graph_passes.fix_exported(path, tmp_path, cfg, {})
     return NVFP4Step(NVFP4Params()).after_export(path, tmp_path / f"{name}_trt.onnx", None)

@@ -13,13 +13,14 @@ import torch
 from compiler.core.errors import RecipeError
 from compiler.numerics.hadamard import sylvester
 from compiler.steps.base import ModelInfo, StepContext
+from modelopt_cases import caps
 from compiler.steps.rotate import RotatedLinear, RotateParams, RotateStep
 from tests.conftest import model_cfg
 
 
 def _rotate(loaded, block_size=128):
     module = copy.deepcopy(loaded.module)
-    ctx = StepContext(target="torch", model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
+    ctx = StepContext(target=caps("torch"), model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
     module = RotateStep(RotateParams(block_size=block_size)).apply_torch(module, ctx)
     return module, ctx.report
 
@@ -114,18 +115,18 @@ MINILM = ModelInfo(name="minilm", architecture="bert", hidden_size=384, intermed
 
 def test_bad_block_size_names_dimension_and_working_sizes():
     with pytest.raises(RecipeError) as e:
-        RotateStep(RotateParams(block_size=256)).validate(MINILM, "trt")
+        RotateStep(RotateParams(block_size=256)).validate(MINILM, caps("trt"))
     assert str(e.value) == ("recipe.steps.rotate.block_size: block_size 256 cannot rotate minilm's hidden_size 384 "
                             "(a Hadamard block must divide it, or be at least a power-of-two dimension) -- use "
                             "block_size in [2, 4, 8, 16, 32, 64, 128] (hidden_size=384, intermediate_size=1536)")
-    RotateStep(RotateParams(block_size=128)).validate(MINILM, "trt")  # the default works
+    RotateStep(RotateParams(block_size=128)).validate(MINILM, caps("trt"))  # the default works
 
 
 def test_params_reject_bad_values():
-    with pytest.raises(ValueError, match="^block_size: 96 is not a power of two"):
-        RotateParams(block_size=96)
-    with pytest.raises(ValueError, match="^method: unknown rotation 'givens'"):
-        RotateParams(method="givens")
+    with pytest.raises(RecipeError, match=r"^recipe.steps.rotate.block_size: 96 is not a power of two"):
+        RotateStep(RotateParams(block_size=96)).validate(MINILM, caps("trt"))
+    with pytest.raises(RecipeError, match="^recipe.steps.rotate.method: unknown rotation 'givens'"):
+        RotateStep(RotateParams(method="givens")).validate(MINILM, caps("trt"))
 
 
 def test_cli_bad_block_size_exits_2_before_loading(qcompile):
@@ -139,7 +140,7 @@ def test_cli_bad_block_size_exits_2_before_loading(qcompile):
 
 def test_layers_selects_which_inputs_rotate(tiny_bert):
     module = copy.deepcopy(tiny_bert.module)
-    ctx = StepContext(target="torch", model_info=tiny_bert.info, exclude=list(model_cfg("tiny_bert").exclude))
+    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, exclude=list(model_cfg("tiny_bert").exclude))
     RotateStep(RotateParams(block_size=16, layers=["*output.dense"])).apply_torch(module, ctx)
     assert ctx.report["rotated_layers"] == 4  # attention.output.dense and output.dense, 2 layers
     assert ctx.report["blocks"] == {"64": 16, "256": 16}
@@ -158,7 +159,7 @@ def test_attention_output_rotation_fused_into_value_projection(fixture, request)
     into the value projection's output rows: no online module there, still exact."""
     loaded = request.getfixturevalue(fixture)
     module = copy.deepcopy(loaded.module)
-    ctx = StepContext(target="torch", model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
+    ctx = StepContext(target=caps("torch"), model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
     RotateStep(RotateParams(block_size=16)).apply_torch(module, ctx)
     assert ctx.report["fused_rotations"] == 2  # one per layer
     assert ctx.report["online_rotations"] == ctx.report["rotated_layers"] - 2
@@ -167,6 +168,6 @@ def test_attention_output_rotation_fused_into_value_projection(fixture, request)
     assert isinstance(out, torch.nn.Linear) and not isinstance(out, RotatedLinear)
     _assert_equivalent(loaded, module)
     module2 = copy.deepcopy(loaded.module)
-    ctx2 = StepContext(target="torch", model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
+    ctx2 = StepContext(target=caps("torch"), model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
     RotateStep(RotateParams(block_size=16, fuse_attention=False)).apply_torch(module2, ctx2)
     assert ctx2.report["fused_rotations"] == 0 and ctx2.report["online_rotations"] == ctx2.report["rotated_layers"]

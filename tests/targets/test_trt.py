@@ -43,9 +43,10 @@ def engine_buildable() -> bool:
     ({"fp16": {}}, ["fp16"]),
     ({"int8": {"calibration": "minmax"}}, ["int8"]),
     ({"int8_smoothquant": {"alpha": 0.5}}, ["int8"]),
-    ({"rotate": {"method": "hadamard"}, "nvfp4_rotate": {}}, ["nvfp4"]),
+    ({"rotate": {"method": "hadamard"}, "nvfp4": {}}, ["nvfp4"]),
     ({"fp8": {}, "int8_weight_only": {}}, ["fp8", "int8"]),
-    ({"quantize": {"format": "fp8"}}, ["fp8"]),
+    ({"rotate": {}}, ["fp32"]),  # rotate declares no format
+    ({"fp8_lookalike_name": {"format": "fp8"}}, ["fp32"]),  # no step of that name: nothing is guessed from it
 ])
 def test_recipe_precisions(steps, expected):
     assert H.recipe_precisions(steps) == expected
