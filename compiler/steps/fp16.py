@@ -28,8 +28,9 @@ NODE_IN_ERROR = (r"in node \(([^)]+)\)", r"node with name '([^']+)'", r"Name:'([
 
 @dataclass
 class Params(StepParams):
-    # torch side: float16 | bfloat16. On this AVX2 CPU torch float16 runs (MiniLM cosine 0.9998 to fp32)
-    # but ~7x slower than fp32, bfloat16 ~10x slower and less exact (0.9995): float16 is the default.
+    # torch side: float16 | bfloat16. On this AVX2 CPU torch float16 runs (MiniLM mean embedding cosine
+    # 0.9999992 to fp32, recipes/recipe/fp16.yaml) but ~7x slower than fp32, bfloat16 ~10x slower and less
+    # exact (0.9995): float16 is the default.
     # The ONNX side is always float16 (ORT's converter and CPU kernels).
     dtype: str = "float16"
     # keep the rotary-embedding angles (everything that computes the input of Sin/Cos) in fp32: fp16 has a
