@@ -40,8 +40,8 @@ class Fp8Step(ModeloptStep):
         import onnx
 
         from compiler.core.schema import ExportConfig
-        from compiler.graph.io import save_onnx
         from compiler.graph.fp8_qdq import lower_trt_fp8
+        from compiler.graph.io import save_onnx
 
         if int(ctx.opset) < MIN_OPSET:  # validation catches this first; a direct caller gets the same words
             self.validate_export(ExportConfig(opset=int(ctx.opset)), ctx.target)

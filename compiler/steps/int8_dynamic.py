@@ -14,8 +14,15 @@ from typing import List, Tuple
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
 from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
-from compiler.steps.ort_quant import (check_ops_match, exclude_nodes, layer_nodes, linear_ops_found, preprocess,
-                                      quantized_coverage, quietly)
+from compiler.steps.ort_quant import (
+    check_ops_match,
+    exclude_nodes,
+    layer_nodes,
+    linear_ops_found,
+    preprocess,
+    quantized_coverage,
+    quietly,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +82,11 @@ class Int8DynamicStep(Step):
             # torch.ao.quantization warns it is deprecated in favour of torchao; in torch 2.13 it still ships
             # the fbgemm/x86 dynamic Linear kernels, and torchao is not a dependency of this project
             warnings.simplefilter("ignore")
-            from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+            from torch.ao.quantization import (
+                default_dynamic_qconfig,
+                per_channel_dynamic_qconfig,
+                quantize_dynamic,
+            )
 
             qconfig = per_channel_dynamic_qconfig if self.params.per_channel else default_dynamic_qconfig
             linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

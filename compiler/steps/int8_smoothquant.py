@@ -4,9 +4,7 @@ strength alpha) followed by W8A8 static int8, with nvidia-modelopt (INT8_SMOOTHQ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
-
-from typing import Tuple
+from typing import List, Tuple
 
 from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep
@@ -24,7 +22,7 @@ class Params(StepParams):
 
     def problems(self) -> List[Tuple[str, str, str]]:
         if not 0.0 <= self.alpha <= 1.0:
-            return [("alpha", f"{self.alpha} is outside [0, 1]", "set it to a value in [0, 1], e.g. 0.5")]
+            return [("alpha", f"{self.alpha} is outside [0, 1]", "use a value in [0, 1], e.g. 0.5")]
         return []
 
 

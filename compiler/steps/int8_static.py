@@ -12,11 +12,33 @@ from typing import Any, Dict, List, Optional, Tuple
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
 from compiler.core.hashing import onnx_sha256
-from compiler.steps.base import CALIBRATION_METHODS, ONNX, TORCH, ModelInfo, Step, StepContext, StepParams
-from compiler.steps.modelopt import exclude_patterns, quantize_module, store_int8_weights
-from compiler.steps.ort_quant import (FeaturesReader, activation_gathers, check_ops_match, exclude_nodes, layer_nodes,
-                                      linear_ops_found, ort_calibration_method, preprocess, quantized_coverage,
-                                      quantized_gathers, quietly)
+from compiler.steps.base import (
+    CALIBRATION_METHODS,
+    ONNX,
+    TORCH,
+    ModelInfo,
+    Step,
+    StepContext,
+    StepParams,
+)
+from compiler.steps.modelopt import (
+    exclude_patterns,
+    quantize_module,
+    store_int8_weights,
+)
+from compiler.steps.ort_quant import (
+    FeaturesReader,
+    activation_gathers,
+    check_ops_match,
+    exclude_nodes,
+    layer_nodes,
+    linear_ops_found,
+    ort_calibration_method,
+    preprocess,
+    quantized_coverage,
+    quantized_gathers,
+    quietly,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +126,8 @@ def calibrator_options(params: Params) -> Dict[str, Any]:
 def compute_ranges(onnx_path: Path, features, params: Params, batch_size: int, work_dir: Path,
                    op_types: Optional[List[str]] = None):
     """Calibration: activation ranges (onnxruntime TensorsData) of the op_types_to_quantize tensors."""
-    from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
-
     import onnx
+    from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
 
     input_names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
     reader = FeaturesReader(features, input_names, batch_size, label=f"calibration ({params.calibration})")

@@ -10,7 +10,13 @@ import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from compiler.steps.base import CALIBRATION_METHODS, FULL_PRECISION, TORCH, Step, StepContext
+from compiler.steps.base import (
+    CALIBRATION_METHODS,
+    FULL_PRECISION,
+    TORCH,
+    Step,
+    StepContext,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,6 @@ def non_linear_quant_modules(module) -> List[str]:
     LayerNorm is neither what ORT's or TensorRT's int8 kernels consume (they fuse Q/DQ into MatMul/Gemm)
     nor free in accuracy, so qcompile quantizes the Linear layers only."""
     import torch
-
     from modelopt.torch.quantization.nn import QuantModuleRegistry
 
     names = []
@@ -180,9 +185,11 @@ def _calibrate_histogram(model, loop: Callable[[Any], None], method: str, percen
     same sequence as modelopt's max_calibrate (enable stats, forward, load amax) with modelopt's own
     calibrators and only pass the method; weight quantizers keep their max calibrator."""
     import torch
-
     from modelopt.torch.quantization.calib import HistogramCalibrator
-    from modelopt.torch.quantization.model_calib import enable_stats_collection, weight_only_quantize
+    from modelopt.torch.quantization.model_calib import (
+        enable_stats_collection,
+        weight_only_quantize,
+    )
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     model.eval()

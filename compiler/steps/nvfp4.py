@@ -181,8 +181,8 @@ class NVFP4Step(Step):
         return super().layers(module, list(exclude) or list(DEFAULT_EXCLUDE))
 
     def apply_torch(self, model, ctx: StepContext):
-        from compiler.steps.modelopt import quantize_module
         from compiler.numerics.nvfp4 import install_cpu_fallback
+        from compiler.steps.modelopt import quantize_module
 
         install_cpu_fallback()
         quantize_module(model, nvfp4_config(bool(self.params.activations)), ctx, layer_formats=self.layer_formats)

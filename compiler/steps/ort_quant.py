@@ -14,11 +14,10 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 
 from compiler.core.errors import BuildError
-from compiler.steps.base import CALIBRATION_METHODS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CALIBRATION_METHODS", "LINEAR_OP_TYPES", "QUANTIZED_LINEAR_OP_TYPES", "FeaturesReader",
+__all__ = ["LINEAR_OP_TYPES", "QUANTIZED_LINEAR_OP_TYPES", "FeaturesReader",
            "activation_gathers", "check_ops_match", "exclude_nodes", "layer_nodes", "linear_ops_found", "module_name",
            "ort_calibration_method", "preprocess", "quantized_coverage", "quantized_gathers", "quietly"]
 
@@ -212,7 +211,7 @@ class FeaturesReader:
 
 
 def ort_calibration_method(name: str):
-    """onnxruntime's CalibrationMethod for one of CALIBRATION_METHODS."""
+    """onnxruntime's CalibrationMethod for one of compiler.steps.base.CALIBRATION_METHODS."""
     from onnxruntime.quantization import CalibrationMethod
 
     return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

@@ -19,9 +19,15 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from compiler.core.errors import BuildError, RecipeError
-from compiler.numerics.hadamard import SUPPORTED_BLOCKS, OnlineHadamard, block_for, hadamard_matrix, is_power_of_two
 from compiler.core.capabilities import TargetCapabilities
+from compiler.core.errors import BuildError, RecipeError
+from compiler.numerics.hadamard import (
+    SUPPORTED_BLOCKS,
+    OnlineHadamard,
+    block_for,
+    hadamard_matrix,
+    is_power_of_two,
+)
 from compiler.steps.base import TORCH, ModelInfo, Step, StepContext, StepParams
 
 METHODS = ("hadamard",)
@@ -46,8 +52,9 @@ class RotateParams(StepParams):
         if self.method not in METHODS:
             out.append(("method", f"unknown rotation {self.method!r}", f"use one of {list(METHODS)}"))
         if not is_power_of_two(int(self.block_size)) or self.block_size not in SUPPORTED_BLOCKS:
-            out.append(("block_size", f"{self.block_size} is not a power of two in {SUPPORTED_BLOCKS[0]}.."
-                        f"{SUPPORTED_BLOCKS[-1]} (Sylvester construction)", "use e.g. 16 or 128"))
+            what = (f"{self.block_size} is not a power of two in {SUPPORTED_BLOCKS[0]}..{SUPPORTED_BLOCKS[-1]} "
+                    "(Sylvester construction)")
+            out.append(("block_size", what, "use e.g. 16 or 128"))
         return out
 
 

@@ -3,13 +3,20 @@
 from dataclasses import dataclass
 
 import pytest
+from conftest import compose
 from omegaconf import OmegaConf
 
 from compiler.core.errors import RecipeError
 from compiler.core.paths import RECIPES_DIR
-from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, Step, StepParams, load_all_steps
 from compiler.stages.validate import validate
-from conftest import compose
+from compiler.steps.base import (
+    ONNX,
+    STEP_REGISTRY,
+    TORCH,
+    Step,
+    StepParams,
+    load_all_steps,
+)
 
 
 def _err(*overrides, edit=None) -> str:

@@ -93,13 +93,18 @@ def test_cli_opset_error_before_loading(qcompile):
     assert res.run_dirs() == []  # nothing loaded, nothing written
 
 
-def test_cli_tiny_bert_ort(qcompile):
+def test_cli_tiny_bert_ort_without_an_opset(qcompile):
+    """`qcompile recipe=fp8 target=ort` as shipped (issue 10): the unset export.opset becomes fp8's 19 on ort,
+    and the resolved recipe.yaml records it for rebuilds."""
     from conftest import FAST
+    from omegaconf import OmegaConf
 
-    res = qcompile("model=tiny_bert", "recipe=fp8", "target=ort", "export.opset=19", *FAST)
+    res = qcompile("model=tiny_bert", "recipe=fp8", "target=ort", *FAST)
     assert res.rc == 0, res
     (run,) = res.run_dirs()
     report = json.loads((run / "report.json").read_text())
+    assert report["onnx"]["opset"] == 19
+    assert OmegaConf.load(run / "recipe.yaml").export.opset == 19
     ops = report["onnx"]["ops"]
     assert not any(k.startswith("trt::") for k in ops) and ops["QuantizeLinear"] == 12
     assert report["steps"]["fp8"]["input_quantizers"] == 12

@@ -28,8 +28,8 @@ def test_alpha_outside_unit_interval_is_a_recipe_error(alpha, tiny_bert):
     with pytest.raises(RecipeError) as e:
         validate_steps(node, caps("ort"), tiny_bert.info)
     assert e.value.key == "recipe.steps.int8_smoothquant.alpha"
-    assert str(e.value) == (f"recipe.steps.int8_smoothquant.alpha: {alpha} is outside [0, 1] -- set "
-                            "recipe.steps.int8_smoothquant.alpha to a value in [0, 1], e.g. 0.5")
+    assert str(e.value) == (f"recipe.steps.int8_smoothquant.alpha: {alpha} is outside [0, 1] -- use a value in "
+                            "[0, 1], e.g. 0.5")
 
 
 def test_alpha_cli_error_exit_2(qcompile):

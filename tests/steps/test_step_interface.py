@@ -15,10 +15,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from modelopt_cases import caps
 
 from compiler.core.errors import RecipeError
-from compiler.steps.base import STEP_REGISTRY, TORCH, Step, StepContext, StepParams, load_all_steps
-from modelopt_cases import caps
+from compiler.steps.base import (
+    STEP_REGISTRY,
+    TORCH,
+    Step,
+    StepContext,
+    StepParams,
+    load_all_steps,
+)
 
 KEPT = "inner.encoder.layer.0.output.dense"  # the layer kept out in the per-layer tests (tiny_bert)
 KEPT_NODE = "/inner/encoder/layer.0/output/dense/MatMul"  # its MatMul in the TorchScript-exported graph
@@ -53,8 +60,8 @@ def int3_step():
 
 def test_a_new_step_is_seen_by_every_module_that_asks(int3_step, capsys):
     from compiler.commands.subcommands import capabilities
-    from compiler.rails import FAILED, RailContext, coverage, fp16_types
     from compiler.core.schema import DoctorConfig
+    from compiler.rails import FAILED, RailContext, coverage, fp16_types
     from targets.base import target_names
     from targets.trt_hardware import recipe_precisions
 
