@@ -3,7 +3,8 @@ that matches nothing (MatMul vs Gemm) writes a valid, unquantized graph: zero is
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from collections.abc import Iterable
+from typing import Dict, Optional
 
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, result
 
@@ -31,7 +32,7 @@ def is_quantize_op(node) -> bool:
     return "Quantize" in node.op_type or node.op_type in QUANTIZED_COMPUTE
 
 
-def coverage_counts(model) -> Dict[str, object]:
+def coverage_counts(model) -> dict[str, object]:
     """Counts over a graph: compute ops (MatMul/Gemm/Conv, float or quantized) and how many of them
     are quantized ops or have their weight operand fed by a DequantizeLinear (through transposes,
     reshapes, casts)."""
@@ -60,7 +61,7 @@ def coverage_counts(model) -> Dict[str, object]:
             return True
         return (is_dequantize(n) or n.op_type in PASS_THROUGH) and bool(n.input) and from_weight(n.input[0], depth + 1)
 
-    by_op: Dict[str, Dict[str, int]] = {}
+    by_op: dict[str, dict[str, int]] = {}
     total = covered = weights = weights_covered = 0
     for n in nodes:
         if n.op_type in QUANTIZED_COMPUTE:
@@ -85,13 +86,13 @@ def coverage_counts(model) -> Dict[str, object]:
             "weight_ops_quantized": weights_covered}
 
 
-def module_counts(module) -> Dict[str, object]:
+def module_counts(module) -> dict[str, object]:
     """The same counts for the torch target: linear/conv layers and how many carry an enabled
     modelopt quantizer or are torch quantized modules."""
     import torch
 
     total = covered = 0
-    by_op: Dict[str, Dict[str, int]] = {}
+    by_op: dict[str, dict[str, int]] = {}
     for _, m in module.named_modules():
         cls = type(m)
         qualname = f"{cls.__module__}.{cls.__name__}"
@@ -118,7 +119,7 @@ def recipe_quantizes(steps: Iterable) -> bool:
     return any(step.quantizes_compute for step in steps)
 
 
-def judge(counts: Dict[str, object], quantized: Optional[bool], min_fraction: float = 0.0) -> Dict:
+def judge(counts: dict[str, object], quantized: bool | None, min_fraction: float = 0.0) -> dict:
     total, covered, frac = counts["compute_ops"], counts["quantized_ops"], counts["fraction"]
     by_op = counts["by_op"]
     unit = counts.get("unit", "MatMul/Gemm/Conv")
@@ -146,7 +147,7 @@ def judge(counts: Dict[str, object], quantized: Optional[bool], min_fraction: fl
     return result(NAME, PASSED, f"{covered}/{total} {unit} quantized ({frac:.1%}; {kinds})", **numbers)
 
 
-def run(ctx: RailContext) -> Dict:
+def run(ctx: RailContext) -> dict:
     min_fraction = float(getattr(ctx.config, "min_quantized_fraction", 0.0) or 0.0)
     if ctx.onnx_path is not None:
         counts = coverage_counts(ctx.model())

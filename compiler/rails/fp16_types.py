@@ -4,9 +4,19 @@ what it kept and proves the result loads in ONNX Runtime."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List
+from collections.abc import Iterable
+from typing import Any, Dict, List
 
-from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, first_line, iter_nodes, result
+from compiler.rails import (
+    FAILED,
+    PASSED,
+    SKIPPED,
+    WARNED,
+    RailContext,
+    first_line,
+    iter_nodes,
+    result,
+)
 from compiler.runners.sessions import load_error
 
 NAME = "fp16_types"
@@ -36,10 +46,10 @@ def has_fp16(model) -> bool:
     return False
 
 
-def blocked_from_steps(steps: Iterable[Any], reports: Dict[str, Any]) -> Dict[str, Any]:
+def blocked_from_steps(steps: Iterable[Any], reports: dict[str, Any]) -> dict[str, Any]:
     """What the recipe's steps kept in full precision: for each step (compiler.steps.base.Step), the keys of
     its step report that it declares in kept_fp32_report_keys (e.g. the fp16 step's blocked nodes)."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for step in steps:
         rep = (reports or {}).get(step.name) or {}
         for k in step.kept_fp32_report_keys:
@@ -48,7 +58,7 @@ def blocked_from_steps(steps: Iterable[Any], reports: Dict[str, Any]) -> Dict[st
     return out
 
 
-def type_errors(model) -> List[str]:
+def type_errors(model) -> list[str]:
     """Type-unification errors onnx's strict type inference finds (e.g. Mul of float16 and float)."""
     import onnx
 
@@ -66,7 +76,7 @@ def ort_loads(onnx_path) -> str:
     return load_error(onnx_path, opt_level="disable")
 
 
-def judge(fp16: bool, blocked: Dict[str, Any], errors: List[str], load_error: str, strict: bool) -> Dict:
+def judge(fp16: bool, blocked: dict[str, Any], errors: list[str], load_error: str, strict: bool) -> dict:
     """strict: type errors fail (the graph must load in ONNX Runtime); else they warn (TensorRT's parser
     types the graph itself)."""
     n_blocked = sum(len(v) if isinstance(v, (list, tuple, dict)) else int(bool(v)) for v in blocked.values())
@@ -83,7 +93,7 @@ def judge(fp16: bool, blocked: Dict[str, Any], errors: List[str], load_error: st
     return result(NAME, PASSED, f"fp16 graph type-checks and loads{kept}", **numbers)
 
 
-def run(ctx: RailContext) -> Dict:
+def run(ctx: RailContext) -> dict:
     if ctx.onnx_path is None:
         if ctx.module is not None:
             dtypes = {str(p.dtype) for p in ctx.module.parameters()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (
@@ -12,15 +13,13 @@ from typing import (
     Dict,
     FrozenSet,
     List,
-    Mapping,
     Optional,
-    Sequence,
     Tuple,
 )
 
 from compiler.core.capabilities import TargetCapabilities
 
-STEP_REGISTRY: Dict[str, type["Step"]] = {}
+STEP_REGISTRY: dict[str, type[Step]] = {}
 
 # Where a step does its work for a given target:
 TORCH = "torch"  # on the torch nn.Module, before export
@@ -57,12 +56,12 @@ class StepContext:
     target: TargetCapabilities  # what the target can run: steps ask it, never its name
     model_info: ModelInfo
     calibration: Any = None  # compiler.stages.data.Features for calibration, None if the recipe needs none
-    work_dir: Optional[Path] = None  # where a step may write intermediate files
+    work_dir: Path | None = None  # where a step may write intermediate files
     seed: int = 0
-    exclude: List[str] = dataclasses.field(default_factory=list)  # model.exclude: module-name patterns
+    exclude: list[str] = dataclasses.field(default_factory=list)  # model.exclude: module-name patterns
     opset: int = 17  # the export opset (validation resolved it from the steps' min_opset)
     batch_size: int = 8  # data.batch_size: calibration forwards run in batches of this many samples
-    report: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the step writes its numbers here
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)  # the step writes its numbers here
     # compiler.stages.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
     # returns a directory holding what build() wrote, keyed by the sha256 of kind + key (key must name
     # every input that determines the result); steps that compute reusable calibration data use it.
@@ -75,7 +74,7 @@ class StepParams:
     first as a RecipeError naming recipe.steps.<step>.<field> (a __post_init__ ValueError could only name
     the step, and would fire before validation can say which key)."""
 
-    def problems(self) -> List[Tuple[str, str, str]]:
+    def problems(self) -> list[tuple[str, str, str]]:
         return []
 
 
@@ -104,16 +103,16 @@ class Step:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = StepParams
     # target name -> TORCH | ONNX: the capability table. A target missing here cannot run the step.
-    runs_on: ClassVar[Dict[str, str]] = {}
+    runs_on: ClassVar[dict[str, str]] = {}
     needs_calibration: ClassVar[bool] = False
     # what the step does, one line, shown by `qcompile capabilities`
     summary: ClassVar[str] = ""
-    precision: ClassVar[FrozenSet[str]] = frozenset()
+    precision: ClassVar[frozenset[str]] = frozenset()
     quantizes_compute: ClassVar[bool] = False
     must_precede_quantizers: ClassVar[bool] = False
-    kept_fp32_report_keys: ClassVar[Tuple[str, ...]] = ()
+    kept_fp32_report_keys: ClassVar[tuple[str, ...]] = ()
     # formats with_layer_formats accepts besides keeping a layer out ("fp32")
-    layer_format_choices: ClassVar[FrozenSet[str]] = frozenset()
+    layer_format_choices: ClassVar[frozenset[str]] = frozenset()
     # why the step needs min_opset, for the error when an explicit export.opset is below it
     opset_reason: ClassVar[str] = ""
 
@@ -125,7 +124,7 @@ class Step:
     def __init__(self, params: Any):
         self.params = params
         # module name -> format; FULL_PRECISION keeps the layer out of this step (see with_layer_formats)
-        self.layer_formats: Dict[str, str] = {}
+        self.layer_formats: dict[str, str] = {}
 
     @property
     def key(self) -> str:
@@ -136,7 +135,7 @@ class Step:
         return self.runs_on[target]
 
     # -- declared facts ------------------------------------------------------------------------------------
-    def precisions(self) -> FrozenSet[str]:
+    def precisions(self) -> frozenset[str]:
         """The formats this configured step produces: its precision plus the formats given to single layers."""
         return frozenset(self.precision) | {f for f in self.layer_formats.values() if f != FULL_PRECISION}
 
@@ -166,7 +165,7 @@ class Step:
                               f"pass export.opset={need} (or higher), or leave export.opset unset (auto)")
 
     # -- per-layer hooks -------------------------------------------------------------------------------------
-    def layers(self, module, exclude: Sequence[str] = ()) -> List[str]:
+    def layers(self, module, exclude: Sequence[str] = ()) -> list[str]:
         """Names of the Linear modules of ``module`` this step would touch: every nn.Linear not matched by an
         exclude pattern (model.exclude) or by the step's own ``exclude`` parameter, if it has one."""
         import torch
@@ -177,11 +176,11 @@ class Step:
         return [n for n, m in module.named_modules()
                 if n and isinstance(m, torch.nn.Linear) and not matches_any(n, patterns)]
 
-    def own_exclude(self) -> List[str]:
+    def own_exclude(self) -> list[str]:
         """The step's own exclude patterns (its `exclude` parameter, where it has one)."""
         return []
 
-    def with_layer_formats(self, formats: Mapping[str, Optional[str]]) -> "Step":
+    def with_layer_formats(self, formats: Mapping[str, str | None]) -> Step:
         """A copy of this step that keeps the named layers out (None or "fp32") or gives them another format
         (one of layer_format_choices). Names are module names as layers() returns them."""
         from compiler.core.errors import RecipeError
@@ -197,7 +196,7 @@ class Step:
             out.layer_formats[str(layer)] = fmt
         return out
 
-    def kept_layers(self) -> List[str]:
+    def kept_layers(self) -> list[str]:
         """The layers with_layer_formats kept out of this step (full precision)."""
         return sorted(n for n, f in self.layer_formats.items() if f == FULL_PRECISION)
 
@@ -214,7 +213,7 @@ class Step:
         return onnx_path
 
 
-def step_names() -> List[str]:
+def step_names() -> list[str]:
     load_all_steps()
     return sorted(STEP_REGISTRY)
 

@@ -26,9 +26,9 @@ class Params(StepParams):
 
     calibration: str = "minmax"
     percentile: float = 99.99
-    exclude: List[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
 
-    def problems(self) -> List[Tuple[str, str, str]]:
+    def problems(self) -> list[tuple[str, str, str]]:
         out = []
         if ALIASES.get(self.calibration, self.calibration) not in CALIBRATION_METHODS:
             out.append(("calibration", f"unknown method {self.calibration!r}",

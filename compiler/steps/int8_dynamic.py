@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Params(StepParams):
     # the exporter writes nn.Linear as MatMul (+Add); other exporters and models emit Gemm: quantize both
-    op_types_to_quantize: List[str] = field(default_factory=lambda: ["MatMul", "Gemm"])
+    op_types_to_quantize: list[str] = field(default_factory=lambda: ["MatMul", "Gemm"])
     # per-output-channel weight scales (torch: per_channel_dynamic_qconfig). Measured on MiniLM (128 sentences,
     # mean embedding cosine to fp32; recipes/recipe/int8_dynamic.yaml): ort 0.966 per tensor -> 0.993 per channel;
     # torch 0.949 -> 0.978
@@ -39,7 +39,7 @@ class Params(StepParams):
     reduce_range: bool = False  # ort: 7-bit weights, for CPUs without VNNI
     preprocess: bool = False  # the blog path quantizes the exported graph as is
 
-    def problems(self) -> List[Tuple[str, str, str]]:
+    def problems(self) -> list[tuple[str, str, str]]:
         out = []
         if self.weight_type not in ("int8", "uint8"):
             out.append(("weight_type", f"bad value {self.weight_type!r}", "use int8 or uint8"))

@@ -18,9 +18,9 @@ class Params(StepParams):
     model.exclude."""
 
     alpha: float = 0.5
-    exclude: List[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
 
-    def problems(self) -> List[Tuple[str, str, str]]:
+    def problems(self) -> list[tuple[str, str, str]]:
         if not 0.0 <= self.alpha <= 1.0:
             return [("alpha", f"{self.alpha} is outside [0, 1]", "use a value in [0, 1], e.g. 0.5")]
         return []

@@ -59,14 +59,14 @@ class Params(StepParams):
     # the exporter writes nn.Linear as MatMul (+Add); other exporters and models emit Gemm: quantize both.
     # Adding Gather stores embedding tables int8 (weight-only: Gathers of activations are left alone); on
     # MiniLM that is 3.9x smaller than fp32 instead of 1.5x, at the same accuracy. Not on target=trt.
-    op_types_to_quantize: List[str] = field(default_factory=lambda: ["MatMul", "Gemm"])
+    op_types_to_quantize: list[str] = field(default_factory=lambda: ["MatMul", "Gemm"])
     # module-name (or node-name) patterns kept fp32 on top of model.exclude, e.g. "*layer.0.output.dense";
     # model.exclude applies to the linear ops only (its "*embeddings*" is about compute, not table storage)
-    exclude: List[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
     # histogram bins for entropy / percentile; None: 512 for entropy, 2048 for percentile. ORT's own entropy
     # default (128 bins, 128 quantized bins) leaves one candidate threshold, i.e. MinMax. Entropy's search costs
     # ~bins^2: on 2 cores 2048 bins took ~60 s for a 2-layer model's 32 tensors, 512 bins ~6 s.
-    num_bins: Optional[int] = None
+    num_bins: int | None = None
     num_quantized_bins: int = 128  # entropy: bins of the quantized distribution
     percentile: float = 99.999
     reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI that saturate u8*s8 pairs
@@ -76,7 +76,7 @@ class Params(StepParams):
     quantize_outputs: bool = False
     preprocess: bool = True  # onnxruntime's quant_pre_process (shape inference + basic optimizations)
 
-    def problems(self) -> List[Tuple[str, str, str]]:
+    def problems(self) -> list[tuple[str, str, str]]:
         """(field, what is wrong, what would work) for each bad value (compiler.steps.base.StepParams)."""
         out = []
         if self.calibration not in CALIBRATION_METHODS:
@@ -113,7 +113,7 @@ def resolved_activation_type(params: Params, target: TargetCapabilities) -> str:
 # calibration
 
 
-def calibrator_options(params: Params) -> Dict[str, Any]:
+def calibrator_options(params: Params) -> dict[str, Any]:
     """extra_options for create_calibrator. quantize_static cannot pass num_bins (FIELD_NOTES: its entropy
     silently equals MinMax), which is why this step runs the calibrator itself."""
     if params.calibration == "entropy":
@@ -124,7 +124,7 @@ def calibrator_options(params: Params) -> Dict[str, Any]:
 
 
 def compute_ranges(onnx_path: Path, features, params: Params, batch_size: int, work_dir: Path,
-                   op_types: Optional[List[str]] = None):
+                   op_types: list[str] | None = None):
     """Calibration: activation ranges (onnxruntime TensorsData) of the op_types_to_quantize tensors."""
     import onnx
     from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
@@ -145,7 +145,7 @@ def compute_ranges(onnx_path: Path, features, params: Params, batch_size: int, w
 
 
 def calibration_key(graph_sha256: str, features, params: Params, batch_size: int, preprocessed: str,
-                    op_types: List[str]) -> Dict:
+                    op_types: list[str]) -> dict:
     """Everything that determines the ranges (StepContext.cache contract: the full inputs, never a prefix)."""
     import onnxruntime
 
@@ -156,7 +156,7 @@ def calibration_key(graph_sha256: str, features, params: Params, batch_size: int
 
 
 def ranges_file(onnx_path: Path, features, params: Params, batch_size: int, ctx: StepContext,
-                report: Dict[str, Any], op_types: List[str]) -> Path:
+                report: dict[str, Any], op_types: list[str]) -> Path:
     """A calibration-cache JSON (onnxruntime save_tensors_data format) for onnx_path, from ctx.cache when
     one is configured, else computed into the work directory."""
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -195,7 +195,7 @@ class Int8StaticStep(Step):
     precision = frozenset({"int8"})
     quantizes_compute = True
 
-    def own_exclude(self) -> List[str]:
+    def own_exclude(self) -> list[str]:
         return list(self.params.exclude)
 
     def validate(self, info: ModelInfo, target: TargetCapabilities) -> None:
@@ -256,7 +256,7 @@ class Int8StaticStep(Step):
 
         act = resolved_activation_type(p, ctx.target)
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        extra: Dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if not p.quantize_outputs:
             extra["OpTypesToExcludeOutputQuantization"] = list(op_types)
         if act == "int8":

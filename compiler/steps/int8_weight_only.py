@@ -14,7 +14,7 @@ from compiler.steps.modelopt import ModeloptStep
 class Params(StepParams):
     """exclude: module-name patterns (fnmatch) kept in full precision, on top of model.exclude."""
 
-    exclude: List[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
 
 
 class Int8WeightOnlyStep(ModeloptStep):

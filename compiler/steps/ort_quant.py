@@ -8,8 +8,9 @@ import contextlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def linear_ops_found(model) -> str:
     return "none (its ops: " + ", ".join(sorted(counts)) + ")"
 
 
-def check_ops_match(model, op_types: List[str], key: str) -> int:
+def check_ops_match(model, op_types: list[str], key: str) -> int:
     """Number of nodes that op_types_to_quantize matches; zero is a BuildError, never a silent no-op."""
     n = sum(1 for node in model.graph.node if node.op_type in set(op_types))
     if n == 0:
@@ -49,7 +50,7 @@ def check_ops_match(model, op_types: List[str], key: str) -> int:
     return n
 
 
-def quantized_coverage(before, after, op_types: List[str]) -> Dict[str, Any]:
+def quantized_coverage(before, after, op_types: list[str]) -> dict[str, Any]:
     """How many of the fp32 graph's op_types nodes are quantized in the output: Q/DQ-fed (QDQ format) or
     replaced by a quantized op (QOperator / dynamic format)."""
     targets = set(op_types)
@@ -72,7 +73,7 @@ def module_name(node_name: str) -> str:
     return ".".join(parts[:-1]) if len(parts) > 1 else node_name
 
 
-def exclude_nodes(model, patterns: List[str], op_types: Optional[List[str]] = None) -> List[str]:
+def exclude_nodes(model, patterns: list[str], op_types: list[str] | None = None) -> list[str]:
     """Nodes (of op_types, if given) whose name or module name matches a pattern ('*pooler*',
     '*layer.0.output.dense')."""
     from compiler.core.patterns import matches_any
@@ -83,7 +84,7 @@ def exclude_nodes(model, patterns: List[str], op_types: Optional[List[str]] = No
                   and (matches_any(n.name, patterns) or matches_any(module_name(n.name), patterns)))
 
 
-def layer_nodes(model, layers: Iterable[str], op_types: Optional[List[str]] = None) -> List[str]:
+def layer_nodes(model, layers: Iterable[str], op_types: list[str] | None = None) -> list[str]:
     """The nodes (of op_types, if given) that torch module ``layers`` (exact module names, as Step.layers()
     returns them) were exported to, found from the TorchScript exporter's node scopes
     ('/inner/encoder/layer.0/output/dense/MatMul' belongs to 'inner.encoder.layer.0.output.dense')."""
@@ -94,7 +95,7 @@ def layer_nodes(model, layers: Iterable[str], op_types: Optional[List[str]] = No
                   and module_name(n.name) in wanted)
 
 
-def activation_gathers(model) -> List[str]:
+def activation_gathers(model) -> list[str]:
     """Gather nodes whose data is not an initializer (shape arithmetic, activations): no table to store int8."""
     inits = {i.name for i in model.graph.initializer}
     return sorted(n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] not in inits)
@@ -105,7 +106,7 @@ def quantized_gathers(model) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "Gather" and producer.get(n.input[0]) == "DequantizeLinear")
 
 
-def preprocess(onnx_path: Path, out_path: Path, report: Dict[str, Any]) -> Path:
+def preprocess(onnx_path: Path, out_path: Path, report: dict[str, Any]) -> Path:
     """onnxruntime's quant_pre_process, retried with the settings that fix known shape-inference failures
     (BERT: 'Incomplete symbolic shape inference' -> auto_merge; ModernBERT rotary -> skip symbolic);
     if every attempt fails the graph is quantized as exported. What happened goes into the report."""
@@ -169,7 +170,7 @@ def quietly(fn, *args, **kwargs):
 class FeaturesReader:
     """onnxruntime CalibrationDataReader over compiler.stages.data.Features, with a progress bar."""
 
-    def __init__(self, features, input_names: List[str], batch_size: int, label: str = "calibration"):
+    def __init__(self, features, input_names: list[str], batch_size: int, label: str = "calibration"):
         self._feeds = [{n: np.ascontiguousarray(b[n]) for n in input_names}
                        for b in features.batches(max(int(batch_size), 1))]
         self._label = label
@@ -194,7 +195,7 @@ class FeaturesReader:
             raise StopIteration
         return item
 
-    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+    def get_next(self) -> dict[str, np.ndarray] | None:
         from rich.progress import Progress
 
         if self._progress is None:

@@ -42,12 +42,12 @@ class RotateParams(StepParams):
     # which Linear layers get their input rotated (fnmatch patterns over module names, after the model's
     # exclude patterns): ["*"] = every quantizable Linear; e.g. ["*output.dense"] = only the inputs that
     # do not come straight from a LayerNorm in BERT (attention output and FFN down projections)
-    layers: List[str] = field(default_factory=lambda: ["*"])
+    layers: list[str] = field(default_factory=lambda: ["*"])
     # fuse the attention-output projection's rotation into the value projection (no MatMul at run time)
     # where the Hadamard block fits inside one attention head; otherwise it runs online like the others
     fuse_attention: bool = True
 
-    def problems(self) -> List[Tuple[str, str, str]]:
+    def problems(self) -> list[tuple[str, str, str]]:
         out = []
         if self.method not in METHODS:
             out.append(("method", f"unknown rotation {self.method!r}", f"use one of {list(METHODS)}"))
@@ -58,7 +58,7 @@ class RotateParams(StepParams):
         return out
 
 
-def working_blocks(dims: Dict[str, int]) -> List[int]:
+def working_blocks(dims: dict[str, int]) -> list[int]:
     """Block sizes that rotate every one of these dimensions exactly."""
     ok = []
     for b in SUPPORTED_BLOCKS:
@@ -117,7 +117,7 @@ def _value_output_pairs(module):
     return pairs
 
 
-def fuse_attention_rotations(module, block_size: int, names: List[str]) -> List[str]:
+def fuse_attention_rotations(module, block_size: int, names: list[str]) -> list[str]:
     """For each attention output Linear in `names` whose Hadamard block fits in a head (block divides
     head_dim): rotate the value projection's output rows by R (block-diagonal, inside each head) and the
     output Linear's input by R. Attention mixes tokens, never channels within a head, so the context
@@ -142,8 +142,8 @@ def fuse_attention_rotations(module, block_size: int, names: List[str]) -> List[
     return fused
 
 
-def rotate_linears(module, block_size: int, exclude: List[str], layers: Optional[List[str]] = None,
-                   fuse_attention: bool = False) -> Dict[str, object]:
+def rotate_linears(module, block_size: int, exclude: list[str], layers: list[str] | None = None,
+                   fuse_attention: bool = False) -> dict[str, object]:
     """Rotate the input side of every nn.Linear whose name matches a `layers` pattern (default: all) and no
     exclude pattern, in place: fused into the value projection where fuse_attention allows, online
     (RotatedLinear) elsewhere. Returns what was done (layers, blocks per input dimension)."""
@@ -156,7 +156,7 @@ def rotate_linears(module, block_size: int, exclude: List[str], layers: Optional
     if not targets:
         raise BuildError(f"rotate: no Linear layer matches recipe.steps.rotate.layers={layers} outside the "
                          f"exclude patterns {exclude}")
-    blocks: Dict[int, int] = {}
+    blocks: dict[int, int] = {}
     fused = fuse_attention_rotations(module, block_size, [n for n, _ in targets]) if fuse_attention else []
     for name, lin in targets:
         d = lin.in_features
@@ -189,7 +189,7 @@ class RotateStep(Step):
     # produces no number format; it changes the weights and activations a quantizing step then quantizes
     must_precede_quantizers = True
 
-    def layers(self, module, exclude=()) -> List[str]:
+    def layers(self, module, exclude=()) -> list[str]:
         """The Linear layers it would rotate: those matching `layers`, outside the exclude patterns."""
         from compiler.core.patterns import matches_any
         from compiler.steps.modelopt import DEFAULT_EXCLUDE

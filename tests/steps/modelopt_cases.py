@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import torch
 
-from compiler.stages.export import export_onnx
 from compiler.core.schema import ExportConfig
+from compiler.stages.export import export_onnx
 from compiler.steps.base import STEP_REGISTRY, StepContext, load_all_steps
 
 
@@ -36,19 +36,19 @@ def context(model, data, target: str = "ort", opset: int = 17, exclude=None, wor
                        exclude=list(exclude if exclude is not None else _model_exclude(model)), opset=opset)
 
 
-def _model_exclude(model) -> List[str]:
+def _model_exclude(model) -> list[str]:
     from tests.conftest import model_cfg
 
     return list(model_cfg(model.name).exclude)
 
 
-def quantize(step, model, data, **ctx_kw) -> Tuple[torch.nn.Module, StepContext]:
+def quantize(step, model, data, **ctx_kw) -> tuple[torch.nn.Module, StepContext]:
     ctx = context(model, data, **ctx_kw)
     module = step.apply_torch(copy.deepcopy(model.module), ctx)
     return module, ctx
 
 
-def torch_outputs(module, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+def torch_outputs(module, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     with torch.no_grad():
         return [o.numpy() for o in module(*[torch.from_numpy(v) for v in feed.values()])]
 
@@ -66,7 +66,7 @@ def export(step, module, model, tmp_path: Path, target: str = "ort", opset: int 
     return Path(step.after_export(raw, tmp_path / "after_export.onnx", ctx))
 
 
-def ort_outputs(path: Path, feed, optimize: bool = False) -> List[np.ndarray]:
+def ort_outputs(path: Path, feed, optimize: bool = False) -> list[np.ndarray]:
     """optimize=False runs the graph as written (the Q/DQ reference semantics); True is what target=ort
     runs (graph_optimization=all: ORT fuses Q/DQ + MatMul into integer kernels)."""
     import onnxruntime as ort
@@ -79,20 +79,20 @@ def ort_outputs(path: Path, feed, optimize: bool = False) -> List[np.ndarray]:
     return sess.run(None, feed)
 
 
-def op_counts(path: Path) -> Dict[str, int]:
+def op_counts(path: Path) -> dict[str, int]:
     model = onnx.load(str(path), load_external_data=False)
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for node in model.graph.node:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return counts
 
 
-def weight_dq_initializer_types(path: Path) -> Dict[str, int]:
+def weight_dq_initializer_types(path: Path) -> dict[str, int]:
     """Element types of the initializers that feed a DequantizeLinear directly (stored quantized weights)."""
     model = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t.data_type for t in model.graph.initializer}
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             name = onnx.TensorProto.DataType.Name(inits[node.input[0]])

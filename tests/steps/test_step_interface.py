@@ -37,7 +37,7 @@ KEPT_NODE = "/inner/encoder/layer.0/output/dense/MatMul"  # its MatMul in the To
 class _Int3Params(StepParams):
     bits: int = 3
 
-    def problems(self) -> List[Tuple[str, str, str]]:
+    def problems(self) -> list[tuple[str, str, str]]:
         return [] if self.bits == 3 else [("bits", f"{self.bits} is not 3", "use bits: 3")]
 
 
