@@ -217,7 +217,8 @@ class Int8StaticStep(Step):
                               percentile=float(p.percentile) if p.calibration == "percentile" else 99.99,
                               exclude=exclude_patterns(ctx) + list(p.exclude),
                               layer_formats=self.layer_formats)
-        ctx.report.setdefault("delegated_to", f"modelopt W8A8 (INT8_DEFAULT_CFG, calibration={p.calibration})")
+        # the report names the numerics as before: the `int8` step's (modelopt W8A8, INT8_DEFAULT_CFG)
+        ctx.report.setdefault("delegated_to", f"int8 (modelopt W8A8, calibration={p.calibration})")
         return out
 
     def after_export(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:

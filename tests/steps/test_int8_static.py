@@ -248,7 +248,7 @@ def test_torch_target_quantizes_with_modelopt_close_to_fp32(tiny_bert, tiny_data
     ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, calibration=tiny_data.calibration, work_dir=tmp_path,
                       exclude=["*pooler*", "*embeddings*"])
     module = step.apply_torch(copy.deepcopy(tiny_bert.module), ctx)
-    assert ctx.report["delegated_to"] == "modelopt W8A8 (INT8_DEFAULT_CFG, calibration=minmax)"
+    assert ctx.report["delegated_to"] == "int8 (modelopt W8A8, calibration=minmax)"
     assert ctx.report["quantized_layers"] == 12  # 13 Linear minus the pooler
     fp32 = torch_predictor(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names)
     q = torch_predictor(module, tiny_bert.input_names, tiny_bert.output_names)
