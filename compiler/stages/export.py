@@ -56,9 +56,13 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
                     b, s = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=4096)
                     shapes = {n: {0: b, 1: s} for n in input_names}
                     # the wrapper's positional names: input_ids, attention_mask, token_type_ids
-                prog = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
-                                         dynamic_shapes=shapes, opset_version=_opset(cfg), dynamo=True,
-                                         external_data=False)
+                from compiler.steps.modelopt_dynamo import export_mode
+
+                # modelopt's quantizers need their export mode and a translation of their ops
+                with export_mode(module, _opset(cfg)) as table:
+                    prog = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
+                                             dynamic_shapes=shapes, opset_version=_opset(cfg), dynamo=True,
+                                             external_data=False, custom_translation_table=table or None)
                 prog.save(str(tmp))
         except Exception as e:
             raise BuildError(f"export ({cfg.exporter}, opset {_opset(cfg)}) failed: {type(e).__name__}: "
