@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 
 from compiler.core.paths import RECIPES_DIR
 from compiler.core.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
+from compiler.core.logs import console_for_qcompile_only, log_file, route_library_logs, strip_ansi
 
 SUBCOMMANDS = ("doctor", "summarize", "verify", "rebuild", "capabilities")
 
@@ -56,6 +57,7 @@ def build_job(cfg) -> int:
 
     _state["job_started"] = True
     _state["last_error"] = None
+    route_library_logs()  # Hydra has set up logging by now: libraries' logs to the run's log file only
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     verbose = _verbose(cfg)
     try:
@@ -78,8 +80,10 @@ def build_job(cfg) -> int:
     from compiler.pipeline import run_build
 
     try:
-        report = run_build(spec, run_dir, cache=open_cache(spec.cache),
-                           overrides=list(HydraConfig.get().overrides.task))
+        # library output during the build goes to the run's log file (cli.log), the console keeps the stages
+        with console_for_qcompile_only(log_file()):
+            report = run_build(spec, run_dir, cache=open_cache(spec.cache),
+                               overrides=list(HydraConfig.get().overrides.task))
     except GateError as e:
         final = rundir.succeed(run_dir, gate_failed=True)
         _print_error(e)
@@ -98,10 +102,11 @@ def build_job(cfg) -> int:
             traceback.print_exc()
         return e.exit_code
     except Exception as e:  # a bug or an unexpected library error: still never a finished-looking dir
-        final = rundir.fail(run_dir, f"{type(e).__name__}: {e}", kind="internal error")
+        text = strip_ansi(str(e))  # library error text may be coloured (QcompileError strips its own)
+        final = rundir.fail(run_dir, f"{type(e).__name__}: {text}", kind="internal error")
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
             traceback.print_exc()
-        print(f"qcompile: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        print(f"qcompile: internal error: {type(e).__name__}: {text.splitlines()[0] if text else ''} "
               f"(rerun with verbose=true or HYDRA_FULL_ERROR=1 for the traceback; dir: {final})", file=sys.stderr)
         return 1
     final = rundir.succeed(run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compiler.core.logs import strip_ansi
 
 class QcompileError(Exception):
     """Base of qcompile's expected errors: printed as one line, never as a traceback."""
@@ -10,6 +11,9 @@ class QcompileError(Exception):
     kind = "error"
 
     def __init__(self, message: str):
+        # the one place every qcompile error's text is made: library text (torch.export, rich) may carry
+        # terminal colour codes that would end up in FAILED.md, the sweep summary and the one-line error
+        message = strip_ansi(message)
         super().__init__(message)
         self.message = message
 

@@ -4,13 +4,13 @@ external data when protobuf's 2 GB limit (or the recipe) asks for it."""
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Dict, List
 
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.core.schema import DEFAULT_OPSET
+from compiler.core.logs import library_output
 from compiler.graph.io import save_onnx
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
         for n in output_names:
             dyn[n] = {0: "batch", 1: "seq"} if n == "last_hidden_state" else {0: "batch"}
     tmp = out_path.with_name(out_path.stem + ".export.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    # the exporters print progress, INFO logs and C++ warnings (e.g. "The shape inference of
+    # trt::TRT_FP4QDQ type is missing"): into the run's log file, not the console
+    with library_output("export"):
         try:
             if cfg.exporter == "torchscript":
                 torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,

@@ -1,0 +1,134 @@
+"""Where output goes during a build: qcompile's own loggers to the console and the run's log file, the
+libraries' logs, warnings and raw prints (torch.onnx, onnx_ir, onnxscript, modelopt) to the log file only."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from typing import Iterator
+
+# the loggers whose records the console shows: qcompile's stages and its own modules
+CONSOLE_LOGGERS = ("qcompile", "compiler", "targets", "__main__")
+# where captured library output is logged: the run's log file, never the console
+LIBRARY_LOGGER = "library"
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    """text without terminal colour / cursor codes (torch.export and rich colour their error text)."""
+    return _ANSI.sub("", text)
+
+
+class ConsoleFilter(logging.Filter):
+    """Passes qcompile's records only (a library's records still reach the file handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        return any(name == p or name.startswith(p + ".") for p in CONSOLE_LOGGERS)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            and getattr(handler, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__))
+
+
+def route_library_logs() -> None:
+    """After Hydra configured logging (console + <run dir>/<job>.log on the root logger): the console
+    handlers show qcompile's loggers only, library loggers with handlers of their own (modelopt's) hand
+    their records to the root's handlers instead, and Python warnings become log records (py.warnings),
+    so they land in the log file. Idempotent."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if _is_console(handler) and not any(isinstance(f, ConsoleFilter) for f in handler.filters):
+            handler.addFilter(ConsoleFilter())
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(lg, logging.Logger) or any(name == p or name.startswith(p + ".") for p in CONSOLE_LOGGERS):
+            continue
+        for handler in list(lg.handlers):
+            if _is_console(handler):
+                lg.removeHandler(handler)
+                lg.propagate = True
+    logging.captureWarnings(True)
+
+
+@contextlib.contextmanager
+def library_output(what: str) -> Iterator[None]:
+    """Capture everything libraries print while the block runs (Python prints, C++ writes to the stdout /
+    stderr file descriptors such as torch's TorchScript shape-inference warnings, Python warnings) and log
+    it to the LIBRARY_LOGGER at INFO, line by line, when the block ends (also when it raises)."""
+    log = logging.getLogger(f"{LIBRARY_LOGGER}.{what}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+b") as sink, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            text = strip_ansi(sink.read().decode("utf-8", "replace"))
+            for line in text.splitlines():
+                if line.strip():
+                    log.info("%s", line.rstrip())
+            for w in caught:
+                log.info("%s: %s", w.category.__name__, strip_ansi(str(w.message)))
+
+
+def log_file() -> "str | None":
+    """The file the root logger writes to (Hydra's job log, <run dir>/<job name>.log), if any."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
+
+
+@contextlib.contextmanager
+def console_for_qcompile_only(path: "str | None") -> Iterator[None]:
+    """While a build runs, the console shows qcompile's log records only: the root logger's console
+    handlers keep writing to the terminal (through copies of its file descriptors), while whatever else
+    reaches stdout / stderr (library prints such as modelopt's "Inserted 58 quantizers", library loggers
+    with handlers of their own, C++ warnings) is appended to ``path``, the run's log file. Without a
+    path, nothing is redirected."""
+    if not path:
+        yield
+        return
+    root = logging.getLogger()
+    consoles = [h for h in root.handlers if _is_console(h)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = {fd: os.fdopen(os.dup(saved[fd]), "w", buffering=1, encoding="utf-8", errors="replace")
+                for fd in (1, 2)}
+    swapped = []
+    for h in consoles:
+        fd = 1 if h.stream in (sys.stdout, sys.__stdout__) else 2
+        swapped.append((h, h.setStream(terminal[fd])))
+    sink = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for fd in (1, 2):
+            os.dup2(sink, fd)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(sink)
+        for h, old in swapped:
+            h.setStream(old)
+        for stream in terminal.values():
+            stream.close()
