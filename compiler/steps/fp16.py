@@ -221,7 +221,12 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
         blocked.update({n: "rotary angle (Sin/Cos input)" for n in rotary_nodes(model)})
     fixes: List[str] = []
     for attempt in range(max_fixes + 1):
-        converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=True, op_block_list=list(op_block_list),
+        candidate = copy.deepcopy(model)
+        # the dynamo exporter types every intermediate tensor in value_info; the converter retypes some of
+        # them fp16 where a blocked node still makes fp32, and shape inference then fails ("Inferred elem
+        # type differs from existing elem type: (1) vs (10)"). Types are inferred anew without them.
+        del candidate.graph.value_info[:]
+        converted = convert_float_to_float16(candidate, keep_io_types=True, op_block_list=list(op_block_list),
                                              node_block_list=sorted(blocked))
         # blocking nodes inserts Casts after their consumers in the node list; ORT needs topological order
         roundtrips = drop_fp16_roundtrips(converted)
