@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from compiler.core.logs import strip_ansi
 
+
 class QcompileError(Exception):
     """Base of qcompile's expected errors: printed as one line, never as a traceback."""
 

@@ -10,7 +10,7 @@ import re
 import sys
 import tempfile
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 # the loggers whose records the console shows: qcompile's stages and its own modules
 CONSOLE_LOGGERS = ("qcompile", "compiler", "targets", "__main__")
@@ -87,7 +87,7 @@ def library_output(what: str) -> Iterator[None]:
                 log.info("%s: %s", w.category.__name__, strip_ansi(str(w.message)))
 
 
-def log_file() -> "str | None":
+def log_file() -> str | None:
     """The file the root logger writes to (Hydra's job log, <run dir>/<job name>.log), if any."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
@@ -96,7 +96,7 @@ def log_file() -> "str | None":
 
 
 @contextlib.contextmanager
-def console_for_qcompile_only(path: "str | None") -> Iterator[None]:
+def console_for_qcompile_only(path: str | None) -> Iterator[None]:
     """While a build runs, the console shows qcompile's log records only: the root logger's console
     handlers keep writing to the terminal (through copies of its file descriptors), while whatever else
     reaches stdout / stderr (library prints such as modelopt's "Inserted 58 quantizers", library loggers

@@ -22,7 +22,8 @@ import contextlib
 import sys
 import threading
 import types
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
@@ -152,7 +153,7 @@ def _zero_point(unsigned: bool, channels):
                                    dims, [0] * (1 if channels is None else int(channels)))
 
 
-def translation_table(opset: int) -> Dict[Callable, Callable]:
+def translation_table(opset: int) -> dict[Callable, Callable]:
     """onnxscript translations of the custom ops the quantizers trace to under export_mode, writing the
     ops modelopt's TorchScript symbolics write (modelopt/torch/quantization/export_onnx.py)."""
     import onnxscript
@@ -209,7 +210,7 @@ def translation_table(opset: int) -> Dict[Callable, Callable]:
 
 
 @contextlib.contextmanager
-def export_mode(module, opset: int) -> Iterator[Dict[Callable, Callable]]:
+def export_mode(module, opset: int) -> Iterator[dict[Callable, Callable]]:
     """While active, ``module``'s enabled modelopt quantizers trace cleanly under torch.export; yields the
     custom_translation_table to pass to ``torch.onnx.export(dynamo=True)``. A module without quantizers
     gets an empty table and is left untouched."""
@@ -220,7 +221,7 @@ def export_mode(module, opset: int) -> Iterator[Dict[Callable, Callable]]:
     from modelopt.torch.quantization.utils import export_torch_mode
 
     missing = object()
-    patched: List[Tuple[Any, Any]] = []
+    patched: list[tuple[Any, Any]] = []
     try:
         for m in module.modules():
             if isinstance(m, TensorQuantizer):

@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tests.steps.modelopt_cases import context, eval_feed, make_step, op_counts, ort_outputs, rel_err, torch_outputs
+
+from tests.steps.modelopt_cases import (
+    context,
+    eval_feed,
+    make_step,
+    op_counts,
+    ort_outputs,
+    rel_err,
+    torch_outputs,
+)
 
 EXPORTERS = ["torchscript", "dynamo"]
 
