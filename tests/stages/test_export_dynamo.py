@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from tests.steps.modelopt_cases import (
+    caps,
     context,
     eval_feed,
     make_step,
@@ -68,18 +69,16 @@ def _export(model, module, steps, target, exporter, tmp_path: Path) -> Path:
     """What the pipeline's export stage does: export at the steps' opset, constant fix-ups, each step's
     after_export pass."""
     from compiler import graph as graph_passes
-    from compiler.core.schema import ExportConfig
+    from compiler.core.schema import DEFAULT_OPSET, ExportConfig
     from compiler.stages.export import export_onnx
-    from compiler.steps.base import StepContext
 
-    cfg = graph_passes.export_config(ExportConfig(exporter=exporter, opset=17), steps)
-    if target == "ort" and any(s.name == "fp8" for s in steps):
-        cfg = graph_passes.export_config(ExportConfig(exporter=exporter, opset=19), steps)
+    # the opset validation resolves: the highest min_opset the steps declare on this target
+    opset = max([DEFAULT_OPSET] + [s.min_opset(caps(target)) for s in steps])
+    cfg = ExportConfig(exporter=exporter, opset=opset)
     path = export_onnx(module, model.input_names, model.output_names, tmp_path / "export.onnx", cfg)
     path = graph_passes.fix_exported(path, tmp_path, cfg, {})
     for i, step in enumerate(steps):
-        ctx = StepContext(target=target, model_info=model.info, work_dir=tmp_path, opset=int(cfg.opset),
-                          report={"batch_size": 8})
+        ctx = context(model, None, target=target, opset=opset, work_dir=tmp_path)
         path = Path(step.after_export(path, tmp_path / f"after_{i}.onnx", ctx))
     return path
 

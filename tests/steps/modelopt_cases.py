@@ -32,7 +32,7 @@ def make_step(name: str, **params):
 def context(model, data, target: str = "ort", opset: int = 17, exclude=None, work_dir=None) -> StepContext:
     from tests.conftest import model_cfg  # noqa: F401  (only to fail loudly if run outside the test tree)
 
-    return StepContext(target=caps(target), model_info=model.info, calibration=data.calibration, work_dir=work_dir,
+    return StepContext(target=caps(target), model_info=model.info, calibration=data.calibration if data is not None else None, work_dir=work_dir,
                        exclude=list(exclude if exclude is not None else _model_exclude(model)), opset=opset)
 
 
