@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from compiler.stages import doctor
 from compiler import graph as graph_passes
-from compiler.stages.bench import run_bench
+from compiler.stages.bench import bench_engine
 from compiler.stages.check import run_check
 from compiler.stages.data import Dataset, load_data
 from compiler.core.errors import GateError
@@ -88,8 +88,13 @@ def move_onnx(src: Path, dst: Path) -> Path:
     return dst
 
 
-def reference_runner(reference: LoadedModel) -> CallableRunner:
+def reference_runner(reference: LoadedModel, spec=None, feeds=None, cache=None) -> CallableRunner:
     predict = torch_predictor(reference.module, reference.input_names, reference.output_names)
+    if cache is not None and feeds:
+        # the fp32 outputs on the evaluation set are the same for every sweep point of one model and data
+        from compiler.stages.cache import cached_reference_predict
+
+        predict = cached_reference_predict(reference, spec, feeds, predict, cache)
     return CallableRunner(predict, reference.input_names, reference.output_names, name="fp32-reference")
 
 
@@ -160,20 +165,25 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         report["placement"] = target.placement(engine)
         # what a target could not do here (e.g. no TensorRT engine without a GPU) is said up front
         report["notes"] += [str(n) for n in engine.info.get("notes", []) or []]
+    if spec.bench.enabled and spec.bench.probe:
+        with stage("probe", timings):  # the machine's int8 speed (cached per machine): for the int8_speed rail
+            from compiler.stages.probe import probe_for_build
+
+            report["int8_probe"] = probe_for_build(spec, target.capabilities, cache)
     report["doctor"] = doctor.after_lower(engine, onnx_path, target, spec, report)
 
     if spec.check.enabled:
         with stage("check", timings):
             # check.samples already limited the evaluation examples at load (pairs stay whole)
             feeds = list(data.evaluation.batches(int(spec.data.batch_size)))
-            result = run_check(reference_runner(reference), target.runner(engine), feeds, model.task, spec.gate,
+            result = run_check(reference_runner(reference, spec, feeds, cache), target.runner(engine), feeds, model.task, spec.gate,
                                labels=data.evaluation_labels)
             report["check"] = result
 
     if spec.bench.enabled:
         with stage("bench", timings):
-            report["bench"] = run_bench(lambda: target.predictor(engine, threads=int(spec.bench.threads) or None),
-                                        model.input_names, spec.bench, engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}")
+            report["bench"] = bench_engine(target, engine, reference, spec, data.evaluation, cache, work_dir,
+                                           onnx_path, report.get("int8_probe"))
     report["placement"] = target.placement(engine)  # again: what running the engine measured (TensorRT GPU memory)
     shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -187,7 +197,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         "weights_sha256": model.weights_sha256,
         "data_sha256": data.files_sha256,
         "recipe_sha256": text_sha256(recipe_yaml),
-    }, seed=spec.seed)
+    }, seed=spec.seed, extra={"int8_probe": report["int8_probe"]} if report.get("int8_probe") else None)
     if failures:
         raise GateError("; ".join(failures))
     return report

@@ -87,6 +87,17 @@ class BenchConfig:
     warmup: int = 5
     iterations: int = 30
     threads: int = 1
+    # the same model's fp32 engine on the same target, timed round-robin with the build in this run:
+    # "fp32" (report speedup_vs_fp32 and its spread) or "none"
+    baseline: str = "fp32"
+    rounds: int = 5  # the iterations are split into this many round-robin rounds (the spread is over rounds)
+    # "fixed": synthetic tokens at batch_size x seq_len (comparable across models); "data": that, plus the
+    # evaluation sentences at their own token lengths (each batch padded to its longest sentence)
+    shapes: str = "fixed"
+    sort_by_length: bool = False  # shapes=data: batch sentences of similar length together
+    # time an int8 and an fp32 matrix product of the model's shapes on the target's runtime (cached per
+    # machine; compiler/stages/probe.py): int8_gemm_vs_fp32 and CPU flags in the manifest, the int8_speed rail
+    probe: bool = True
 
 
 @dataclass

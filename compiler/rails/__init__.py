@@ -19,7 +19,8 @@ ORDER = (PASSED, SKIPPED, WARNED, FAILED)  # worst last
 
 # The order rails appear in the report and in `qcompile doctor`.
 RAIL_NAMES = ("shape_inference", "size", "fp16_types", "coverage", "memcpy", "provider_fallback", "input_dependence",
-              "trt_explicit_quant")
+              "trt_explicit_quant",
+              "int8_speed")
 
 
 def result(rail: str, status: str, message: str, **numbers: Any) -> Dict[str, Any]:
@@ -52,6 +53,8 @@ class RailContext:
     provider_error: Optional[str] = None  # the provider asked for is missing, or the session fell back
     constant_limit: int = 65536  # a Constant node at least this big blocks external data
     proto_limit: int = PROTOBUF_LIMIT
+    # the int8 capability probe of this machine (compiler/stages/probe.py): int8_gemm_vs_fp32, cpu_flags
+    int8_probe: Optional[Dict[str, Any]] = None
     _model: Any = None
 
     def model(self):

@@ -1,5 +1,6 @@
 """Bench stage: warm-up, then latency p50/p90 at the recipe's batch and sequence length, throughput,
-peak resident memory while running, and artifact size."""
+peak resident memory while running, artifact size, and the speed-up over the same model's fp32 engine
+on the same target timed round-robin in the same run (a ratio survives machine load; a latency does not)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -65,20 +66,199 @@ def summarize(times: List[float], batch: int) -> Dict[str, float]:
             "samples_per_s": batch / (p50 / 1e3) if p50 > 0 else float("inf"), "iterations": len(times)}
 
 
+def data_feeds(features, batch_size: int, sort_by_length: bool = False) -> List[Dict[str, np.ndarray]]:
+    """The evaluation sentences as served: each batch cut to its longest sentence (dynamic padding), in
+    data order or sorted by length (similar lengths batched together: less padding)."""
+    arrays = features.arrays
+    lengths = arrays["attention_mask"].sum(axis=1) if "attention_mask" in arrays else \
+        np.full(len(features), next(iter(arrays.values())).shape[1])
+    order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(lengths))
+    feeds = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(int(lengths[idx].max()), 1)
+        feeds.append({k: np.ascontiguousarray(v[idx, :width]) for k, v in arrays.items()})
+    return feeds
+
+
+def interleaved(predicts: Dict[str, Callable], feeds: List[Dict[str, np.ndarray]], rounds: int,
+                calls_per_round: int) -> Dict[str, Dict[str, List[List[float]]]]:
+    """clock ("wall" | "cpu") -> predictor -> per round the seconds of `calls_per_round` calls cycling
+    through `feeds`. The predictors take turns round by round, so a load change hits them alike."""
+    out: Dict[str, Dict[str, List[List[float]]]] = {"wall": {k: [] for k in predicts}, "cpu": {k: [] for k in predicts}}
+    for _ in range(rounds):
+        for name, predict in predicts.items():
+            wall, cpu = [], []
+            for i in range(calls_per_round):
+                feed = feeds[i % len(feeds)]
+                t0, c0 = time.perf_counter(), time.thread_time()
+                predict(feed)
+                cpu.append(time.thread_time() - c0)
+                wall.append(time.perf_counter() - t0)
+            out["wall"][name].append(wall)
+            out["cpu"][name].append(cpu)
+    return out
+
+
+def ratio_clock(threads: int) -> str:
+    """Which clock the speed-up ratios use. One thread runs the engine on the calling thread (ORT with
+    intra_op_num_threads=1, torch with set_num_threads(1)), so that thread's CPU time is the engine's work
+    alone, while on shared cores the wall clock charges a long call more preemption than a short one.
+    More threads: the wall clock (this thread's CPU time would miss the workers)."""
+    return "cpu" if int(threads) == 1 else "wall"
+
+
+CLOCK_NAMES = {"cpu": "thread CPU time", "wall": "wall clock"}
+
+
+def ratio_summary(build_rounds: List[List[float]], base_rounds: List[List[float]], combine=np.median) -> Dict[str, Any]:
+    """speedup = baseline time / build time over all rounds (combine: median per call for fixed shapes, sum
+    for a pass over the data), and per round (its spread: min, max over the rounds)."""
+    per_round = [float(combine(b) / combine(t)) for t, b in zip(build_rounds, base_rounds)]
+    if combine is np.median:
+        total = float(np.median(np.concatenate(base_rounds)) / np.median(np.concatenate(build_rounds)))
+    else:
+        total = float(np.median([combine(r) for r in base_rounds]) / np.median([combine(r) for r in build_rounds]))
+    return {"speedup_vs_fp32": total, "speedup_vs_fp32_spread": [round(min(per_round), 4), round(max(per_round), 4)],
+            "speedup_vs_fp32_rounds": [round(r, 4) for r in per_round]}
+
+
+def _median_ms(rounds: List[List[float]]) -> float:
+    return float(np.median(np.concatenate(rounds)) * 1e3)
+
+
 def run_bench(make_predict: Callable[[], Callable], input_names: List[str], cfg, artifact_files: List[Path],
-              label: str = "bench") -> Dict[str, Any]:
-    """cfg is the `bench` section. make_predict builds the engine's predictor (its load is in the peak)."""
+              label: str = "bench", make_baseline: Optional[Callable[[], Callable]] = None,
+              evaluation=None) -> Dict[str, Any]:
+    """cfg is the `bench` section. make_predict builds the engine's predictor (its load is in the peak).
+    make_baseline (optional) builds the same model's fp32 predictor on the same target: both are then timed
+    round-robin in this one run and the result carries speedup_vs_fp32 and its spread. evaluation (the
+    evaluation Features) is needed for cfg.shapes == "data"."""
     from compiler.core.feeds import synthetic_feed
 
-    feed = synthetic_feed(input_names, int(cfg.batch_size), int(cfg.seq_len), seed=1)
+    batch = int(cfg.batch_size)
+    feed = synthetic_feed(input_names, batch, int(cfg.seq_len), seed=1)
+    rounds = max(1, int(getattr(cfg, "rounds", 1) or 1))
+    per_round = max(1, int(cfg.iterations) // rounds)
     with PeakRSS() as mem:
         predict = make_predict()
-        times = time_predict(predict, feed, int(cfg.warmup), int(cfg.iterations), progress_label=label)
-    out = summarize(times, int(cfg.batch_size))
+        for _ in range(int(cfg.warmup)):
+            predict(feed)
+    predicts = {"build": predict}
+    if make_baseline is not None:
+        baseline = make_baseline()
+        for _ in range(int(cfg.warmup)):
+            baseline(feed)
+        predicts["fp32"] = baseline
+    clock = ratio_clock(int(cfg.threads))
+    times = interleaved(predicts, [feed], rounds, per_round)
+    out = summarize([t for r in times["wall"]["build"] for t in r], batch)  # wall: the latencies users see
     out.update({
-        "batch_size": int(cfg.batch_size), "seq_len": int(cfg.seq_len), "threads": int(cfg.threads),
+        "shapes": f"fixed: batch {batch} x seq {int(cfg.seq_len)} (synthetic tokens, every position valid)",
+        "batch_size": batch, "seq_len": int(cfg.seq_len), "threads": int(cfg.threads), "rounds": rounds,
+        "cpu_ms_p50": _median_ms(times["cpu"]["build"]),
         "peak_rss_mb": mem.peak_rss / 2**20, "peak_rss_increase_mb": (mem.peak_rss - mem.start_rss) / 2**20,
         "artifact_bytes": int(sum(Path(f).stat().st_size for f in artifact_files if Path(f).exists())),
     })
     out["artifact_mb"] = out["artifact_bytes"] / 1e6
+    if "fp32" in predicts:
+        out.update(ratio_summary(times[clock]["build"], times[clock]["fp32"]))
+        out.update({"speedup_clock": CLOCK_NAMES[clock], "fp32_latency_ms_p50": _median_ms(times["wall"]["fp32"]),
+                    "fp32_cpu_ms_p50": _median_ms(times["cpu"]["fp32"])})
+    if str(getattr(cfg, "shapes", "fixed")) == "data":
+        out["data_shapes"] = bench_data_shapes(predicts, evaluation, cfg)
+    return out
+
+
+def bench_data_shapes(predicts: Dict[str, Callable], evaluation, cfg) -> Dict[str, Any]:
+    """Passes over the evaluation sentences at their own lengths (predictors interleaved pass by pass):
+    latency per batch, sentences per second, and the speed-up over whole passes."""
+    if evaluation is None or not len(evaluation):
+        return {"skipped": "no evaluation sentences loaded"}
+    batch = int(cfg.batch_size)
+    sort = bool(getattr(cfg, "sort_by_length", False))
+    feeds = data_feeds(evaluation, batch, sort)
+    for p in predicts.values():  # warm-up on the shortest and longest shapes
+        for f in (min(feeds, key=lambda f: f["input_ids"].shape[1]), max(feeds, key=lambda f: f["input_ids"].shape[1])):
+            p(f)
+    rounds = max(1, min(3, int(getattr(cfg, "rounds", 1) or 1)))
+    times = interleaved(predicts, feeds, rounds, len(feeds))
+    wall = times["wall"]["build"]
+    widths = [f["input_ids"].shape[1] for f in feeds]
+    out = {"shapes": f"data: {len(evaluation)} evaluation sentences, batch {batch}, each batch padded to its longest "
+                     f"sentence ({'sorted by length' if sort else 'data order'})",
+           "sentences": len(evaluation), "batches": len(feeds), "sort_by_length": sort,
+           "tokens_mean": float(np.mean(widths)), "tokens_max": int(max(widths)), "rounds": rounds,
+           "latency_ms_p50": _median_ms(wall), "pass_ms_median": float(np.median([sum(r) for r in wall]) * 1e3)}
+    out["sentences_per_s"] = len(evaluation) / (out["pass_ms_median"] / 1e3)
+    if "fp32" in predicts:
+        clock = ratio_clock(int(cfg.threads))
+        out.update(ratio_summary(times[clock]["build"], times[clock]["fp32"], combine=sum))
+        out.update({"speedup_clock": CLOCK_NAMES[clock],
+                    "fp32_pass_ms_median": float(np.median([sum(r) for r in times["wall"]["fp32"]]) * 1e3)})
+    return out
+
+
+def fp32_baseline(target, reference, spec, cache, work_dir: Path):
+    """(make_predict, fp32 ONNX path or None, why not) for the same model's fp32 engine on the build's target:
+    the unmodified reference module lowered the way the build was (ONNX targets: the cached fp32 export)."""
+    if str(spec.bench.baseline) == "none":
+        return None, None, "bench.baseline=none"
+    if not spec.steps:
+        return None, None, "the build is the fp32 engine itself"
+    if target.capabilities.gpu:
+        from targets.trt_hardware import detect_gpu
+
+        if detect_gpu() is None:
+            return None, None, f"target {target.name} times a GPU engine and this machine has no NVIDIA GPU"
+    base_dir = Path(work_dir) / "fp32_baseline"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = None
+    if target.needs_onnx:
+        if cache is not None:
+            from compiler.stages.cache import cached_fp32_export
+
+            onnx_path = cached_fp32_export(reference, spec, base_dir / "export.onnx", cache)
+        else:
+            from compiler.stages.export import export_onnx
+
+            onnx_path = export_onnx(reference.module, reference.input_names, reference.output_names,
+                                    base_dir / "export.onnx", spec.export)
+    engine = target.lower(reference, onnx_path, base_dir)
+    threads = int(spec.bench.threads) or None
+    return (lambda: target.predictor(engine, threads=threads)), onnx_path, None
+
+
+def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: Path, onnx_path: Optional[Path],
+                 probe: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The bench stage of a build: the engine timed against its fp32 baseline (same run, round-robin),
+    plus the fraction of the machine's fp32 matrix-product peak (graph FLOPs / latency / probe GFLOP/s)."""
+    make_baseline, fp32_onnx, why = fp32_baseline(target, reference, spec, cache, work_dir)
+    out = run_bench(lambda: target.predictor(engine, threads=int(spec.bench.threads) or None), reference.input_names,
+                    spec.bench, engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}",
+                    make_baseline=make_baseline, evaluation=evaluation)
+    if why:
+        out["baseline"] = f"none: {why}"
+    else:
+        out["baseline"] = f"fp32 engine of the same model on target {spec.target.name}, timed round-robin in this run"
+    graph = fp32_onnx or onnx_path
+    if graph is not None:
+        from compiler.stages.probe import graph_flops
+
+        try:
+            out["flops"] = graph_flops(Path(graph), int(spec.bench.batch_size), int(spec.bench.seq_len))
+        except Exception as e:  # shape inference can fail on an exotic graph: the bench still stands
+            out["flops"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    peak = (probe or {}).get("fp32_gflops")
+    gflop = out.get("flops", {}).get("gflop")
+    if peak and gflop:
+        # the probe's peak is in thread CPU time (one thread): compare like with like where the bench ran
+        # one thread, else against the wall-clock latency
+        key = "cpu_ms_p50" if int(spec.bench.threads) == 1 else "latency_ms_p50"
+        out["fp32_peak_gflops"] = float(peak)
+        out["fraction_of_fp32_peak"] = gflop / (out[key] / 1e3) / float(peak)
+        if f"fp32_{key}" in out:
+            out["fp32_fraction_of_fp32_peak"] = gflop / (out[f"fp32_{key}"] / 1e3) / float(peak)
+        elif not spec.steps:
+            out["fp32_fraction_of_fp32_peak"] = out["fraction_of_fp32_peak"]
     return out

@@ -288,3 +288,43 @@ def cached_fp32_export(model, spec, out_path: Path, cache: Cache) -> Path:
     for f in onnx_files(src):
         shutil.copyfile(f, out_path.parent / f.name)  # copyfile: the copy is writable, the entry stays read-only
     return out_path
+
+
+def feeds_sha256(feeds) -> str:
+    """Content hash of a list of feeds (names, dtypes, shapes, bytes, order): data, seq_len and batch size."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            arr = np.ascontiguousarray(feed[name])
+            h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+            h.update(arr.tobytes())
+        h.update(b"/")
+    return h.hexdigest()
+
+
+def cached_reference_predict(model, spec, feeds, predict: Callable, cache: Cache) -> Callable:
+    """The fp32 reference's outputs on the evaluation feeds through the cache (every sweep point of one
+    model and data compares against the same outputs): a predictor that answers those feeds from the
+    entry and runs `predict` for any other feed."""
+    import numpy as np
+
+    key = {"weights_sha256": model.weights_sha256, "model": spec.model, "feeds_sha256": feeds_sha256(feeds),
+           "input_names": list(model.input_names), "output_names": list(model.output_names)}
+
+    def build(d: Path) -> None:
+        for i, feed in enumerate(feeds):
+            np.savez(d / f"{i:05d}.npz", **predict(feed))
+
+    entry = cache.get_or_create("reference_outputs", key, build)
+    stored = {feeds_sha256([feed]): entry / f"{i:05d}.npz" for i, feed in enumerate(feeds)}
+
+    def replay(feed):
+        path = stored.get(feeds_sha256([feed]))
+        if path is None:
+            return predict(feed)
+        with np.load(path) as z:
+            return {n: z[n] for n in z.files}
+
+    return replay

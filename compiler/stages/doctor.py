@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
 from compiler.rails import (FAILED, RAIL_NAMES, SKIPPED, WARNED, RailContext, applies, coverage, first_line, fp16_types,
-                            input_dependence, memcpy, not_applicable, provider_fallback, result, shape_inference, size,
+                            input_dependence, int8_speed, memcpy, not_applicable, provider_fallback, result, shape_inference, size,
                             trt_explicit_quant)
 from compiler.runners.sessions import node_placement, ort_session
 from targets.base import get_target
@@ -20,7 +20,8 @@ log = logging.getLogger("qcompile")
 
 RAILS = {"shape_inference": shape_inference, "size": size, "fp16_types": fp16_types, "coverage": coverage,
          "memcpy": memcpy, "provider_fallback": provider_fallback, "input_dependence": input_dependence,
-         "trt_explicit_quant": trt_explicit_quant}
+         "trt_explicit_quant": trt_explicit_quant,
+         "int8_speed": int8_speed}
 EXPORT_RAILS = ("shape_inference", "size")  # the ones that judge the freshly exported graph
 
 
@@ -140,7 +141,8 @@ def after_lower(engine, onnx_path, target, spec, report) -> List[Dict[str, Any]]
                       providers=list(getattr(spec.target, "providers", None) or ["CPUExecutionProvider"]),
                       exporter=spec.export.exporter, quantized=_quantized(spec), steps=report.get("steps", {}),
                       recipe_steps=list(spec.steps),
-                      input_names=list(engine.input_names), constant_limit=_constant_limit(cfg, spec.export))
+                      input_names=list(engine.input_names), constant_limit=_constant_limit(cfg, spec.export),
+                      int8_probe=report.get("int8_probe"))
     if not caps.runs_onnx:  # the torch module itself is the engine
         ctx.module = engine.handle
         ctx.providers = [str(getattr(spec.target, "device", "cpu"))]

@@ -115,6 +115,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "samples_per_s", "peak_rss_mb", "artifact_mb"):
             if k in bench:
                 lines.append(f"| {k} | {_fmt(bench[k], 3)} |")
+        lines += speed_lines(bench, report.get("int8_probe"))
         lines.append("")
     rails = report.get("doctor")
     if rails:
@@ -129,6 +130,30 @@ def render_markdown(report: dict[str, Any]) -> str:
     if lower:
         lines += ["## Lowering", "", "```json", json.dumps(_clean(lower), indent=2, sort_keys=True)[:4000], "```", ""]
     return "\n".join(lines)
+
+
+def speed_lines(bench: dict[str, Any], probe: dict[str, Any] | None) -> list[str]:
+    """The same-run ratio to fp32, the fraction of the machine's peak and the data-shape figure, each
+    saying what it measured (compiler/stages/bench.py)."""
+    lines = []
+    if "speedup_vs_fp32" in bench:
+        lo, hi = bench["speedup_vs_fp32_spread"]
+        lines += [f"| speedup_vs_fp32 (same run, {bench.get('speedup_clock')}) | {bench['speedup_vs_fp32']:.3f} "
+                  f"(rounds {lo:.2f}..{hi:.2f}) |", f"| fp32 latency_ms_p50 (same run) | {_fmt(bench.get('fp32_latency_ms_p50'), 3)} |"]
+    for k in ("fraction_of_fp32_peak", "fp32_fraction_of_fp32_peak"):
+        if k in bench:
+            lines.append(f"| {k} ({bench['flops']['gflop']:.3g} GFLOP / {bench['fp32_peak_gflops']:.1f} GFLOP/s) | "
+                         f"{bench[k]:.2f} |")
+    if probe and "int8_gemm_vs_fp32" in probe:
+        lines.append(f"| int8 probe ({probe.get('runtime')} matrix product {probe.get('shape_mkn')}) | int8 "
+                     f"{probe['int8_gemm_vs_fp32']:.2f}x fp32 |")
+    data = bench.get("data_shapes") or {}
+    if "pass_ms_median" in data:
+        speed = f", {data['speedup_vs_fp32']:.3f}x fp32" if "speedup_vs_fp32" in data else ""
+        lines.append(f"| {data['shapes']} | {data['sentences_per_s']:.1f} sentences/s, p50 "
+                     f"{data['latency_ms_p50']:.2f} ms per batch{speed} |")
+    lines += ["", f"Shapes: {bench.get('shapes', '')}. Baseline: {bench.get('baseline', 'none')}."]
+    return lines
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:

@@ -162,6 +162,11 @@ def validate(cfg: DictConfig) -> BuildSpec:
         _positive(getattr(typed["bench"], k), f"bench.{k}")
     _positive(typed["bench"].warmup, "bench.warmup", allow_zero=True)
     _positive(typed["bench"].threads, "bench.threads", allow_zero=True)
+    _positive(typed["bench"].rounds, "bench.rounds")
+    for key, value, allowed in (("bench.baseline", typed["bench"].baseline, ("fp32", "none")),
+                                ("bench.shapes", typed["bench"].shapes, ("fixed", "data"))):
+        if value not in allowed:
+            raise RecipeError(key, f"bad value {value!r}", f"use {' or '.join(allowed)}")
     _positive(typed["doctor"].max_memcpy, "doctor.max_memcpy", allow_zero=True)
     if not 0.0 <= typed["doctor"].min_quantized_fraction <= 1.0:
         raise RecipeError("doctor.min_quantized_fraction", f"{typed['doctor'].min_quantized_fraction} is not a fraction",
