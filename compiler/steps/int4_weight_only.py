@@ -1,0 +1,113 @@
+"""int4_weight_only: 4-bit block-wise weights, fp32 activations -- onnxruntime's MatMulNBitsQuantizer
+(MatMul -> MatMulNBits, the CPU path of Olive and Neural Compressor) on ort, modelopt's
+INT4_BLOCKWISE_WEIGHT_ONLY_CFG fake-quant on torch (the same numerics, no int4 kernel: size, not speed)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from compiler.core.errors import BuildError, RecipeError
+from compiler.steps.base import ONNX, TORCH, Step, StepContext
+
+log = logging.getLogger(__name__)
+
+# onnxruntime's algorithms that need nothing beyond onnxruntime and torch: "rtn" is its DEFAULT blockwise
+# quantizer (round to nearest per block; its own "RTN" config goes through neural-compressor, not a
+# dependency here), "hqq" is Half-Quadratic Quantization (optimizes scale and zero point per block)
+ALGORITHMS = ("rtn", "hqq")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+
+
+@dataclass
+class Params:
+    algorithm: str = "rtn"  # rtn | hqq (ort); torch runs rtn (modelopt's max calibration per block)
+    block_size: int = 32  # weights per scale along the input dimension (power of two, >= 16)
+    is_symmetric: bool = False  # rtn: zero point 0 (hqq is always asymmetric)
+    # MatMulNBits' compute precision on the CPU; None: onnxruntime's default (fp32). 4 = int8 compute
+    accuracy_level: Optional[int] = None
+    op_types_to_quantize: List[str] = field(default_factory=lambda: ["MatMul"])
+    exclude: List[str] = field(default_factory=list)  # extra node / module patterns kept fp32 (on model.exclude)
+
+
+class Int4WeightOnlyStep(Step):
+    name = "int4_weight_only"
+    Params = Params
+    runs_on = {"ort": ONNX, "torch": TORCH}
+    needs_calibration = False
+    summary = "int4 block-wise weights, fp32 activations: onnxruntime MatMulNBits (ort), modelopt fake-quant (torch)"
+
+    KEY = "recipe.steps.int4_weight_only"
+
+    def validate(self, info, target: str) -> None:
+        p = self.params
+        if p.algorithm not in ALGORITHMS:
+            raise RecipeError(f"{self.KEY}.algorithm", f"bad value {p.algorithm!r}", f"use one of {list(ALGORITHMS)}")
+        if p.block_size < 16 or p.block_size & (p.block_size - 1):
+            raise RecipeError(f"{self.KEY}.block_size", f"bad value {p.block_size}",
+                              "use a power of two >= 16 (e.g. 32, 64, 128)")
+        if p.accuracy_level is not None and p.accuracy_level not in ACCURACY_LEVELS:
+            raise RecipeError(f"{self.KEY}.accuracy_level", f"bad value {p.accuracy_level}",
+                              "use null or 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)")
+        if not p.op_types_to_quantize or set(p.op_types_to_quantize) - {"MatMul", "Gather"}:
+            raise RecipeError(f"{self.KEY}.op_types_to_quantize", f"bad value {list(p.op_types_to_quantize)}",
+                              "use [MatMul] (optionally with Gather)")
+        if target == "torch" and p.algorithm != "rtn":
+            raise RecipeError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target=torch "
+                              "(modelopt's int4 weight-only is round-to-nearest)", "use algorithm=rtn or target=ort")
+        if target == "torch" and p.accuracy_level is not None:
+            raise RecipeError(f"{self.KEY}.accuracy_level", "is an onnxruntime MatMulNBits option, not runnable on "
+                              "target=torch", "use accuracy_level=null or target=ort")
+
+    def exclude(self, ctx: StepContext) -> List[str]:
+        return list(ctx.exclude or []) + list(self.params.exclude or [])
+
+    # -- ONNX: onnxruntime MatMulNBitsQuantizer --------------------------------------------------------------
+    def apply_onnx(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
+        import onnx
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        from compiler.graph.io import save_onnx
+        from compiler.steps.int8_static import _quietly, check_ops_match, exclude_nodes
+
+        p = self.params
+        model = onnx.load(str(onnx_path), load_external_data=True)
+        check_ops_match(model, p.op_types_to_quantize, self.KEY)
+        excluded = exclude_nodes(model, self.exclude(ctx), list(p.op_types_to_quantize))
+        ops = tuple(p.op_types_to_quantize)
+        if p.algorithm == "hqq":
+            algo = nbits.HQQWeightOnlyQuantConfig(block_size=int(p.block_size), bits=4, op_types_to_quantize=ops)
+        else:
+            algo = nbits.DefaultWeightOnlyQuantConfig(block_size=int(p.block_size), is_symmetric=bool(p.is_symmetric),
+                                                      accuracy_level=p.accuracy_level, op_types_to_quantize=ops)
+        quantizer = nbits.MatMulNBitsQuantizer(model, bits=4, block_size=int(p.block_size),
+                                               is_symmetric=bool(p.is_symmetric), accuracy_level=p.accuracy_level,
+                                               nodes_to_exclude=excluded, op_types_to_quantize=ops, algo_config=algo)
+        _quietly(quantizer.process)
+        out = quantizer.model.model
+        count = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
+        if count == 0:
+            raise BuildError(f"{self.KEY}: MatMulNBitsQuantizer replaced no MatMul (it takes those with a constant "
+                             f"2-D weight; excluded: {len(excluded)})")
+        left = sum(1 for n in out.graph.node if n.op_type == "MatMul")
+        ctx.report.update({"backend": f"onnxruntime MatMulNBitsQuantizer ({p.algorithm}, MatMulNBits)",
+                           "block_size": int(p.block_size), "accuracy_level": p.accuracy_level,
+                           "is_symmetric": bool(p.is_symmetric), "quantized": count, "matmul_left_fp32": left,
+                           "excluded_nodes": len(excluded)})
+        return save_onnx(out, out_path, "auto")
+
+    # -- torch: modelopt INT4_BLOCKWISE_WEIGHT_ONLY_CFG ------------------------------------------------------
+    def apply_torch(self, model, ctx: StepContext):
+        from compiler.steps.modelopt import _mtq, exclude_patterns, quantize_module
+
+        cfg = copy.deepcopy(_mtq().INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+        for entry in cfg["quant_cfg"]:
+            if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(entry.get("cfg"), dict):
+                entry["cfg"] = {**entry["cfg"], "block_sizes": {-1: int(self.params.block_size), "type": "static"}}
+        quantize_module(model, cfg, ctx, exclude=exclude_patterns(ctx) + list(self.params.exclude or []))
+        ctx.report.update({"backend": "modelopt INT4_BLOCKWISE_WEIGHT_ONLY_CFG (fake-quant)",
+                           "block_size": int(self.params.block_size)})
+        return model
