@@ -138,7 +138,7 @@ def run_bench(make_predict: Callable[[], Callable], input_names: List[str], cfg,
 
     batch = int(cfg.batch_size)
     feed = synthetic_feed(input_names, batch, int(cfg.seq_len), seed=1)
-    rounds = max(1, int(getattr(cfg, "rounds", 1) or 1))
+    rounds = max(1, min(int(getattr(cfg, "rounds", 1) or 1), int(cfg.iterations)))
     per_round = max(1, int(cfg.iterations) // rounds)
     with PeakRSS() as mem:
         predict = make_predict()

@@ -111,3 +111,44 @@ def test_probe_is_cached_per_machine(tmp_path):
     assert first["cpu_flags"] == cpu_info()
     with pytest.raises(ValueError, match="no int8 probe for runtime 'trt'"):
         int8_probe("trt", (16, 32, 64))
+
+
+@pytest.mark.parametrize("override,text", [
+    ("bench.baseline=int8", "bench.baseline: bad value 'int8' -- use fp32 or none"),
+    ("bench.shapes=sentences", "bench.shapes: bad value 'sentences' -- use fixed or data"),
+    ("bench.rounds=0", "bench.rounds: must be > 0, got 0"),
+])
+def test_bad_bench_options_are_recipe_errors(override, text):
+    from compiler.core.errors import RecipeError
+    from compiler.stages.validate import validate
+    from tests.conftest import compose
+
+    with pytest.raises(RecipeError) as e:
+        validate(compose("model=tiny_bert", "recipe=int8_dynamic", "target=ort", override))
+    assert str(e.value).startswith(text)
+
+
+def test_build_reports_the_same_run_ratio_probe_and_rail(qcompile):
+    """A real build: report.json and REPORT.md carry speedup_vs_fp32 (fixed and data shapes), the manifest
+    the probe's figure and CPU flags, the rail table the int8_speed row."""
+    import json
+
+    from tests.conftest import FAST
+
+    r = qcompile("model=tiny_bert", "recipe=int8_dynamic", "target=ort", *FAST, "bench.shapes=data",
+                 "bench.iterations=4", "bench.rounds=2")
+    assert r.rc == 0, r
+    (run_dir,) = r.run_dirs()
+    report = json.loads((run_dir / "report.json").read_text())
+    bench = report["bench"]
+    assert bench["speedup_vs_fp32"] > 0 and len(bench["speedup_vs_fp32_rounds"]) == 2
+    assert bench["baseline"].startswith("fp32 engine of the same model on target ort")
+    assert bench["data_shapes"]["speedup_vs_fp32"] > 0 and bench["data_shapes"]["sentences"] == 32
+    assert bench["flops"]["matmuls_counted"] == 16 and 0 < bench["fp32_fraction_of_fp32_peak"]
+    md = (run_dir / "REPORT.md").read_text()
+    assert "| speedup_vs_fp32 (same run, thread CPU time) |" in md and "| data: 32 evaluation sentences" in md
+    probe = json.loads((run_dir / "manifest.json").read_text())["int8_probe"]
+    assert probe["shape_mkn"] == [32, 64, 256] and set(probe["cpu_flags"]) >= {"avx2", "vnni", "amx", "avx512"}
+    rail = {x["rail"]: x for x in report["doctor"]}["int8_speed"]
+    assert rail["int8_layers"] == 12 and rail["int8_gemm_vs_fp32"] == round(probe["int8_gemm_vs_fp32"], 3)
+    assert rail["status"] == ("warned" if probe["int8_gemm_vs_fp32"] < 1.15 else "passed")
