@@ -31,7 +31,7 @@ INCOMPLETE = "incomplete"  # a .partial dir: still building, or its process was 
 STATUS_ORDER = (PASSED, GATE, BUILD, "internal error", "interrupted", RECIPE, NOT_RUNNABLE, INCOMPLETE)
 
 CSV_COLUMNS = ("num", "model", "recipe", "target", "overrides", "artifact_mb", "ms_per_sample", "samples_per_s",
-               "peak_rss_mb", "embedding_cosine", "top1_agreement", "status", "pareto", "cache", "reason",
+               "speedup_vs_fp32", "peak_rss_mb", "embedding_cosine", "top1_agreement", "status", "pareto", "cache", "reason",
                "run_dir")
 
 
@@ -49,6 +49,9 @@ class Row:
     artifact_mb: Optional[float] = None
     ms_per_sample: Optional[float] = None
     samples_per_s: Optional[float] = None
+    # the build's speed over its fp32 engine timed in the same run (compiler/stages/bench.py): unlike
+    # ms_per_sample it compares across sweep points run while the machine's load changed
+    speedup_vs_fp32: Optional[float] = None
     peak_rss_mb: Optional[float] = None
     embedding_cosine: Optional[float] = None
     top1_agreement: Optional[float] = None
@@ -160,7 +163,8 @@ def read_run(run_dir: Path, sweep_dir: Optional[Path] = None) -> Row:
         target=str(build.get("target") or choices.get("target") or "?"),
         status=str(status), run_dir=rel, overrides=_split_overrides(hyd.get("overrides", [])),
         artifact_mb=_num(bench.get("artifact_mb")), ms_per_sample=_num(bench.get("ms_per_sample")),
-        samples_per_s=_num(bench.get("samples_per_s")), peak_rss_mb=_num(bench.get("peak_rss_mb")),
+        samples_per_s=_num(bench.get("samples_per_s")), speedup_vs_fp32=_num(bench.get("speedup_vs_fp32")),
+        peak_rss_mb=_num(bench.get("peak_rss_mb")),
         embedding_cosine=_num(task.get("embedding_cosine_mean")), top1_agreement=_num(task.get("top1_agreement")),
         reason=str(reason), cache=_cache_text(report.get("cache")),
     )
@@ -250,12 +254,13 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
     if keys:
         lines += ["Varied besides model/recipe/target: " + ", ".join(f"`{k}`" for k in keys) + ".", ""]
     head = ["#", "model", "recipe", "target"] + (["overrides"] if keys else []) + [
-        "artifact MB", "ms/sample", "samples/s", "peak MB", "emb cosine", "top-1", "Pareto", "status", "run dir"]
+        "artifact MB", "ms/sample", "samples/s", "x fp32 (same run)", "peak MB", "emb cosine", "top-1", "Pareto", "status", "run dir"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ["" if r.num is None else str(r.num), r.model, r.recipe, r.target] + (
             [_overrides_text(r, keys)] if keys else []) + [
-            _f(r.artifact_mb, 2), _f(r.ms_per_sample, 3), _f(r.samples_per_s, 1), _f(r.peak_rss_mb, 0),
+            _f(r.artifact_mb, 2), _f(r.ms_per_sample, 3), _f(r.samples_per_s, 1), _f(r.speedup_vs_fp32, 2),
+            _f(r.peak_rss_mb, 0),
             _f(r.embedding_cosine, 6), _f(r.top1_agreement, 3), "*" if r.pareto else "", r.status,
             f"`{r.run_dir}`" if r.run_dir else ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

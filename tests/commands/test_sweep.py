@@ -20,7 +20,8 @@ from tests.conftest import FAST, REPO
 
 def _report(model, recipe, target, status, ms, cos, top1, mb, rss, reason=None, cache=None):
     r = {"build": {"model": model, "recipe": recipe, "target": target}, "status": status,
-         "bench": {"ms_per_sample": ms, "samples_per_s": 1000.0 / ms, "artifact_mb": mb, "peak_rss_mb": rss},
+         "bench": {"ms_per_sample": ms, "samples_per_s": 1000.0 / ms, "artifact_mb": mb, "peak_rss_mb": rss,
+                   "speedup_vs_fp32": 4.0 / ms},
          "check": {"fidelity": {"embedding_cosine_mean": cos, "top1_agreement": top1}},
          "cache": cache or {"enabled": False}}
     if reason:
@@ -89,6 +90,7 @@ def test_rows_from_every_end_state(sweep):
     assert (r1.ms_per_sample, r1.embedding_cosine, r1.top1_agreement, r1.artifact_mb, r1.peak_rss_mb) == (
         4.1, 0.9952, 0.96, 23.1, 420.0)
     assert r1.samples_per_s == pytest.approx(1000 / 4.1)
+    assert r1.speedup_vs_fp32 == pytest.approx(4.0 / 4.1)
     assert r1.cache == "export hit, ort_calibration miss"
     assert rows[2].reason.startswith("task: mean embedding cosine 0.93400")
     assert rows[3].reason == "export (torchscript, opset 17) failed: RuntimeError: boom"
@@ -117,7 +119,7 @@ def test_summary_files(sweep):
     assert [r["overrides"] for r in rows] == ["seed=0"] * 5 + ["seed=1", "seed=2"]
     md = (sweep / "summary.md").read_text()
     assert "7 runs: 2 passed, 1 gate failed, 1 build failed, 1 recipe error, 1 not runnable, 1 incomplete." in md
-    assert ("| 1 | minilm | int8_static | ort | seed=0 | 23.10 | 4.100 | 243.9 | 420 | 0.995200 | 0.960 | * | passed "
+    assert ("| 1 | minilm | int8_static | ort | seed=0 | 23.10 | 4.100 | 243.9 | 0.98 | 420 | 0.995200 | 0.960 | * | passed "
             "| `1_minilm_int8_static_ort` |") in md
     assert "- 4 nvfp4/ort [seed=0]: **not runnable**: recipe.steps.nvfp4: nvfp4 is not runnable on target=ort" in md
     assert "Pareto front (lower ms/sample, higher embedding cosine to fp32): int8_dynamic/ort [seed=0], " \
@@ -205,7 +207,10 @@ def test_real_parallel_multirun_writes_the_summary(qcompile, tmp_path):
     for t in ("torch", "ort"):  # quantized: away from fp32 (tiny random weights lose little), not broken
         assert 0.99 < float(by["int8_dynamic", t]["embedding_cosine"]) < float(by["fp32", t]["embedding_cosine"])
     assert float(by["int8_dynamic", "ort"]["artifact_mb"]) < float(by["fp32", "ort"]["artifact_mb"])
-    assert by["fp32", "ort"]["cache"] in ("export miss", "export hit")
+    # the fp32 export, this machine's int8 probe and the fp32 reference outputs are shared through the cache
+    cache = dict(kv.rsplit(" ", 1) for kv in by["fp32", "ort"]["cache"].split(", "))
+    assert cache["export"] in ("miss", "hit") and cache["reference_outputs"] in ("miss", "hit")
+    assert by["int8_dynamic", "ort"]["speedup_vs_fp32"] and not by["fp32", "ort"]["speedup_vs_fp32"]
     assert (sweep / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "4 runs: 4 passed." in (sweep / "summary.md").read_text()
     # parallel jobs shared no writable file: nothing appeared next to outputs/ in the working directory
