@@ -1,9 +1,11 @@
 """Speed and size of qcompile builds on one model, measured in one run: builds each (recipe, target)
 with the real pipeline, then times the engines interleaved (round-robin) on pinned threads and
-reports medians and ratios to the first variant.
+reports medians and ratios to the first variant, next to the machine's int8 probe and the fraction of its
+fp32 matrix-product peak; optionally times full builds of this tree against a git ref (before / after).
 
-    python bench/speed.py                                   # MiniLM: torch fp32, ORT fp32, ORT int8_static
+    python bench/speed.py                                   # MiniLM: torch fp32, ORT fp32, int8_static, int4
     python bench/speed.py --model tiny_bert --variants fp32:torch int8_static:ort --rounds 3
+    python bench/speed.py --build-times main --readme       # + full-build wall times, README section rewritten
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
@@ -37,9 +41,9 @@ def compose(overrides):
 
 def build(model, recipe, target, out_dir: Path, extra):
     """A real qcompile build (bench stage off: we time below, interleaved), and its predictor."""
-    from compiler.stages.models import load_model
     from compiler.pipeline import run_build
     from compiler.runners.callable import torch_predictor
+    from compiler.stages.models import load_model
     from compiler.stages.validate import validate
     from targets.base import Engine, get_target
 
@@ -80,20 +84,143 @@ def _outputs(report):
     return ["last_hidden_state", "sentence_embedding"]
 
 
+def machine_figures(args, built, rows):
+    """The int8 probe on both runtimes at the model's FFN shape, graph FLOPs, and the fraction of the fp32
+    peak each ORT variant reaches (thread CPU time, like the probe)."""
+    from compiler.stages.probe import cpu_info, gemm_shape, graph_flops, measure
+    from compiler.stages.validate import validate
+
+    spec = validate(compose([f"model={args.model}", "recipe=fp32", "target=ort", *args.override]))
+    shape = gemm_shape(spec.model_info, args.batch, args.seq)
+    probes = {rt: measure(rt, *shape, threads=args.threads) for rt in ("ort", "torch")}
+    out = {"cpu": cpu_info(), "probe": probes}
+    onnx_runs = [(v, rep) for v, rep, _, _ in built if v.endswith(":ort")]
+    if onnx_runs:
+        fp32 = next((rep for v, rep in onnx_runs if v.startswith("fp32:")), onnx_runs[0][1])
+        gflop = graph_flops(Path(fp32["build"]["run_dir"]) / "model.onnx", args.batch, args.seq)["gflop"]
+        out["gflop"] = gflop
+        for row in rows:
+            runtime = "ort" if row["variant"].endswith(":ort") else "torch"
+            row["fraction_of_peak"] = gflop / (row["cpu_ms"] / 1e3) / probes[runtime]["fp32_gflops"]
+    return out
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def time_builds(args):
+    """Full builds (`python -m compiler`, check + bench) of this tree and of a git ref, each with a fresh
+    cache (cold) and again with it filled (warm), the two trees interleaved so load hits both alike."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="qcompile-speed-"))
+    before = tmp / "before"
+    before.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", args.build_times], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+    out = {"ref": args.build_times, "args": args.build_args}
+    for phase in ("cold", "warm"):
+        for name, src in (("before", before), ("after", REPO)):
+            env = dict(os.environ, PYTHONPATH=str(src), QCOMPILE_CACHE_DIR=str(tmp / f"cache_{name}"),
+                       OMP_NUM_THREADS="1")
+            run_dir = tmp / f"{name}_{phase}"
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "compiler", *args.build_args, f"hydra.run.dir={run_dir}"],
+                                  check=False, cwd=tmp, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            stages = {}
+            if (run_dir / "report.json").exists():
+                stages = json.loads((run_dir / "report.json").read_text()).get("timings_s", {})
+            out[f"{name}_{phase}"] = {"rc": proc.returncode, "wall_s": round(wall, 1), "stages_s": stages,
+                                      "load": _loadavg()}
+            print(f"build {name} {phase}: rc {proc.returncode}, {wall:.1f}s", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def render(args, rows, base, clock_name, extra, builds):
+    cpu = extra["cpu"]
+    flags = ", ".join(f.upper() for f in ("avx2", "fma", "avx512", "vnni", "amx") if cpu.get(f)) or "none"
+    missing = ", ".join(f.upper() for f in ("avx512", "vnni", "amx") if not cpu.get(f))
+    lines = [f"`python bench/speed.py{' --build-times ' + args.build_times if builds else ''}` on {cpu['cpu']} "
+             f"({cpu['cpu_count']} cores; flags {flags}{'; no ' + missing if missing else ''}), "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+             f"{_loadavg()}. {args.note}".rstrip(), ""]
+    probe = extra["probe"]
+    lines += [("**int8 probe** (one thread, thread CPU time, the model's FFN product "
+              f"{probe['ort']['shape_mkn'][0]}x{probe['ort']['shape_mkn'][1]}x{probe['ort']['shape_mkn'][2]}): "
+              f"ORT `MatMulInteger` u8s8 {probe['ort']['int8_gops']:.1f} GOP/s vs `MatMul` fp32 "
+              f"{probe['ort']['fp32_gflops']:.1f} GFLOP/s = **{probe['ort']['int8_gemm_vs_fp32']:.2f}x**; torch dynamic "
+              f"int8 Linear {probe['torch']['int8_gops']:.1f} vs fp32 Linear {probe['torch']['fp32_gflops']:.1f} = "
+              f"**{probe['torch']['int8_gemm_vs_fp32']:.2f}x**."), ""]
+    if "gflop" in extra:
+        lines += [(f"**Graph FLOPs** at batch {args.batch}, seq {args.seq}: {extra['gflop']:.3f} GFLOP (every MatMul "
+                  "of the exported graph); fraction of peak = FLOPs / CPU time per call / the probe's fp32 GFLOP/s."), ""]
+    lines += [(f"Engines timed round-robin in one run ({args.rounds} rounds x {args.iters} calls, batch {args.batch}, "
+              f"seq {args.seq}, {args.threads} thread); ratios over `{base}` in {clock_name}, spread = min..max "
+              "over rounds; latencies are wall clock:"), "",
+              (f"| variant | p50 ms (wall) | CPU ms | x {base} (spread) | fraction of fp32 peak | artifact MB | "
+              "smaller | embedding cosine | top-1 |"), "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = f"{r['fraction_of_peak']:.2f}" if "fraction_of_peak" in r else ""
+        cos = "" if r["embedding_cosine"] is None else f"{r['embedding_cosine']:.5f}"
+        lines.append(f"| {r['variant']} | {r['p50_ms']:.1f} | {r['cpu_ms']:.1f} | {r['speedup']:.2f}x "
+                     f"({r['spread'][0]:.2f}..{r['spread'][1]:.2f}) | {frac} | {r['artifact_mb']:.1f} | "
+                     f"{r['smaller']:.2f}x | {cos} | {r['top1_agreement'] if r['top1_agreement'] is not None else ''} |")
+    if builds:
+        lines += ["", (f"**Full builds** (`python -m compiler {' '.join(builds['args'])}`, load + quantize + export + "
+                  f"check + bench), `{builds['ref']}` (before) vs this tree (after), interleaved, wall seconds:"), "",
+                  "| cache | before | after | after's stages (s) |", "|---|---|---|---|"]
+        for phase in ("cold", "warm"):
+            b, a = builds[f"before_{phase}"], builds[f"after_{phase}"]
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in a["stages_s"].items())
+            lines.append(f"| {phase} | {b['wall_s']:.1f} (rc {b['rc']}) | {a['wall_s']:.1f} (rc {a['rc']}) | {stages} |")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- speed:begin (bench/speed.py --readme) -->", "<!-- speed:end -->"
+
+
+def write_readme(text: str) -> None:
+    readme = REPO / "README.md"
+    old = readme.read_text()
+    if BEGIN not in old or END not in old:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} section to rewrite")
+    head, rest = old.split(BEGIN, 1)
+    readme.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    print(f"rewritten: {readme} (speed section)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
-    ap.add_argument("--variants", nargs="+", default=["fp32:torch", "fp32:ort", "int8_static:ort"])
+    ap.add_argument("--variants", nargs="+",
+                    default=["fp32:torch", "fp32:ort", "int8_static:ort", "int8_dynamic:ort", "int4_weight_only:ort"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every build")
+    ap.add_argument("--build-times", metavar="GIT_REF", default=None,
+                    help="also time full `python -m compiler` builds (check + bench) of this tree and of GIT_REF, "
+                         "cold and warm cache, interleaved")
+    ap.add_argument("--build-args", nargs="*", default=["model=minilm", "recipe=int8_static", "target=ort"])
+    ap.add_argument("--readme", action="store_true", help="rewrite the README's speed section with the result")
+    ap.add_argument("--note", default="", help="a line for the README (e.g. the machine's load during the run)")
     args = ap.parse_args()
 
-    from compiler.stages.bench import summarize, time_predict
     from compiler.core.feeds import synthetic_feed
+    from compiler.stages.bench import (
+        CLOCK_NAMES,
+        interleaved,
+        ratio_clock,
+        summarize,
+        time_predict,
+    )
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = REPO / "outputs" / "bench" / f"{stamp}_{args.model}"
@@ -106,38 +233,38 @@ def main():
         built.append((v, report, predict, size))
 
     feed = synthetic_feed(_inputs(built[0][1]), args.batch, args.seq, seed=1)
-    times = {v: [] for v, *_ in built}
-    for v, _, predict, _ in built:  # warm-up
+    predicts = {v: predict for v, _, predict, _ in built}
+    for predict in predicts.values():  # warm-up
         time_predict(predict, feed, 3, 1)
-    for r in range(args.rounds):  # round-robin so machine load hits every variant alike
-        for v, _, predict, _ in built:
-            times[v] += time_predict(predict, feed, 0, args.iters)
+    clock = ratio_clock(args.threads)
+    # round-robin so machine load hits every variant alike; wall clock for latencies, thread CPU time
+    # (one thread) for the ratios (compiler/stages/bench.py says why)
+    times = interleaved(predicts, [feed], args.rounds, args.iters)
     base = built[0][0]
     rows = []
-    base_ms = summarize(times[base], args.batch)["latency_ms_p50"]
+    flat = {c: {v: [t for r in times[c][v] for t in r] for v in predicts} for c in ("wall", "cpu")}
     base_size = built[0][3]
     for v, report, _, size in built:
-        s = summarize(times[v], args.batch)
+        s = summarize(flat["wall"][v], args.batch)
         task = report.get("check", {}).get("fidelity", {})
+        per_round = [float(np.median(b) / np.median(t)) for t, b in zip(times[clock][v], times[clock][base])]
         rows.append({"variant": v, "p50_ms": s["latency_ms_p50"], "p90_ms": s["latency_ms_p90"],
-                     "speedup_vs_" + base: base_ms / s["latency_ms_p50"], "artifact_mb": size / 1e6,
-                     "smaller_than_" + base: base_size / size, "embedding_cosine": task.get("embedding_cosine_mean"),
+                     "cpu_ms": float(np.median(flat["cpu"][v]) * 1e3),
+                     "speedup": float(np.median(flat[clock][base]) / np.median(flat[clock][v])),
+                     "spread": [min(per_round), max(per_round)], "artifact_mb": size / 1e6,
+                     "smaller": base_size / size, "embedding_cosine": task.get("embedding_cosine_mean"),
                      "top1_agreement": task.get("top1_agreement")})
-    lines = [f"# bench/speed.py: {args.model}, batch {args.batch}, seq {args.seq}, {args.threads} thread(s), "
-             f"{args.rounds}x{args.iters} interleaved iterations", "",
-             "| variant | p50 ms | p90 ms | speed-up vs " + base + " | artifact MB | size ratio | embedding cosine | top-1 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['variant']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | {row['speedup_vs_' + base]:.2f}x | "
-                     f"{row['artifact_mb']:.1f} | {row['smaller_than_' + base]:.2f}x | "
-                     f"{row['embedding_cosine'] if row['embedding_cosine'] is None else round(row['embedding_cosine'], 5)} | "
-                     f"{row['top1_agreement']} |")
-    text = "\n".join(lines)
+    extra = machine_figures(args, built, rows)
+    builds = time_builds(args) if args.build_times else None
+    text = render(args, rows, base, CLOCK_NAMES[clock], extra, builds)
     print(text)
     (out_dir / "speed.md").write_text(text + "\n")
-    (out_dir / "speed.json").write_text(json.dumps({"args": vars(args), "rows": rows,
-                                                    "cpu": os.cpu_count(), "time": time.time()}, indent=2))
+    (out_dir / "speed.json").write_text(json.dumps({"args": vars(args), "rows": rows, "machine": extra,
+                                                    "builds": builds, "cpu": os.cpu_count(), "time": time.time()},
+                                                   indent=2, default=str))
     print(f"\nwritten: {out_dir / 'speed.md'}")
+    if args.readme:
+        write_readme(text)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ products no faster than fp32 -- the build will be smaller, not faster; say so be
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 from compiler.rails import PASSED, SKIPPED, WARNED, RailContext, iter_nodes, result
 
@@ -43,9 +43,7 @@ def graph_int8_compute(model) -> int:
 
     count = 0
     for n in nodes:
-        if n.op_type in INT8_COMPUTE_OPS:
-            count += 1
-        elif n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2 and int8_dq(n.input[0]) and int8_dq(n.input[1]):
+        if n.op_type in INT8_COMPUTE_OPS or n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2 and int8_dq(n.input[0]) and int8_dq(n.input[1]):
             count += 1
     return count
 
@@ -66,7 +64,7 @@ def module_int8_compute(module) -> int:
     return count
 
 
-def judge(int8_layers: int, probe: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def judge(int8_layers: int, probe: dict[str, Any] | None) -> dict[str, Any]:
     if not int8_layers:
         return result(NAME, PASSED, "no int8 compute in this build (nothing expects an int8 speed-up)", int8_layers=0)
     if not probe or "int8_gemm_vs_fp32" not in probe:
@@ -75,8 +73,8 @@ def judge(int8_layers: int, probe: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     ratio = float(probe["int8_gemm_vs_fp32"])
     flags = probe.get("cpu_flags") or {}
     have = [f for f in ("vnni", "amx", "avx512", "avx2") if flags.get(f)]
-    numbers = dict(int8_layers=int8_layers, int8_gemm_vs_fp32=round(ratio, 3), cpu=flags.get("cpu"),
-                   cpu_flags=have)
+    numbers = {"int8_layers": int8_layers, "int8_gemm_vs_fp32": round(ratio, 3), "cpu": flags.get("cpu"),
+                   "cpu_flags": have}
     missing = [f.upper() for f in ("vnni", "amx") if not flags.get(f)]
     flag_text = ", ".join([f.upper() for f in have] + ([f"no {'/'.join(missing)}"] if missing else []))
     where = f"{probe.get('runtime', '?')} on {flags.get('cpu') or 'this CPU'}: {flag_text or 'flags unknown'}"
@@ -86,7 +84,7 @@ def judge(int8_layers: int, probe: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return result(NAME, PASSED, f"int8 on this CPU: {ratio:.2f}x fp32 for matrix products ({where})", **numbers)
 
 
-def run(ctx: RailContext) -> Dict[str, Any]:
+def run(ctx: RailContext) -> dict[str, Any]:
     if ctx.module is not None:
         layers = module_int8_compute(ctx.module)
     elif ctx.onnx_path is not None:

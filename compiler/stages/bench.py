@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,8 @@ class PeakRSS:
         self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
 
 
-def time_predict(predict: Callable, feed: Dict[str, np.ndarray], warmup: int, iterations: int,
-                 progress_label: str = "") -> List[float]:
+def time_predict(predict: Callable, feed: dict[str, np.ndarray], warmup: int, iterations: int,
+                 progress_label: str = "") -> list[float]:
     """Latencies in seconds of `iterations` calls after `warmup` calls."""
     from rich.progress import Progress
 
@@ -58,7 +59,7 @@ def time_predict(predict: Callable, feed: Dict[str, np.ndarray], warmup: int, it
     return times
 
 
-def summarize(times: List[float], batch: int) -> Dict[str, float]:
+def summarize(times: list[float], batch: int) -> dict[str, float]:
     ms = np.asarray(times) * 1e3
     p50 = float(np.percentile(ms, 50))
     return {"latency_ms_p50": p50, "latency_ms_p90": float(np.percentile(ms, 90)),
@@ -66,7 +67,7 @@ def summarize(times: List[float], batch: int) -> Dict[str, float]:
             "samples_per_s": batch / (p50 / 1e3) if p50 > 0 else float("inf"), "iterations": len(times)}
 
 
-def data_feeds(features, batch_size: int, sort_by_length: bool = False) -> List[Dict[str, np.ndarray]]:
+def data_feeds(features, batch_size: int, sort_by_length: bool = False) -> list[dict[str, np.ndarray]]:
     """The evaluation sentences as served: each batch cut to its longest sentence (dynamic padding), in
     data order or sorted by length (similar lengths batched together: less padding)."""
     arrays = features.arrays
@@ -81,11 +82,11 @@ def data_feeds(features, batch_size: int, sort_by_length: bool = False) -> List[
     return feeds
 
 
-def interleaved(predicts: Dict[str, Callable], feeds: List[Dict[str, np.ndarray]], rounds: int,
-                calls_per_round: int) -> Dict[str, Dict[str, List[List[float]]]]:
+def interleaved(predicts: dict[str, Callable], feeds: list[dict[str, np.ndarray]], rounds: int,
+                calls_per_round: int) -> dict[str, dict[str, list[list[float]]]]:
     """clock ("wall" | "cpu") -> predictor -> per round the seconds of `calls_per_round` calls cycling
     through `feeds`. The predictors take turns round by round, so a load change hits them alike."""
-    out: Dict[str, Dict[str, List[List[float]]]] = {"wall": {k: [] for k in predicts}, "cpu": {k: [] for k in predicts}}
+    out: dict[str, dict[str, list[list[float]]]] = {"wall": {k: [] for k in predicts}, "cpu": {k: [] for k in predicts}}
     for _ in range(rounds):
         for name, predict in predicts.items():
             wall, cpu = [], []
@@ -111,7 +112,7 @@ def ratio_clock(threads: int) -> str:
 CLOCK_NAMES = {"cpu": "thread CPU time", "wall": "wall clock"}
 
 
-def ratio_summary(build_rounds: List[List[float]], base_rounds: List[List[float]], combine=np.median) -> Dict[str, Any]:
+def ratio_summary(build_rounds: list[list[float]], base_rounds: list[list[float]], combine=np.median) -> dict[str, Any]:
     """speedup = baseline time / build time over all rounds (combine: median per call for fixed shapes, sum
     for a pass over the data), and per round (its spread: min, max over the rounds)."""
     per_round = [float(combine(b) / combine(t)) for t, b in zip(build_rounds, base_rounds)]
@@ -123,13 +124,13 @@ def ratio_summary(build_rounds: List[List[float]], base_rounds: List[List[float]
             "speedup_vs_fp32_rounds": [round(r, 4) for r in per_round]}
 
 
-def _median_ms(rounds: List[List[float]]) -> float:
+def _median_ms(rounds: list[list[float]]) -> float:
     return float(np.median(np.concatenate(rounds)) * 1e3)
 
 
-def run_bench(make_predict: Callable[[], Callable], input_names: List[str], cfg, artifact_files: List[Path],
-              label: str = "bench", make_baseline: Optional[Callable[[], Callable]] = None,
-              evaluation=None) -> Dict[str, Any]:
+def run_bench(make_predict: Callable[[], Callable], input_names: list[str], cfg, artifact_files: list[Path],
+              label: str = "bench", make_baseline: Callable[[], Callable] | None = None,
+              evaluation=None) -> dict[str, Any]:
     """cfg is the `bench` section. make_predict builds the engine's predictor (its load is in the peak).
     make_baseline (optional) builds the same model's fp32 predictor on the same target: both are then timed
     round-robin in this one run and the result carries speedup_vs_fp32 and its spread. evaluation (the
@@ -170,7 +171,7 @@ def run_bench(make_predict: Callable[[], Callable], input_names: List[str], cfg,
     return out
 
 
-def bench_data_shapes(predicts: Dict[str, Callable], evaluation, cfg) -> Dict[str, Any]:
+def bench_data_shapes(predicts: dict[str, Callable], evaluation, cfg) -> dict[str, Any]:
     """Passes over the evaluation sentences at their own lengths (predictors interleaved pass by pass):
     latency per batch, sentences per second, and the speed-up over whole passes."""
     if evaluation is None or not len(evaluation):
@@ -229,8 +230,8 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path):
     return (lambda: target.predictor(engine, threads=threads)), onnx_path, None
 
 
-def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: Path, onnx_path: Optional[Path],
-                 probe: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: Path, onnx_path: Path | None,
+                 probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bench stage of a build: the engine timed against its fp32 baseline (same run, round-robin),
     plus the fraction of the machine's fp32 matrix-product peak (graph FLOPs / latency / probe GFLOP/s)."""
     make_baseline, fp32_onnx, why = fp32_baseline(target, reference, spec, cache, work_dir)
@@ -247,7 +248,7 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
 
         try:
             out["flops"] = graph_flops(Path(graph), int(spec.bench.batch_size), int(spec.bench.seq_len))
-        except Exception as e:  # shape inference can fail on an exotic graph: the bench still stands
+        except Exception as e:  # noqa: BLE001 -- shape inference can fail on an exotic graph: the bench still stands
             out["flops"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     peak = (probe or {}).get("fp32_gflops")
     gflop = out.get("flops", {}).get("gflop")

@@ -7,8 +7,9 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ CPU_FLAGS = {"avx2": ("avx2",), "fma": ("fma",), "avx512": ("avx512f",),
 PROBE_RUNTIMES = ("ort", "torch")
 
 
-def cpu_info(cpuinfo: Optional[str] = None) -> Dict[str, Any]:
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
     """CPU model and the int8-relevant flags, from /proc/cpuinfo (or the text given, for tests)."""
     if cpuinfo is None:
         try:
@@ -35,17 +36,17 @@ def cpu_info(cpuinfo: Optional[str] = None) -> Dict[str, Any]:
             model = value.strip()
         elif key.strip() in ("flags", "Features") and not flags:
             flags = set(value.split())
-    out: Dict[str, Any] = {"cpu": model, "cpu_count": os.cpu_count()}
+    out: dict[str, Any] = {"cpu": model, "cpu_count": os.cpu_count()}
     out.update({name: any(f in flags for f in names) for name, names in CPU_FLAGS.items()})
     return out
 
 
-def gemm_shape(model_info, batch: int, seq: int) -> Tuple[int, int, int]:
+def gemm_shape(model_info, batch: int, seq: int) -> tuple[int, int, int]:
     """(M, K, N) of the model's largest linear layer at the bench shape: the FFN up-projection."""
     return int(batch) * int(seq), int(model_info.hidden_size), int(model_info.intermediate_size)
 
 
-def _interleave(fns: Dict[str, Callable[[], Any]], rounds: int, iters: int) -> Dict[str, float]:
+def _interleave(fns: dict[str, Callable[[], Any]], rounds: int, iters: int) -> dict[str, float]:
     """Median CPU seconds per call of each function, timed round-robin so machine load hits all alike.
     CPU time of this thread, not wall time: both kernels run single-threaded on the calling thread, and on
     shared cores a wall clock charges a long call more preemption than a short one (measured here under
@@ -53,7 +54,7 @@ def _interleave(fns: Dict[str, Callable[[], Any]], rounds: int, iters: int) -> D
     for fn in fns.values():  # warm-up: kernels picked, buffers allocated
         for _ in range(2):
             fn()
-    times: Dict[str, list] = {k: [] for k in fns}
+    times: dict[str, list] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             for _ in range(iters):
@@ -107,7 +108,7 @@ def _torch_matmul_pair(m: int, k: int, n: int, threads: int):
         from torch.ao.quantization import quantize_dynamic
 
         engines = torch.backends.quantized.supported_engines
-        torch.backends.quantized.engine = next((e for e in ("x86", "fbgemm", "onednn", "qnnpack") if e in engines))
+        torch.backends.quantized.engine = next(e for e in ("x86", "fbgemm", "onednn", "qnnpack") if e in engines)
         q = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
     x = torch.randn(m, k)
 
@@ -120,7 +121,7 @@ def _torch_matmul_pair(m: int, k: int, n: int, threads: int):
     return run(q), run(lin), f"torch dynamic int8 Linear ({torch.backends.quantized.engine}) vs fp32 Linear"
 
 
-def measure(runtime: str, m: int, k: int, n: int, threads: int = 1, rounds: int = 7, iters: int = 5) -> Dict[str, Any]:
+def measure(runtime: str, m: int, k: int, n: int, threads: int = 1, rounds: int = 7, iters: int = 5) -> dict[str, Any]:
     """Time the int8 and fp32 products of shape (m,k)x(k,n) on `runtime` (ort | torch)."""
     pair = {"ort": _ort_matmul_pair, "torch": _torch_matmul_pair}[runtime]
     int8, fp32, what = pair(m, k, n, threads)
@@ -132,13 +133,13 @@ def measure(runtime: str, m: int, k: int, n: int, threads: int = 1, rounds: int 
             "iterations": iters}
 
 
-def probe_key(runtime: str, shape: Tuple[int, int, int], threads: int) -> Dict[str, Any]:
+def probe_key(runtime: str, shape: tuple[int, int, int], threads: int) -> dict[str, Any]:
     """What a probe result depends on: the machine (CPU model, flags, cores), runtime, shape, threads."""
     return {"machine": cpu_info(), "platform": platform.machine(), "runtime": runtime, "shape_mkn": list(shape),
             "threads": int(threads)}
 
 
-def int8_probe(runtime: str, shape: Tuple[int, int, int], threads: int = 1, cache=None) -> Dict[str, Any]:
+def int8_probe(runtime: str, shape: tuple[int, int, int], threads: int = 1, cache=None) -> dict[str, Any]:
     """The probe's result with the CPU flags; cached per machine (CPU, flags, shape, runtime, tool versions)
     when a cache is given, so a sweep probes once. Raises ValueError for a runtime it cannot probe."""
     import json
@@ -147,7 +148,7 @@ def int8_probe(runtime: str, shape: Tuple[int, int, int], threads: int = 1, cach
         raise ValueError(f"no int8 probe for runtime {runtime!r} (only {PROBE_RUNTIMES})")
     m, k, n = shape
 
-    def run() -> Dict[str, Any]:
+    def run() -> dict[str, Any]:
         return {**measure(runtime, m, k, n, threads), "cpu_flags": cpu_info(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     if cache is None:
@@ -160,7 +161,7 @@ def int8_probe(runtime: str, shape: Tuple[int, int, int], threads: int = 1, cach
     return {**json.loads((entry / "probe.json").read_text()), "cached": True}
 
 
-def probe_for_build(spec, target_capabilities, cache=None) -> Optional[Dict[str, Any]]:
+def probe_for_build(spec, target_capabilities, cache=None) -> dict[str, Any] | None:
     """The build's probe on its own runtime, or None with the reason logged where it does not apply (a GPU
     target: this probe measures the CPU)."""
     if target_capabilities.gpu:
@@ -174,7 +175,7 @@ def probe_for_build(spec, target_capabilities, cache=None) -> Optional[Dict[str,
     shape = gemm_shape(spec.model_info, int(spec.bench.batch_size), int(spec.bench.seq_len))
     try:
         return int8_probe(runtime, shape, int(spec.bench.threads) or 1, cache)
-    except Exception as e:  # the probe informs; it never fails a build
+    except Exception as e:  # noqa: BLE001 -- the probe informs; it never fails a build
         log.warning("int8 probe failed: %s: %s", type(e).__name__, e)
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
@@ -183,7 +184,7 @@ FLOP_OPS = {"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulNBits", "
             "MatMulIntegerToFloat", "QGemm"}
 
 
-def graph_flops(onnx_path: Path, batch: int, seq: int) -> Dict[str, Any]:
+def graph_flops(onnx_path: Path, batch: int, seq: int) -> dict[str, Any]:
     """Multiply-add FLOPs (2 per MAC) of every matrix product in the graph at batch x seq, counted from
     its shapes: the inputs are fixed to that shape and onnxruntime's symbolic shape inference resolves
     the rest (onnx's own inference loses the attention reshapes). Elementwise ops are left out: the

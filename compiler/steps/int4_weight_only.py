@@ -8,7 +8,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import ClassVar
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.steps.base import ONNX, TORCH, Step, StepContext
@@ -28,15 +28,15 @@ class Params:
     block_size: int = 32  # weights per scale along the input dimension (power of two, >= 16)
     is_symmetric: bool = False  # rtn: zero point 0 (hqq is always asymmetric)
     # MatMulNBits' compute precision on the CPU; None: onnxruntime's default (fp32). 4 = int8 compute
-    accuracy_level: Optional[int] = None
-    op_types_to_quantize: List[str] = field(default_factory=lambda: ["MatMul"])
-    exclude: List[str] = field(default_factory=list)  # extra node / module patterns kept fp32 (on model.exclude)
+    accuracy_level: int | None = None
+    op_types_to_quantize: list[str] = field(default_factory=lambda: ["MatMul"])
+    exclude: list[str] = field(default_factory=list)  # extra node / module patterns kept fp32 (on model.exclude)
 
 
 class Int4WeightOnlyStep(Step):
     name = "int4_weight_only"
     Params = Params
-    runs_on = {"ort": ONNX, "torch": TORCH}
+    runs_on: ClassVar[dict[str, str]] = {"ort": ONNX, "torch": TORCH}
     needs_calibration = False
     summary = "int4 block-wise weights, fp32 activations: onnxruntime MatMulNBits (ort), modelopt fake-quant (torch)"
 
@@ -62,7 +62,7 @@ class Int4WeightOnlyStep(Step):
             raise RecipeError(f"{self.KEY}.accuracy_level", "is an onnxruntime MatMulNBits option, not runnable on "
                               "target=torch", "use accuracy_level=null or target=ort")
 
-    def exclude(self, ctx: StepContext) -> List[str]:
+    def exclude(self, ctx: StepContext) -> list[str]:
         return list(ctx.exclude or []) + list(self.params.exclude or [])
 
     # -- ONNX: onnxruntime MatMulNBitsQuantizer --------------------------------------------------------------

@@ -15,8 +15,8 @@ from compiler.stages.probe import cpu_info, graph_flops, int8_probe, measure
 
 
 def cfg(**kw):
-    base = dict(batch_size=1, seq_len=8, warmup=1, iterations=6, threads=1, rounds=3, shapes="fixed",
-                sort_by_length=False, baseline="fp32")
+    base = {"batch_size": 1, "seq_len": 8, "warmup": 1, "iterations": 6, "threads": 1, "rounds": 3, "shapes": "fixed",
+                "sort_by_length": False, "baseline": "fp32"}
     return SimpleNamespace(**{**base, **kw})
 
 

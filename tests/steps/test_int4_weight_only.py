@@ -82,17 +82,17 @@ def _validate(steps, target):
 
 
 @pytest.mark.parametrize("steps,target,text", [
-    ({}, "trt", "recipe.steps.int4_weight_only: int4_weight_only is not runnable on target=trt -- use target=ort or "
-                "target=torch"),
-    ({"algorithm": "gptq"}, "ort", "recipe.steps.int4_weight_only.algorithm: bad value 'gptq' -- use one of "
-                                   "['rtn', 'hqq']"),
-    ({"block_size": 48}, "ort", "recipe.steps.int4_weight_only.block_size: bad value 48 -- use a power of two >= 16 "
-                                "(e.g. 32, 64, 128)"),
-    ({"accuracy_level": 5}, "ort", "recipe.steps.int4_weight_only.accuracy_level: bad value 5 -- use null or 0 "
-                                   "(unset), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)"),
-    ({"algorithm": "hqq"}, "torch", "recipe.steps.int4_weight_only.algorithm: hqq is not runnable on target=torch "
+    ({}, "trt", ("recipe.steps.int4_weight_only: int4_weight_only is not runnable on target=trt -- use target=ort or "
+                "target=torch")),
+    ({"algorithm": "gptq"}, "ort", ("recipe.steps.int4_weight_only.algorithm: bad value 'gptq' -- use one of "
+                                   "['rtn', 'hqq']")),
+    ({"block_size": 48}, "ort", ("recipe.steps.int4_weight_only.block_size: bad value 48 -- use a power of two >= 16 "
+                                "(e.g. 32, 64, 128)")),
+    ({"accuracy_level": 5}, "ort", ("recipe.steps.int4_weight_only.accuracy_level: bad value 5 -- use null or 0 "
+                                   "(unset), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)")),
+    ({"algorithm": "hqq"}, "torch", ("recipe.steps.int4_weight_only.algorithm: hqq is not runnable on target=torch "
                                     "(modelopt's int4 weight-only is round-to-nearest) -- use algorithm=rtn or "
-                                    "target=ort"),
+                                    "target=ort")),
 ])
 def test_bad_params_are_recipe_errors(steps, target, text):
     with pytest.raises(RecipeError) as e:
