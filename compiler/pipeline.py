@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from compiler.stages import doctor
 from compiler import graph as graph_passes
-from compiler.stages.bench import bench_engine
+from compiler.stages.bench import bench_engine, int8_speed_note
 from compiler.stages.check import run_check
 from compiler.stages.data import Dataset, load_data
 from compiler.core.errors import GateError
@@ -184,6 +184,9 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         with stage("bench", timings):
             report["bench"] = bench_engine(target, engine, reference, spec, data.evaluation, cache, work_dir,
                                            onnx_path, report.get("int8_probe"))
+            note = int8_speed_note(report["bench"], report.get("doctor", []))
+            if note:
+                report["notes"].append(note)
     report["placement"] = target.placement(engine)  # again: what running the engine measured (TensorRT GPU memory)
     shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -263,3 +263,20 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
         elif not spec.steps:
             out["fp32_fraction_of_fp32_peak"] = out["fraction_of_fp32_peak"]
     return out
+
+
+def int8_speed_note(bench: Dict[str, Any], rails: List[Dict[str, Any]]) -> Optional[str]:
+    """A report note when a build computes in int8, the probe measured int8 matrix products faster than fp32,
+    and the build still is not faster than fp32 end to end: the time goes elsewhere (quantizing activations,
+    dequantizing, the non-matmul ops), which the probe alone would not show."""
+    rail = next((r for r in rails or [] if r.get("rail") == "int8_speed"), None)
+    speedup = bench.get("speedup_vs_fp32")
+    if not rail or not rail.get("int8_layers") or speedup is None or "int8_gemm_vs_fp32" not in rail:
+        return None
+    kernel = float(rail["int8_gemm_vs_fp32"])
+    if kernel < 1.15 or speedup >= 1.15:
+        return None
+    return (f"int8 matrix products run {kernel:.2f}x fp32 on this CPU (probe), yet this build is {speedup:.2f}x its "
+            "fp32 engine end to end (same run): the int8 kernels' gain is eaten by quantizing activations, "
+            "dequantizing outputs and the ops that stay fp32 (attention softmax, LayerNorm, GELU) -- expect size "
+            "and memory gains here, not speed")

@@ -152,3 +152,15 @@ def test_build_reports_the_same_run_ratio_probe_and_rail(qcompile):
     rail = {x["rail"]: x for x in report["doctor"]}["int8_speed"]
     assert rail["int8_layers"] == 12 and rail["int8_gemm_vs_fp32"] == round(probe["int8_gemm_vs_fp32"], 3)
     assert rail["status"] == ("warned" if probe["int8_gemm_vs_fp32"] < 1.15 else "passed")
+
+
+def test_int8_speed_note_when_fast_kernels_give_a_slow_build():
+    from compiler.stages.bench import int8_speed_note
+
+    rail = {"rail": "int8_speed", "int8_layers": 12, "int8_gemm_vs_fp32": 1.96}
+    note = int8_speed_note({"speedup_vs_fp32": 0.94}, [rail])
+    assert note.startswith("int8 matrix products run 1.96x fp32 on this CPU (probe), yet this build is 0.94x its "
+                           "fp32 engine end to end (same run)")
+    assert int8_speed_note({"speedup_vs_fp32": 1.6}, [rail]) is None  # the build is faster: nothing to explain
+    assert int8_speed_note({"speedup_vs_fp32": 0.94}, [{**rail, "int8_gemm_vs_fp32": 1.0}]) is None  # the rail warns
+    assert int8_speed_note({"speedup_vs_fp32": 0.94}, [{**rail, "int8_layers": 0}]) is None
