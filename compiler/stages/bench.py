@@ -265,7 +265,7 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
     return out
 
 
-def int8_speed_note(bench: Dict[str, Any], rails: List[Dict[str, Any]]) -> Optional[str]:
+def int8_speed_note(bench: dict[str, Any], rails: list[dict[str, Any]]) -> str | None:
     """A report note when a build computes in int8, the probe measured int8 matrix products faster than fp32,
     and the build still is not faster than fp32 end to end: the time goes elsewhere (quantizing activations,
     dequantizing, the non-matmul ops), which the probe alone would not show."""
