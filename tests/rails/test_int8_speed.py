@@ -35,6 +35,14 @@ def test_no_int8_compute_passes_whatever_the_probe():
     assert judge(0, planted(0.5))["status"] == PASSED
 
 
+def test_applies_to_cpu_targets_only():
+    from compiler.rails import int8_speed
+    from targets.ort import OrtTarget
+    from targets.trt import TrtTarget
+
+    assert int8_speed.applies_to(OrtTarget.capabilities) and not int8_speed.applies_to(TrtTarget.capabilities)
+
+
 def test_no_probe_is_skipped_with_the_reason():
     r = judge(3, {"skipped": "target trt runs on a GPU; the probe measures CPU matrix products"})
     assert r["status"] == SKIPPED and r["message"].endswith("the probe measures CPU matrix products")
@@ -70,9 +78,10 @@ def test_graph_int8_compute_counts(graphs):
 
 def test_rail_on_a_graph_with_a_planted_probe(graphs):
     from compiler.core.schema import DoctorConfig
+    from targets.ort import OrtTarget
 
-    ctx = RailContext(target="ort", config=DoctorConfig(), onnx_path=graphs["dynamic"], int8_probe=planted(0.98))
+    ctx = RailContext(target=OrtTarget.capabilities, config=DoctorConfig(), onnx_path=graphs["dynamic"], int8_probe=planted(0.98))
     r = run(ctx)
     assert r["status"] == WARNED and r["int8_layers"] == 12 and "0.98x fp32" in r["message"]
-    ctx = RailContext(target="ort", config=DoctorConfig(), onnx_path=graphs["int4"], int8_probe=planted(0.98))
+    ctx = RailContext(target=OrtTarget.capabilities, config=DoctorConfig(), onnx_path=graphs["int4"], int8_probe=planted(0.98))
     assert run(ctx)["status"] == PASSED
