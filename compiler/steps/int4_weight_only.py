@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
-from compiler.steps.base import ONNX, TORCH, Step, StepContext
+from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits compute type: 0 unset, 1 fp32, 
 
 
 @dataclass
-class Params:
+class Params(StepParams):
     algorithm: str = "rtn"  # rtn | hqq (ort); torch runs rtn (modelopt's max calibration per block)
     block_size: int = 32  # weights per scale along the input dimension (power of two, >= 16)
     is_symmetric: bool = False  # rtn: zero point 0 (hqq is always asymmetric)
@@ -31,6 +32,20 @@ class Params:
     accuracy_level: int | None = None
     op_types_to_quantize: list[str] = field(default_factory=lambda: ["MatMul"])
     exclude: list[str] = field(default_factory=list)  # extra node / module patterns kept fp32 (on model.exclude)
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        out = []
+        if self.algorithm not in ALGORITHMS:
+            out.append(("algorithm", f"bad value {self.algorithm!r}", f"use one of {list(ALGORITHMS)}"))
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            out.append(("block_size", f"bad value {self.block_size}", "use a power of two >= 16 (e.g. 32, 64, 128)"))
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
+            out.append(("accuracy_level", f"bad value {self.accuracy_level}",
+                        "use null or 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)"))
+        if not self.op_types_to_quantize or set(self.op_types_to_quantize) - {"MatMul", "Gather"}:
+            out.append(("op_types_to_quantize", f"bad value {list(self.op_types_to_quantize)}",
+                        "use [MatMul] (optionally with Gather)"))
+        return out
 
 
 class Int4WeightOnlyStep(Step):
@@ -42,25 +57,21 @@ class Int4WeightOnlyStep(Step):
 
     KEY = "recipe.steps.int4_weight_only"
 
-    def validate(self, info, target: str) -> None:
+    precision = frozenset({"int4"})
+    quantizes_compute = True  # MatMulNBits replaces the MatMuls (weights quantized; activations stay fp32)
+
+    def validate(self, info, target: TargetCapabilities) -> None:
+        super().validate(info, target)
         p = self.params
-        if p.algorithm not in ALGORITHMS:
-            raise RecipeError(f"{self.KEY}.algorithm", f"bad value {p.algorithm!r}", f"use one of {list(ALGORITHMS)}")
-        if p.block_size < 16 or p.block_size & (p.block_size - 1):
-            raise RecipeError(f"{self.KEY}.block_size", f"bad value {p.block_size}",
-                              "use a power of two >= 16 (e.g. 32, 64, 128)")
-        if p.accuracy_level is not None and p.accuracy_level not in ACCURACY_LEVELS:
-            raise RecipeError(f"{self.KEY}.accuracy_level", f"bad value {p.accuracy_level}",
-                              "use null or 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)")
-        if not p.op_types_to_quantize or set(p.op_types_to_quantize) - {"MatMul", "Gather"}:
-            raise RecipeError(f"{self.KEY}.op_types_to_quantize", f"bad value {list(p.op_types_to_quantize)}",
-                              "use [MatMul] (optionally with Gather)")
-        if target == "torch" and p.algorithm != "rtn":
-            raise RecipeError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target=torch "
+        if not target.runs_onnx and p.algorithm != "rtn":
+            raise RecipeError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target={target.name} "
                               "(modelopt's int4 weight-only is round-to-nearest)", "use algorithm=rtn or target=ort")
-        if target == "torch" and p.accuracy_level is not None:
-            raise RecipeError(f"{self.KEY}.accuracy_level", "is an onnxruntime MatMulNBits option, not runnable on "
-                              "target=torch", "use accuracy_level=null or target=ort")
+        if not target.runs_onnx and p.accuracy_level is not None:
+            raise RecipeError(f"{self.KEY}.accuracy_level", f"is an onnxruntime MatMulNBits option, not runnable on "
+                              f"target={target.name}", "use accuracy_level=null or target=ort")
+
+    def own_exclude(self) -> list[str]:
+        return list(self.params.exclude or [])
 
     def exclude(self, ctx: StepContext) -> list[str]:
         return list(ctx.exclude or []) + list(self.params.exclude or [])
@@ -71,7 +82,7 @@ class Int4WeightOnlyStep(Step):
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
         from compiler.graph.io import save_onnx
-        from compiler.steps.int8_static import _quietly, check_ops_match, exclude_nodes
+        from compiler.steps.ort_quant import check_ops_match, exclude_nodes, quietly
 
         p = self.params
         model = onnx.load(str(onnx_path), load_external_data=True)
@@ -86,7 +97,7 @@ class Int4WeightOnlyStep(Step):
         quantizer = nbits.MatMulNBitsQuantizer(model, bits=4, block_size=int(p.block_size),
                                                is_symmetric=bool(p.is_symmetric), accuracy_level=p.accuracy_level,
                                                nodes_to_exclude=excluded, op_types_to_quantize=ops, algo_config=algo)
-        _quietly(quantizer.process)
+        quietly(quantizer.process)
         out = quantizer.model.model
         count = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
         if count == 0:

@@ -55,12 +55,13 @@ def graphs(exported, tmp_path_factory):
     from compiler.steps.int4_weight_only import Params as P4
     from compiler.steps.int8_dynamic import Int8DynamicStep
     from compiler.steps.int8_dynamic import Params as P8
+    from targets.ort import OrtTarget
 
     model, data, fp32 = exported["tiny_bert"]
     tmp = tmp_path_factory.mktemp("int8_speed")
 
     def ctx():
-        return StepContext(target="ort", model_info=model.info, work_dir=tmp, report={}, calibration=data.calibration)
+        return StepContext(target=OrtTarget.capabilities, model_info=model.info, work_dir=tmp, report={}, calibration=data.calibration)
 
     out = {"fp32": fp32,
            "dynamic": Int8DynamicStep(P8()).apply_onnx(fp32, tmp / "dyn.onnx", ctx()),

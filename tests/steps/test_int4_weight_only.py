@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from modelopt_cases import caps
 
 from compiler.core.errors import RecipeError
 from compiler.steps.base import ModelInfo, StepContext
@@ -33,7 +34,7 @@ def weight_bytes(path) -> int:
 @pytest.mark.parametrize("algorithm", ["rtn", "hqq"])
 def test_ort_matmulnbits_close_to_fp32_and_smaller(exported, algorithm, tmp_path):
     model, data, fp32 = exported["tiny_bert"]
-    ctx = StepContext(target="ort", model_info=model.info, work_dir=tmp_path, exclude=["*pooler*"], report={})
+    ctx = StepContext(target=caps("ort"), model_info=model.info, work_dir=tmp_path, exclude=["*pooler*"], report={})
     out = Int4WeightOnlyStep(Params(algorithm=algorithm, block_size=32)).apply_onnx(fp32, tmp_path / "i4.onnx", ctx)
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     # tiny_bert: 2 layers x 6 weight MatMuls; the attention QK^T / PV MatMuls have no weight and stay
@@ -51,7 +52,7 @@ def test_ort_matmulnbits_close_to_fp32_and_smaller(exported, algorithm, tmp_path
 
 def test_ort_exclude_keeps_a_matmul_fp32(exported, tmp_path):
     model, _, fp32 = exported["tiny_bert"]
-    ctx = StepContext(target="ort", model_info=model.info, work_dir=tmp_path, exclude=[], report={})
+    ctx = StepContext(target=caps("ort"), model_info=model.info, work_dir=tmp_path, exclude=[], report={})
     out = Int4WeightOnlyStep(Params(exclude=["*layer.0.output.dense*"])).apply_onnx(fp32, tmp_path / "x.onnx", ctx)
     assert ctx.report["quantized"] == 11 and ctx.report["excluded_nodes"] == 1
     assert [n.op_type for n in onnx.load(str(out)).graph.node].count("MatMulNBits") == 11
@@ -60,7 +61,7 @@ def test_ort_exclude_keeps_a_matmul_fp32(exported, tmp_path):
 def test_torch_int4_fake_quant_close_to_fp32(tiny_bert, tiny_data, tmp_path):
     from compiler.runners.callable import torch_predictor
 
-    ctx = StepContext(target="torch", model_info=tiny_bert.info, work_dir=tmp_path,
+    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, work_dir=tmp_path,
                       exclude=["*pooler*", "*embeddings*"], report={})
     q = Int4WeightOnlyStep(Params(block_size=32)).apply_torch(copy.deepcopy(tiny_bert.module), ctx)
     assert ctx.report["quantized_layers"] == 12 and ctx.report["input_quantizers"] == 0
@@ -78,7 +79,7 @@ def _validate(steps, target):
     from compiler.stages.validate import validate_steps
 
     info = ModelInfo("tiny_bert", "bert", 64, 256, 4, 512)
-    return validate_steps(OmegaConf.create({"name": "t", "steps": {"int4_weight_only": steps}}), target, info)
+    return validate_steps(OmegaConf.create({"name": "t", "steps": {"int4_weight_only": steps}}), caps(target), info)
 
 
 @pytest.mark.parametrize("steps,target,text", [
