@@ -146,19 +146,19 @@ def print_summary(report, run_dir: Path) -> None:
 
 def _key_fix(full_key: str) -> Tuple[str, str]:
     """(what is wrong, what to write instead) for an unknown dotted key: the closest real key of its section."""
-    from compiler.core.schema import GateConfig
+    from compiler.core.schema import RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
+    from compiler.stages.validate import _closest
     from compiler.steps.base import STEP_REGISTRY, load_all_steps
-    from compiler.stages.validate import SECTIONS, TOP_LEVEL_KEYS, _closest
 
     parts = full_key.split(".")
     unknown = "unknown key"
     if len(parts) == 1:
-        return unknown, _closest(parts[0], TOP_LEVEL_KEYS - {"hydra"})
+        return unknown, _closest(parts[0], TOP_LEVEL_KEYS)
     if parts[0] in SECTIONS and len(parts) == 2:
         return unknown, _closest(parts[1], SECTIONS[parts[0]].__dataclass_fields__)
     if parts[0] == "recipe":
         if len(parts) == 2:
-            return unknown, _closest(parts[1], ["name", "description", "steps", "gate"])
+            return unknown, _closest(parts[1], RECIPE_KEYS)
         if parts[1] == "gate" and len(parts) == 3:
             return unknown, _closest(parts[2], GateConfig.__dataclass_fields__)
         if parts[1] == "steps" and len(parts) >= 3:

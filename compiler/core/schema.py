@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
+
+
+# Constants at least this big are promoted to initializers after export (so external data can hold them)
+# and, left as Constant nodes, fail the size rail: small ones (shapes, scalars) stay inline for readability.
+CONSTANT_PROMOTE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -54,7 +59,7 @@ class ExportConfig:
     opset: Optional[int] = None
     dynamic_axes: bool = True
     external_data: str = "auto"  # "auto" (only past protobuf's 2 GB), "always", "never"
-    constant_promote_bytes: int = 65536
+    constant_promote_bytes: int = CONSTANT_PROMOTE_BYTES
 
 
 @dataclass
@@ -148,8 +153,18 @@ class CacheConfig:
 
 @dataclass
 class RecipeConfig:
+    """The `recipe` section: its keys are exactly these fields (validate rejects any other)."""
+
     name: str = "fp32"
     description: str = ""
     # ordered: step name -> step parameters (validated against each step's own dataclass)
     steps: Dict[str, Any] = field(default_factory=dict)
     gate: GateConfig = field(default_factory=GateConfig)
+
+
+# The composed config's sections, each merged onto its dataclass by validate (the recipe section is
+# validated step by step); with `recipe`, `seed` and `verbose` they are every key a recipe may set.
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "export": ExportConfig, "check": CheckConfig,
+            "bench": BenchConfig, "target": TargetConfig, "doctor": DoctorConfig, "cache": CacheConfig}
+TOP_LEVEL_KEYS = frozenset(SECTIONS) | {"recipe", "seed", "verbose"}
+RECIPE_KEYS = tuple(f.name for f in fields(RecipeConfig))

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
+from compiler.core.schema import CONSTANT_PROMOTE_BYTES
+
 
 def fix_exported(onnx_path: Path, work_dir: Path, export_cfg, report: Dict[str, Any]) -> Path:
     """Constant fix-ups right after export (compiler.graph.constants): constant subgraphs evaluated into
@@ -14,7 +16,7 @@ def fix_exported(onnx_path: Path, work_dir: Path, export_cfg, report: Dict[str, 
     from compiler.graph.constants import fix_constants
 
     out, counts = fix_constants(Path(onnx_path), Path(work_dir) / "export_constants.onnx",
-                                int(getattr(export_cfg, "constant_promote_bytes", 65536)),
+                                int(getattr(export_cfg, "constant_promote_bytes", CONSTANT_PROMOTE_BYTES)),
                                 str(getattr(export_cfg, "external_data", "auto")))
     report.setdefault("export", {}).update(counts)
     return out

@@ -18,6 +18,8 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 
+from compiler.core.schema import CONSTANT_PROMOTE_BYTES
+
 # Ops folded when every input is a constant. Ops that only build shapes or masks (Shape, Range,
 # ConstantOfShape, Expand, Tile, Where ...) are left alone: folding them cannot help a weight pass and
 # can turn a tiny subgraph into a large tensor.
@@ -200,7 +202,7 @@ def _subgraph_inputs(graph) -> Set[str]:
     return names
 
 
-def fix_constants(onnx_path: Path, out_path: Path, promote_bytes: int = 65536, external_data: str = "auto"
+def fix_constants(onnx_path: Path, out_path: Path, promote_bytes: int = CONSTANT_PROMOTE_BYTES, external_data: str = "auto"
                   ) -> Tuple[Path, Dict[str, int]]:
     """The export-stage fix-up on a file: fold constant subgraphs, promote Constants >= promote_bytes.
     Writes out_path only when something changed; returns (the graph to continue with, counts)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from compiler.core.capabilities import TargetCapabilities
+from compiler.core.schema import CONSTANT_PROMOTE_BYTES
 from compiler.graph.io import PROTOBUF_LIMIT
 
 PASSED, WARNED, FAILED, SKIPPED = "passed", "warned", "failed", "skipped"
@@ -51,7 +52,7 @@ class RailContext:
     placement: Optional[Dict[str, Dict[str, int]]] = None  # provider -> op type -> nodes, from ORT
     probe_error: Optional[str] = None  # why ORT could not build a session on the graph, if it could not
     provider_error: Optional[str] = None  # the provider asked for is missing, or the session fell back
-    constant_limit: int = 65536  # a Constant node at least this big blocks external data
+    constant_limit: int = CONSTANT_PROMOTE_BYTES  # a Constant node at least this big blocks external data
     proto_limit: int = PROTOBUF_LIMIT
     # the int8 capability probe of this machine (compiler/stages/probe.py): int8_gemm_vs_fp32, cpu_flags
     int8_probe: Optional[Dict[str, Any]] = None

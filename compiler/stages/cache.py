@@ -17,6 +17,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from compiler.core.hashing import file_sha256
 
 log = logging.getLogger("qcompile")
@@ -24,10 +27,6 @@ log = logging.getLogger("qcompile")
 CACHE_FORMAT = 1  # bump when the layout or the key material changes: old entries then simply miss
 ENTRY_MANIFEST = "entry.json"
 DATA = "data"
-# kinds whose results depend on the exact accelerator, not only on the software: their keys also hold
-# the GPU, its compute capability and the CUDA / TensorRT versions (a TensorRT engine is never reused
-# across a TensorRT version or a GPU change)
-HARDWARE_KINDS_PREFIX = "engine"
 
 
 # ---------------------------------------------------------------- key material
@@ -52,31 +51,13 @@ def tool_versions() -> Dict[str, str]:
     return out
 
 
-
-
-@functools.lru_cache(maxsize=1)
-def hardware_fingerprint() -> Dict[str, Any]:
-    """What an engine is specific to: GPU name and compute capability, CUDA, TensorRT (when present)."""
-    from compiler.stages.manifest import hardware, package_versions
-
-    hw = hardware()
-    out: Dict[str, Any] = {k: hw.get(k) for k in ("machine", "gpu", "gpu_capability", "cuda")}
-    out["tensorrt"] = package_versions().get("tensorrt")
-    return out
-
-
 def _jsonable(o: Any) -> Any:
     """Strict conversion to JSON types. Anything unknown is an error, never str(o): a repr that hides the
     content would make two different inputs share a key."""
     if dataclasses.is_dataclass(o) and not isinstance(o, type):
         return _jsonable(dataclasses.asdict(o))
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(o, (DictConfig, ListConfig)):
-            return _jsonable(OmegaConf.to_container(o, resolve=True))
-    except ImportError:
-        pass
+    if isinstance(o, (DictConfig, ListConfig)):
+        return _jsonable(OmegaConf.to_container(o, resolve=True))
     if isinstance(o, dict):
         return {str(k): _jsonable(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
@@ -85,20 +66,13 @@ def _jsonable(o: Any) -> Any:
         return str(o)
     if o is None or isinstance(o, (bool, int, float, str)):
         return o  # json writes floats with repr: exact, and 1.0 stays distinct from 1 and "1.0"
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return _jsonable(o.item())
-    except ImportError:
-        pass
+    if isinstance(o, np.generic):
+        return _jsonable(o.item())
     raise TypeError(f"cache key: cannot hash a {type(o).__name__} ({o!r:.60}); pass its content or its sha256")
 
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
 
 
 def _hash_tree(root: Path) -> Dict[str, str]:
@@ -110,15 +84,13 @@ def _hash_tree(root: Path) -> Dict[str, str]:
 class Cache:
     """cache.get_or_create(kind, key, build) -> directory holding what build(dir) wrote.
 
-    The entry's name is the full sha256 of (cache format, kind, key, tool versions[, hardware]); the key
+    The entry's name is the full sha256 of (cache format, kind, key, tool versions); the key
     must name every input that determines the result. Returned directories are read-only: copy out.
     """
 
-    def __init__(self, root: Path, versions: Optional[Dict[str, str]] = None,
-                 hardware: Optional[Dict[str, Any]] = None):
+    def __init__(self, root: Path, versions: Optional[Dict[str, str]] = None):
         self.root = Path(root).expanduser()
         self._versions = versions
-        self._hardware = hardware
         self.events: List[Dict[str, str]] = []
 
     @property
@@ -128,11 +100,8 @@ class Cache:
         return self._versions
 
     def key_material(self, kind: str, key: Dict[str, Any]) -> Dict[str, Any]:
-        material = {"cache_format": CACHE_FORMAT, "kind": str(kind), "key": _jsonable(key),
-                    "versions": _jsonable(self.versions)}
-        if str(kind).startswith(HARDWARE_KINDS_PREFIX):
-            material["hardware"] = _jsonable(self._hardware if self._hardware is not None else hardware_fingerprint())
-        return material
+        return {"cache_format": CACHE_FORMAT, "kind": str(kind), "key": _jsonable(key),
+                "versions": _jsonable(self.versions)}
 
     def key_sha256(self, kind: str, key: Dict[str, Any]) -> str:
         return hashlib.sha256(canonical_json(self.key_material(kind, key)).encode()).hexdigest()

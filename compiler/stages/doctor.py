@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
+from compiler.core.schema import CONSTANT_PROMOTE_BYTES
 from compiler.rails import (FAILED, RAIL_NAMES, SKIPPED, WARNED, RailContext, applies, coverage, first_line, fp16_types,
                             input_dependence, int8_speed, memcpy, not_applicable, provider_fallback, result, shape_inference, size,
                             trt_explicit_quant)
@@ -39,7 +40,7 @@ def _config(spec):
 def _constant_limit(cfg, export_cfg=None) -> int:
     if getattr(cfg, "max_constant_bytes", None):
         return int(cfg.max_constant_bytes)
-    return int(getattr(export_cfg, "constant_promote_bytes", 65536) or 65536)
+    return int(getattr(export_cfg, "constant_promote_bytes", None) or CONSTANT_PROMOTE_BYTES)
 
 
 def run_rails(ctx: RailContext, names=RAIL_NAMES) -> List[Dict[str, Any]]:

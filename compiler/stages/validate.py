@@ -13,13 +13,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import RecipeError
-from compiler.core.schema import (DEFAULT_OPSET, BenchConfig, CacheConfig, CheckConfig, DataConfig, DoctorConfig,
-                                  ExportConfig, GateConfig, ModelConfig, TargetConfig)
+from compiler.core.schema import DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "export": ExportConfig, "check": CheckConfig,
-            "bench": BenchConfig, "target": TargetConfig, "doctor": DoctorConfig, "cache": CacheConfig}
-TOP_LEVEL_KEYS = set(SECTIONS) | {"recipe", "seed", "cache", "doctor", "output", "hydra", "sweep", "verbose"}
 
 
 @dataclass
@@ -102,10 +98,10 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
     if not isinstance(steps_node, (dict, DictConfig)):
         raise RecipeError("recipe.steps", "must be a mapping of step name -> parameters",
                           "write e.g. steps: {int8_static: {calibration: minmax}}")
-    unknown_keys = set(recipe_node.keys()) - {"name", "description", "steps", "gate"}
+    unknown_keys = set(recipe_node.keys()) - set(RECIPE_KEYS)
     if unknown_keys:
         k = sorted(unknown_keys)[0]
-        raise RecipeError(f"recipe.{k}", "unknown key", _closest(k, ["name", "description", "steps", "gate"]))
+        raise RecipeError(f"recipe.{k}", "unknown key", _closest(k, RECIPE_KEYS))
     steps: List[Step] = []
     seen_onnx = None
     for name, params in steps_node.items():
@@ -147,8 +143,8 @@ def validate(cfg: DictConfig) -> BuildSpec:
     from targets.base import get_target, target_names
 
     for key in cfg.keys():
-        if key not in TOP_LEVEL_KEYS:
-            raise RecipeError(str(key), "unknown top-level key", _closest(key, TOP_LEVEL_KEYS - {"hydra"}))
+        if key not in TOP_LEVEL_KEYS and key != "hydra":  # hydra: present when composed with return_hydra_config
+            raise RecipeError(str(key), "unknown top-level key", _closest(key, TOP_LEVEL_KEYS))
     typed = {name: _typed(schema, cfg.get(name), name) for name, schema in SECTIONS.items()}
     model, data, target = typed["model"], typed["data"], typed["target"]
     if target.name not in target_names():

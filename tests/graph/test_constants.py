@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from compiler.core.schema import CONSTANT_PROMOTE_BYTES
 from compiler.graph.constants import fix_constants, fold_constant_subgraphs, promote_constants
 
 
@@ -60,11 +61,11 @@ def test_constant_subgraph_becomes_one_initializer():
 
 def test_large_constants_promoted_small_kept():
     model = _rotated_weight_graph()
-    model, n = promote_constants(model, 65536)
+    model, n = promote_constants(model, CONSTANT_PROMOTE_BYTES)
     assert n == 2  # h (64 KiB) and big (64 KiB); w_flat (48 KiB) and the bias stay Constants
     assert {t.name for t in model.graph.initializer} == {"h", "big"}
     assert {n.output[0] for n in model.graph.node if n.op_type == "Constant"} == {"w_flat", "shape", "two", "b"}
-    model2, n2 = promote_constants(_rotated_weight_graph(), 65536, names=["b"])
+    model2, n2 = promote_constants(_rotated_weight_graph(), CONSTANT_PROMOTE_BYTES, names=["b"])
     assert n2 == 3 and "b" in {t.name for t in model2.graph.initializer}
 
 
@@ -77,7 +78,7 @@ def test_fix_constants_file_then_external_data(tmp_path):
     onnx.save(_rotated_weight_graph(), str(src))
     x = np.random.default_rng(2).standard_normal((3, 128)).astype(np.float32)
     before = _run(onnx.load(str(src)), x)
-    out, counts = fix_constants(src, tmp_path / "fixed.onnx", 65536)
+    out, counts = fix_constants(src, tmp_path / "fixed.onnx", CONSTANT_PROMOTE_BYTES)
     assert counts == {"folded_nodes": 8, "promoted_constants": 1}  # the 'big' Constant of the live MatMul
     ext = save_onnx(onnx.load(str(out)), tmp_path / "ext.onnx", "always")
     assert (tmp_path / "ext.onnx.data").stat().st_size == (96 * 128 + 128 * 128) * 4  # folded weight + big
@@ -85,7 +86,7 @@ def test_fix_constants_file_then_external_data(tmp_path):
     np.testing.assert_allclose(
         ort.InferenceSession(str(ext), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0], before,
         rtol=2e-5, atol=1e-4)
-    same, counts2 = fix_constants(ext, tmp_path / "again.onnx", 65536)
+    same, counts2 = fix_constants(ext, tmp_path / "again.onnx", CONSTANT_PROMOTE_BYTES)
     assert counts2 == {"folded_nodes": 0, "promoted_constants": 0} and same == ext  # nothing left to do
 
 

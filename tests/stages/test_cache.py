@@ -107,18 +107,6 @@ def test_real_tool_versions_are_in_every_key():
     assert re.fullmatch(r"[0-9a-f]{64}", v["qcompile_source_sha256"])
 
 
-def test_engine_keys_hold_the_gpu_and_tensorrt(tmp_path):
-    """A TensorRT engine is never reused across a TensorRT version or GPU change; an export is."""
-    a = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_capability": "9.0", "cuda": "12.8", "tensorrt": "10.11.0"}
-    others = [{**a, "gpu": "NVIDIA A100-SXM4-80GB", "gpu_capability": "8.0"}, {**a, "tensorrt": "10.12.0"}]
-    key = {"onnx_sha256": "2" * 64}
-    base = Cache(tmp_path, versions=VERSIONS, hardware=a)
-    for hw in others:
-        other = Cache(tmp_path, versions=VERSIONS, hardware=hw)
-        assert other.key_sha256("engine_trt", key) != base.key_sha256("engine_trt", key)
-        assert other.key_sha256("export", key) == base.key_sha256("export", key)
-
-
 def test_key_refuses_what_it_cannot_hash(tmp_path):
     with pytest.raises(TypeError, match="cannot hash a object"):
         Cache(tmp_path, versions=VERSIONS).key_sha256("export", {"model": object()})
