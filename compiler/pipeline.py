@@ -19,6 +19,7 @@ from compiler.stages.bench import bench_engine, int8_speed_note
 from compiler.stages.check import run_check
 from compiler.stages.data import Dataset, load_data
 from compiler.core.errors import GateError
+from compiler.core.status import Status
 from compiler.graph.io import onnx_size_bytes, op_histogram
 from compiler.stages.export import export_onnx
 from compiler.core.hashing import text_sha256
@@ -191,7 +192,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     shutil.rmtree(work_dir, ignore_errors=True)
 
     failures = report.get("check", {}).get("gate_failures", [])
-    report["status"] = "gate failed" if failures else "passed"
+    report["status"] = Status.GATE_FAILED if failures else Status.PASSED
     report["cache"] = cache.report() if cache is not None else {"enabled": False}
     if failures:
         report["reason"] = failures[0]

@@ -215,24 +215,44 @@ def test_more_samples_than_exist_clamps_with_a_warning(qcompile, tmp_path):
 
 # -- Ctrl-C: exit 130, .FAILED with FAILED.md "interrupted", no report.json -----------------------------
 
+def _wait_for_reader(fifo: Path, proc, deadline: float) -> int:
+    """A write end of the FIFO, opened once a reader has it open (or waits in open()): O_NONBLOCK
+    fails with ENXIO while there is none."""
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"nobody opened {fifo} (exit {proc.poll()})")
+
+
 def test_ctrl_c_in_the_middle_of_a_build(tmp_path):
+    """Deterministic: the evaluation file is a FIFO. Validation reads it once (we feed it sentences);
+    the load stage opens it again and blocks in read() on a pipe we keep open and silent, so the
+    SIGINT lands inside the build's load stage every time, whatever the machine's load."""
+    fifo = tmp_path / "evaluation.fifo"
+    os.mkfifo(fifo)
+    sentences = "".join(f"sentence number {i} for the interrupted build.\n" for i in range(40)).encode()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = (tmp_path / "stdout.txt").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "compiler", *BASE, *FAST], cwd=tmp_path, stdout=out,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "compiler", *BASE, *FAST, f"data.evaluation_file={fifo}"],
+                            cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
-    started = False
-    while time.time() < deadline and proc.poll() is None:
-        log = (tmp_path / "stdout.txt").read_text()
-        if "[load] ..." in log:
-            started = True
-            break
-        time.sleep(0.1)
-    assert started, "the build never logged its load stage"
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    out.close()
+    try:
+        fd = _wait_for_reader(fifo, proc, deadline)  # validation's read
+        os.write(fd, sentences)
+        os.close(fd)  # EOF: validation has its sentences
+        while "[load] ..." not in (tmp_path / "stdout.txt").read_text():  # validation is over
+            assert time.time() < deadline and proc.poll() is None, "the build never logged its load stage"
+            time.sleep(0.05)
+        fd = _wait_for_reader(fifo, proc, deadline)  # the load stage's read: it now waits for data
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        os.close(fd)
+    finally:
+        out.close()
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130, err
     assert "qcompile: interrupted: interrupted; partial files kept in" in err and "Traceback" not in err
     runs = [p for p in (tmp_path / "outputs").rglob("*") if p.is_dir() and (p / "recipe.yaml").exists()]

@@ -8,16 +8,17 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from compiler.core.paths import RECIPES_DIR
+from compiler.commands.sweep import JOBS_DIR, read_sweep_exit_code
 from compiler.core.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
 from compiler.core.logs import console_for_qcompile_only, log_file, route_library_logs, strip_ansi
+from compiler.core.paths import RECIPES_DIR
+from compiler.core.status import Status, exit_code
 
 SUBCOMMANDS = ("doctor", "summarize", "verify", "rebuild", "capabilities")
 
 log = logging.getLogger("qcompile")
-_state = {"job_started": False, "failures": [], "last_error": None}
 
 
 def _verbose(cfg=None) -> bool:
@@ -29,34 +30,29 @@ def _verbose(cfg=None) -> bool:
         return False
 
 
-def _print_error(err: QcompileError) -> None:
-    _state["last_error"] = f"{err.kind}: {err.message}"  # a sweep's job record and summary show it
-    print(f"qcompile: {err.kind}: {err.message}", file=sys.stderr)
+def _print_error(err: QcompileError) -> str:
+    """Print the error's one line; return it without the prefix (a sweep's job record and summary show it)."""
+    line = f"{err.kind}: {err.message}"
+    print(f"qcompile: {line}", file=sys.stderr)
+    return line
 
 
-def _last_error():
-    # a module-level function: launchers pickle the task closure by value, this one by reference
-    return _state["last_error"]
+def _outcome(err: Optional[QcompileError] = None, *, code: Optional[int] = None, status: str = Status.PASSED,
+             line: Optional[str] = None) -> Dict[str, Any]:
+    """What a build job returns to Hydra (and Hydra hands to compiler.commands.sweep.SweepSummary): a
+    plain dict, so launchers that run jobs in other processes can send it back."""
+    if err is not None:
+        return {"exit_code": err.exit_code, "status": str(err.status), "error": line}
+    return {"exit_code": exit_code(status) if code is None else code, "status": str(status), "error": line}
 
 
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:
-        return False
-
-
-def build_job(cfg) -> int:
-    """The Hydra task: validate, build into the staging run dir, finalize it. Returns the exit code."""
+def build_job(cfg) -> Dict[str, Any]:
+    """The Hydra task: validate, build into the staging run dir, finalize it. Returns its outcome (exit
+    code, status, error line); prints errors as one line, tracebacks only with verbose=true."""
     from hydra.core.hydra_config import HydraConfig
 
     from compiler.stages import rundir
 
-    _state["job_started"] = True
-    _state["last_error"] = None
     route_library_logs()  # Hydra has set up logging by now: libraries' logs to the run's log file only
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     verbose = _verbose(cfg)
@@ -67,17 +63,16 @@ def build_job(cfg) -> int:
         spec = validate(cfg)
     except (RecipeError, BuildError) as e:  # BuildError: a target's check_environment (no GPU, no TensorRT)
         rundir.discard(run_dir)
-        _print_error(e)
+        line = _print_error(e)
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
             traceback.print_exc()
-        return e.exit_code
+        return _outcome(e, line=line)
     except KeyboardInterrupt:  # nothing was built yet: leave nothing behind
         rundir.discard(run_dir)
         err = InterruptedBuild("interrupted before the build started; nothing was written")
-        _print_error(err)
-        return err.exit_code
-    from compiler.stages.cache import open_cache
+        return _outcome(err, line=_print_error(err))
     from compiler.pipeline import run_build
+    from compiler.stages.cache import open_cache
 
     try:
         # library output during the build goes to the run's log file (cli.log), the console keeps the stages
@@ -86,41 +81,44 @@ def build_job(cfg) -> int:
                                overrides=list(HydraConfig.get().overrides.task))
     except GateError as e:
         final = rundir.succeed(run_dir, gate_failed=True)
-        _print_error(e)
+        line = _print_error(e)
         print(f"qcompile: report: {final / 'REPORT.md'}", file=sys.stderr)
-        return e.exit_code
+        return _outcome(e, line=line)
     except KeyboardInterrupt:
-        final = rundir.fail(run_dir, "interrupted (Ctrl-C) during the build", kind="interrupted")
+        final = rundir.fail(run_dir, "interrupted (Ctrl-C) during the build", kind=Status.INTERRUPTED)
         err = InterruptedBuild(f"interrupted; partial files kept in {final}")
-        _print_error(err)
-        return err.exit_code
+        return _outcome(err, line=_print_error(err))
     except QcompileError as e:
         final = rundir.fail(run_dir, e.message, kind=e.kind)
-        _print_error(e)
+        line = _print_error(e)
         print(f"qcompile: failed build kept in {final}", file=sys.stderr)
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
             traceback.print_exc()
-        return e.exit_code
+        return _outcome(e, line=line)
     except Exception as e:  # a bug or an unexpected library error: still never a finished-looking dir
         text = strip_ansi(str(e))  # library error text may be coloured (QcompileError strips its own)
-        final = rundir.fail(run_dir, f"{type(e).__name__}: {text}", kind="internal error")
+        final = rundir.fail(run_dir, f"{type(e).__name__}: {text}", kind=Status.INTERNAL_ERROR)
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
             traceback.print_exc()
-        print(f"qcompile: internal error: {type(e).__name__}: {text.splitlines()[0] if text else ''} "
-              f"(rerun with verbose=true or HYDRA_FULL_ERROR=1 for the traceback; dir: {final})", file=sys.stderr)
-        return 1
+        line = f"{Status.INTERNAL_ERROR}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        print(f"qcompile: {line} (rerun with verbose=true or HYDRA_FULL_ERROR=1 for the traceback; dir: {final})",
+              file=sys.stderr)
+        return _outcome(status=Status.INTERNAL_ERROR, line=line)
     final = rundir.succeed(run_dir)
-    print_summary(report, final)
-    return 0
+    print_summary(report, final, skipped=[f"{name} skipped ({name}.enabled=false)" for name in ("check", "bench")
+                                          if not getattr(spec, name).enabled])
+    return _outcome()
 
 
-def print_summary(report, run_dir: Path) -> None:
+def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
+    """The build's metrics as a table; stages the recipe turned off are named instead of shown empty."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=False)
     b = report["build"]
-    table = Table(title=f"qcompile {b['model']} / {b['recipe']} / {b['target']}: {report.get('status')}")
+    title = f"qcompile {b['model']} / {b['recipe']} / {b['target']}: {report.get('status')}"
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     chk = report.get("check", {})
@@ -134,7 +132,12 @@ def print_summary(report, run_dir: Path) -> None:
     for k in ("latency_ms_p50", "latency_ms_p90", "samples_per_s", "peak_rss_mb", "artifact_mb"):
         if k in bench:
             table.add_row(k, f"{bench[k]:.3f}")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    else:
+        console.print(title, markup=False)
+    if skipped:
+        console.print("; ".join(skipped), markup=False)
     if chk.get("task"):
         from compiler.stages.report import task_line
 
@@ -170,90 +173,144 @@ def _key_fix(full_key: str) -> Tuple[str, str]:
     return "not in the composed recipe", f"to add it, write +{full_key}=..."
 
 
-def _precheck(argv: List[str]) -> Optional[RecipeError]:
-    """Hydra reports a recipe it cannot compose (recipe=nope, a misspelled key, a bad override) in
-    several lines of its own; compose it first with Hydra's compose API so each becomes one line that
-    names the key and the fix. Also refuse a run directory that cannot be created, before Hydra
-    tries (and prints a traceback). Hydra flags (-m, --cfg ...) are left to Hydra."""
-    if any(a.startswith("-") for a in argv):
-        return None
-    from hydra import compose, initialize_config_dir
+HYDRA_FLAGS_WE_CHECK = ("-m", "--multirun")  # other Hydra flags (--cfg, --help, --info ...) go to Hydra unchecked
+
+
+def _compose_error(e: Exception, override: str) -> RecipeError:
+    """A Hydra composition error as one RecipeError line that names the key and the fix."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
-    try:
-        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3", job_name="qcompile"):
-            compose("config", overrides=list(argv))
-    except MissingConfigException as e:
+    if isinstance(e, MissingConfigException):
         missing = str(getattr(e, "missing_cfg_file", "") or "")
         group, _, name = missing.rpartition("/")
         options = list(getattr(e, "options", None) or [])
         return RecipeError(group or "recipe", f"no {group or 'config'} named {name!r}",
                            f"available: {', '.join(options)}" if options else f"add recipes/{missing}.yaml")
+    if isinstance(e, OverrideParseException):
+        return RecipeError("", f"cannot parse the override {override!r}: {str(e).splitlines()[0]}",
+                           "write key=value, e.g. data.seq_len=64 (lists: key=[a,b]; a sweep: key=a,b with -m)")
+    key = str(getattr(e.__cause__, "full_key", "") or "")
+    if key and "Could not override" in str(e):
+        return RecipeError(key, *_key_fix(key))
+    return RecipeError("", " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:400])
+
+
+def _job_overrides(overrides: List[str]) -> List[List[str]]:
+    """The override lists to compose to check a multirun: each value of each sweep (key=a,b or range)
+    once, the other sweeps at their first value (linear in the values, not their product). glob() sweeps
+    need Hydra's config loader: left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            choices.append([o.input_line])
+            continue
+        try:
+            values = list(o.sweep_string_iterator())
+        except Exception:  # glob(): Hydra expands it against the config tree itself
+            values = []
+        choices.append([f"{o.get_key_element()}={v}" for v in values])
+    firsts = [c[0] if c else None for c in choices]
+    jobs = [firsts]
+    for i, c in enumerate(choices):
+        jobs += [firsts[:i] + [v] + firsts[i + 1:] for v in c[1:]]
+    return [[o for o in job if o is not None] for job in jobs]
+
+
+def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str]]:
+    """Hydra reports a recipe it cannot compose (recipe=nope, a misspelled key, a bad override) in
+    several lines of its own, for single builds and sweeps alike; compose it first with Hydra's compose
+    API so each becomes one line that names the key and the fix. Also refuse a run directory that
+    cannot be created, before Hydra tries (and prints a traceback). Returns (the error, the arguments
+    to run Hydra with): a multirun gets its sweep directory pinned, so main knows where the sweep's
+    exit code will be written."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in HYDRA_FLAGS_WE_CHECK for f in flags):
+        return None, argv
+    multirun = bool(flags)
+    overrides = [a for a in argv if not a.startswith("-")]
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import OverrideParseException
+
+    try:
+        jobs = _job_overrides(overrides) if multirun else [overrides]
     except OverrideParseException as e:
-        bad = next((a for a in argv if "=" not in a or a.count("[") != a.count("]")), " ".join(argv))
-        return RecipeError("", f"cannot parse the override {bad!r}: {str(e).splitlines()[0]}",
-                           "write key=value, e.g. data.seq_len=64 (lists: key=[a,b])")
-    except Exception as e:
-        cause = e.__cause__
-        key = str(getattr(cause, "full_key", "") or "")
-        if key and "Could not override" in str(e):
-            return RecipeError(key, *_key_fix(key))
-        return RecipeError("", " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:400])
+        bad = next((a for a in overrides if "=" not in a or a.count("[") != a.count("]")), " ".join(overrides))
+        return _compose_error(e, bad), argv
+    sweep_dir = None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3", job_name="qcompile"):
+            for job in jobs:
+                try:
+                    cfg = compose("config", overrides=job, return_hydra_config=multirun)
+                except Exception as e:
+                    bad = next((a for a in job if "=" not in a or a.count("[") != a.count("]")), " ".join(job))
+                    return _compose_error(e, bad), argv
+                if multirun and sweep_dir is None:
+                    sweep_dir = str(cfg.hydra.sweep.dir)  # ${now:...} resolved once, here
+    finally:
+        GlobalHydra.instance().clear()
+    if multirun:
+        if not any(o.lstrip("+").startswith("hydra.sweep.dir=") for o in overrides):
+            quoted = sweep_dir.replace("\\", "\\\\").replace("'", "\\'")
+            argv = argv + [f"hydra.sweep.dir='{quoted}'"]
+        return _writable(Path(sweep_dir).expanduser(), "hydra.sweep.dir", explicit=True), argv
     explicit = next((a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "+hydra.run.dir="))), None)
     where = Path(explicit).expanduser() if explicit else Path.cwd() / "outputs"
     if explicit and any((where / f).exists() for f in ("report.json", "manifest.json")):
         # refused before Hydra starts: it would already rewrite .hydra/ and cli.log in there
         return RecipeError("hydra.run.dir", f"{where} already holds a finished run",
-                           "choose another hydra.run.dir; finished runs are never overwritten")
+                           "choose another hydra.run.dir; finished runs are never overwritten"), argv
+    return _writable(where, "hydra.run.dir" if explicit else "outputs", explicit=bool(explicit)), argv
+
+
+def _writable(where: Path, key: str, explicit: bool) -> Optional[RecipeError]:
     probe = where
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         what = "is not a directory" if not probe.is_dir() else "is not writable"
-        return RecipeError("hydra.run.dir" if explicit else "outputs", f"cannot create {where}: {probe} {what}",
-                           "pass hydra.run.dir=<a writable directory>" if explicit else
+        return RecipeError(key, f"cannot create {where}: {probe} {what}",
+                           f"pass {key}=<a writable directory>" if explicit else
                            "run from a writable directory or pass hydra.run.dir=<a writable directory>")
     return None
 
 
 def _hydra_main(argv: List[str]) -> int:
+    """Run Hydra. A single build's exit code is the task's return value, which Hydra's run() drops, so
+    the task hands it over through `result`; a sweep's is the one its SweepSummary callback wrote into
+    the (pinned) sweep directory, because launchers may run the jobs in other processes."""
     import hydra
 
-    code = {"value": 0}
-
-    @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
-    def _task(cfg):
-        rc = build_job(cfg)
-        if rc:
-            _state["failures"].append(rc)
-        if not _is_multirun():
-            code["value"] = rc
-        # the job's outcome travels back from launcher processes (joblib, SLURM) in the JobReturn;
-        # compiler.commands.sweep.SweepSummary records it per job
-        return {"exit_code": rc, "error": _last_error()}
-
-    err = _precheck(argv)
+    err, argv = _precheck(argv)
     if err is not None:
         _print_error(err)
         return err.exit_code
+    result: Dict[str, Any] = {}
+
+    @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
+    def _task(cfg):
+        result.update(build_job(cfg))
+        return dict(result)
+
+    multirun = any(a in HYDRA_FLAGS_WE_CHECK for a in argv)
+    sweep_dir = next((Path(a.split("=", 1)[1].strip("'")) for a in argv
+                      if a.lstrip("+").startswith("hydra.sweep.dir=")), None)
     sys.argv = [sys.argv[0]] + argv
     try:
         _task()
-    except SystemExit as e:
-        # Hydra exits 1 when the config cannot even be composed (recipe=nope, a bad override):
-        # that is a recipe error, so exit 2
+    except SystemExit as e:  # Hydra's own errors, those the precheck could not see (--cfg with a bad override)
         rc = e.code if isinstance(e.code, int) else 1
-        if rc == 1 and not _state["job_started"]:
-            return 2
-        return rc
-    from compiler.commands.sweep import SweepSummary
-
-    if SweepSummary.last is not None and SweepSummary.last.get("exit_code") is not None:
-        # a multirun: its jobs may have run in other processes, so the per-job records decide
-        return int(SweepSummary.last["exit_code"])
-    if _state["failures"] and code["value"] == 0:
-        return max(_state["failures"])
-    return code["value"]
+        started = result or (multirun and sweep_dir is not None and (sweep_dir / JOBS_DIR).is_dir())
+        return 2 if rc == 1 and not started else rc  # 1 before any job: Hydra could not compose the recipe
+    if multirun and sweep_dir is not None:
+        code = read_sweep_exit_code(sweep_dir)
+        return 1 if code is None else code  # no summary.json: the sweep did not end normally
+    return int(result.get("exit_code", 0))  # no job ran: --cfg, --help, --info
 
 
 def main(argv: Optional[List[str]] = None) -> None:

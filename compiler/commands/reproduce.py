@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from compiler.core.errors import BuildError, GateError, QcompileError, RecipeError
+from compiler.core.status import PARTIAL_SUFFIX, RUN_DIR_SUFFIXES, Status
 
 log = logging.getLogger("qcompile")
 
@@ -35,7 +36,8 @@ def _run_dir_arg(path: str, command: str) -> Path:
 
     run_dir = Path(path)
     if not run_dir.is_dir():
-        raise RecipeError("run_dir", f"{run_dir} is not a directory", f"pass a run directory: qcompile {command} outputs/<date>/<run>")
+        raise RecipeError("run_dir", f"{run_dir} is not a directory",
+                          f"pass a run directory: qcompile {command} outputs/<date>/<run>")
     if not (run_dir / MANIFEST).is_file():
         if (run_dir / "FAILED.md").exists():
             raise RecipeError("run_dir", f"{run_dir} is a failed build (see its FAILED.md): it has no manifest",
@@ -106,8 +108,9 @@ def verify_run(run_dir: Path, versions: Optional[Dict[str, str]] = None,
                                                                     if k in res.hardware]
         if changed:
             was = ", ".join(f"{k}={(res.versions.get(k) or res.hardware.get(k))['recorded']}" for k in changed)
-            now = ", ".join(f"{k}={(res.versions.get(k, {}).get('installed') if k in res.versions else res.hardware[k]['here'])}"
-                            for k in changed)
+            here = {k: res.versions[k].get("installed") if k in res.versions else res.hardware[k]["here"]
+                    for k in changed}
+            now = ", ".join(f"{k}={here[k]}" for k in changed)
             res.engine_problems.append(f"{name} was built for {was}; this machine has {now}: a TensorRT engine is "
                                        f"never reused across a TensorRT version or GPU change -- rebuild it "
                                        f"(qcompile rebuild {run_dir})")
@@ -227,7 +230,7 @@ def recipe_drift(recorded_cfg, overrides: List[str]) -> List[str]:
 
 def default_rebuild_dir(run_dir: Path) -> Path:
     name = run_dir.name
-    for suffix in (".gate-failed", ".FAILED", ".partial"):
+    for suffix in RUN_DIR_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return REBUILD_ROOT / time.strftime("%Y-%m-%d") / f"{time.strftime('%H-%M-%S')}_{name}"
@@ -261,24 +264,24 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     final = (Path(out_dir) if out_dir else default_rebuild_dir(run_dir)).expanduser().resolve()
     if final.exists():
         raise RecipeError("--out", f"{final} exists already", "choose a new directory: runs are never overwritten")
-    staging = final.with_name(final.name + rundir.PARTIAL)
+    staging = final.with_name(final.name + PARTIAL_SUFFIX)
     staging.mkdir(parents=True)
     rundir.begin(staging)
     if (run_dir / ".hydra").is_dir():  # provenance: the rebuild can be summarized and rebuilt in turn
         shutil.copytree(run_dir / ".hydra", staging / ".hydra")
     cache = open_cache(spec.cache) if use_cache else None
-    status = "passed"
+    status = Status.PASSED
     try:
         run_build(spec, staging, cache=cache)
     except GateError:
-        status = "gate failed"
+        status = Status.GATE_FAILED
     except QcompileError as e:
         kept = rundir.fail(staging, e.message, kind=e.kind)
         raise BuildError(f"the rebuild failed: {e.message} (kept in {kept})") from e
     except BaseException as e:
-        rundir.fail(staging, f"{type(e).__name__}: {e}", kind="internal error")
+        rundir.fail(staging, f"{type(e).__name__}: {e}", kind=Status.INTERNAL_ERROR)
         raise
-    final = rundir.succeed(staging, gate_failed=status == "gate failed")
+    final = rundir.succeed(staging, gate_failed=status == Status.GATE_FAILED)
     new = read_manifest(final)
     res = RebuildResult(original=str(run_dir), rebuild=str(final), status=status, overrides=overrides,
                         recipe_drift=drift, artifacts=compare_artifacts(original.get("artifacts", {}),
@@ -286,7 +289,8 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     for key in sorted(set(original.get("inputs", {})) | set(new.get("inputs", {}))):
         res.inputs[key] = "same" if original.get("inputs", {}).get(key) == new.get("inputs", {}).get(key) else "differs"
     ov, nv = original.get("versions", {}), new.get("versions", {})
-    res.versions = {k: {"recorded": ov.get(k), "now": nv.get(k)} for k in sorted(set(ov) | set(nv)) if ov.get(k) != nv.get(k)}
+    res.versions = {k: {"recorded": ov.get(k), "now": nv.get(k)} for k in sorted(set(ov) | set(nv))
+                    if ov.get(k) != nv.get(k)}
     (final / "rebuild.json").write_text(json.dumps({**asdict(res), "identical": res.identical}, indent=2) + "\n")
     return res
 

@@ -15,20 +15,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.experimental.callback import Callback
 
+from compiler.core.status import FAILED_SUFFIX, GATE_FAILED_SUFFIX, PARTIAL_SUFFIX, Status, exit_code
+
 log = logging.getLogger("qcompile")
 
 JOBS_DIR = ".jobs"  # one record per job, written by the job itself: parallel jobs never share a file
-SUMMARY_FILES = ("summary.md", "summary.csv", "pareto.png")
-PARTIAL, FAILED, GATE_FAILED = ".partial", ".FAILED", ".gate-failed"
-
 # statuses of a row, in the order a summary counts them
-PASSED = "passed"
-GATE = "gate failed"
-BUILD = "build failed"
-RECIPE = "recipe error"
-NOT_RUNNABLE = "not runnable"  # a recipe error because a step cannot run on the target (capability table)
-INCOMPLETE = "incomplete"  # a .partial dir: still building, or its process was killed
-STATUS_ORDER = (PASSED, GATE, BUILD, "internal error", "interrupted", RECIPE, NOT_RUNNABLE, INCOMPLETE)
+STATUS_ORDER = (Status.PASSED, Status.GATE_FAILED, Status.BUILD_FAILED, Status.INTERNAL_ERROR, Status.INTERRUPTED,
+                Status.RECIPE_ERROR, Status.NOT_RUNNABLE, Status.INCOMPLETE)
 
 CSV_COLUMNS = ("num", "model", "recipe", "target", "overrides", "artifact_mb", "ms_per_sample", "samples_per_s",
                "speedup_vs_fp32", "peak_rss_mb", "embedding_cosine", "top1_agreement", "status", "pareto", "cache", "reason",
@@ -123,8 +117,8 @@ def _failed_md(run_dir: Path) -> Tuple[str, str]:
     try:
         lines = [ln for ln in (run_dir / "FAILED.md").read_text().splitlines() if ln.strip()]
     except OSError:
-        return BUILD, "no FAILED.md"
-    kind = lines[0].split(":", 1)[1].strip() if lines and ":" in lines[0] else BUILD
+        return Status.BUILD_FAILED, "no FAILED.md"
+    kind = lines[0].split(":", 1)[1].strip() if lines and ":" in lines[0] else Status.BUILD_FAILED
     reason = lines[1] if len(lines) > 1 else ""
     return kind, reason
 
@@ -144,12 +138,12 @@ def read_run(run_dir: Path, sweep_dir: Optional[Path] = None) -> Row:
     if report is None:
         report = _read_json(run_dir / "report.json.incomplete") or {}
     build = report.get("build", {})
-    if name.endswith(FAILED) or (run_dir / "FAILED.md").exists():
+    if name.endswith(FAILED_SUFFIX) or (run_dir / "FAILED.md").exists():
         status, reason = _failed_md(run_dir)
-    elif name.endswith(PARTIAL) or not report:
-        status, reason = INCOMPLETE, "still building, or its process was killed (a .partial directory)"
+    elif name.endswith(PARTIAL_SUFFIX) or not report:
+        status, reason = Status.INCOMPLETE, "still building, or its process was killed (a .partial directory)"
     else:
-        status = report.get("status") or (GATE if name.endswith(GATE_FAILED) else PASSED)
+        status = report.get("status") or (Status.GATE_FAILED if name.endswith(GATE_FAILED_SUFFIX) else Status.PASSED)
         reason = report.get("reason", "") or ""
     bench, task = report.get("bench", {}) or {}, (report.get("check", {}) or {}).get("fidelity", {}) or {}
     try:
@@ -189,10 +183,10 @@ def collect_rows(sweep_dir: Path) -> List[Row]:
         if rec.get("num") in seen or rec.get("exit_code") not in (2,):
             continue
         reason = str(rec.get("error") or "")
-        if reason.startswith(f"{RECIPE}: "):  # the status column says that already
-            reason = reason[len(RECIPE) + 2:]
+        if reason.startswith(f"{Status.RECIPE_ERROR}: "):  # the status column says that already
+            reason = reason[len(Status.RECIPE_ERROR) + 2:]
         rows.append(Row(num=rec.get("num"), model=str(rec.get("model", "?")), recipe=str(rec.get("recipe", "?")),
-                        target=str(rec.get("target", "?")), status=rec.get("status", RECIPE),
+                        target=str(rec.get("target", "?")), status=rec.get("status", Status.RECIPE_ERROR),
                         overrides=_split_overrides(rec.get("overrides", [])), reason=reason))
     rows.sort(key=lambda r: (r.num if r.num is not None else 1 << 30, r.run_dir))
     mark_pareto(rows)
@@ -214,7 +208,7 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
 
 def _measured(rows: Sequence[Row]) -> List[Row]:
     return [r for r in rows if r.ms_per_sample is not None and r.embedding_cosine is not None
-            and r.status in (PASSED, GATE)]
+            and r.status in (Status.PASSED, Status.GATE_FAILED)]
 
 
 FIDELITY_DECIMALS = 6  # cosines equal to 6 decimals tie: fp32 on torch (1.0 exactly) does not "beat"
@@ -270,7 +264,7 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
         lines += ["Pareto front (lower ms/sample, higher embedding cosine to fp32): "
                   + ", ".join(_point_label(r, keys) for r in sorted(front, key=lambda r: r.ms_per_sample)) + ".", "",
                   "![latency vs fidelity](pareto.png)", ""]
-    problems = [r for r in rows if r.status not in (PASSED,) and r.reason]
+    problems = [r for r in rows if r.status not in (Status.PASSED,) and r.reason]
     if problems:
         lines += ["## Why runs did not pass", ""]
         for r in problems:
@@ -318,7 +312,7 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
     if not pts:
         ax.text(0.5, 0.5, "no run finished with latency and fidelity numbers", ha="center", va="center",
                 transform=ax.transAxes)
-    for status, marker, color in ((PASSED, "o", "tab:blue"), (GATE, "x", "tab:red")):
+    for status, marker, color in ((Status.PASSED, "o", "tab:blue"), (Status.GATE_FAILED, "x", "tab:red")):
         sel = [r for r in pts if r.status == status]
         if sel:
             ax.scatter([r.ms_per_sample for r in sel], [max(1 - r.embedding_cosine, floor) for r in sel],
@@ -434,29 +428,26 @@ def write_summary(sweep_dir: Path, rows: Optional[List[Row]] = None) -> Dict[str
 def sweep_exit_code(rows: Sequence[Row]) -> int:
     """A sweep exits like its worst run (recipe error 2, build failed 1, gate failed 3: the highest code);
     combinations the capability table rules out are holes in the matrix, not failures."""
-    codes = {PASSED: 0, NOT_RUNNABLE: 0, GATE: 3, RECIPE: 2, INCOMPLETE: 1, "interrupted": 130}
-    return max((codes.get(r.status, 1) for r in rows), default=0)
+    return max((exit_code(r.status) for r in rows), default=0)
 
 
 # ---------------------------------------------------------------- the Hydra callback
 
-def _not_runnable(config, target: str) -> List[str]:
-    """Steps of the job's recipe that the capability table says cannot run on its target."""
-    try:
-        from compiler.steps.base import STEP_REGISTRY, load_all_steps
+SWEEP_OUTCOME = "summary.json"  # the sweep's exit code and counts: what `qcompile -m` exits with
 
-        load_all_steps()
-        steps = config.get("recipe", {}).get("steps", {}) or {}
-        return [s for s in steps if s in STEP_REGISTRY and target not in STEP_REGISTRY[s].runs_on]
-    except Exception:
-        return []
+
+def read_sweep_exit_code(sweep_dir: Path) -> Optional[int]:
+    """The exit code the end of a multirun wrote into its sweep directory (None: it wrote none)."""
+    rec = _read_json(Path(sweep_dir) / SWEEP_OUTCOME)
+    code = rec.get("exit_code") if rec else None
+    return int(code) if isinstance(code, int) else None
 
 
 class SweepSummary(Callback):
-    """Registered under hydra.callbacks in recipes/config.yaml. Each job writes its own record (exit code,
-    error) into <sweep>/.jobs/<num>.json; the end of the multirun writes the summary from the run dirs."""
-
-    last: Optional[Dict[str, Any]] = None  # the latest multirun's outcome, read by compiler.commands.cli for the exit code
+    """Registered under hydra.callbacks in recipes/config.yaml. Each job's outcome (what the Hydra task
+    returned: exit code, status, error) is written by the job's own process into <sweep>/.jobs/<num>.json
+    (launchers may run jobs elsewhere); the end of the multirun writes the summary from the run dirs and
+    job records, and the sweep's exit code into <sweep>/summary.json, which compiler.commands.cli reads."""
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         from hydra.types import RunMode
@@ -474,18 +465,12 @@ class SweepSummary(Callback):
             ret = job_return.return_value if job_return.status.name == "COMPLETED" else None
         except Exception:
             ret = None
-        ret = ret if isinstance(ret, dict) else {"exit_code": 1 if ret is None else int(ret or 0)}
+        if not isinstance(ret, dict):  # the task raised: a bug, not one of qcompile's errors
+            ret = {"exit_code": exit_code(Status.INTERNAL_ERROR), "status": Status.INTERNAL_ERROR}
         choices = dict(hydra_cfg.runtime.choices)
-        target = str(config.get("target", {}).get("name", choices.get("target", "?")))
         rec = {"num": int(hydra_cfg.job.num), "model": choices.get("model"), "recipe": choices.get("recipe"),
                "target": choices.get("target"), "overrides": [str(o) for o in hydra_cfg.overrides.task],
                "output_dir": str(hydra_cfg.runtime.output_dir), **ret}
-        if rec.get("exit_code") == 2:
-            # "not runnable" only when the error is about a step the capability table rules out for
-            # this target; any other recipe error of such a job (a bad seq_len) is still a recipe error
-            blocked = _not_runnable(config, target)
-            error = str(rec.get("error") or "")
-            rec["status"] = NOT_RUNNABLE if any(f"recipe.steps.{s}" in error for s in blocked) else RECIPE
         sweep_dir = Path(str(hydra_cfg.sweep.dir))
         jobs = sweep_dir / JOBS_DIR
         jobs.mkdir(parents=True, exist_ok=True)
@@ -499,12 +484,19 @@ class SweepSummary(Callback):
             return
         try:
             rows = collect_rows(sweep_dir)
+            code = sweep_exit_code(rows)
+        except Exception as e:  # the runs still decide the exit code, from their job records alone
+            log.error("sweep: cannot read the runs: %s: %s", type(e).__name__, e)
+            rows = []
+            code = max((int(r.get("exit_code", 1)) for r in read_job_records(sweep_dir)), default=1) or 1
+        counts = {str(s): n for s in STATUS_ORDER if (n := sum(r.status == s for r in rows))}
+        (sweep_dir / SWEEP_OUTCOME).write_text(
+            json.dumps({"exit_code": code, "runs": len(rows), "statuses": counts}, indent=2) + "\n")
+        try:
             files = write_summary(sweep_dir, rows)
         except Exception as e:  # a summary problem must not hide the runs themselves
             log.error("sweep summary failed: %s: %s", type(e).__name__, e)
-            SweepSummary.last = {"sweep_dir": str(sweep_dir), "exit_code": None}
             return
-        SweepSummary.last = {"sweep_dir": str(sweep_dir), "exit_code": sweep_exit_code(rows), "rows": len(rows)}
         print(f"qcompile: sweep summary ({len(rows)} runs): {files['summary.md']}  {files['summary.csv']}  "
               f"{files['pareto.png']}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from compiler.core.logs import strip_ansi
+from compiler.core.status import EXIT_CODES, Status
 
 
 class QcompileError(Exception):
@@ -18,12 +19,17 @@ class QcompileError(Exception):
         super().__init__(message)
         self.message = message
 
+    @property
+    def status(self) -> str:
+        """How a sweep counts this outcome (compiler.core.status.Status); the kind unless a subclass says."""
+        return self.kind
+
 
 class RecipeError(QcompileError):
     """The recipe cannot work: found at validation, before any model is loaded. Exit 2."""
 
-    exit_code = 2
-    kind = "recipe error"
+    kind = Status.RECIPE_ERROR
+    exit_code = EXIT_CODES[kind]
 
     def __init__(self, key: str, message: str, fix: str | None = None):
         text = f"{key}: {message}" if key else message
@@ -34,22 +40,31 @@ class RecipeError(QcompileError):
         self.fix = fix
 
 
+class NotRunnableError(RecipeError):
+    """A step the step x target capability table rules out on the chosen target: a recipe error for one
+    build (exit 2), a hole in a sweep's matrix that does not fail the sweep."""
+
+    @property
+    def status(self) -> str:
+        return Status.NOT_RUNNABLE
+
+
 class BuildError(QcompileError):
     """A stage failed on real input (model, data, export, lowering, a guard rail). Exit 1."""
 
-    exit_code = 1
-    kind = "build failed"
+    kind = Status.BUILD_FAILED
+    exit_code = EXIT_CODES[kind]
 
 
 class GateError(QcompileError):
     """The build finished but its accuracy gate failed. Exit 3."""
 
-    exit_code = 3
-    kind = "gate failed"
+    kind = Status.GATE_FAILED
+    exit_code = EXIT_CODES[kind]
 
 
 class InterruptedBuild(QcompileError):
     """Ctrl-C during a build. Exit 130, like a shell."""
 
-    exit_code = 130
-    kind = "interrupted"
+    kind = Status.INTERRUPTED
+    exit_code = EXIT_CODES[kind]

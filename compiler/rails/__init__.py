@@ -13,9 +13,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.schema import CONSTANT_PROMOTE_BYTES
+from compiler.core.status import Status
 from compiler.graph.io import PROTOBUF_LIMIT
 
-PASSED, WARNED, FAILED, SKIPPED = "passed", "warned", "failed", "skipped"
+PASSED, WARNED, FAILED, SKIPPED = Status.PASSED, Status.WARNED, Status.FAILED, Status.SKIPPED
 ORDER = (PASSED, SKIPPED, WARNED, FAILED)  # worst last
 
 # The order rails appear in the report and in `qcompile doctor`.

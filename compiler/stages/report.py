@@ -86,7 +86,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if steps:
         lines += ["## Steps", "", "| step | where | details |", "|---|---|---|"]
         for name, info in steps.items():
-            details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items() if k not in ("where",) and not isinstance(v, (dict, list)))
+            details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items()
+                                if k not in ("where",) and not isinstance(v, (dict, list)))
             lines.append(f"| {name} | {info.get('where', '')} | {details} |")
         lines.append("")
     chk = report.get("check")
@@ -94,11 +95,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         gate = report.get("gate", {})
         lines += ["## Check (Polygraphy, target vs fp32 reference)", "",
                   f"{chk.get('samples')} evaluation samples.", "",
-                  "| output | cosine mean | cosine min | max abs diff | mean abs diff | median abs diff | within atol/rtol |",
+                  "| output | cosine mean | cosine min | max abs diff | mean abs diff | median abs diff "
+                  "| within atol/rtol |",
                   "|---|---|---|---|---|---|---|"]
         for name, s in chk.get("per_output", {}).items():
             lines.append(f"| {name} | {_fmt(s.get('cosine_mean'), 6)} | {_fmt(s.get('cosine_min'), 6)} | "
-                         f"{_fmt(s.get('max_absdiff'))} | {_fmt(s.get('mean_absdiff'))} | {_fmt(s.get('median_absdiff'))} | "
+                         f"{_fmt(s.get('max_absdiff'))} | {_fmt(s.get('mean_absdiff'))} | "
+                         f"{_fmt(s.get('median_absdiff'))} | "
                          f"{'yes' if s.get('tolerance_passed') else 'no'} |")
         lines += ["", "| fidelity to fp32 | value | gate |", "|---|---|---|"]
         lines += [f"| {label} | {_fmt(value, 6)} | {bound} |" for label, value, bound in _fidelity_rows(chk, gate)]

@@ -7,16 +7,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-PARTIAL = ".partial"
-FAILED = ".FAILED"
-GATE_FAILED = ".gate-failed"
+from compiler.core.status import FAILED_SUFFIX, GATE_FAILED_SUFFIX, PARTIAL_SUFFIX, Status
+
 BUILDING_MARKER = "BUILDING"  # inside an explicitly named run dir (hydra.run.dir=...) while it builds
 
 
 def final_name(staging: Path, suffix: str = "") -> Path:
     """The directory name a staging directory gets when it ends: never one that exists already."""
     staging = Path(staging)
-    base = staging.name[: -len(PARTIAL)] if staging.name.endswith(PARTIAL) else staging.name
+    base = staging.name[: -len(PARTIAL_SUFFIX)] if staging.name.endswith(PARTIAL_SUFFIX) else staging.name
     candidate = staging.with_name(base + suffix)
     n = 1
     while candidate.exists() and candidate != staging:
@@ -26,7 +25,7 @@ def final_name(staging: Path, suffix: str = "") -> Path:
 
 
 def is_staging(path: Path) -> bool:
-    return Path(path).name.endswith(PARTIAL)
+    return Path(path).name.endswith(PARTIAL_SUFFIX)
 
 
 def begin(run_dir: Path) -> None:
@@ -50,12 +49,12 @@ def succeed(run_dir: Path, gate_failed: bool = False) -> Path:
     (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
     if not is_staging(run_dir):
         return run_dir
-    dest = final_name(run_dir, GATE_FAILED if gate_failed else "")
+    dest = final_name(run_dir, GATE_FAILED_SUFFIX if gate_failed else "")
     run_dir.rename(dest)
     return dest
 
 
-def fail(run_dir: Path, reason: str, kind: str = "build failed") -> Optional[Path]:
+def fail(run_dir: Path, reason: str, kind: str = Status.BUILD_FAILED) -> Optional[Path]:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         return None
@@ -66,7 +65,7 @@ def fail(run_dir: Path, reason: str, kind: str = "build failed") -> Optional[Pat
     (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
     if not is_staging(run_dir):
         return run_dir
-    dest = final_name(run_dir, FAILED)
+    dest = final_name(run_dir, FAILED_SUFFIX)
     run_dir.rename(dest)
     return dest
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from compiler.core.capabilities import TargetCapabilities
-from compiler.core.errors import RecipeError
+from compiler.core.errors import NotRunnableError, RecipeError
 from compiler.core.schema import DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 
@@ -116,7 +116,7 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
         step = cls(typed)
         if target.name not in cls.runs_on:
             ok = sorted(cls.runs_on)
-            raise RecipeError(key, f"{name} is not runnable on target={target.name}",
+            raise NotRunnableError(key, f"{name} is not runnable on target={target.name}",
                               f"use target={' or target='.join(ok)}" if ok else "remove the step")
         quantizer = next((s for s in steps if s.quantizes_compute), None)
         if cls.must_precede_quantizers and quantizer is not None:
@@ -165,7 +165,8 @@ def validate(cfg: DictConfig) -> BuildSpec:
             raise RecipeError(key, f"bad value {value!r}", f"use {' or '.join(allowed)}")
     _positive(typed["doctor"].max_memcpy, "doctor.max_memcpy", allow_zero=True)
     if not 0.0 <= typed["doctor"].min_quantized_fraction <= 1.0:
-        raise RecipeError("doctor.min_quantized_fraction", f"{typed['doctor'].min_quantized_fraction} is not a fraction",
+        raise RecipeError("doctor.min_quantized_fraction",
+                          f"{typed['doctor'].min_quantized_fraction} is not a fraction",
                           "use a value between 0 and 1")
     if model.task not in ("embedding", "classification"):
         raise RecipeError("model.task", f"bad value {model.task!r}", "use embedding or classification")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from compiler.commands.sweep import (BUILD, GATE, INCOMPLETE, NOT_RUNNABLE, PASSED, RECIPE, collect_rows, pareto_front,
-                            summarize_main, sweep_exit_code, write_summary)
+from compiler.commands.sweep import collect_rows, pareto_front, summarize_main, sweep_exit_code, write_summary
+from compiler.core.status import Status
 from tests.conftest import FAST, REPO
 
 
@@ -39,7 +39,8 @@ def _run(sweep: Path, name: str, num: int, choices, overrides, report=None, fail
     if report is not None:
         (d / report_name).write_text(json.dumps(report))
     if failed is not None:
-        (d / "FAILED.md").write_text(f"# qcompile: {failed[0]}\n\n{failed[1]}\n\nThis directory is not a usable build.\n")
+        (d / "FAILED.md").write_text(
+            f"# qcompile: {failed[0]}\n\n{failed[1]}\n\nThis directory is not a usable build.\n")
     return d
 
 
@@ -68,13 +69,16 @@ def sweep(tmp_path):
     # job 4: nvfp4 on ort: validation refused it, its staging dir was discarded; only the job record is left
     (s / ".jobs").mkdir()
     (s / ".jobs" / "4.json").write_text(json.dumps({
-        "num": 4, "model": "minilm", "recipe": "nvfp4", "target": "ort", "exit_code": 2, "status": NOT_RUNNABLE,
+        "num": 4, "model": "minilm", "recipe": "nvfp4", "target": "ort", "exit_code": 2,
+        "status": Status.NOT_RUNNABLE,
         "overrides": ["recipe=nvfp4", "target=ort", "seed=0"],
-        "error": "recipe error: recipe.steps.nvfp4: nvfp4 is not runnable on target=ort -- use target=torch or target=trt"}))
+        "error": "recipe error: recipe.steps.nvfp4: nvfp4 is not runnable on target=ort "
+                 "-- use target=torch or target=trt"}))
     (s / ".jobs" / "0.json").write_text(json.dumps({"num": 0, "exit_code": 0, "error": None}))
     _run(s, "5_minilm_fp32_torch.partial", 5, ch("fp32", "torch"), ["recipe=fp32", "target=torch", "seed=1"])
     (s / ".jobs" / "6.json").write_text(json.dumps({
-        "num": 6, "model": "minilm", "recipe": "int8_static", "target": "ort", "exit_code": 2, "status": RECIPE,
+        "num": 6, "model": "minilm", "recipe": "int8_static", "target": "ort", "exit_code": 2,
+        "status": Status.RECIPE_ERROR,
         "overrides": ["recipe=int8_static", "target=ort", "seed=2"],
         "error": "recipe error: recipe.steps.int8_static.calibration: unknown method 'kl'"}))
     return s
@@ -83,7 +87,9 @@ def sweep(tmp_path):
 def test_rows_from_every_end_state(sweep):
     rows = collect_rows(sweep)
     assert [r.num for r in rows] == [0, 1, 2, 3, 4, 5, 6]
-    assert [r.status for r in rows] == [PASSED, PASSED, GATE, BUILD, NOT_RUNNABLE, INCOMPLETE, RECIPE]
+    S = Status
+    assert [r.status for r in rows] == [S.PASSED, S.PASSED, S.GATE_FAILED, S.BUILD_FAILED, S.NOT_RUNNABLE, S.INCOMPLETE,
+                                        S.RECIPE_ERROR]
     assert [r.label for r in rows] == ["fp32/ort", "int8_static/ort", "int8_dynamic/ort", "fp16/torch", "nvfp4/ort",
                                        "fp32/torch", "int8_static/ort"]
     r1 = rows[1]
@@ -100,10 +106,10 @@ def test_rows_from_every_end_state(sweep):
     # int8_dynamic (fastest); nothing without measurements
     assert [r.num for r in rows if r.pareto] == [0, 1, 2]
     assert sweep_exit_code(rows) == 3  # the highest exit code of its runs, like the basic launcher's
-    assert sweep_exit_code([r for r in rows if r.status != GATE]) == 2
-    assert sweep_exit_code([r for r in rows if r.status in (PASSED, BUILD)]) == 1
-    assert sweep_exit_code([r for r in rows if r.status in (PASSED, NOT_RUNNABLE)]) == 0
-    assert sweep_exit_code([r for r in rows if r.status in (PASSED, GATE)]) == 3
+    assert sweep_exit_code([r for r in rows if r.status != Status.GATE_FAILED]) == 2
+    assert sweep_exit_code([r for r in rows if r.status in (Status.PASSED, Status.BUILD_FAILED)]) == 1
+    assert sweep_exit_code([r for r in rows if r.status in (Status.PASSED, Status.NOT_RUNNABLE)]) == 0
+    assert sweep_exit_code([r for r in rows if r.status in (Status.PASSED, Status.GATE_FAILED)]) == 3
 
 
 def test_summary_files(sweep):
@@ -168,7 +174,8 @@ def test_pareto_front_matches_a_reference():
     assert pareto_front([(1.0, 0.9), (2.0, 0.95), (3.0, 0.94), (0.5, 0.5), (2.0, 0.95)]) == [0, 1, 3, 4]
     rng = random.Random(0)
     for _ in range(200):
-        pts = [(rng.choice([1, 2, 3, 4, 5]) * 1.0, rng.choice([0.9, 0.95, 0.99, 0.999])) for _ in range(rng.randint(1, 9))]
+        pts = [(rng.choice([1, 2, 3, 4, 5]) * 1.0, rng.choice([0.9, 0.95, 0.99, 0.999]))
+               for _ in range(rng.randint(1, 9))]
         assert pareto_front(pts) == _front_by_sorting(pts), pts
 
 
@@ -217,7 +224,11 @@ def test_real_parallel_multirun_writes_the_summary(qcompile, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
     # each job kept to its own run directory
     assert sorted(p.name for p in sweep.iterdir()) == sorted(
-        [".jobs", "multirun.yaml", "summary.md", "summary.csv", "pareto.png"] + [r["run_dir"] for r in rows])
+        [".jobs", "multirun.yaml", "summary.md", "summary.csv", "pareto.png", "summary.json"]
+        + [r["run_dir"] for r in rows])
+    # the sweep's exit code, where `qcompile -m` read it
+    assert json.loads((sweep / "summary.json").read_text()) == {"exit_code": 0, "runs": 4,
+                                                                "statuses": {"passed": 4}}
     # summarize rebuilds the same table from the directory alone
     csv_before = (sweep / "summary.csv").read_text()
     (sweep / "summary.csv").unlink()
@@ -240,7 +251,7 @@ def test_sweep_of_impossible_points_still_summarizes(qcompile, tmp_path):
                    "data.seq_len=32,9999", "bench.seq_len=32")
     sweep = _sweep_dir(tmp_path)
     rows = collect_rows(sweep)
-    assert [r.status for r in rows] == [NOT_RUNNABLE, RECIPE]
+    assert [r.status for r in rows] == [Status.NOT_RUNNABLE, Status.RECIPE_ERROR]
     assert f"{step} is not runnable on target={target}" in rows[0].reason
     assert "9999 is above tiny_bert's maximum of 512 positions" in rows[1].reason
     assert res.rc == 2, res  # the recipe error counts, the impossible combination does not
@@ -283,7 +294,6 @@ def test_formats_preset_sweeps_every_recipe_on_torch_and_ort():
     """+sweep=formats: every recipe in recipes/recipe/ x torch, ort. Each point validates, or is ruled
     out by the capability table (then the summary says "not runnable")."""
     from compiler.core.errors import RecipeError
-    from compiler.commands.sweep import _not_runnable
 
     params = _compose("+sweep=formats").hydra.sweeper.params
     assert params["recipe"] == "glob(*)" and params["target"] == "torch,ort"
@@ -299,8 +309,8 @@ def test_formats_preset_sweeps_every_recipe_on_torch_and_ort():
                 _validate_job(job)
                 outcomes[recipe, target] = "ok"
             except RecipeError as e:
-                blocked = _not_runnable(_compose(*job), target)
-                assert blocked and "is not runnable on target=" in e.message, (recipe, target, e.message)
+                assert e.status == Status.NOT_RUNNABLE, (recipe, target, e.message)
+                assert "is not runnable on target=" in e.message, (recipe, target, e.message)
                 outcomes[recipe, target] = "not runnable"
     assert outcomes["fp32", "torch"] == outcomes["fp32", "ort"] == "ok"
     for recipe in ("nvfp4", "nvfp4_rotate"):  # torch/trt only, once they exist

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from compiler.core.schema import DoctorConfig

@@ -8,13 +8,14 @@ import pytest
 
 from compiler.stages import rundir
 from compiler.core.errors import RecipeError
+from compiler.core.status import PARTIAL_SUFFIX
 from tests.conftest import FAST
 
 BASE = ["model=tiny_bert", "recipe=fp32", "target=ort"]
 
 
 def _staging(tmp_path, name="12-00-00_tiny_bert_fp32_ort"):
-    d = tmp_path / (name + rundir.PARTIAL)
+    d = tmp_path / (name + PARTIAL_SUFFIX)
     d.mkdir()
     (d / "recipe.yaml").write_text("recipe: fp32\n")
     return d
