@@ -1,14 +1,56 @@
-"""Structured schemas of a recipe's sections: OmegaConf validates keys and types against them."""
+"""Structured schemas of a recipe's sections: OmegaConf validates keys and types against them.
+
+Defaults are declared once. A section that recipes/config.yaml sets (export, doctor, cache) or that a
+config group fills by default (data: builtin, check: default, bench: default, gate: default) takes its defaults from
+that YAML, read here, so the composed recipe.yaml, `--cfg job` and code that builds a section directly
+(ExportConfig(), `qcompile doctor`) see the same values; a field given a default both here and in the
+YAML is an error at import. Sections chosen per build (model, target, recipe.gate) keep their defaults
+here: their YAML files set only what differs."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
+from compiler.core.paths import RECIPES_DIR
 
-# Constants at least this big are promoted to initializers after export (so external data can hold them)
-# and, left as Constant nodes, fail the size rail: small ones (shapes, scalars) stay inline for readability.
-CONSTANT_PROMOTE_BYTES = 64 * 1024
+
+@functools.lru_cache(maxsize=None)
+def yaml_defaults(section: str) -> Dict[str, Any]:
+    """recipes/config.yaml's `section:` mapping, or the file its defaults list picks for the group."""
+    from omegaconf import OmegaConf
+
+    top = OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / "config.yaml"), resolve=False)
+    if section in top:
+        return dict(top[section])
+    for entry in top.get("defaults", []):  # `- data: builtin`, or `- gate@recipe.gate: default` (group@package)
+        for key, option in (entry.items() if isinstance(entry, dict) else []):
+            if key.split("@")[0] == section:
+                return dict(OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / section / f"{option}.yaml")))
+    raise KeyError(f"recipes/config.yaml sets no {section!r} section and picks no {section!r} group default")
+
+
+def defaults_from_recipes(section: str):
+    """Class decorator (under @dataclass): each field the YAML names gets the YAML's value as default."""
+
+    def wrap(cls):
+        values = yaml_defaults(section)
+        names = list(cls.__annotations__)
+        for name, value in values.items():
+            if name not in names:
+                raise TypeError(f"recipes: {section}.{name} is not a field of {cls.__name__}")
+            if name in cls.__dict__:
+                raise TypeError(f"{cls.__name__}.{name}: default declared both in compiler/core/schema.py and "
+                                f"in the recipes ({section}); keep the YAML's")
+            if isinstance(value, (list, dict)):
+                setattr(cls, name, field(default_factory=functools.partial(copy.deepcopy, value)))
+            else:
+                setattr(cls, name, value)
+        return cls
+
+    return wrap
 
 
 @dataclass
@@ -30,21 +72,22 @@ class ModelConfig:
 
 
 @dataclass
+@defaults_from_recipes("data")
 class DataConfig:
-    name: str = "builtin"
-    calibration_file: Optional[str] = None  # None: the sentences shipped with qcompile
-    evaluation_file: Optional[str] = None
-    calibration_samples: int = 64
-    evaluation_samples: int = 128
-    seq_len: int = 128
-    batch_size: int = 8
+    name: str
+    calibration_file: Optional[str]  # None: the sentences shipped with qcompile
+    evaluation_file: Optional[str]
+    calibration_samples: int
+    evaluation_samples: int
+    seq_len: int
+    batch_size: int
     # asking for more samples than the file has: "clamp" (warn and use them all) or "error"
-    on_short_data: str = "clamp"
+    on_short_data: str
     # how evaluation_file is read: auto (by extension: .tsv / .jsonl labeled rows, else plain text), text,
     # paired_text (lines 1-2, 3-4, ... are paraphrases: a retrieval task), tsv, jsonl. A labeled file's
     # columns name its task: text,label (classification) | sentence1,sentence2,score (STS) | query,positive
     # (retrieval). The built-in evaluation set is paired_text. Samples count examples (rows).
-    format: str = "auto"
+    format: str
 
 
 # the export opset when neither the user nor a step asks for more
@@ -52,17 +95,24 @@ DEFAULT_OPSET = 17
 
 
 @dataclass
+@defaults_from_recipes("export")
 class ExportConfig:
-    exporter: str = "torchscript"  # "torchscript" (torch.onnx.export dynamo=False) or "dynamo"
+    exporter: str  # "torchscript" (torch.onnx.export dynamo=False) or "dynamo"
     # None: auto, resolved at validation to max(DEFAULT_OPSET, the recipe's steps' min_opset on the target);
     # a value set by the user is kept, and a step that needs more says so (RecipeError)
-    opset: Optional[int] = None
-    dynamic_axes: bool = True
-    external_data: str = "auto"  # "auto" (only past protobuf's 2 GB), "always", "never"
-    constant_promote_bytes: int = CONSTANT_PROMOTE_BYTES
+    opset: Optional[int]
+    dynamic_axes: bool
+    external_data: str  # "auto" (only past protobuf's 2 GB), "always", "never"
+    constant_promote_bytes: int
+
+
+# Constants at least this big are promoted to initializers after export and, left as Constant nodes,
+# fail the size rail (recipes/config.yaml: export.constant_promote_bytes).
+CONSTANT_PROMOTE_BYTES: int = ExportConfig.constant_promote_bytes
 
 
 @dataclass
+@defaults_from_recipes("gate")  # only the keys recipes/gate/default.yaml sets under every recipe's gate
 class GateConfig:
     min_embedding_cosine: float = 0.99  # mean cosine of target vs fp32 sentence embeddings
     min_top1_agreement: float = 0.9  # retrieval / label top-1 agreement with fp32
@@ -72,37 +122,39 @@ class GateConfig:
     strict_tolerance: bool = False  # also fail the gate on atol/rtol, not only on cosine
     # largest allowed drop of the task metric against gold labels, fp32 minus target, in the metric's units
     # (0.005 = 0.5 points); None: reported, not gated. Needs labeled evaluation data.
-    max_task_drop: Optional[float] = None
+    max_task_drop: Optional[float]
     # which task metric the budget is on; None: the task's default (classification: accuracy | macro_f1;
     # sts: spearman | pearson; retrieval: accuracy_at_1 | mrr -- the first of each is the default)
-    task_metric: Optional[str] = None
+    task_metric: Optional[str]
 
 
 @dataclass
+@defaults_from_recipes("check")
 class CheckConfig:
-    enabled: bool = True
-    samples: Optional[int] = None  # None: every evaluation sample
+    enabled: bool
+    samples: Optional[int]  # None: every evaluation sample
 
 
 @dataclass
+@defaults_from_recipes("bench")
 class BenchConfig:
-    enabled: bool = True
-    batch_size: int = 1
-    seq_len: int = 128
-    warmup: int = 5
-    iterations: int = 30
-    threads: int = 1
+    enabled: bool
+    batch_size: int
+    seq_len: int
+    warmup: int
+    iterations: int
+    threads: int
     # the same model's fp32 engine on the same target, timed round-robin with the build in this run:
     # "fp32" (report speedup_vs_fp32 and its spread) or "none"
-    baseline: str = "fp32"
-    rounds: int = 5  # the iterations are split into this many round-robin rounds (the spread is over rounds)
+    baseline: str
+    rounds: int  # the iterations are split into this many round-robin rounds (the spread is over rounds)
     # "fixed": synthetic tokens at batch_size x seq_len (comparable across models); "data": that, plus the
     # evaluation sentences at their own token lengths (each batch padded to its longest sentence)
-    shapes: str = "fixed"
-    sort_by_length: bool = False  # shapes=data: batch sentences of similar length together
+    shapes: str
+    sort_by_length: bool  # shapes=data: batch sentences of similar length together
     # time an int8 and an fp32 matrix product of the model's shapes on the target's runtime (cached per
     # machine; compiler/stages/probe.py): int8_gemm_vs_fp32 and CPU flags in the manifest, the int8_speed rail
-    probe: bool = True
+    probe: bool
 
 
 @dataclass
@@ -128,27 +180,30 @@ class TargetConfig:
 
 
 @dataclass
+@defaults_from_recipes("doctor")
 class DoctorConfig:
     """Guard rails run after export and lowering (compiler/stages/doctor.py, compiler/rails/)."""
 
-    enabled: bool = True  # false: no rail runs (the report says so)
+    enabled: bool  # false: no rail runs (the report says so)
     # Memcpy nodes in ONNX Runtime's optimized graph for the chosen provider: more fails the build
     # (a dynamo export once got 56 and ran 8x slower); 1..max_memcpy only warns
-    max_memcpy: int = 8
+    max_memcpy: int
     # does the recipe quantize? None: decided from its steps; a quantized graph with zero quantized
     # MatMul/Gemm/Conv fails, and so does a covered fraction below min_quantized_fraction
-    quantized: Optional[bool] = None
-    min_quantized_fraction: float = 0.0
-    input_dependence: bool = True  # run the engine on two different inputs; identical outputs fail
-    max_constant_bytes: Optional[int] = None  # Constant nodes this big block external data; None: export.constant_promote_bytes
+    quantized: Optional[bool]
+    min_quantized_fraction: float
+    input_dependence: bool  # run the engine on two different inputs; identical outputs fail
+    # Constant nodes this big block external data; None: export.constant_promote_bytes
+    max_constant_bytes: Optional[int]
 
 
 @dataclass
+@defaults_from_recipes("cache")
 class CacheConfig:
     """The content-addressed cache of fp32 exports and calibration statistics (compiler/stages/cache.py)."""
 
-    enabled: bool = True
-    dir: Optional[str] = None  # None: $QCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/qcompile, else ~/.cache/qcompile
+    enabled: bool
+    dir: Optional[str]  # None: $QCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/qcompile, else ~/.cache/qcompile
 
 
 @dataclass
