@@ -107,7 +107,9 @@ class CliResult:
     def run_dirs(self):
         """Run directories written under cwd/outputs (finished, failed or gate-failed)."""
         root = self.cwd / "outputs"
-        return sorted(p for p in root.rglob("*") if p.is_dir() and (p / "recipe.yaml").exists()) if root.exists() else []
+        if not root.exists():
+            return []
+        return sorted(p for p in root.rglob("*") if p.is_dir() and (p / "recipe.yaml").exists())
 
     def __repr__(self):
         return f"rc={self.rc}\nSTDOUT:\n{self.stdout[-3000:]}\nSTDERR:\n{self.stderr[-3000:]}"

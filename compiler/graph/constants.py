@@ -202,8 +202,8 @@ def _subgraph_inputs(graph) -> Set[str]:
     return names
 
 
-def fix_constants(onnx_path: Path, out_path: Path, promote_bytes: int = CONSTANT_PROMOTE_BYTES, external_data: str = "auto"
-                  ) -> Tuple[Path, Dict[str, int]]:
+def fix_constants(onnx_path: Path, out_path: Path, promote_bytes: int = CONSTANT_PROMOTE_BYTES,
+                  external_data: str = "auto") -> Tuple[Path, Dict[str, int]]:
     """The export-stage fix-up on a file: fold constant subgraphs, promote Constants >= promote_bytes.
     Writes out_path only when something changed; returns (the graph to continue with, counts)."""
     import onnx

@@ -43,7 +43,8 @@ def block_for(dim: int, block_size: int) -> int:
     Hadamard, one Sylvester block per block_size channels); the whole dimension when dim is a power of
     two smaller than block_size (one Sylvester block). Raises ValueError otherwise."""
     if not is_power_of_two(block_size) or block_size not in SUPPORTED_BLOCKS:
-        raise ValueError(f"block_size {block_size} is not a power of two in {SUPPORTED_BLOCKS[0]}..{SUPPORTED_BLOCKS[-1]}")
+        raise ValueError(f"block_size {block_size} is not a power of two in "
+                         f"{SUPPORTED_BLOCKS[0]}..{SUPPORTED_BLOCKS[-1]}")
     if dim % block_size == 0:
         return block_size
     if is_power_of_two(dim) and dim < block_size:

@@ -1,5 +1,6 @@
 """Constant fix-ups: constant subgraphs evaluated into initializers, large Constants promoted (and then
-movable to external data), custom ops and live ops left alone; outputs equal before and after (up to fp32 accumulation order)."""
+movable to external data), custom ops and live ops left alone; outputs equal before and after (up to fp32
+accumulation order)."""
 
 from __future__ import annotations
 
