@@ -219,16 +219,16 @@ def _job_overrides(overrides: List[str]) -> List[List[str]]:
     return [[o for o in job if o is not None] for job in jobs]
 
 
-def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str]]:
+def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str], Optional[Path]]:
     """Hydra reports a recipe it cannot compose (recipe=nope, a misspelled key, a bad override) in
     several lines of its own, for single builds and sweeps alike; compose it first with Hydra's compose
     API so each becomes one line that names the key and the fix. Also refuse a run directory that
     cannot be created, before Hydra tries (and prints a traceback). Returns (the error, the arguments
-    to run Hydra with): a multirun gets its sweep directory pinned, so main knows where the sweep's
-    exit code will be written."""
+    to run Hydra with, the sweep directory): a multirun gets its sweep directory pinned, so main knows
+    where the sweep's exit code will be written."""
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in HYDRA_FLAGS_WE_CHECK for f in flags):
-        return None, argv
+        return None, argv, None
     multirun = bool(flags)
     overrides = [a for a in argv if not a.startswith("-")]
     from hydra import compose, initialize_config_dir
@@ -239,7 +239,7 @@ def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str]]:
         jobs = _job_overrides(overrides) if multirun else [overrides]
     except OverrideParseException as e:
         bad = next((a for a in overrides if "=" not in a or a.count("[") != a.count("]")), " ".join(overrides))
-        return _compose_error(e, bad), argv
+        return _compose_error(e, bad), argv, None
     sweep_dir = None
     GlobalHydra.instance().clear()
     try:
@@ -249,23 +249,23 @@ def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str]]:
                     cfg = compose("config", overrides=job, return_hydra_config=multirun)
                 except Exception as e:
                     bad = next((a for a in job if "=" not in a or a.count("[") != a.count("]")), " ".join(job))
-                    return _compose_error(e, bad), argv
+                    return _compose_error(e, bad), argv, None
                 if multirun and sweep_dir is None:
                     sweep_dir = str(cfg.hydra.sweep.dir)  # ${now:...} resolved once, here
     finally:
         GlobalHydra.instance().clear()
-    if multirun:
-        if not any(o.lstrip("+").startswith("hydra.sweep.dir=") for o in overrides):
-            quoted = sweep_dir.replace("\\", "\\\\").replace("'", "\\'")
-            argv = argv + [f"hydra.sweep.dir='{quoted}'"]
-        return _writable(Path(sweep_dir).expanduser(), "hydra.sweep.dir", explicit=True), argv
+    if multirun:  # the resolved dir replaces any given one: ${now:...} in it resolves once, here
+        quoted = sweep_dir.replace("\\", "\\\\").replace("'", "\\'")
+        argv = [a for a in argv if not a.lstrip("+").startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir='{quoted}'"]
+        where = Path(sweep_dir).expanduser()
+        return _writable(where, "hydra.sweep.dir", explicit=True), argv, where
     explicit = next((a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "+hydra.run.dir="))), None)
     where = Path(explicit).expanduser() if explicit else Path.cwd() / "outputs"
     if explicit and any((where / f).exists() for f in ("report.json", "manifest.json")):
         # refused before Hydra starts: it would already rewrite .hydra/ and cli.log in there
         return RecipeError("hydra.run.dir", f"{where} already holds a finished run",
-                           "choose another hydra.run.dir; finished runs are never overwritten"), argv
-    return _writable(where, "hydra.run.dir" if explicit else "outputs", explicit=bool(explicit)), argv
+                           "choose another hydra.run.dir; finished runs are never overwritten"), argv, None
+    return _writable(where, "hydra.run.dir" if explicit else "outputs", explicit=bool(explicit)), argv, None
 
 
 def _writable(where: Path, key: str, explicit: bool) -> Optional[RecipeError]:
@@ -286,7 +286,7 @@ def _hydra_main(argv: List[str]) -> int:
     the (pinned) sweep directory, because launchers may run the jobs in other processes."""
     import hydra
 
-    err, argv = _precheck(argv)
+    err, argv, sweep_dir = _precheck(argv)
     if err is not None:
         _print_error(err)
         return err.exit_code
@@ -298,8 +298,6 @@ def _hydra_main(argv: List[str]) -> int:
         return dict(result)
 
     multirun = any(a in HYDRA_FLAGS_WE_CHECK for a in argv)
-    sweep_dir = next((Path(a.split("=", 1)[1].strip("'")) for a in argv
-                      if a.lstrip("+").startswith("hydra.sweep.dir=")), None)
     sys.argv = [sys.argv[0]] + argv
     try:
         _task()
