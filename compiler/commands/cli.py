@@ -247,13 +247,19 @@ def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str], Option
             for job in jobs:
                 try:
                     cfg = compose("config", overrides=job, return_hydra_config=multirun)
-                except Exception as e:
+                except OverrideParseException as e:
+                    if multirun:  # a value as the sweep iterator spelled it (the sweep itself parsed): Hydra's
+                        continue
                     bad = next((a for a in job if "=" not in a or a.count("[") != a.count("]")), " ".join(job))
                     return _compose_error(e, bad), argv, None
+                except Exception as e:
+                    return _compose_error(e, " ".join(job)), argv, None
                 if multirun and sweep_dir is None:
-                    sweep_dir = str(cfg.hydra.sweep.dir)  # ${now:...} resolved once, here
+                    sweep_dir = str(cfg.hydra.sweep.dir)
     finally:
         GlobalHydra.instance().clear()
+    if multirun and sweep_dir is None:  # no value could be composed on its own: Hydra reports it
+        return None, argv, None
     if multirun:  # the resolved dir replaces any given one: ${now:...} in it resolves once, here
         quoted = sweep_dir.replace("\\", "\\\\").replace("'", "\\'")
         argv = [a for a in argv if not a.lstrip("+").startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir='{quoted}'"]
