@@ -168,7 +168,8 @@ def exported(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def sentiment_classifier(tmp_path_factory):
     """(model dir, train TSV, held-out TSV): a 2-layer BERT trained on compiler/datasets/sentiment.tsv with a
-    fixed seed (tests/classifier_fixture.py; 65 s with the 2 cores under load 9, most of it waiting), saved with save_pretrained + tokenizer."""
+    fixed seed (tests/classifier_fixture.py; 65 s with the 2 cores under load 9, most of it waiting), saved with
+    save_pretrained + tokenizer."""
     from classifier_fixture import sentiment_rows, split_rows, train_sentiment_classifier, write_tsv
 
     root = tmp_path_factory.mktemp("sentiment")

@@ -21,8 +21,8 @@ def capabilities(argv: List[str]) -> int:
     return 0
 
 
-DOCTOR_USAGE = ("usage: qcompile doctor path/to/model.onnx [target=ort|trt (a target that runs ONNX)] [providers=CUDAExecutionProvider,...] "
-                "[quantized=true|false] [max_memcpy=N] [min_quantized_fraction=F] [max_constant_bytes=N] "
+DOCTOR_USAGE = ("usage: qcompile doctor path/to/model.onnx [target=ort|trt (a target that runs ONNX)] "
+                "[providers=CUDAExecutionProvider,...] [quantized=true|false] [max_memcpy=N] [min_quantized_fraction=F] [max_constant_bytes=N] "
                 "[input_dependence=true|false] [json=out.json]")
 
 

@@ -71,8 +71,8 @@ def _task_lines(task) -> list:
     for m, r in task["metrics"].items():
         lo, hi = r["drop_ci95"]
         gated = m == task["metric"] and budget is not None
-        lines.append(f"| {m} | {_fmt(r['fp32'])} | {_fmt(r['target'])} | {_fmt(r['drop'])} | [{_fmt(lo)}, {_fmt(hi)}] | "
-                     f"{'<= ' + str(budget) if gated else ''} |")
+        lines.append(f"| {m} | {_fmt(r['fp32'])} | {_fmt(r['target'])} | {_fmt(r['drop'])} | "
+                     f"[{_fmt(lo)}, {_fmt(hi)}] | {'<= ' + str(budget) if gated else ''} |")
     return lines + [""]
 
 
