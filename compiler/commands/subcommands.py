@@ -22,8 +22,8 @@ def capabilities(argv: List[str]) -> int:
 
 
 DOCTOR_USAGE = ("usage: qcompile doctor path/to/model.onnx [target=ort|trt (a target that runs ONNX)] "
-                "[providers=CUDAExecutionProvider,...] [quantized=true|false] [max_memcpy=N] [min_quantized_fraction=F] [max_constant_bytes=N] "
-                "[input_dependence=true|false] [json=out.json]")
+                "[providers=CUDAExecutionProvider,...] [quantized=true|false] [max_memcpy=N] "
+                "[min_quantized_fraction=F] [max_constant_bytes=N] [input_dependence=true|false] [json=out.json]")
 
 
 def doctor(argv: List[str]) -> int:
