@@ -25,8 +25,8 @@ STATUS_ORDER = (Status.PASSED, Status.GATE_FAILED, Status.BUILD_FAILED, Status.I
                 Status.RECIPE_ERROR, Status.NOT_RUNNABLE, Status.INCOMPLETE)
 
 CSV_COLUMNS = ("num", "model", "recipe", "target", "overrides", "artifact_mb", "ms_per_sample", "samples_per_s",
-               "speedup_vs_fp32", "peak_rss_mb", "embedding_cosine", "top1_agreement", "status", "pareto", "cache", "reason",
-               "run_dir")
+               "speedup_vs_fp32", "peak_rss_mb", "embedding_cosine", "top1_agreement", "status", "pareto", "cache",
+               "reason", "run_dir")
 
 
 @dataclass
@@ -248,7 +248,8 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
     if keys:
         lines += ["Varied besides model/recipe/target: " + ", ".join(f"`{k}`" for k in keys) + ".", ""]
     head = ["#", "model", "recipe", "target"] + (["overrides"] if keys else []) + [
-        "artifact MB", "ms/sample", "samples/s", "x fp32 (same run)", "peak MB", "emb cosine", "top-1", "Pareto", "status", "run dir"]
+        "artifact MB", "ms/sample", "samples/s", "x fp32 (same run)", "peak MB", "emb cosine", "top-1", "Pareto",
+        "status", "run dir"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ["" if r.num is None else str(r.num), r.model, r.recipe, r.target] + (

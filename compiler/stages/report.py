@@ -142,7 +142,8 @@ def speed_lines(bench: dict[str, Any], probe: dict[str, Any] | None) -> list[str
     if "speedup_vs_fp32" in bench:
         lo, hi = bench["speedup_vs_fp32_spread"]
         lines += [f"| speedup_vs_fp32 (same run, {bench.get('speedup_clock')}) | {bench['speedup_vs_fp32']:.3f} "
-                  f"(rounds {lo:.2f}..{hi:.2f}) |", f"| fp32 latency_ms_p50 (same run) | {_fmt(bench.get('fp32_latency_ms_p50'), 3)} |"]
+                  f"(rounds {lo:.2f}..{hi:.2f}) |",
+                  f"| fp32 latency_ms_p50 (same run) | {_fmt(bench.get('fp32_latency_ms_p50'), 3)} |"]
     for k in ("fraction_of_fp32_peak", "fp32_fraction_of_fp32_peak"):
         if k in bench:
             lines.append(f"| {k} ({bench['flops']['gflop']:.3g} GFLOP / {bench['fp32_peak_gflops']:.1f} GFLOP/s) | "
