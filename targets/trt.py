@@ -184,7 +184,7 @@ class TrtTarget(Target):
 
             def predict(feed):
                 for n, v in feed.items():
-                    if n in hi and any(not l <= d <= h for d, l, h in zip(v.shape, lo[n], hi[n])):
+                    if n in hi and any(not low <= d <= high for d, low, high in zip(v.shape, lo[n], hi[n])):
                         raise BuildError(f"input {n} shape {tuple(v.shape)} is outside the engine's optimization "
                                          f"profile {lo[n]}..{hi[n]}: widen target.min_shapes / target.max_shapes")
                 out = runner.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})

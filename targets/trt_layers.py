@@ -100,22 +100,22 @@ def summarize_layers(engine_info: Any) -> dict[str, Any]:
             out[it["precision"]] = out.get(it["precision"], 0) + 1
         return dict(sorted(out.items()))
 
-    gemm = [l for l in layers if l["kind"] == "gemm" and l["precision"] not in ("unknown", "index")]
-    compute = [l for l in layers if l["kind"] in ("gemm", "other") and l["precision"] not in ("unknown", "index")]
+    gemm = [layer for layer in layers if layer["kind"] == "gemm" and layer["precision"] not in ("unknown", "index")]
+    compute = [layer for layer in layers if layer["kind"] in ("gemm", "other") and layer["precision"] not in ("unknown", "index")]
     basis_name, basis = ("matmul/conv layers", gemm) if gemm else ("compute layers", compute)
-    quantized = [l for l in basis if l["precision"] in QUANTIZED_LAYER_PRECISIONS]
+    quantized = [layer for layer in basis if layer["precision"] in QUANTIZED_LAYER_PRECISIONS]
     fraction = (len(quantized) / len(basis)) if basis else None
     return {
         "layers": len(layers),
         "detailed": detailed,
         "by_precision": hist(layers),
-        "by_kind": {k: sum(1 for l in layers if l["kind"] == k) for k in ("gemm", "qdq", "data", "fused", "other")},
+        "by_kind": {k: sum(1 for layer in layers if layer["kind"] == k) for k in ("gemm", "qdq", "data", "fused", "other")},
         "gemm_by_precision": hist(gemm),
         "fraction_basis": basis_name,
         "basis_layers": len(basis),
         "quantized_layers": len(quantized),
         "quantized_layer_fraction": fraction,
-        "high_precision_layers": [l["name"] for l in basis if l["precision"] in FLOAT_LAYER_PRECISIONS][:20],
+        "high_precision_layers": [layer["name"] for layer in basis if layer["precision"] in FLOAT_LAYER_PRECISIONS][:20],
         "per_layer": layers,
     }
 

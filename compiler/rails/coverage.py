@@ -4,7 +4,6 @@ that matches nothing (MatMul vs Gemm) writes a valid, unquantized graph: zero is
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Dict, Optional
 
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, result
 

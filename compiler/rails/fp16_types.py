@@ -5,7 +5,7 @@ what it kept and proves the result loads in ONNX Runtime."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Dict, List
+from typing import Any
 
 from compiler.rails import (
     FAILED,

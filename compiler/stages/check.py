@@ -62,7 +62,7 @@ def compare_outputs(reference_runner, target_runner, feeds: list[dict[str, np.nd
                                 continue
                             agg = max if k.startswith("max") else (lambda a, b: a + b)
                             stats[k] = agg(stats.get(k, 0.0), float(v))
-    for name, stats in per_output.items():
+    for stats in per_output.values():
         n = max(stats["iterations"], 1)
         for k in ("mean_absdiff", "mean_reldiff", "median_absdiff"):
             if k in stats:

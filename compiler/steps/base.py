@@ -10,11 +10,6 @@ from pathlib import Path
 from typing import (
     Any,
     ClassVar,
-    Dict,
-    FrozenSet,
-    List,
-    Optional,
-    Tuple,
 )
 
 from compiler.core.capabilities import TargetCapabilities

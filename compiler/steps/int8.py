@@ -4,7 +4,6 @@ inputs int8 per tensor with amax calibrated on the recipe's data; exported as st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
 
 from compiler.steps.base import CALIBRATION_METHODS, StepParams
 from compiler.steps.modelopt import ModeloptStep

@@ -9,7 +9,6 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Tuple
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError

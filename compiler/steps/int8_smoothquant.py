@@ -4,7 +4,6 @@ strength alpha) followed by W8A8 static int8, with nvidia-modelopt (INT8_SMOOTHQ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
 
 from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep

@@ -7,7 +7,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError

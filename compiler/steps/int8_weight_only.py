@@ -4,7 +4,6 @@ nvidia-modelopt (INT8_WEIGHT_ONLY_CFG); exported as int8 initializers feeding De
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
 
 from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep

@@ -5,8 +5,8 @@ For a Linear y = x W^T + b and the normalized (block-diagonal) Hadamard H (ortho
     y = (x H)(W H)^T + b
 W H is fused into the weight once, here; x H runs online as an OnlineHadamard module in front of the
 Linear (a live MatMul in the exported graph), except for the attention-output projection when the block
-fits inside a head: there the value projection's output is rotated instead (fused, exact, no MatMul). A quantization step after this one quantizes the Linear
-inside, whose input quantizer then sees x H and whose weight quantizer sees W H.
+fits inside a head: there the value projection's output is rotated instead (fused, exact, no MatMul).
+A quantization step after this one quantizes the Linear inside, whose input quantizer then sees x H and whose weight quantizer sees W H.
 modelopt's own `rotate` quantizer option is not used: it needs the CUDA-only fast_hadamard_transform and
 exports as a baked Constant (see compiler/numerics/hadamard.py).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 import torch
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx

@@ -247,7 +247,7 @@ def test_dtype_class(text, cls):
 
 def test_summarize_layers_counts_precisions():
     s = L.summarize_layers(json.dumps(SAMPLE))
-    kinds = {l["name"]: (l["kind"], l["precision"]) for l in s["per_layer"]}
+    kinds = {layer["name"]: (layer["kind"], layer["precision"]) for layer in s["per_layer"]}
     assert kinds["/embeddings/word_embeddings/Gather"] == ("data", "fp32")  # int64 ids in, floats out
     assert kinds["/encoder/layer.0/attention/self/query/input_quantizer/QuantizeLinear"] == ("qdq", "fp16")
     assert kinds["/encoder/layer.0/attention/self/query/MatMul"] == ("gemm", "int8")
