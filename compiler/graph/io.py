@@ -3,11 +3,73 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 from compiler.core.errors import BuildError
 
 PROTOBUF_LIMIT = 2 * 1024**3
+# graph structure, names and attributes besides the tensors: the room kept below the limit
+PROTOBUF_MARGIN = 64 * 1024**2
+
+
+def iter_tensors(model) -> Iterator:
+    """Every TensorProto a model holds: initializers and attribute tensors (Constant values), in subgraphs too.
+    (onnx.external_data_helper has this walk only as private helpers.)"""
+    import onnx
+
+    def graph_tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from graph_tensors(attr.g)
+                for g in attr.graphs:
+                    yield from graph_tensors(g)
+
+    yield from graph_tensors(model.graph)
+
+
+def tensor_bytes(t) -> int:
+    """Bytes a tensor's data takes inside the proto (0 for data already in an external file)."""
+    import numpy as np
+    import onnx
+
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    try:
+        item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # undefined type
+        item = 0
+    if not item or t.data_type == onnx.TensorProto.STRING:
+        return t.ByteSize()  # strings are never large in a graph this compiler writes
+    # from the shape: reading t.raw_data would copy the bytes (seconds for a 2 GB table)
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    bits = {getattr(onnx.TensorProto, k, -1): b for k, b in
+            (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))}
+    if t.data_type in bits:  # packed sub-byte types: numpy's item is a whole byte
+        return (n * bits[t.data_type] + 7) // 8
+    return n * item
+
+
+def model_bytes(model) -> int:
+    """The size of a model's tensor data, which dominates its serialized size. ModelProto.ByteSize() cannot
+    size a proto past 2 GB (protobuf 7 raises EncodeError), which is exactly when the size matters."""
+    return sum(tensor_bytes(t) for t in iter_tensors(model))
+
+
+def needs_external_data(path: Path) -> bool:
+    """Whether a graph file must be written back with external data: it already keeps tensors outside the
+    proto, or the file alone comes near protobuf's limit. Reads the structure only, never the weights."""
+    import onnx
+
+    path = Path(path)
+    if len(onnx_files(path)) > 1 or path.stat().st_size >= PROTOBUF_LIMIT - PROTOBUF_MARGIN:
+        return True
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model))
 
 
 def save_onnx(model, out_path: Path, external_data: str = "auto", check: bool = True) -> Path:
@@ -20,8 +82,8 @@ def save_onnx(model, out_path: Path, external_data: str = "auto", check: bool = 
     for stale in (out_path, out_path.with_name(data_name)):
         if stale.exists():
             stale.unlink()
-    size = model.ByteSize()
-    use_external = external_data == "always" or (external_data == "auto" and size >= PROTOBUF_LIMIT - 64 * 1024**2)
+    use_external = external_data == "always" or (
+        external_data == "auto" and model_bytes(model) >= PROTOBUF_LIMIT - PROTOBUF_MARGIN)
     if use_external:
         onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
@@ -29,6 +91,7 @@ def save_onnx(model, out_path: Path, external_data: str = "auto", check: bool = 
         onnx.save_model(model, str(out_path))
     if check:
         try:
+            # by path: the checker then reads external data itself, and never serializes a >2 GB proto
             onnx.checker.check_model(str(out_path))
         except Exception as e:
             raise BuildError(f"onnx.checker rejected {out_path.name}: {str(e).splitlines()[0]}") from e
