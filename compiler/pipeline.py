@@ -24,7 +24,7 @@ from compiler.graph.io import onnx_size_bytes, op_histogram
 from compiler.stages.export import export_onnx
 from compiler.core.hashing import text_sha256
 from compiler.stages.manifest import write_manifest
-from compiler.stages.models import LoadedModel, label_names, load_model
+from compiler.stages.models import LoadedModel, label_names, load_model, write_predict_files
 from compiler.stages.report import write_report
 from compiler.runners.callable import CallableRunner, torch_predictor
 from compiler.steps.base import StepContext
@@ -123,6 +123,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         data = load_data(spec.data, model.tokenizer, model.input_names, need_calibration=spec.needs_calibration,
                          label_names=label_names(spec.model), evaluation_limit=spec.check.samples)
         reference = LoadedModel(**{**model.__dict__, "module": copy.deepcopy(model.module)})
+        write_predict_files(model, run_dir, int(spec.data.seq_len))  # `qcompile predict` needs only the run dir
     report["model"] = {"name": model.name, "architecture": model.info.architecture, "hidden_size": model.info.hidden_size,
                        "parameters": int(sum(p.numel() for p in reference.module.parameters())),
                        "weights_sha256": model.weights_sha256, **model.source}

@@ -61,6 +61,13 @@ class Target:
     def lower(self, model, onnx_path: Optional[Path], run_dir: Path, build_info: Optional[BuildInfo] = None) -> Engine:
         raise NotImplementedError
 
+    def load(self, run_dir: Path, info: Dict[str, Any], input_names: List[str], output_names: List[str]) -> Engine:
+        """The engine of a finished run directory, from its artifacts and the report's "lower" section (info),
+        for `qcompile predict`: the same engine the check stage ran."""
+        from compiler.core.errors import BuildError
+
+        raise BuildError(f"target={self.name} cannot load a finished run's engine")
+
     def predictor(self, engine: Engine, threads: Optional[int] = None) -> Predict:
         """A callable feed -> outputs (float32 numpy), used by the check's task metrics and bench."""
         raise NotImplementedError

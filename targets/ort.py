@@ -135,6 +135,13 @@ class OrtTarget(Target):
                       input_names=list(model.input_names), output_names=list(model.output_names), files=files,
                       info=info)
 
+    def load(self, run_dir: Path, info, input_names, output_names) -> Engine:
+        # lower() serves from model.onnx (engine.ort.onnx is ORT's optimized copy of it, for inspection)
+        run_dir = Path(run_dir)
+        saved = run_dir / "engine.ort.onnx"
+        return Engine(target=self.name, path=saved if saved.is_file() else None, handle=run_dir / "model.onnx",
+                      input_names=list(input_names), output_names=list(output_names), info=dict(info))
+
     def session(self, engine: Engine, threads: Optional[int] = None):
         return create_session(engine.handle, list(self.cfg.providers), self.cfg.graph_optimization, threads,
                               provider_options=engine.info.get("provider_options"))

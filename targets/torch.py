@@ -36,6 +36,13 @@ class TorchTarget(Target):
                       output_names=list(model.output_names), files=[path],
                       info={"device": self.cfg.device, "torch": torch.__version__})
 
+    def load(self, run_dir: Path, info, input_names, output_names) -> Engine:
+        # engine.pt is a state dict: its module is the recipe's quantized model, which only the build makes
+        raise BuildError("a target=torch run keeps engine.pt, the state dict of the quantized torch module, and no "
+                         "graph: running it means rebuilding that module from the recipe (`qcompile rebuild "
+                         f"{run_dir}` does). `qcompile predict` runs the engines of target=ort and target=trt runs; "
+                         "build with target=ort for a directory that deploys on its own")
+
     def predictor(self, engine: Engine, threads: Optional[int] = None):
         import torch
 

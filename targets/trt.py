@@ -150,6 +150,22 @@ class TrtTarget(Target):
         return Engine(target=self.name, path=plan, handle={"kind": "tensorrt", "plan": plan, "profiles": profiles},
                       input_names=input_names, output_names=output_names, info=info, files=[plan])
 
+    def load(self, run_dir: Path, info, input_names, output_names) -> Engine:
+        """The plan when lower() built one, else the CPU runner the check used on model.onnx."""
+        run_dir = Path(run_dir)
+        onnx_path = run_dir / "model.onnx"
+        if info.get("engine_built"):
+            profiles = profile_shapes(onnx_inputs(onnx_path), self.cfg.min_shapes, self.cfg.opt_shapes,
+                                      self.cfg.max_shapes)
+            handle: Dict[str, Any] = {"kind": "tensorrt", "plan": run_dir / PLAN, "profiles": profiles}
+            path = run_dir / PLAN
+        else:
+            handle = {"kind": info.get("cpu_runner", "reference"), "onnx": onnx_path,
+                      "why": info.get("engine_not_built", "")}
+            path = onnx_path
+        return Engine(target=self.name, path=path, handle=handle, input_names=list(input_names),
+                      output_names=list(output_names), info=dict(info))
+
     def _cpu_runner_kind(self, onnx_path: Path, graph: Mapping[str, Any]) -> Tuple[str, str]:
         """The reference evaluator (exact, runs TensorRT's custom ops; slower: the MiniLM fp32 check took
         193 s against 68 s with onnxruntime on a loaded 2-core machine), or onnxruntime CPU when the recipe

@@ -16,7 +16,7 @@ from compiler.core.logs import console_for_qcompile_only, log_file, route_librar
 from compiler.core.paths import RECIPES_DIR
 from compiler.core.status import Status, exit_code
 
-SUBCOMMANDS = ("doctor", "summarize", "verify", "rebuild", "capabilities")
+SUBCOMMANDS = ("doctor", "summarize", "verify", "rebuild", "capabilities", "predict")
 
 log = logging.getLogger("qcompile")
 

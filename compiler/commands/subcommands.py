@@ -99,3 +99,10 @@ def rebuild(argv: List[str]) -> int:
     from compiler.commands.reproduce import rebuild_main
 
     return rebuild_main(argv)
+
+
+def predict(argv: List[str]) -> int:
+    """qcompile predict <run dir> "a sentence" ... [--file F] [--json]: text through the run's engine."""
+    from compiler.commands.predict import main
+
+    return main(argv)

@@ -39,6 +39,7 @@ class LoadedModel:
     task: str
     weights_sha256: str
     source: Dict[str, str] = field(default_factory=dict)
+    labels: Optional[List[str]] = None  # a classifier's label names, by logit index (config id2label)
 
 
 def package_model_dir(package: str) -> Path:
@@ -284,6 +285,34 @@ def load_model(cfg) -> LoadedModel:
         name=cfg.name, module=module, tokenizer=tokenizer, info=info, input_names=input_names,
         output_names=output_names_for(cfg.task), task=cfg.task,
         weights_sha256=state_dict_sha256(module), source=source,
+        labels=logit_labels(cfg, hf_module.config),
     )
+
+
+def logit_labels(cfg, hf_config) -> Optional[List[str]]:
+    """A classifier's label names in logit order (id2label, LABEL_<i> where it names none); None otherwise."""
+    if cfg.task != "classification":
+        return None
+    named = label_names(cfg) or {}
+    n = int(getattr(hf_config, "num_labels", 0) or len(named))
+    return [named.get(i, f"LABEL_{i}") for i in range(n)]
+
+
+# what `qcompile predict <run dir>` reads: the run directory alone turns text into the checked outputs
+TOKENIZER_DIR = "tokenizer"
+PREDICT_FILE = "predict.json"
+
+
+def write_predict_files(model: LoadedModel, run_dir: Path, seq_len: int) -> List[Path]:
+    """The tokenizer (save_pretrained into run_dir/tokenizer/) and predict.json: the task, the graph's input and
+    output names, the label names of a classifier and the tokenizer settings the check stage used
+    (compiler.stages.data.tokenize: padding to seq_len, truncation). Both are artifacts (hashed in the manifest)."""
+    run_dir = Path(run_dir)
+    written = [Path(f) for f in model.tokenizer.save_pretrained(str(run_dir / TOKENIZER_DIR))]
+    spec = {"task": model.task, "input_names": list(model.input_names), "output_names": list(model.output_names),
+            "labels": model.labels, "seq_len": int(seq_len), "padding": "max_length", "truncation": True,
+            "tokenizer": TOKENIZER_DIR}
+    (run_dir / PREDICT_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    return written + [run_dir / PREDICT_FILE]
 
 

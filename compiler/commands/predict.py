@@ -1,0 +1,153 @@
+"""`qcompile predict <run dir> "a sentence" ...`: text through a finished run's engine on its target, with the
+tokenizer and settings the check stage used, read from the run directory alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+from compiler.core.errors import RecipeError
+
+USAGE = 'qcompile predict <run dir> "a sentence" ... [--file sentences.txt] [--json] [--batch-size N]'
+SHOWN_VALUES = 8  # embedding values printed per sentence (--json gives all of them)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcompile predict", usage=USAGE,
+                                description="Run sentences through a finished run's engine (the check stage's "
+                                            "target outputs): embeddings (first values + norm) or labels + scores.")
+    p.add_argument("run_dir")
+    p.add_argument("sentences", nargs="*")
+    p.add_argument("--file", help="one sentence per line (blank lines skipped)")
+    p.add_argument("--json", action="store_true", help="every output value as JSON on stdout")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
+    return p
+
+
+def finished_run(path: str) -> Path:
+    """The run directory, or a RecipeError that says why it cannot be used (exit 2)."""
+    from compiler.stages.manifest import MANIFEST
+    from compiler.stages.models import PREDICT_FILE
+
+    run_dir = Path(path).expanduser()
+    fix = "pass a finished run directory: qcompile predict outputs/<date>/<run> \"a sentence\""
+    if not run_dir.is_dir():
+        raise RecipeError("run_dir", f"{run_dir} is not a directory", fix)
+    if (run_dir / "FAILED.md").exists() or run_dir.name.endswith((".partial", ".FAILED")):
+        raise RecipeError("run_dir", f"{run_dir} is not a finished build (failed or unfinished)", fix)
+    missing = [f for f in (MANIFEST, "report.json", "recipe.yaml") if not (run_dir / f).is_file()]
+    if missing:
+        raise RecipeError("run_dir", f"{run_dir} is not a finished qcompile run (no {', '.join(missing)})", fix)
+    if not (run_dir / PREDICT_FILE).is_file():
+        raise RecipeError("run_dir", f"{run_dir} has no {PREDICT_FILE} and tokenizer/ (built before qcompile wrote "
+                          "them)", f"rebuild it: qcompile rebuild {run_dir}")
+    return run_dir
+
+
+def read_sentences(args) -> List[str]:
+    sentences = list(args.sentences)
+    if args.file:
+        path = Path(args.file).expanduser()
+        if not path.is_file():
+            raise RecipeError("--file", f"{path} is not a file", "give a text file with one sentence per line")
+        sentences += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not sentences:
+        raise RecipeError("sentences", "no sentence given", f'usage: {USAGE}')
+    return sentences
+
+
+def load_engine(run_dir: Path, spec: Dict[str, Any]):
+    """(target, engine) of the run: the recipe's target section, the report's lower section, the artifacts."""
+    from omegaconf import OmegaConf
+
+    from compiler.core.schema import TargetConfig
+    from compiler.stages.validate import _typed
+    from targets.base import get_target, target_names
+
+    recipe = OmegaConf.load(run_dir / "recipe.yaml")
+    report = json.loads((run_dir / "report.json").read_text())
+    target_cfg = _typed(TargetConfig, recipe.get("target", {}), "target")
+    if target_cfg.name not in target_names():
+        raise RecipeError("target.name", f"the run's target {target_cfg.name!r} is unknown here",
+                          f"use a qcompile with target {target_cfg.name}")
+    target = get_target(target_cfg.name)(target_cfg)
+    engine = target.load(run_dir, report.get("lower") or {}, spec["input_names"], spec["output_names"])
+    return target, engine, recipe
+
+
+def predict(run_dir: Path, sentences: List[str], batch_size: int | None = None) -> Dict[str, Any]:
+    """The run's outputs for the sentences: {"task", "outputs": name -> array [N, ...], "labels"}."""
+    from transformers import AutoTokenizer
+
+    from compiler.stages.data import tokenize
+    from compiler.stages.models import PREDICT_FILE
+
+    spec = json.loads((run_dir / PREDICT_FILE).read_text())
+    target, engine, recipe = load_engine(run_dir, spec)
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / spec["tokenizer"]), local_files_only=True)
+    # the check stage's tokenization (padding to seq_len) and batching (data.batch_size)
+    features = tokenize(tokenizer, sentences, int(spec["seq_len"]), spec["input_names"])
+    batch = int(batch_size or recipe.get("data", {}).get("batch_size", 8) or 8)
+    run = target.predictor(engine)
+    parts: Dict[str, List[np.ndarray]] = {}
+    for feed in features.batches(batch):
+        for name, value in run(feed).items():
+            parts.setdefault(name, []).append(value)
+    outputs = {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+    return {"task": spec["task"], "target": target.name, "outputs": outputs, "labels": spec.get("labels")}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def rows(result: Dict[str, Any], sentences: List[str]) -> List[Dict[str, Any]]:
+    """One record per sentence: a classifier's label and scores, an embedding model's embedding and norm."""
+    out = []
+    if result["task"] == "classification":
+        logits = result["outputs"]["logits"]
+        names = result["labels"] or [f"LABEL_{i}" for i in range(logits.shape[-1])]
+        for text, row, p in zip(sentences, logits, _softmax(logits)):
+            best = int(np.argmax(row))
+            out.append({"text": text, "label": names[best], "score": float(p[best]),
+                        "scores": {n: float(v) for n, v in zip(names, p)}, "logits": [float(v) for v in row]})
+        return out
+    emb = result["outputs"]["sentence_embedding"]
+    for text, row in zip(sentences, emb):
+        out.append({"text": text, "norm": float(np.linalg.norm(row.astype(np.float64))),
+                    "sentence_embedding": [float(v) for v in row]})
+    return out
+
+
+def main(argv: List[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        _parser().print_help()
+        return 0
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed its usage line
+        return 2 if e.code else 0
+    run_dir = finished_run(args.run_dir)
+    sentences = read_sentences(args)
+    result = predict(run_dir, sentences, args.batch_size)
+    records = rows(result, sentences)
+    if args.json:
+        json.dump({"run_dir": str(run_dir), "task": result["task"], "target": result["target"],
+                   "predictions": records}, sys.stdout, indent=1)
+        print()
+        return 0
+    for r in records:
+        if result["task"] == "classification":
+            others = ", ".join(f"{n} {p:.3f}" for n, p in r["scores"].items())
+            print(f"{r['label']}\t{r['score']:.4f}\t{r['text']}\t({others})")
+        else:
+            head = " ".join(f"{v:+.4f}" for v in r["sentence_embedding"][:SHOWN_VALUES])
+            dim = len(r["sentence_embedding"])
+            print(f"norm {r['norm']:.4f}\t[{head} ... ({dim} values)]\t{r['text']}")
+    return 0

@@ -1,0 +1,156 @@
+"""`qcompile predict <run dir> ...`: a finished run directory alone (tokenizer files, predict.json, the engine)
+turns text into exactly the outputs the check stage compared, and refuses anything that is not a finished run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import REPO, data_cfg, model_cfg
+
+SENTENCES = ["A happy dog runs across the green field.", "The stock market fell sharply on Monday.",
+             "She plays the violin in an orchestra.", "Rain is expected for the whole weekend.",
+             "He forgot his keys at the office again."]
+BUILD = ["recipe=int8_static", "target=ort", "data.calibration_samples=8", "data.seq_len=24",
+         "data.batch_size=2", "bench.enabled=false"]
+
+
+def _cli(cwd: Path, *args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "compiler", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _build(root: Path, *overrides) -> Path:
+    sentences = root / "sentences.txt"
+    sentences.write_text("\n".join(SENTENCES) + "\n")
+    proc = _cli(root, *BUILD, f"data.evaluation_file={sentences}", f"data.evaluation_samples={len(SENTENCES)}",
+                *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [p.parent for p in (root / "outputs").rglob("manifest.json")]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def embedding_run(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("predict_embedding"), "model=tiny_bert")
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("predict_classifier"), "model=tiny_bert", "model.task=classification",
+                  "+model.tiny.num_labels=3")
+
+
+def check_stage_target_outputs(run_dir: Path, model_overrides, tmp_path: Path):
+    """What the check stage compared for this run, recomputed the way the pipeline does: the evaluation set
+    loaded and tokenized by load_data, batched by data.batch_size, the target freshly lowered from model.onnx,
+    Polygraphy's Comparator against the fp32 reference."""
+    from compiler.core.schema import GateConfig, TargetConfig
+    from compiler.pipeline import reference_runner
+    from compiler.stages.check import compare_outputs
+    from compiler.stages.data import load_data
+    from compiler.stages.models import load_model
+    from compiler.stages.validate import _typed
+    from targets.base import get_target
+
+    recipe = OmegaConf.load(run_dir / "recipe.yaml")
+    model = load_model(model_cfg("tiny_bert", **model_overrides))
+    data = load_data(data_cfg(**OmegaConf.to_container(recipe.data)), model.tokenizer, model.input_names)
+    feeds = list(data.evaluation.batches(int(recipe.data.batch_size)))
+    target = get_target("ort")(_typed(TargetConfig, recipe.target, "target"))
+    engine = target.lower(model, run_dir / "model.onnx", tmp_path)
+    return compare_outputs(reference_runner(model), target.runner(engine), feeds, GateConfig())["outputs"]["target"]
+
+
+def test_predict_embeddings_equal_the_check_stage_target_outputs(embedding_run, tmp_path):
+    from compiler.commands.predict import predict
+
+    expected = check_stage_target_outputs(embedding_run, {}, tmp_path)
+    got = predict(embedding_run, SENTENCES)
+    assert got["target"] == "ort" and got["task"] == "embedding"
+    for name in ("last_hidden_state", "sentence_embedding"):
+        np.testing.assert_array_equal(got["outputs"][name], expected[name])
+    # the CLI prints every value of --json: float32 -> JSON -> float32 is exact
+    proc = _cli(REPO, "predict", str(embedding_run), *SENTENCES[:2], "--json")
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)["predictions"]
+    assert [p["text"] for p in printed] == SENTENCES[:2]
+    np.testing.assert_array_equal(np.array([p["sentence_embedding"] for p in printed], np.float32),
+                                  expected["sentence_embedding"][:2])
+    assert printed[0]["norm"] == pytest.approx(1.0, abs=1e-5)  # mean pool + L2 norm inside the graph
+
+
+def test_predict_reads_sentences_from_a_file_and_prints_first_values_and_norm(embedding_run, tmp_path, capsys):
+    lines = tmp_path / "in.txt"
+    lines.write_text(f"{SENTENCES[0]}\n\n{SENTENCES[1]}\n")
+    rc, stdout, stderr = _main(capsys, "predict", str(embedding_run), "--file", str(lines))
+    assert rc == 0, stderr
+    out = stdout.strip().splitlines()
+    assert len(out) == 2 and out[0].startswith("norm 1.0000") and out[0].endswith(SENTENCES[0])
+    assert "(64 values)" in out[0]  # tiny_bert's hidden size
+
+
+def test_predict_classifier_gives_the_config_label_names_and_scores(classifier_run, tmp_path, capsys):
+    spec = json.loads((classifier_run / "predict.json").read_text())
+    assert spec["labels"] == ["LABEL_0", "LABEL_1", "LABEL_2"] and spec["task"] == "classification"
+    expected = check_stage_target_outputs(classifier_run, {"task": "classification", "tiny": {"num_labels": 3}},
+                                          tmp_path)["logits"]
+    rc, stdout, stderr = _main(capsys, "predict", str(classifier_run), *SENTENCES, "--json")
+    assert rc == 0, stderr
+    printed = json.loads(stdout)["predictions"]
+    np.testing.assert_array_equal(np.array([p["logits"] for p in printed], np.float32), expected)
+    for p, row in zip(printed, expected):
+        assert p["label"] == f"LABEL_{int(np.argmax(row))}"
+        assert sum(p["scores"].values()) == pytest.approx(1.0)
+        assert p["score"] == max(p["scores"].values())
+
+
+def test_run_dir_holds_the_tokenizer_as_hashed_artifacts_and_verify_passes(embedding_run):
+    manifest = json.loads((embedding_run / "manifest.json").read_text())
+    assert {"tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "predict.json"} <= set(manifest["artifacts"])
+    spec = json.loads((embedding_run / "predict.json").read_text())
+    assert spec["seq_len"] == 24 and spec["padding"] == "max_length" and spec["labels"] is None
+    proc = _cli(REPO, "verify", str(embedding_run))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _main(capsys, *argv):
+    """The CLI in this process (a subprocess costs a fresh import of torch): (exit code, stdout, stderr)."""
+    from compiler.commands.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "failed", "no_predict_files"])
+def test_predict_on_a_dir_that_is_not_a_finished_run_is_one_line_exit_2(case, embedding_run, tmp_path, capsys):
+    target = tmp_path / "run"
+    if case == "empty":
+        target.mkdir()
+    elif case == "failed":
+        _copy_run(embedding_run, target)
+        (target / "FAILED.md").write_text("# failed\n")
+    elif case == "no_predict_files":  # a run directory written before predict existed
+        _copy_run(embedding_run, target)
+        (target / "predict.json").unlink()
+    rc, stdout, stderr = _main(capsys, "predict", str(target), "a sentence")
+    assert rc == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qcompile: recipe error: run_dir:"), stderr
+    assert str(target) in lines[0]
+    assert stdout == ""
