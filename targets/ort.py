@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
+from compiler.graph.io import needs_external_data
 from compiler.runners.sessions import node_placement, ort_session, session_predictor
 from targets.base import Engine, Target
 
@@ -53,9 +54,11 @@ def create_session(model_path: Path, providers: List[str], opt_level: str = "all
                    provider_options: Optional[Dict[str, Dict]] = None):
     """InferenceSession that fails loudly when the first requested provider is not the one in use."""
     check_providers(list(providers))
+    # past 2 GB ORT can save the optimized graph only with its tensors beside it
+    external = optimized_path is not None and needs_external_data(Path(model_path))
     try:
         sess = ort_session(model_path, provider_list(list(providers), provider_options), opt_level, threads,
-                           optimized_path, record_placement)
+                           optimized_path, record_placement, optimized_external_data=external)
     except Exception as e:
         raise BuildError(f"onnxruntime cannot load {Path(model_path).name}: {str(e).splitlines()[0]}") from e
     used = sess.get_providers()

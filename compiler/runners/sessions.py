@@ -18,7 +18,7 @@ ORT_DOMAINS = ("", "ai.onnx", "com.microsoft")  # what the onnxruntime CPU provi
 
 
 def session_options(opt_level: str = "all", threads: int | None = None, optimized_path: Path | None = None,
-                    record_placement: bool = False):
+                    record_placement: bool = False, optimized_external_data: bool = False):
     """SessionOptions: quiet log, the optimization level by its recipe name, pinned threads (no spinning:
     the machines are shared), optionally ORT's optimized graph saved and the node placement recorded."""
     import onnxruntime as ort
@@ -34,6 +34,10 @@ def session_options(opt_level: str = "all", threads: int | None = None, optimize
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+        if optimized_external_data:
+            # ORT writes the optimized graph as one proto unless told where its tensors go: past 2 GB that fails
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        Path(optimized_path).name + ".data")
     if record_placement:
         so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     return so
@@ -41,12 +45,13 @@ def session_options(opt_level: str = "all", threads: int | None = None, optimize
 
 def ort_session(model: str | Path | bytes, providers: Sequence = (CPU,), opt_level: str = "all",
                 threads: int | None = None, optimized_path: Path | None = None,
-                record_placement: bool = False):
+                record_placement: bool = False, optimized_external_data: bool = False):
     """An InferenceSession on a path or serialized model bytes; errors propagate unchanged (callers word
-    them for their own context)."""
+    them for their own context). optimized_external_data: the saved optimized graph keeps its tensors in
+    <optimized_path>.data (needed past protobuf's 2 GB)."""
     import onnxruntime as ort
 
-    so = session_options(opt_level, threads, optimized_path, record_placement)
+    so = session_options(opt_level, threads, optimized_path, record_placement, optimized_external_data)
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, sess_options=so, providers=list(providers))
 

@@ -4,6 +4,7 @@ external data when protobuf's 2 GB limit (or the recipe) asks for it."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Dict, List
 
@@ -42,10 +43,12 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
         dyn = {n: {0: "batch", 1: "seq"} for n in input_names}
         for n in output_names:
             dyn[n] = {0: "batch", 1: "seq"} if n == "last_hidden_state" else {0: "batch"}
-    tmp = out_path.with_name(out_path.stem + ".export.onnx")
-    # the exporters print progress, INFO logs and C++ warnings (e.g. "The shape inference of
+    # a directory of its own: past 2 GB the TorchScript exporter writes every tensor to a file of its own,
+    # named after the tensor, beside the graph; they are read back and saved as one <graph>.data below.
+    # The exporters print progress, INFO logs and C++ warnings (e.g. "The shape inference of
     # trt::TRT_FP4QDQ type is missing"): into the run's log file, not the console
-    with library_output("export"):
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export.") as tmp_dir, library_output("export"):
+        tmp = Path(tmp_dir) / "export.onnx"
         try:
             if cfg.exporter == "torchscript":
                 torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
@@ -68,9 +71,7 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
         except Exception as e:
             raise BuildError(f"export ({cfg.exporter}, opset {_opset(cfg)}) failed: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    model = onnx.load(str(tmp), load_external_data=True)
-    for f in tmp.parent.glob(tmp.name + "*"):
-        f.unlink()
+        model = onnx.load(str(tmp), load_external_data=True)
     return save_onnx(model, out_path, cfg.external_data)
 
 

@@ -109,6 +109,8 @@ class Int8DynamicStep(Step):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        from compiler.graph.io import needs_external_data
+
         p = self.params
         fp32 = onnx.load(str(onnx_path), load_external_data=False)
         check_ops_match(fp32, p.op_types_to_quantize, self.key)
@@ -122,7 +124,7 @@ class Int8DynamicStep(Step):
         quietly(quantize_dynamic, str(graph), str(out_path), op_types_to_quantize=list(p.op_types_to_quantize),
                  per_channel=bool(p.per_channel), reduce_range=bool(p.reduce_range),
                  weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[p.weight_type],
-                 nodes_to_exclude=excluded)
+                 nodes_to_exclude=excluded, use_external_data_format=needs_external_data(graph))
         quantized = onnx.load(str(out_path), load_external_data=False)
         coverage = quantized_coverage(prepared, quantized, p.op_types_to_quantize)
         if coverage["quantized"] == 0:

@@ -129,12 +129,15 @@ def compute_ranges(onnx_path: Path, features, params: Params, batch_size: int, w
     import onnx
     from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
 
+    from compiler.graph.io import needs_external_data
+
     input_names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
     reader = FeaturesReader(features, input_names, batch_size, label=f"calibration ({params.calibration})")
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="calib.") as tmp:
         calibrator = quietly(create_calibrator, Path(onnx_path), list(op_types or params.op_types_to_quantize),
                               augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                               calibrate_method=ort_calibration_method(params.calibration),
+                              use_external_data_format=needs_external_data(Path(onnx_path)),
                               extra_options=calibrator_options(params))
         calibrator.collect_data(reader)
         ranges = calibrator.compute_data()
@@ -229,6 +232,8 @@ class Int8StaticStep(Step):
         import onnx
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+        from compiler.graph.io import needs_external_data
+
         p = self.params
         report = ctx.report
         if ctx.calibration is None or len(ctx.calibration) == 0:
@@ -272,7 +277,7 @@ class Int8StaticStep(Step):
                  activation_type=qtype[act], weight_type=qtype[p.weight_type],
                  nodes_to_exclude=sorted(set(excluded) | set(skipped)),
                  calibrate_method=ort_calibration_method(p.calibration), extra_options=extra,
-                 calibration_cache_path=str(cache_path))
+                 calibration_cache_path=str(cache_path), use_external_data_format=needs_external_data(graph))
 
         quantized = onnx.load(str(out_path), load_external_data=False)
         coverage = quantized_coverage(prepared, quantized, linear)

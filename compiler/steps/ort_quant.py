@@ -112,6 +112,11 @@ def preprocess(onnx_path: Path, out_path: Path, report: dict[str, Any]) -> Path:
     if every attempt fails the graph is quantized as exported. What happened goes into the report."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from compiler.graph.io import needs_external_data
+
+    # past 2 GB the graph must be written with external data, and onnxruntime only does so when told
+    large = {"save_as_external_data": True, "all_tensors_to_one_file": True,
+             "external_data_location": Path(out_path).name + ".data"} if needs_external_data(onnx_path) else {}
     attempts = [("default", {}), ("auto_merge", {"auto_merge": True}),
                 ("skip_symbolic_shape", {"skip_symbolic_shape": True}),
                 ("skip_symbolic_shape+skip_optimization", {"skip_symbolic_shape": True, "skip_optimization": True})]
@@ -122,7 +127,7 @@ def preprocess(onnx_path: Path, out_path: Path, report: dict[str, Any]) -> Path:
             # directory when it gives up: run it from the work directory so nothing lands where the user is
             src, dst = Path(onnx_path).resolve(), Path(out_path).resolve()  # before the chdir below
             with _in_dir(dst.parent):
-                quietly(quant_pre_process, str(src), str(dst), **kwargs)
+                quietly(quant_pre_process, str(src), str(dst), **kwargs, **large)
             report["preprocess"] = label
             if failures:
                 report["preprocess_failures"] = failures
