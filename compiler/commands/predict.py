@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def finished_run(path: str) -> Path:
     return run_dir
 
 
-def read_sentences(args) -> List[str]:
+def read_sentences(args) -> list[str]:
     sentences = list(args.sentences)
     if args.file:
         path = Path(args.file).expanduser()
@@ -61,7 +61,7 @@ def read_sentences(args) -> List[str]:
     return sentences
 
 
-def load_engine(run_dir: Path, spec: Dict[str, Any]):
+def load_engine(run_dir: Path, spec: dict[str, Any]):
     """(target, engine) of the run: the recipe's target section, the report's lower section, the artifacts."""
     from omegaconf import OmegaConf
 
@@ -80,7 +80,7 @@ def load_engine(run_dir: Path, spec: Dict[str, Any]):
     return target, engine, recipe
 
 
-def predict(run_dir: Path, sentences: List[str], batch_size: int | None = None) -> Dict[str, Any]:
+def predict(run_dir: Path, sentences: list[str], batch_size: int | None = None) -> dict[str, Any]:
     """The run's outputs for the sentences: {"task", "outputs": name -> array [N, ...], "labels"}."""
     from transformers import AutoTokenizer
 
@@ -94,7 +94,7 @@ def predict(run_dir: Path, sentences: List[str], batch_size: int | None = None) 
     features = tokenize(tokenizer, sentences, int(spec["seq_len"]), spec["input_names"])
     batch = int(batch_size or recipe.get("data", {}).get("batch_size", 8) or 8)
     run = target.predictor(engine)
-    parts: Dict[str, List[np.ndarray]] = {}
+    parts: dict[str, list[np.ndarray]] = {}
     for feed in features.batches(batch):
         for name, value in run(feed).items():
             parts.setdefault(name, []).append(value)
@@ -107,7 +107,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def rows(result: Dict[str, Any], sentences: List[str]) -> List[Dict[str, Any]]:
+def rows(result: dict[str, Any], sentences: list[str]) -> list[dict[str, Any]]:
     """One record per sentence: a classifier's label and scores, an embedding model's embedding and norm."""
     out = []
     if result["task"] == "classification":
@@ -125,7 +125,7 @@ def rows(result: Dict[str, Any], sentences: List[str]) -> List[Dict[str, Any]]:
     return out
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         _parser().print_help()
         return 0

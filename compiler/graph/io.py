@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List
 
 from compiler.core.errors import BuildError
 
@@ -41,7 +41,7 @@ def tensor_bytes(t) -> int:
         return 0
     try:
         item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:  # undefined type
+    except KeyError:  # an undefined or unknown type
         item = 0
     if not item or t.data_type == onnx.TensorProto.STRING:
         return t.ByteSize()  # strings are never large in a graph this compiler writes
@@ -98,7 +98,7 @@ def save_onnx(model, out_path: Path, external_data: str = "auto", check: bool = 
     return out_path
 
 
-def onnx_files(path: Path) -> List[Path]:
+def onnx_files(path: Path) -> list[Path]:
     """The model file and its external-data file, if any."""
     path = Path(path)
     files = [path]
@@ -112,11 +112,11 @@ def onnx_size_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in onnx_files(path))
 
 
-def op_histogram(path: Path) -> Dict[str, int]:
+def op_histogram(path: Path) -> dict[str, int]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for node in model.graph.node:
         key = node.op_type if not node.domain or node.domain == "ai.onnx" else f"{node.domain}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
