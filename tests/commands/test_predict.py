@@ -17,8 +17,8 @@ from tests.conftest import REPO, data_cfg, model_cfg
 SENTENCES = ["A happy dog runs across the green field.", "The stock market fell sharply on Monday.",
              "She plays the violin in an orchestra.", "Rain is expected for the whole weekend.",
              "He forgot his keys at the office again."]
-BUILD = ["recipe=int8_static", "target=ort", "data.calibration_samples=8", "data.seq_len=24",
-         "data.batch_size=2", "bench.enabled=false"]
+BUILD = ["recipe=int8_static", "data.calibration_samples=8", "data.seq_len=24", "data.batch_size=2",
+         "bench.enabled=false"]
 
 
 def _cli(cwd: Path, *args, timeout=900):
@@ -38,13 +38,13 @@ def _build(root: Path, *overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def embedding_run(tmp_path_factory) -> Path:
-    return _build(tmp_path_factory.mktemp("predict_embedding"), "model=tiny_bert")
+    return _build(tmp_path_factory.mktemp("predict_embedding"), "model=tiny_bert", "target=ort")
 
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory) -> Path:
-    return _build(tmp_path_factory.mktemp("predict_classifier"), "model=tiny_bert", "model.task=classification",
-                  "+model.tiny.num_labels=3")
+    return _build(tmp_path_factory.mktemp("predict_classifier"), "model=tiny_bert", "target=ort",
+                  "model.task=classification", "+model.tiny.num_labels=3")
 
 
 def check_stage_target_outputs(run_dir: Path, model_overrides, tmp_path: Path):
@@ -63,7 +63,7 @@ def check_stage_target_outputs(run_dir: Path, model_overrides, tmp_path: Path):
     model = load_model(model_cfg("tiny_bert", **model_overrides))
     data = load_data(data_cfg(**OmegaConf.to_container(recipe.data)), model.tokenizer, model.input_names)
     feeds = list(data.evaluation.batches(int(recipe.data.batch_size)))
-    target = get_target("ort")(_typed(TargetConfig, recipe.target, "target"))
+    target = get_target(str(recipe.target.name))(_typed(TargetConfig, recipe.target, "target"))
     engine = target.lower(model, run_dir / "model.onnx", tmp_path)
     return compare_outputs(reference_runner(model), target.runner(engine), feeds, GateConfig())["outputs"]["target"]
 
@@ -84,6 +84,20 @@ def test_predict_embeddings_equal_the_check_stage_target_outputs(embedding_run, 
     np.testing.assert_array_equal(np.array([p["sentence_embedding"] for p in printed], np.float32),
                                   expected["sentence_embedding"][:2])
     assert printed[0]["norm"] == pytest.approx(1.0, abs=1e-5)  # mean pool + L2 norm inside the graph
+
+
+def test_predict_on_a_trt_run_without_tensorrt_equals_the_check_stage_cpu_runner(tmp_path_factory, tmp_path):
+    """No TensorRT here: the check ran model.onnx on the CPU runner lower() chose; predict runs the same."""
+    from compiler.commands.predict import predict
+
+    run_dir = _build(tmp_path_factory.mktemp("predict_trt"), "model=tiny_bert", "target=trt")
+    report = json.loads((run_dir / "report.json").read_text())
+    if report["lower"].get("engine_built"):
+        pytest.skip("TensorRT built an engine here: the CPU-runner path is not what this run used")
+    expected = check_stage_target_outputs(run_dir, {}, tmp_path)
+    got = predict(run_dir, SENTENCES)
+    assert got["target"] == "trt"
+    np.testing.assert_array_equal(got["outputs"]["sentence_embedding"], expected["sentence_embedding"])
 
 
 def test_predict_reads_sentences_from_a_file_and_prints_first_values_and_norm(embedding_run, tmp_path, capsys):
