@@ -61,7 +61,7 @@ class Target:
     def lower(self, model, onnx_path: Optional[Path], run_dir: Path, build_info: Optional[BuildInfo] = None) -> Engine:
         raise NotImplementedError
 
-    def load(self, run_dir: Path, info: Dict[str, Any], input_names: List[str], output_names: List[str]) -> Engine:
+    def load(self, run_dir: Path, info: dict[str, Any], input_names: list[str], output_names: list[str]) -> Engine:
         """The engine of a finished run directory, from its artifacts and the report's "lower" section (info),
         for `qcompile predict`: the same engine the check stage ran."""
         from compiler.core.errors import BuildError

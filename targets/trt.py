@@ -157,7 +157,7 @@ class TrtTarget(Target):
         if info.get("engine_built"):
             profiles = profile_shapes(onnx_inputs(onnx_path), self.cfg.min_shapes, self.cfg.opt_shapes,
                                       self.cfg.max_shapes)
-            handle: Dict[str, Any] = {"kind": "tensorrt", "plan": run_dir / PLAN, "profiles": profiles}
+            handle: dict[str, Any] = {"kind": "tensorrt", "plan": run_dir / PLAN, "profiles": profiles}
             path = run_dir / PLAN
         else:
             handle = {"kind": info.get("cpu_runner", "reference"), "onnx": onnx_path,

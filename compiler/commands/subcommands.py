@@ -101,7 +101,7 @@ def rebuild(argv: List[str]) -> int:
     return rebuild_main(argv)
 
 
-def predict(argv: List[str]) -> int:
+def predict(argv: list[str]) -> int:
     """qcompile predict <run dir> "a sentence" ... [--file F] [--json]: text through the run's engine."""
     from compiler.commands.predict import main
 

@@ -39,7 +39,7 @@ class LoadedModel:
     task: str
     weights_sha256: str
     source: Dict[str, str] = field(default_factory=dict)
-    labels: Optional[List[str]] = None  # a classifier's label names, by logit index (config id2label)
+    labels: list[str] | None = None  # a classifier's label names, by logit index (config id2label)
 
 
 def package_model_dir(package: str) -> Path:
@@ -289,7 +289,7 @@ def load_model(cfg) -> LoadedModel:
     )
 
 
-def logit_labels(cfg, hf_config) -> Optional[List[str]]:
+def logit_labels(cfg, hf_config) -> list[str] | None:
     """A classifier's label names in logit order (id2label, LABEL_<i> where it names none); None otherwise."""
     if cfg.task != "classification":
         return None
@@ -303,7 +303,7 @@ TOKENIZER_DIR = "tokenizer"
 PREDICT_FILE = "predict.json"
 
 
-def write_predict_files(model: LoadedModel, run_dir: Path, seq_len: int) -> List[Path]:
+def write_predict_files(model: LoadedModel, run_dir: Path, seq_len: int) -> list[Path]:
     """The tokenizer (save_pretrained into run_dir/tokenizer/) and predict.json: the task, the graph's input and
     output names, the label names of a classifier and the tokenizer settings the check stage used
     (compiler.stages.data.tokenize: padding to seq_len, truncation). Both are artifacts (hashed in the manifest)."""
