@@ -61,7 +61,7 @@ class ModelConfig:
     source: str = "package"
     package: Optional[str] = None
     path: Optional[str] = None
-    architecture: Optional[str] = None  # tiny models: "bert" | "modernbert"
+    architecture: Optional[str] = None  # tiny models: "bert" | "modernbert" | "distilbert" | "roberta"
     tiny: Dict[str, Any] = field(default_factory=dict)  # config overrides for tiny models
     tokenizer: Optional[str] = None  # tokenizer source: "package:<name>" or a path; default = the model's
     task: str = "embedding"  # "embedding" (mean pool + L2 norm) or "classification" (logits)

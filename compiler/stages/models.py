@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from compiler.core.hashing import file_sha256
 from compiler.core.errors import BuildError, RecipeError
+from compiler.graph.roles import LayerRoles, example_inputs, find_roles
 from compiler.steps.base import ModelInfo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
@@ -24,6 +25,11 @@ TINY_DEFAULTS = {
     "modernbert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                        max_position_embeddings=512, vocab_size=30522, pad_token_id=0, bos_token_id=101,
                        eos_token_id=102, cls_token_id=101, sep_token_id=102, global_attn_every_n_layers=1),
+    # DistilBERT names its layers q_lin / out_lin / ffn.lin1 / ffn.lin2 and has no token types
+    "distilbert": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=256, max_position_embeddings=512, vocab_size=30522),
+    # RoBERTa: positions start after the padding index, so 2 more position embeddings than tokens
+    "roberta": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                    max_position_embeddings=514, vocab_size=30522, type_vocab_size=1, pad_token_id=1),
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -40,6 +46,8 @@ class LoadedModel:
     weights_sha256: str
     source: Dict[str, str] = field(default_factory=dict)
     labels: list[str] | None = None  # a classifier's label names, by logit index (config id2label)
+    # the role of every Linear (attention_qkv, ffn_down, head ...), read from the dataflow of one forward
+    roles: Optional[LayerRoles] = None
 
 
 def package_model_dir(package: str) -> Path:
@@ -88,7 +96,8 @@ def _tiny_config(cfg):
         raise RecipeError("model.architecture", f"no tiny {arch!r} model", f"use one of {sorted(TINY_DEFAULTS)}")
     kwargs = dict(TINY_DEFAULTS[arch])
     kwargs.update(dict(cfg.tiny or {}))
-    klass = {"bert": transformers.BertConfig, "modernbert": transformers.ModernBertConfig}[arch]
+    klass = {"bert": transformers.BertConfig, "modernbert": transformers.ModernBertConfig,
+             "distilbert": transformers.DistilBertConfig, "roberta": transformers.RobertaConfig}[arch]
     hf_cfg = klass(**kwargs)
     return hf_cfg
 
@@ -118,9 +127,10 @@ def model_info(cfg) -> ModelInfo:
     return ModelInfo(
         name=cfg.name,
         architecture=arch,
-        hidden_size=int(getattr(hf_cfg, "hidden_size", 0) or 0),
-        intermediate_size=int(getattr(hf_cfg, "intermediate_size", 0) or 0),
-        num_heads=int(getattr(hf_cfg, "num_attention_heads", 0) or 0),
+        # DistilBERT's config.json says dim / hidden_dim / n_heads
+        hidden_size=int(getattr(hf_cfg, "hidden_size", 0) or getattr(hf_cfg, "dim", 0) or 0),
+        intermediate_size=int(getattr(hf_cfg, "intermediate_size", 0) or getattr(hf_cfg, "hidden_dim", 0) or 0),
+        num_heads=int(getattr(hf_cfg, "num_attention_heads", 0) or getattr(hf_cfg, "n_heads", 0) or 0),
         max_positions=int(getattr(hf_cfg, "max_position_embeddings", 0) or 0),
     )
 
@@ -286,6 +296,7 @@ def load_model(cfg) -> LoadedModel:
         output_names=output_names_for(cfg.task), task=cfg.task,
         weights_sha256=state_dict_sha256(module), source=source,
         labels=logit_labels(cfg, hf_module.config),
+        roles=find_roles(module, example_inputs(input_names)),
     )
 
 
