@@ -4,6 +4,7 @@ Each stage is a plain function over artifacts; this module only wires them in or
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
 import time
@@ -27,7 +28,8 @@ from compiler.stages.manifest import write_manifest
 from compiler.stages.models import LoadedModel, label_names, load_model, write_predict_files
 from compiler.stages.report import write_report
 from compiler.runners.callable import CallableRunner, torch_predictor
-from compiler.steps.base import StepContext
+from compiler.graph.roles import expand_patterns, is_role_selector
+from compiler.steps.base import Step, StepContext
 from compiler.stages.validate import BuildSpec
 from targets.base import BuildInfo, Engine, get_target
 
@@ -43,12 +45,28 @@ def stage(name: str, timings: Dict[str, float]):
     log.info("[%s] done in %.1fs", name, timings[name])
 
 
-def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None) -> StepContext:
+def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None, roles=None) -> StepContext:
     """What a step may read: the target's capabilities, the data, the resolved opset and batch size."""
     return StepContext(target=spec.capabilities, model_info=spec.model_info,
                        calibration=data.calibration if data is not None else None, work_dir=work_dir,
-                       seed=spec.seed, exclude=list(spec.model.exclude), opset=int(spec.export.opset),
-                       batch_size=int(spec.data.batch_size), cache=cache)
+                       seed=spec.seed, exclude=expand_patterns(spec.model.exclude, roles),  # may name roles (`head`)
+                       opset=int(spec.export.opset), batch_size=int(spec.data.batch_size), cache=cache)
+
+
+def resolve_roles(steps: List[Step], roles) -> List[Step]:
+    """The steps with the role selectors of their layer lists (`exclude`, `layers`: `ffn_down`,
+    `attention_output[0]`) replaced by the module names the model's roles give, so every step method sees
+    module-name patterns. The recipe (recipe.yaml) keeps the roles."""
+    out = []
+    for step in steps:
+        changes = {f: expand_patterns(getattr(step.params, f), roles) for f in ("exclude", "layers")
+                   if isinstance(getattr(step.params, f, None), (list, tuple))
+                   and any(is_role_selector(p) for p in getattr(step.params, f))}
+        if changes:
+            step = copy.copy(step)
+            step.params = dataclasses.replace(step.params, **changes)
+        out.append(step)
+    return out
 
 
 def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir: Path,
@@ -56,18 +74,18 @@ def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir:
     """Quantize stage (torch side): the recipe's torch steps in order, on a copy of the module."""
     module = model.module
     for step in spec.torch_steps:
-        ctx = step_context(spec, data, work_dir, cache)
+        ctx = step_context(spec, data, work_dir, cache, model.roles)
         module = step.apply_torch(module, ctx)
         step_reports[step.name] = {"where": "torch", **ctx.report}
     return LoadedModel(**{**model.__dict__, "module": module})
 
 
 def quantize_onnx(onnx_path: Path, spec: BuildSpec, data: Dataset, work_dir: Path, step_reports: Dict[str, Any],
-                  cache=None) -> Path:
+                  cache=None, roles=None) -> Path:
     """Quantize stage (ONNX side): the recipe's ONNX steps in order, each writing a new graph."""
     current = onnx_path
     for i, step in enumerate(spec.onnx_steps):
-        ctx = step_context(spec, data, work_dir, cache)
+        ctx = step_context(spec, data, work_dir, cache, roles)
         out = work_dir / f"{i:02d}_{step.name}.onnx"
         current = step.apply_onnx(current, out, ctx)
         step_reports[step.name] = {"where": "onnx", **ctx.report}
@@ -124,9 +142,12 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                          label_names=label_names(spec.model), evaluation_limit=spec.check.samples)
         reference = LoadedModel(**{**model.__dict__, "module": copy.deepcopy(model.module)})
         write_predict_files(model, run_dir, int(spec.data.seq_len))  # `qcompile predict` needs only the run dir
+    spec = dataclasses.replace(spec, steps=resolve_roles(spec.steps, model.roles))
     report["model"] = {"name": model.name, "architecture": model.info.architecture, "hidden_size": model.info.hidden_size,
                        "parameters": int(sum(p.numel() for p in reference.module.parameters())),
                        "weights_sha256": model.weights_sha256, **model.source}
+    if model.roles is not None:  # how many Linear layers of each role the dataflow found (compiler/graph/roles.py)
+        report["model"]["layer_roles"] = {r: len(model.roles.names(r)) for r in sorted(set(model.roles.role.values()))}
     report["data"] = {"calibration_samples": len(data.calibration), "evaluation_samples": len(data.evaluation),
                       "seq_len": int(spec.data.seq_len), "files": data.files,
                       "evaluation_task": data.evaluation_labels.task if data.evaluation_labels else None}
@@ -148,14 +169,14 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                                        export_cfg)
             exported = graph_passes.fix_exported(exported, work_dir, export_cfg, report)
             for i, step in enumerate(spec.torch_steps):
-                ctx = step_context(spec, data, work_dir, cache)
+                ctx = step_context(spec, data, work_dir, cache, model.roles)
                 exported = step.after_export(exported, work_dir / f"export_{i:02d}_{step.name}.onnx", ctx)
                 if ctx.report:  # what the step's graph pass did (e.g. weights folded, custom ops lowered)
                     report["steps"].setdefault(step.name, {})["after_export"] = dict(ctx.report)
             graph_passes.check_input_flow(exported, model.input_names, report)
             exported = doctor.after_export(exported, spec, report)
         with stage("quantize-onnx", timings):
-            final = quantize_onnx(exported, spec, data, work_dir, report["steps"], cache)
+            final = quantize_onnx(exported, spec, data, work_dir, report["steps"], cache, model.roles)
             onnx_path = move_onnx(final, run_dir / "model.onnx")
         report["onnx"] = {"path": "model.onnx", "bytes": onnx_size_bytes(onnx_path), "ops": op_histogram(onnx_path),
                           "opset": int(export_cfg.opset), "exporter": spec.export.exporter}

@@ -67,8 +67,9 @@ class ModelConfig:
     task: str = "embedding"  # "embedding" (mean pool + L2 norm) or "classification" (logits)
     trust_remote_code: bool = False
     seed: int = 0
-    # layer-name patterns torch-side quantization leaves alone (heads, poolers, embeddings)
-    exclude: List[str] = field(default_factory=lambda: ["*pooler*", "*classifier*", "*embeddings*"])
+    # layers quantization leaves alone: roles (compiler/graph/roles.py: `head` = poolers, classifiers, prediction
+    # heads) or fnmatch patterns over module names (embeddings)
+    exclude: List[str] = field(default_factory=lambda: ["head", "*embeddings*"])
 
 
 @dataclass

@@ -137,6 +137,17 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
     return steps, gate
 
 
+def check_layer_selectors(key: str, patterns) -> None:
+    """A misspelt layer role (`ffn_dwn`) in a layer list would match no module name and silently pick
+    nothing: it is an error naming the key."""
+    from compiler.graph.roles import bad_selector
+
+    for p in list(patterns or []):
+        why = bad_selector(str(p))
+        if why:
+            raise RecipeError(key, f"{p!r} is not a layer role", why)
+
+
 def validate(cfg: DictConfig) -> BuildSpec:
     """Validate stage: the composed Hydra config -> BuildSpec, or RecipeError."""
     from compiler.stages.models import model_info
@@ -175,6 +186,7 @@ def validate(cfg: DictConfig) -> BuildSpec:
     if typed["export"].external_data not in ("auto", "always", "never"):
         raise RecipeError("export.external_data", f"bad value {typed['export'].external_data!r}",
                           "use auto, always or never")
+    check_layer_selectors("model.exclude", model.exclude)
     info = model_info(model)  # reads config.json only
     if info.max_positions:
         for key, seq in (("data.seq_len", data.seq_len), ("bench.seq_len", typed["bench"].seq_len)):
@@ -185,6 +197,9 @@ def validate(cfg: DictConfig) -> BuildSpec:
     if recipe_node is None:
         raise RecipeError("recipe", "no recipe selected", "pass recipe=<name>")
     steps, gate = validate_steps(recipe_node, capabilities, info)
+    for step in steps:  # layer lists may name roles; a misspelt role is an error
+        for field_name in ("exclude", "layers"):
+            check_layer_selectors(f"recipe.steps.{step.name}.{field_name}", getattr(step.params, field_name, None))
     for step in steps:  # checks against the export settings: an explicit opset below a step's min_opset
         step.validate_export(typed["export"], capabilities)
     if typed["export"].opset is None:

@@ -1,0 +1,479 @@
+"""Repair stage: per-layer sensitivity of a quantizing recipe and the search for the fewest layers to give the
+fallback format so the budgeted metric holds; its result is a per-layer precision map ({layer: format}).
+
+How it measures: the recipe's torch steps are applied twice to copies of the fp32 model, once as written (A)
+and once with every quantized layer given the fallback format (B, through Step.with_layer_formats). A mixed
+model is A with some layers' modules swapped in from B. This equals quantizing with the mixed map: modelopt
+calibrates every quantizer on the unquantized forward (calibration mode disables quantization), so a layer's
+ranges do not depend on the other layers' formats. Each measurement is then one forward of the ranking subset.
+That is the target's numerics for target=torch, and the graph the trt / ort targets export from the same
+fake-quant modules (ORT equals torch fake-quant to < 1e-4 on these graphs: compiler/steps tests).
+
+Sensitivity of a layer: the budgeted metric with only that layer at the fallback minus the metric with all
+layers quantized (a gain: larger = more sensitive). A cheap first pass (each layer's output error against its
+fallback module on the same input, from one forward) orders the layers; the top `confirm_top` are measured.
+The search: layers in sensitivity order, the smallest count k whose map meets the budget, found by binary search
+over k (the metric rises with k in practice; each probe is measured and reported).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from compiler.core.errors import BuildError, GateError, RecipeError
+
+log = logging.getLogger("qcompile")
+
+FALLBACKS = ("fp32", "fp16", "int8", "fp8")
+# stored bits per weight of each format (nvfp4: 4-bit values + one e4m3 scale per 16), for the size estimate
+FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5}
+
+
+class RepairBudgetError(GateError):
+    """The budget cannot be met within repair.max_fallback_fraction. Exit 3, like a failed gate."""
+
+    kind = "repair budget not met"
+
+
+@dataclass
+class Probe:
+    """One measured point of the search."""
+
+    fallback_layers: int
+    metric: float
+    drop: float
+    weight_bytes: int
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"fallback_layers": self.fallback_layers, "metric": round(self.metric, 6),
+                "drop": round(self.drop, 6), "weight_bytes": self.weight_bytes}
+
+
+@dataclass
+class RepairResult:
+    metric_name: str
+    reference: float  # the metric's fp32 value (1.0 for fidelity metrics)
+    budget: float  # max drop
+    fallback: str
+    layers: List[Dict[str, Any]]  # per layer, in sensitivity order: name, role, proxy, gain (measured or None)
+    probes: List[Probe]
+    chosen: List[str]
+    allowed: int
+    total: int
+    seconds: Dict[str, Any] = field(default_factory=dict)
+    primary_format: str = ""
+    met: bool = True
+    needed: Optional[int] = None  # unmet: the fallback count that would meet the budget (None: none does)
+    fraction: float = 0.0  # repair.max_fallback_fraction
+
+    @property
+    def layer_map(self) -> Dict[str, str]:
+        return {n: self.fallback for n in sorted(self.chosen)}
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"metric": self.metric_name, "reference": self.reference, "max_drop": self.budget,
+                "fallback": self.fallback, "primary_format": self.primary_format, "quantized_layers": self.total,
+                "max_fallback_layers": self.allowed, "chosen": sorted(self.chosen), "layers": self.layers,
+                "search": [p.as_dict() for p in self.probes], "seconds": self.seconds, "met": self.met,
+                "needed": self.needed}
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+def validate_repair(rep, gate, steps, target, opset: Optional[int]) -> None:
+    """Bad repair settings, each one line naming the key (before any weights load)."""
+    if rep.max_task_drop is not None and (not math.isfinite(rep.max_task_drop) or rep.max_task_drop < 0):
+        raise RecipeError("recipe.repair.max_task_drop", f"{rep.max_task_drop} is below zero",
+                          "give the largest metric drop you accept, e.g. 0.01 (0 = no loss at all)")
+    if not 0.0 <= rep.max_fallback_fraction <= 1.0:
+        raise RecipeError("recipe.repair.max_fallback_fraction", f"{rep.max_fallback_fraction} is outside [0, 1]",
+                          "give the largest share of quantized layers that may fall back, e.g. 0.34")
+    if rep.fallback not in FALLBACKS:
+        raise RecipeError("recipe.repair.fallback", f"unknown format {rep.fallback!r}", f"use one of {list(FALLBACKS)}")
+    if rep.strategy != "greedy":
+        raise RecipeError("recipe.repair.strategy", f"unknown strategy {rep.strategy!r}", "use greedy")
+    if rep.ranking_samples <= 0:
+        raise RecipeError("recipe.repair.ranking_samples", f"must be > 0, got {rep.ranking_samples}",
+                          "use e.g. 32")
+    if rep.confirm_top < 0:
+        raise RecipeError("recipe.repair.confirm_top", f"must be >= 0, got {rep.confirm_top}", "use e.g. 16")
+    if not (rep.enabled or rep.layers):
+        return
+    quant = [s for s in steps if s.quantizes_compute]
+    if not quant:
+        raise RecipeError("recipe.repair.enabled", "the recipe quantizes nothing, so no layer can fall back",
+                          "use a quantizing recipe (e.g. recipe=nvfp4) or set recipe.repair.enabled=false")
+    formats = {rep.fallback} | set(dict(rep.layers or {}).values())
+    for fmt in sorted(formats):
+        if fmt not in FALLBACKS and fmt != "fp32":
+            raise RecipeError("recipe.repair.layers", f"unknown format {fmt!r}", f"use one of {list(FALLBACKS)}")
+        for s in quant:
+            if fmt != "fp32" and fmt not in s.layer_format_choices:
+                ok = sorted({"fp32"} | set(s.layer_format_choices))
+                raise RecipeError("recipe.repair.fallback", f"step {s.name} cannot give a layer {fmt!r}",
+                                  f"use fallback in {ok}")
+        # float8 Q/DQ in ONNX needs opset 19; ORT's CPU provider runs it from there (compiler/graph/fp8_qdq.py)
+        if fmt == "fp8" and target.runs_onnx and opset is not None and int(opset) < 19:
+            raise RecipeError("recipe.repair.fallback", f"fp8 layers are not runnable on target={target.name} at "
+                              f"export.opset={opset} (float8 QuantizeLinear needs opset 19)",
+                              "set export.opset=19 (or leave it unset), or use fallback=fp32")
+    if rep.enabled and any(s.stage_for(target.name) != "torch" for s in quant):
+        onnx_steps = [s.name for s in quant if s.stage_for(target.name) != "torch"]
+        if rep.fallback != "fp32":
+            raise RecipeError("recipe.repair.fallback", f"{rep.fallback!r} for ONNX-side step(s) {onnx_steps}: they "
+                              "can only keep a layer out of quantization", "use fallback=fp32")
+
+
+def budget_of(rep, gate, task: str) -> float:
+    """repair.max_task_drop, else the gate's: the fidelity metric may drop from 1.0 to the gate's minimum."""
+    if rep.max_task_drop is not None:
+        return float(rep.max_task_drop)
+    if task == "classification":
+        return max(0.0, 1.0 - float(gate.min_top1_agreement))
+    return max(0.0, 1.0 - float(gate.min_embedding_cosine))
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+
+def fidelity_metric(task: str):
+    """(name, fn(reference outputs, quantized outputs) -> value, higher is better, 1.0 = equal)."""
+    if task == "classification":
+        return "label_agreement", lambda r, q: float(np.mean(np.argmax(r, -1) == np.argmax(q, -1)))
+
+    def cosine(r, q):
+        r = r / np.clip(np.linalg.norm(r, axis=-1, keepdims=True), 1e-12, None)
+        q = q / np.clip(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12, None)
+        return float(np.mean(np.sum(r * q, axis=-1)))
+
+    return "embedding_cosine_mean", cosine
+
+
+def _outputs(module, feeds: Sequence[Sequence[Any]], index: int) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([module(*f)[index].detach().double().cpu().numpy() for f in feeds], axis=0)
+
+
+def _get(module, name: str):
+    return module.get_submodule(name)
+
+
+def _set(module, name: str, new) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, child, new)
+
+
+def _is_quantized(sub) -> bool:
+    """Whether a layer module (possibly wrapped, e.g. by a rotation) has an enabled quantizer."""
+    for m in sub.modules():
+        for attr in ("weight_quantizer", "input_quantizer"):
+            q = getattr(m, attr, None)
+            if q is not None and bool(getattr(q, "is_enabled", False)):
+                return True
+    return False
+
+
+def _params(sub) -> int:
+    import torch
+
+    return int(sum(m.weight.numel() for m in sub.modules() if isinstance(m, torch.nn.Linear)))
+
+
+def weight_bytes(counts: Dict[str, int], formats: Dict[str, str]) -> int:
+    """Stored bytes of the listed layers' weights in their formats (an estimate: no scales beyond nvfp4's)."""
+    return int(sum(n * FORMAT_BITS[formats[name]] / 8 for name, n in counts.items()))
+
+
+def proxy_errors(a, b, names: Sequence[str], feeds) -> Dict[str, float]:
+    """Cheap pass: for each layer, the relative output error of A's module against B's module on the same
+    input (the input A's own forward gives it), from one forward over the feeds."""
+    import torch
+
+    err: Dict[str, List[float]] = {n: [0.0, 0.0] for n in names}
+    hooks = []
+    for n in names:
+        other = _get(b, n)
+
+        def hook(mod, inp, out, n=n, other=other):
+            with torch.no_grad():
+                ref = other(*inp)
+            err[n][0] += float(((out - ref).double() ** 2).sum())
+            err[n][1] += float((ref.double() ** 2).sum())
+        hooks.append(_get(a, n).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for f in feeds:
+                a(*f)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: math.sqrt(e / max(d, 1e-30)) for n, (e, d) in err.items()}
+
+
+class MixedModel:
+    """A (all layers in the recipe's format) with any set of layers swapped in from B (the fallback)."""
+
+    def __init__(self, a, b, names: Sequence[str]):
+        self.model = a
+        self.primary = {n: _get(a, n) for n in names}
+        self.fallback = {n: _get(b, n) for n in names}
+        self.current: set = set()
+
+    def use(self, fallback_layers) -> Any:
+        want = set(fallback_layers)
+        for n in self.current - want:
+            _set(self.model, n, self.primary[n])
+        for n in want - self.current:
+            _set(self.model, n, self.fallback[n])
+        self.current = want
+        return self.model
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: Dict[str, str], feeds,
+                        reference: np.ndarray, metric_fn, confirm_top: int, output_index: int) -> Dict[str, Any]:
+    """Per-layer sensitivity: the proxy error of every layer, the measured gain of the top confirm_top by proxy;
+    layers ordered by measured gain, then the unmeasured ones by proxy."""
+    def measure(fallback_layers) -> float:
+        return metric_fn(reference, _outputs(mixed.use(fallback_layers), feeds, output_index))
+
+    base = measure([])
+    proxy = proxy_errors(mixed.use([]), _b_of(mixed), names, feeds)
+    by_proxy = sorted(names, key=lambda n: (-proxy[n], n))
+    gains: Dict[str, Optional[float]] = {n: None for n in names}
+    for n in by_proxy[:confirm_top]:
+        gains[n] = measure([n]) - base
+    measured = sorted((n for n in names if gains[n] is not None), key=lambda n: (-gains[n], -proxy[n], n))
+    order = measured + [n for n in by_proxy if gains[n] is None]
+    mixed.use([])
+    return {"base_metric": base, "layers": [
+        {"name": n, "role": roles.get(n, ""), "proxy_error": round(proxy[n], 6),
+         "gain": None if gains[n] is None else round(gains[n], 6)} for n in order]}
+
+
+def search(mixed: MixedModel, sensitivity: Dict[str, Any], feeds, reference: np.ndarray, metric_fn,
+           metric_name: str, budget: float, fallback: str, allowed: int, primary_format: str,
+           counts: Dict[str, int], output_index: int) -> RepairResult:
+    """Layers in sensitivity order; the smallest count k <= allowed whose map meets the budget, by binary search
+    (every probe measured). Unmet: the count that would meet it (searched past `allowed`), in result.needed."""
+    order = [x["name"] for x in sensitivity["layers"]]
+    primary = {n: primary_format for n in order}
+    probes: Dict[int, Probe] = {}
+
+    def probe(k: int) -> Probe:
+        if k not in probes:
+            m = float(sensitivity["base_metric"]) if k == 0 else metric_fn(
+                reference, _outputs(mixed.use(order[:k]), feeds, output_index))
+            fmts = dict(primary, **{n: fallback for n in order[:k]})
+            probes[k] = Probe(k, m, 1.0 - m, weight_bytes(counts, fmts))
+        return probes[k]
+
+    def ok(k: int) -> bool:
+        return probe(k).drop <= budget + 1e-12
+
+    def smallest(lo: int, hi: int) -> int:
+        """The smallest k in (lo, hi] with ok(k), given ok(hi) and not ok(lo)."""
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    chosen: Optional[int] = None
+    needed: Optional[int] = None
+    if ok(0):
+        chosen = 0
+    elif allowed > 0 and ok(allowed):
+        chosen = smallest(0, allowed)
+    elif len(order) > allowed and ok(len(order)):
+        needed = smallest(allowed, len(order))
+    result = RepairResult(metric_name=metric_name, reference=1.0, budget=budget, fallback=fallback,
+                          layers=sensitivity["layers"], probes=[probes[k] for k in sorted(probes)],
+                          chosen=order[:chosen] if chosen is not None else [], allowed=allowed, total=len(order),
+                          primary_format=primary_format)
+    result.met = chosen is not None
+    result.needed = needed
+    mixed.use(result.chosen)
+    return result
+
+
+def _b_of(mixed: MixedModel):
+    """A module tree whose layers are B's: the fallback modules swapped into a shallow view for proxy_errors."""
+
+    class _View:
+        def get_submodule(self, name):
+            return mixed.fallback[name]
+
+    return _View()
+
+
+def unmet_message(result: RepairResult) -> str:
+    within = [p for p in result.probes if p.fallback_layers <= result.allowed]
+    best = min(within, key=lambda p: p.drop)
+    need = result.needed
+    frac = result.fraction
+    head = (f"budget met with {need} of {result.total} layers in {result.fallback}; "
+            f"max_fallback_fraction={frac:g} allows {result.allowed}" if need else
+            f"budget not met even with all {result.total} layers in {result.fallback}")
+    return (f"{head} (best within it: {result.metric_name} {best.metric:.5f}, drop {best.drop:.5f} > "
+            f"max_task_drop {result.budget:g} with {best.fallback_layers} layers) -- "
+            + (f"raise recipe.repair.max_fallback_fraction to {need / result.total:.2f}" if need else
+               "use a wider fallback (fp32) or a looser budget"))
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def run_repair(model, spec, data, apply_steps: Callable[[Any, List[Any]], Any], cache=None,
+               primary_format: str = "") -> RepairResult:
+    """The repair search for a build: model is the fp32 LoadedModel, apply_steps(module, steps) applies torch
+    steps to a module (the pipeline's quantize_torch). Raises RepairBudgetError when the budget is unmet."""
+    rep = spec.repair
+    quant = [s for s in spec.torch_steps if s.quantizes_compute]
+    if not quant:
+        raise BuildError("repair: the recipe has no torch-side quantizing step to search over on "
+                         f"target={spec.target.name}")
+    t0 = time.perf_counter()
+    a = apply_steps(copy.deepcopy(model.module), list(spec.torch_steps))
+    names = [n for n in (model.roles.role if model.roles is not None else {}) if _has(a, n) and _is_quantized(_get(a, n))]
+    if not names:
+        raise BuildError("repair: no quantized layer found to fall back")
+    fallback_steps = [s.with_layer_formats({n: rep.fallback for n in names}) if s.quantizes_compute else s
+                      for s in spec.torch_steps]
+    b = apply_steps(copy.deepcopy(model.module), fallback_steps)
+    t_build = time.perf_counter() - t0
+    feeds = _ranking_feeds(data, int(rep.ranking_samples), int(spec.data.batch_size))
+    output_index = 0 if model.task == "classification" else 1
+    reference = _outputs(model.module, feeds, output_index)
+    metric_name, metric_fn = fidelity_metric(model.task)
+    budget = budget_of(rep, spec.gate, model.task)
+    allowed = int(math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9))
+    counts = {n: _params(_get(a, n)) for n in names}
+    roles = model.roles.role if model.roles is not None else {}
+    mixed = MixedModel(a, b, names)
+    t1 = time.perf_counter()
+
+    def sens() -> Dict[str, Any]:
+        return measure_sensitivity(mixed, names, roles, feeds, reference, metric_fn, int(rep.confirm_top),
+                                   output_index)
+
+    if cache is not None:
+        def build(d: Path) -> None:
+            (d / "sensitivity.json").write_text(json.dumps(sens(), indent=1, sort_keys=True) + "\n")
+
+        entry = cache.get_or_create("sensitivity", sensitivity_key(model, spec, data, names), build)
+        sensitivity = json.loads((entry / "sensitivity.json").read_text())
+    else:
+        sensitivity = sens()
+    t2 = time.perf_counter()
+    result = search(mixed, sensitivity, feeds, reference, metric_fn, metric_name, budget, rep.fallback, allowed,
+                    primary_format, counts, output_index)
+    result.fraction = float(rep.max_fallback_fraction)
+    result.seconds = {"build_variants": round(t1 - t0, 2), "sensitivity": round(t2 - t1, 2),
+                      "search": round(time.perf_counter() - t2, 2)}
+    return result
+
+
+def _has(module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _ranking_feeds(data, n: int, batch_size: int):
+    import torch
+
+    ev = data.evaluation
+    n = min(n, len(ev))
+    feeds = []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        feeds.append([torch.from_numpy(np.ascontiguousarray(v[start:stop])) for v in ev.arrays.values()])
+    return feeds
+
+
+def sensitivity_key(model, spec, data, names) -> Dict[str, Any]:
+    """Everything the per-layer sensitivity depends on: weights, data, recipe steps, target, fallback."""
+    from omegaconf import OmegaConf
+
+    steps = OmegaConf.to_container(spec.raw.recipe.get("steps"), resolve=True) if spec.raw is not None else {}
+    return {"weights": model.weights_sha256, "calibration": data.calibration.sha256(),
+            "evaluation": data.evaluation.sha256(), "ranking_samples": int(spec.repair.ranking_samples),
+            "confirm_top": int(spec.repair.confirm_top), "steps": steps, "target": spec.target.name,
+            "fallback": spec.repair.fallback, "layers": list(names), "seed": int(spec.seed),
+            "exclude": list(spec.model.exclude)}
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def write_outputs(run_dir: Path, result: RepairResult, roles: Dict[str, str]) -> Dict[str, str]:
+    """sensitivity.json, sensitivity.png (chosen layers marked) and layers.yaml in the run directory."""
+    run_dir = Path(run_dir)
+    (run_dir / "sensitivity.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
+    fmts = {x["name"]: (result.fallback if x["name"] in result.chosen else result.primary_format)
+            for x in result.layers}
+    lines = ["# per-layer precision of this build (recipe.repair.layers replays the fallbacks)"]
+    for x in result.layers:
+        lines.append(f"{x['name']}: {{role: {roles.get(x['name'], '') or 'other'}, format: {fmts[x['name']]}}}")
+    (run_dir / "layers.yaml").write_text("\n".join(lines) + "\n")
+    out = {"sensitivity": "sensitivity.json", "layers": "layers.yaml"}
+    try:
+        _plot(run_dir / "sensitivity.png", result)
+        out["plot"] = "sensitivity.png"
+    except Exception as e:  # a missing plotting backend must not fail a build that has its numbers
+        log.warning("sensitivity.png not written: %s", e)
+    return out
+
+
+def _plot(path: Path, result: RepairResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [x["name"] for x in result.layers]
+    vals = [x["gain"] if x["gain"] is not None else 0.0 for x in result.layers]
+    colors = ["tab:red" if n in result.chosen else "tab:blue" for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 4.5))
+    ax.bar(range(len(names)), vals, color=colors)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.removeprefix("inner.") for n in names], rotation=90, fontsize=6)
+    ax.set_ylabel(f"{result.metric_name} gain with the layer in {result.fallback}")
+    ax.set_title(f"per-layer sensitivity (red: fell back to {result.fallback}; unmeasured layers at 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_markdown(result: RepairResult) -> str:
+    """The REPORT.md section: fallen-back layers, the metric after each search step, size before / after."""
+    probes = sorted(result.probes, key=lambda p: p.fallback_layers)
+    first = probes[0]
+    final = next((p for p in probes if p.fallback_layers == len(result.chosen)), probes[-1])
+    out = ["", "## Repair (per-layer mixed precision)", "",
+           f"Budget: {result.metric_name} drop <= {result.budget:g}; fallback {result.fallback}; "
+           f"{len(result.chosen)} of {result.total} quantized layers fell back (at most {result.allowed} allowed).", "",
+           "| layers in fallback | " + result.metric_name + " | drop | weight bytes |", "|---|---|---|---|"]
+    for p in probes:
+        out.append(f"| {p.fallback_layers} | {p.metric:.5f} | {p.drop:.5f} | {p.weight_bytes} |")
+    out += ["", f"Linear weights: {first.weight_bytes} bytes all {result.primary_format} -> {final.weight_bytes} bytes "
+            "with the fallbacks.", "", "| layer | role | proxy error | measured gain | format |", "|---|---|---|---|---|"]
+    for x in result.layers:
+        fmt = result.fallback if x["name"] in result.chosen else result.primary_format
+        gain = "-" if x["gain"] is None else f"{x['gain']:.5f}"
+        out.append(f"| {x['name']} | {x['role'] or 'other'} | {x['proxy_error']:.4f} | {gain} | {fmt} |")
+    return "\n".join(out) + "\n"
