@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from compiler.stages import doctor
 from compiler import graph as graph_passes
@@ -67,6 +67,51 @@ def resolve_roles(steps: List[Step], roles) -> List[Step]:
             step.params = dataclasses.replace(step.params, **changes)
         out.append(step)
     return out
+
+
+def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: Path, work_dir: Path,
+                  report: Dict[str, Any], cache=None):
+    """Repair stage: the per-layer precision map of recipe.repair.layers, or (repair.enabled, no map yet) the
+    one the sensitivity search finds, given to the quantizing steps (Step.with_layer_formats). The map is
+    written into spec.raw (so into recipe.yaml: a rebuild replays it without searching); sensitivity.json,
+    sensitivity.png and layers.yaml go into the run directory. Returns (spec, REPORT.md section)."""
+    from compiler.stages.repair import RepairBudgetError, report_markdown, run_repair, unmet_message, write_outputs
+
+    rep = spec.repair
+    layer_map = dict(rep.layers or {})
+    md = ""
+    if not layer_map:
+        quant = [s for s in spec.torch_steps if s.quantizes_compute]
+        primary = ",".join(sorted(quant[0].precision)) if quant else ""
+
+        def apply(module, steps):
+            for step in steps:
+                module = step.apply_torch(module, step_context(spec, data, work_dir, cache, model.roles))
+            return module
+
+        result = run_repair(model, spec, data, apply, cache, primary_format=primary)
+        files = write_outputs(run_dir, result, model.roles.role if model.roles is not None else {})
+        md = report_markdown(result)
+        report["repair"] = {"metric": result.metric_name, "max_drop": result.budget, "fallback": result.fallback,
+                            "met": result.met, "fallback_layers": len(result.chosen), "quantized_layers": result.total,
+                            "max_fallback_layers": result.allowed, "search": [p.as_dict() for p in result.probes],
+                            "seconds": result.seconds, "files": files}
+        if not result.met:
+            report["status"] = "repair budget not met"
+            report["reason"] = unmet_message(result)
+            write_report(run_dir, report)
+            with open(run_dir / "REPORT.md", "a") as f:
+                f.write(md)
+            raise RepairBudgetError(report["reason"])
+        layer_map = result.layer_map
+        with open_dict(spec.raw):
+            OmegaConf.update(spec.raw, "recipe.repair.layers", layer_map, force_add=True)
+    else:
+        report["repair"] = {"replayed": True, "fallback_layers": len(layer_map)}
+    report["repair"]["layers"] = dict(sorted(layer_map.items()))
+    steps = [s.with_layer_formats(layer_map) if s.quantizes_compute and s in spec.torch_steps else s
+             for s in spec.steps]
+    return dataclasses.replace(spec, steps=steps), md
 
 
 def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir: Path,
@@ -151,6 +196,12 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     report["data"] = {"calibration_samples": len(data.calibration), "evaluation_samples": len(data.evaluation),
                       "seq_len": int(spec.data.seq_len), "files": data.files,
                       "evaluation_task": data.evaluation_labels.task if data.evaluation_labels else None}
+    repair_md = ""
+    if spec.repair is not None and (spec.repair.enabled or spec.repair.layers):
+        with stage("repair", timings):
+            spec, repair_md = repair_layers(spec, model, data, run_dir, work_dir, report, cache)
+            recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
+            (run_dir / "recipe.yaml").write_text(recipe_yaml)  # now holds recipe.repair.layers: rebuilds replay it
 
     with stage("quantize-torch", timings):
         model = quantize_torch(model, spec, data, work_dir, report["steps"], cache)
@@ -219,6 +270,9 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     if failures:
         report["reason"] = failures[0]
     write_report(run_dir, report)
+    if repair_md:
+        with open(run_dir / "REPORT.md", "a") as f:
+            f.write(repair_md)
     write_manifest(run_dir, inputs={
         "weights_sha256": model.weights_sha256,
         "data_sha256": data.files_sha256,

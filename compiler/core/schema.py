@@ -113,6 +113,21 @@ CONSTANT_PROMOTE_BYTES: int = ExportConfig.constant_promote_bytes
 
 
 @dataclass
+@defaults_from_recipes("repair")  # recipes/repair/default.yaml, under every recipe's repair
+class RepairConfig:
+    """recipe.repair: per-layer mixed precision that meets an accuracy budget (compiler/stages/repair.py)."""
+
+    enabled: bool
+    max_task_drop: float | None
+    fallback: str
+    max_fallback_fraction: float
+    strategy: str
+    ranking_samples: int
+    confirm_top: int
+    layers: dict[str, str]
+
+
+@dataclass
 @defaults_from_recipes("gate")  # only the keys recipes/gate/default.yaml sets under every recipe's gate
 class GateConfig:
     min_embedding_cosine: float = 0.99  # mean cosine of target vs fp32 sentence embeddings
@@ -216,6 +231,7 @@ class RecipeConfig:
     # ordered: step name -> step parameters (validated against each step's own dataclass)
     steps: Dict[str, Any] = field(default_factory=dict)
     gate: GateConfig = field(default_factory=GateConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
 
 
 # The composed config's sections, each merged onto its dataclass by validate (the recipe section is

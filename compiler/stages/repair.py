@@ -89,7 +89,31 @@ class RepairResult:
 
 # ------------------------------------------------------------------------------------------------ validation
 
-def validate_repair(rep, gate, steps, target, opset: Optional[int]) -> None:
+FP8_MIN_OPSET = 19  # float8 QuantizeLinear / DequantizeLinear in ONNX
+
+
+def resolve_fallback(rep, steps) -> str:
+    """repair.fallback, with auto resolved from the steps' declared facts: fp8 when a quantizing step produces a
+    format narrower than 8 bits (nvfp4) and can give layers fp8 (mixed NVFP4/FP8 engines), else fp32."""
+    if rep.fallback != "auto":
+        return rep.fallback
+    quant = [s for s in steps if s.quantizes_compute]
+    narrow = quant and all(any(FORMAT_BITS.get(f, 32) < 8 for f in s.precision) and "fp8" in s.layer_format_choices
+                           for s in quant)
+    return "fp8" if narrow else "fp32"
+
+
+def repair_formats(rep) -> set:
+    """The formats a repair may give layers: its fallback (when it searches) and the formats of its map."""
+    return ({rep.fallback} if rep.enabled else set()) | set(dict(rep.layers or {}).values())
+
+
+def repair_min_opset(rep, target) -> int:
+    """fp8 layers in an exported graph need float8 Q/DQ (opset 19); ORT's CPU provider runs them from there."""
+    return FP8_MIN_OPSET if target.runs_onnx and "fp8" in repair_formats(rep) else 0
+
+
+def validate_repair(rep, steps, target, explicit_opset: Optional[int]) -> None:
     """Bad repair settings, each one line naming the key (before any weights load)."""
     if rep.max_task_drop is not None and (not math.isfinite(rep.max_task_drop) or rep.max_task_drop < 0):
         raise RecipeError("recipe.repair.max_task_drop", f"{rep.max_task_drop} is below zero",
@@ -97,13 +121,14 @@ def validate_repair(rep, gate, steps, target, opset: Optional[int]) -> None:
     if not 0.0 <= rep.max_fallback_fraction <= 1.0:
         raise RecipeError("recipe.repair.max_fallback_fraction", f"{rep.max_fallback_fraction} is outside [0, 1]",
                           "give the largest share of quantized layers that may fall back, e.g. 0.34")
-    if rep.fallback not in FALLBACKS:
-        raise RecipeError("recipe.repair.fallback", f"unknown format {rep.fallback!r}", f"use one of {list(FALLBACKS)}")
+    if rep.fallback not in FALLBACKS + ("auto",):
+        raise RecipeError("recipe.repair.fallback", f"unknown format {rep.fallback!r}",
+                          f"use one of {list(FALLBACKS + ('auto',))}")
+    rep.fallback = resolve_fallback(rep, steps)
     if rep.strategy != "greedy":
         raise RecipeError("recipe.repair.strategy", f"unknown strategy {rep.strategy!r}", "use greedy")
     if rep.ranking_samples <= 0:
-        raise RecipeError("recipe.repair.ranking_samples", f"must be > 0, got {rep.ranking_samples}",
-                          "use e.g. 32")
+        raise RecipeError("recipe.repair.ranking_samples", f"must be > 0, got {rep.ranking_samples}", "use e.g. 32")
     if rep.confirm_top < 0:
         raise RecipeError("recipe.repair.confirm_top", f"must be >= 0, got {rep.confirm_top}", "use e.g. 16")
     if not (rep.enabled or rep.layers):
@@ -112,25 +137,26 @@ def validate_repair(rep, gate, steps, target, opset: Optional[int]) -> None:
     if not quant:
         raise RecipeError("recipe.repair.enabled", "the recipe quantizes nothing, so no layer can fall back",
                           "use a quantizing recipe (e.g. recipe=nvfp4) or set recipe.repair.enabled=false")
-    formats = {rep.fallback} | set(dict(rep.layers or {}).values())
-    for fmt in sorted(formats):
-        if fmt not in FALLBACKS and fmt != "fp32":
-            raise RecipeError("recipe.repair.layers", f"unknown format {fmt!r}", f"use one of {list(FALLBACKS)}")
+    key = "recipe.repair.fallback" if rep.enabled else "recipe.repair.layers"
+    for fmt in sorted(repair_formats(rep)):
+        if fmt not in FALLBACKS:
+            raise RecipeError(key, f"unknown format {fmt!r}", f"use one of {list(FALLBACKS)}")
         for s in quant:
             if fmt != "fp32" and fmt not in s.layer_format_choices:
                 ok = sorted({"fp32"} | set(s.layer_format_choices))
-                raise RecipeError("recipe.repair.fallback", f"step {s.name} cannot give a layer {fmt!r}",
-                                  f"use fallback in {ok}")
-        # float8 Q/DQ in ONNX needs opset 19; ORT's CPU provider runs it from there (compiler/graph/fp8_qdq.py)
-        if fmt == "fp8" and target.runs_onnx and opset is not None and int(opset) < 19:
-            raise RecipeError("recipe.repair.fallback", f"fp8 layers are not runnable on target={target.name} at "
-                              f"export.opset={opset} (float8 QuantizeLinear needs opset 19)",
-                              "set export.opset=19 (or leave it unset), or use fallback=fp32")
-    if rep.enabled and any(s.stage_for(target.name) != "torch" for s in quant):
-        onnx_steps = [s.name for s in quant if s.stage_for(target.name) != "torch"]
-        if rep.fallback != "fp32":
-            raise RecipeError("recipe.repair.fallback", f"{rep.fallback!r} for ONNX-side step(s) {onnx_steps}: they "
-                              "can only keep a layer out of quantization", "use fallback=fp32")
+                raise RecipeError(key, f"step {s.name} cannot give a layer {fmt!r} on target={target.name}",
+                                  f"use one of {ok}")
+    need = repair_min_opset(rep, target)
+    if explicit_opset is not None and int(explicit_opset) < need:
+        raise RecipeError(key, f"fp8 layers are not runnable on target={target.name} at export.opset="
+                          f"{explicit_opset} (float8 QuantizeLinear needs opset {need})",
+                          f"set export.opset={need} (or leave it unset), or use fallback=fp32")
+    onnx_side = [s.name for s in quant if s.stage_for(target.name) != "torch"]
+    if rep.enabled and onnx_side:
+        raise RecipeError("recipe.repair.enabled", f"the search runs on torch-side steps; {onnx_side} quantize the "
+                          f"ONNX graph on target={target.name}",
+                          "name the layers to keep fp32 in the step's exclude (or recipe.repair.layers), or use "
+                          "target=torch to search")
 
 
 def budget_of(rep, gate, task: str) -> float:

@@ -13,7 +13,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import NotRunnableError, RecipeError
-from compiler.core.schema import DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
+from compiler.core.schema import DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig, RepairConfig
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 
 
@@ -36,6 +36,7 @@ class BuildSpec:
     raw: DictConfig  # the resolved composed config (written as recipe.yaml)
     doctor: Any = None  # DoctorConfig: the guard rails' thresholds
     cache: Any = None  # CacheConfig: where the content-addressed cache lives, or disabled
+    repair: Any = None  # RepairConfig (recipe.repair): per-layer fallbacks searched or replayed
     capabilities: Optional[TargetCapabilities] = None  # the target's declared capabilities (Target.capabilities)
 
     @property
@@ -202,10 +203,14 @@ def validate(cfg: DictConfig) -> BuildSpec:
             check_layer_selectors(f"recipe.steps.{step.name}.{field_name}", getattr(step.params, field_name, None))
     for step in steps:  # checks against the export settings: an explicit opset below a step's min_opset
         step.validate_export(typed["export"], capabilities)
+    from compiler.stages.repair import repair_min_opset, validate_repair
+
+    repair = _typed(RepairConfig, recipe_node.get("repair"), "recipe.repair")
+    validate_repair(repair, steps, capabilities, typed["export"].opset)
     if typed["export"].opset is None:
         # auto: the highest opset the steps need on this target (fp8 on ort: 19, nvfp4: 23), at least the
         # default; written into the resolved recipe.yaml so a rebuild exports at the same opset
-        opset = max([DEFAULT_OPSET] + [s.min_opset(capabilities) for s in steps])
+        opset = max([DEFAULT_OPSET, repair_min_opset(repair, capabilities)] + [s.min_opset(capabilities) for s in steps])
         typed["export"] = dataclasses.replace(typed["export"], opset=opset)
         with open_dict(cfg):
             if cfg.get("export") is None:
@@ -223,4 +228,4 @@ def validate(cfg: DictConfig) -> BuildSpec:
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],
                      target=target, recipe_name=str(recipe_node.get("name", "custom")), steps=steps, gate=gate,
                      seed=int(cfg.get("seed", 0)), model_info=info, raw=cfg, doctor=typed["doctor"],
-                     cache=typed["cache"], capabilities=capabilities)
+                     cache=typed["cache"], capabilities=capabilities, repair=repair)
