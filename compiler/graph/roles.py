@@ -19,8 +19,8 @@ first / last block's, in forward order); any other string stays an fnmatch patte
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 ROLES = ("attention_qkv", "attention_output", "ffn_up", "ffn_down", "head", "other")
 BLOCK_ROLES = ROLES[:4]
@@ -41,24 +41,24 @@ _SELECTOR = re.compile(r"^(?P<role>[a-z_]+)(\[(?P<index>-?\d+)\])?$")
 @dataclass
 class _Node:
     op: str
-    inputs: List[int]  # node ids of the tensor inputs
-    linear: Optional[str] = None  # module name, for F.linear calls of an nn.Linear
-    consumers: List[int] = field(default_factory=list)
+    inputs: list[int]  # node ids of the tensor inputs
+    linear: str | None = None  # module name, for F.linear calls of an nn.Linear
+    consumers: list[int] = field(default_factory=list)
 
 
 @dataclass
 class LayerRoles:
     """Every nn.Linear of a model (module name, forward order) with its role and its index among its role."""
 
-    role: Dict[str, str]
-    index: Dict[str, int]
+    role: dict[str, str]
+    index: dict[str, int]
 
-    def names(self, role: str) -> List[str]:
+    def names(self, role: str) -> list[str]:
         return [n for n, r in self.role.items() if r == role]
 
-    def select(self, selectors: Iterable[str]) -> List[str]:
+    def select(self, selectors: Iterable[str]) -> list[str]:
         """Module names a list of role selectors picks (``role`` or ``role[i]``); non-role strings are ignored."""
-        out: List[str] = []
+        out: list[str] = []
         for sel in selectors:
             m = _SELECTOR.match(str(sel))
             if not m or m.group("role") not in ROLES:
@@ -70,7 +70,7 @@ class LayerRoles:
             out += [n for n in names if n not in out]
         return out
 
-    def as_dict(self) -> Dict[str, str]:
+    def as_dict(self) -> dict[str, str]:
         return dict(self.role)
 
 
@@ -79,7 +79,7 @@ def is_role_selector(text: str) -> bool:
     return bool(m) and m.group("role") in ROLES
 
 
-def bad_selector(text: str) -> Optional[str]:
+def bad_selector(text: str) -> str | None:
     """Why a string that looks like a role selector is not one (a misspelt role), or None."""
     m = _SELECTOR.match(str(text))
     if not m or m.group("role") in ROLES or "_" not in m.group("role"):
@@ -90,10 +90,10 @@ def bad_selector(text: str) -> Optional[str]:
     return f"did you mean {close[0]!r}?" if close else f"roles are {', '.join(ROLES)}"
 
 
-def expand_patterns(patterns: Sequence[str], roles: Optional[LayerRoles]) -> List[str]:
+def expand_patterns(patterns: Sequence[str], roles: LayerRoles | None) -> list[str]:
     """Layer patterns with role selectors replaced by the module names they pick (fnmatch of an exact module
     name matches that module only); other patterns are kept as they are."""
-    out: List[str] = []
+    out: list[str] = []
     for p in patterns:
         if is_role_selector(p):
             if roles is None:
@@ -118,14 +118,14 @@ def _flat(x, out: list) -> list:
     return out
 
 
-def trace_dataflow(module, args: Sequence, kwargs: Optional[Mapping] = None) -> Dict[int, _Node]:
+def trace_dataflow(module, args: Sequence, kwargs: Mapping | None = None) -> dict[int, _Node]:
     """One forward of ``module`` recorded as a graph of torch function calls (node id -> node)."""
     import torch
     from torch.overrides import TorchFunctionMode
 
     linear_of = {id(m.weight): name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
-    nodes: Dict[int, _Node] = {}
-    producer: Dict[int, int] = {}  # id(tensor) -> node id
+    nodes: dict[int, _Node] = {}
+    producer: dict[int, int] = {}  # id(tensor) -> node id
     keep: list = []  # tensors stay alive so their ids are not reused during the trace
 
     class Recorder(TorchFunctionMode):
@@ -159,7 +159,7 @@ def trace_dataflow(module, args: Sequence, kwargs: Optional[Mapping] = None) -> 
     return nodes
 
 
-def _through_shape(nodes: Dict[int, _Node], nid: int, forward: bool, limit: int = 12) -> List[int]:
+def _through_shape(nodes: dict[int, _Node], nid: int, forward: bool, limit: int = 12) -> list[int]:
     """The first non-shape nodes reached from nid (its consumers or producers), following shape ops."""
     seen, out, todo = set(), [], [(nid, 0)]
     while todo:
@@ -176,7 +176,7 @@ def _through_shape(nodes: Dict[int, _Node], nid: int, forward: bool, limit: int 
     return out
 
 
-def _reaches(nodes: Dict[int, _Node], nid: int, ok, depth: int, stop=lambda n: False) -> bool:
+def _reaches(nodes: dict[int, _Node], nid: int, ok, depth: int, stop=lambda n: False) -> bool:
     """Whether a consumer path of at most `depth` compute ops (shape ops free) from nid reaches a node
     for which ok(node id) holds, without passing a node where stop(node) holds."""
     frontier, seen = [nid], {nid}
@@ -195,7 +195,7 @@ def _reaches(nodes: Dict[int, _Node], nid: int, ok, depth: int, stop=lambda n: F
     return False
 
 
-def classify(nodes: Dict[int, _Node]) -> LayerRoles:
+def classify(nodes: dict[int, _Node]) -> LayerRoles:
     """Roles of the Linear calls of a traced forward (see the module docstring)."""
     softmax = {i for i, n in nodes.items() if n.op in ("softmax", "_softmax", "log_softmax")}
     sdpa = {i for i, n in nodes.items() if n.op == "scaled_dot_product_attention"}
@@ -230,8 +230,8 @@ def classify(nodes: Dict[int, _Node]) -> LayerRoles:
                        for x in n.inputs)
         return False
 
-    role: Dict[str, str] = {}
-    order: List[str] = []
+    role: dict[str, str] = {}
+    order: list[str] = []
     for i in linears:
         name = nodes[i].linear
         if name in role:  # a Linear called twice keeps its first role
@@ -266,15 +266,15 @@ def classify(nodes: Dict[int, _Node]) -> LayerRoles:
             hit = j in block_nodes
             todo.extend(nodes[j].inputs)
         role[name] = "head" if hit else "other"
-    index: Dict[str, int] = {}
-    counts: Dict[str, int] = {}
+    index: dict[str, int] = {}
+    counts: dict[str, int] = {}
     for name in order:
         index[name] = counts.get(role[name], 0)
         counts[role[name]] = index[name] + 1
     return LayerRoles(role={n: role[n] for n in order}, index=index)
 
 
-def find_roles(module, args: Sequence, kwargs: Optional[Mapping] = None) -> LayerRoles:
+def find_roles(module, args: Sequence, kwargs: Mapping | None = None) -> LayerRoles:
     """The role of every nn.Linear of ``module`` that runs in a forward on ``args``."""
     return classify(trace_dataflow(module, args, kwargs))
 

@@ -23,9 +23,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class Probe:
     drop: float
     weight_bytes: int
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {"fallback_layers": self.fallback_layers, "metric": round(self.metric, 6),
                 "drop": round(self.drop, 6), "weight_bytes": self.weight_bytes}
 
@@ -64,22 +65,22 @@ class RepairResult:
     reference: float  # the metric's fp32 value (1.0 for fidelity metrics)
     budget: float  # max drop
     fallback: str
-    layers: List[Dict[str, Any]]  # per layer, in sensitivity order: name, role, proxy, gain (measured or None)
-    probes: List[Probe]
-    chosen: List[str]
+    layers: list[dict[str, Any]]  # per layer, in sensitivity order: name, role, proxy, gain (measured or None)
+    probes: list[Probe]
+    chosen: list[str]
     allowed: int
     total: int
-    seconds: Dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, Any] = field(default_factory=dict)
     primary_format: str = ""
     met: bool = True
-    needed: Optional[int] = None  # unmet: the fallback count that would meet the budget (None: none does)
+    needed: int | None = None  # unmet: the fallback count that would meet the budget (None: none does)
     fraction: float = 0.0  # repair.max_fallback_fraction
 
     @property
-    def layer_map(self) -> Dict[str, str]:
+    def layer_map(self) -> dict[str, str]:
         return {n: self.fallback for n in sorted(self.chosen)}
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {"metric": self.metric_name, "reference": self.reference, "max_drop": self.budget,
                 "fallback": self.fallback, "primary_format": self.primary_format, "quantized_layers": self.total,
                 "max_fallback_layers": self.allowed, "chosen": sorted(self.chosen), "layers": self.layers,
@@ -113,7 +114,7 @@ def repair_min_opset(rep, target) -> int:
     return FP8_MIN_OPSET if target.runs_onnx and "fp8" in repair_formats(rep) else 0
 
 
-def validate_repair(rep, steps, target, explicit_opset: Optional[int]) -> None:
+def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
     """Bad repair settings, each one line naming the key (before any weights load)."""
     if rep.max_task_drop is not None and (not math.isfinite(rep.max_task_drop) or rep.max_task_drop < 0):
         raise RecipeError("recipe.repair.max_task_drop", f"{rep.max_task_drop} is below zero",
@@ -215,17 +216,17 @@ def _params(sub) -> int:
     return int(sum(m.weight.numel() for m in sub.modules() if isinstance(m, torch.nn.Linear)))
 
 
-def weight_bytes(counts: Dict[str, int], formats: Dict[str, str]) -> int:
+def weight_bytes(counts: dict[str, int], formats: dict[str, str]) -> int:
     """Stored bytes of the listed layers' weights in their formats (an estimate: no scales beyond nvfp4's)."""
     return int(sum(n * FORMAT_BITS[formats[name]] / 8 for name, n in counts.items()))
 
 
-def proxy_errors(a, b, names: Sequence[str], feeds) -> Dict[str, float]:
+def proxy_errors(a, b, names: Sequence[str], feeds) -> dict[str, float]:
     """Cheap pass: for each layer, the relative output error of A's module against B's module on the same
     input (the input A's own forward gives it), from one forward over the feeds."""
     import torch
 
-    err: Dict[str, List[float]] = {n: [0.0, 0.0] for n in names}
+    err: dict[str, list[float]] = {n: [0.0, 0.0] for n in names}
     hooks = []
     for n in names:
         other = _get(b, n)
@@ -267,8 +268,8 @@ class MixedModel:
 
 # ------------------------------------------------------------------------------------------------ search
 
-def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: Dict[str, str], feeds,
-                        reference: np.ndarray, metric_fn, confirm_top: int, output_index: int) -> Dict[str, Any]:
+def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: dict[str, str], feeds,
+                        reference: np.ndarray, metric_fn, confirm_top: int, output_index: int) -> dict[str, Any]:
     """Per-layer sensitivity: the proxy error of every layer, the measured gain of the top confirm_top by proxy;
     layers ordered by measured gain, then the unmeasured ones by proxy."""
     def measure(fallback_layers) -> float:
@@ -277,7 +278,7 @@ def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: Dict[str
     base = measure([])
     proxy = proxy_errors(mixed.use([]), _b_of(mixed), names, feeds)
     by_proxy = sorted(names, key=lambda n: (-proxy[n], n))
-    gains: Dict[str, Optional[float]] = {n: None for n in names}
+    gains: dict[str, float | None] = {n: None for n in names}
     for n in by_proxy[:confirm_top]:
         gains[n] = measure([n]) - base
     measured = sorted((n for n in names if gains[n] is not None), key=lambda n: (-gains[n], -proxy[n], n))
@@ -288,14 +289,14 @@ def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: Dict[str
          "gain": None if gains[n] is None else round(gains[n], 6)} for n in order]}
 
 
-def search(mixed: MixedModel, sensitivity: Dict[str, Any], feeds, reference: np.ndarray, metric_fn,
+def search(mixed: MixedModel, sensitivity: dict[str, Any], feeds, reference: np.ndarray, metric_fn,
            metric_name: str, budget: float, fallback: str, allowed: int, primary_format: str,
-           counts: Dict[str, int], output_index: int) -> RepairResult:
+           counts: dict[str, int], output_index: int) -> RepairResult:
     """Layers in sensitivity order; the smallest count k <= allowed whose map meets the budget, by binary search
     (every probe measured). Unmet: the count that would meet it (searched past `allowed`), in result.needed."""
     order = [x["name"] for x in sensitivity["layers"]]
     primary = {n: primary_format for n in order}
-    probes: Dict[int, Probe] = {}
+    probes: dict[int, Probe] = {}
 
     def probe(k: int) -> Probe:
         if k not in probes:
@@ -318,8 +319,8 @@ def search(mixed: MixedModel, sensitivity: Dict[str, Any], feeds, reference: np.
                 lo = mid
         return hi
 
-    chosen: Optional[int] = None
-    needed: Optional[int] = None
+    chosen: int | None = None
+    needed: int | None = None
     if ok(0):
         chosen = 0
     elif allowed > 0 and ok(allowed):
@@ -362,7 +363,7 @@ def unmet_message(result: RepairResult) -> str:
 
 # ------------------------------------------------------------------------------------------------ the stage
 
-def run_repair(model, spec, data, apply_steps: Callable[[Any, List[Any]], Any], cache=None,
+def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], cache=None,
                primary_format: str = "") -> RepairResult:
     """The repair search for a build: model is the fp32 LoadedModel, apply_steps(module, steps) applies torch
     steps to a module (the pipeline's quantize_torch). Raises RepairBudgetError when the budget is unmet."""
@@ -382,19 +383,18 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, List[Any]], Any], 
         fallback_steps = [s.with_layer_formats({n: rep.fallback for n in names}) if s.quantizes_compute else s
                           for s in spec.torch_steps]
     b = apply_steps(copy.deepcopy(model.module), fallback_steps)
-    t_build = time.perf_counter() - t0
     feeds = _ranking_feeds(data, int(rep.ranking_samples), int(spec.data.batch_size))
     output_index = 0 if model.task == "classification" else 1
     reference = _outputs(model.module, feeds, output_index)
     metric_name, metric_fn = fidelity_metric(model.task)
     budget = budget_of(rep, spec.gate, model.task)
-    allowed = int(math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9))
+    allowed = math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9)
     counts = {n: _params(_get(a, n)) for n in names}
     roles = model.roles.role if model.roles is not None else {}
     mixed = MixedModel(a, b, names)
     t1 = time.perf_counter()
 
-    def sens() -> Dict[str, Any]:
+    def sens() -> dict[str, Any]:
         return measure_sensitivity(mixed, names, roles, feeds, reference, metric_fn, int(rep.confirm_top),
                                    output_index)
 
@@ -435,7 +435,7 @@ def _ranking_feeds(data, n: int, batch_size: int):
     return feeds
 
 
-def sensitivity_key(model, spec, data, names) -> Dict[str, Any]:
+def sensitivity_key(model, spec, data, names) -> dict[str, Any]:
     """Everything the per-layer sensitivity depends on: weights, data, recipe steps, target, fallback."""
     from omegaconf import OmegaConf
 
@@ -449,7 +449,7 @@ def sensitivity_key(model, spec, data, names) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ outputs
 
-def write_outputs(run_dir: Path, result: RepairResult, roles: Dict[str, str]) -> Dict[str, str]:
+def write_outputs(run_dir: Path, result: RepairResult, roles: dict[str, str]) -> dict[str, str]:
     """sensitivity.json, sensitivity.png (chosen layers marked) and layers.yaml in the run directory."""
     run_dir = Path(run_dir)
     (run_dir / "sensitivity.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
@@ -463,7 +463,7 @@ def write_outputs(run_dir: Path, result: RepairResult, roles: Dict[str, str]) ->
     try:
         _plot(run_dir / "sensitivity.png", result)
         out["plot"] = "sensitivity.png"
-    except Exception as e:  # a missing plotting backend must not fail a build that has its numbers
+    except (ImportError, RuntimeError, ValueError, OSError) as e:  # no plot must not fail a build with its numbers
         log.warning("sensitivity.png not written: %s", e)
     return out
 
@@ -494,13 +494,13 @@ def report_markdown(result: RepairResult) -> str:
     first = probes[0]
     final = next((p for p in probes if p.fallback_layers == len(result.chosen)), probes[-1])
     out = ["", "## Repair (per-layer mixed precision)", "",
-           f"Budget: {result.metric_name} drop <= {result.budget:g}; fallback {result.fallback}; "
-           f"{len(result.chosen)} of {result.total} quantized layers fell back (at most {result.allowed} allowed).", "",
+           (f"Budget: {result.metric_name} drop <= {result.budget:g}; fallback {result.fallback}; "
+            f"{len(result.chosen)} of {result.total} quantized layers fell back (at most {result.allowed} allowed)."), "",
            "| layers in fallback | " + result.metric_name + " | drop | weight bytes |", "|---|---|---|---|"]
     for p in probes:
         out.append(f"| {p.fallback_layers} | {p.metric:.5f} | {p.drop:.5f} | {p.weight_bytes} |")
-    out += ["", f"Linear weights: {first.weight_bytes} bytes all {result.primary_format} -> {final.weight_bytes} bytes "
-            "with the fallbacks.", "", "| layer | role | proxy error | measured gain | format |", "|---|---|---|---|---|"]
+    out += ["", (f"Linear weights: {first.weight_bytes} bytes all {result.primary_format} -> "
+                 f"{final.weight_bytes} bytes with the fallbacks."), "", "| layer | role | proxy error | measured gain | format |", "|---|---|---|---|---|"]
     for x in result.layers:
         fmt = result.fallback if x["name"] in result.chosen else result.primary_format
         gain = "-" if x["gain"] is None else f"{x['gain']:.5f}"

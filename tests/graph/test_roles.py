@@ -4,7 +4,6 @@ their layers differently (BERT, DistilBERT, RoBERTa, ModernBERT), embedding mode
 from __future__ import annotations
 
 import pytest
-
 from conftest import model_cfg
 
 # what each family calls its layers (the finder never sees this table: it is the test's answer key)
