@@ -10,7 +10,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf, open_dict
 
@@ -53,7 +53,7 @@ def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache
                        opset=int(spec.export.opset), batch_size=int(spec.data.batch_size), cache=cache)
 
 
-def resolve_roles(steps: List[Step], roles) -> List[Step]:
+def resolve_roles(steps: list[Step], roles) -> list[Step]:
     """The steps with the role selectors of their layer lists (`exclude`, `layers`: `ffn_down`,
     `attention_output[0]`) replaced by the module names the model's roles give, so every step method sees
     module-name patterns. The recipe (recipe.yaml) keeps the roles."""
@@ -70,7 +70,7 @@ def resolve_roles(steps: List[Step], roles) -> List[Step]:
 
 
 def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: Path, work_dir: Path,
-                  report: Dict[str, Any], cache=None):
+                  report: dict[str, Any], cache=None):
     """Repair stage: the per-layer precision map of recipe.repair.layers, or (repair.enabled, no map yet) the
     one the sensitivity search finds, given to the quantizing steps (Step.with_layer_formats). The map is
     written into spec.raw (so into recipe.yaml: a rebuild replays it without searching); sensitivity.json,

@@ -26,10 +26,11 @@ TINY_DEFAULTS = {
                        max_position_embeddings=512, vocab_size=30522, pad_token_id=0, bos_token_id=101,
                        eos_token_id=102, cls_token_id=101, sep_token_id=102, global_attn_every_n_layers=1),
     # DistilBERT names its layers q_lin / out_lin / ffn.lin1 / ffn.lin2 and has no token types
-    "distilbert": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=256, max_position_embeddings=512, vocab_size=30522),
+    "distilbert": {"dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 256, "max_position_embeddings": 512,
+                   "vocab_size": 30522},
     # RoBERTa: positions start after the padding index, so 2 more position embeddings than tokens
-    "roberta": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                    max_position_embeddings=514, vocab_size=30522, type_vocab_size=1, pad_token_id=1),
+    "roberta": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+                "max_position_embeddings": 514, "vocab_size": 30522, "type_vocab_size": 1, "pad_token_id": 1},
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -47,7 +48,7 @@ class LoadedModel:
     source: Dict[str, str] = field(default_factory=dict)
     labels: list[str] | None = None  # a classifier's label names, by logit index (config id2label)
     # the role of every Linear (attention_qkv, ffn_down, head ...), read from the dataflow of one forward
-    roles: Optional[LayerRoles] = None
+    roles: LayerRoles | None = None
 
 
 def package_model_dir(package: str) -> Path:

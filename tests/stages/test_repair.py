@@ -74,7 +74,7 @@ def test_planted_layer_ranks_first_and_alone_meets_the_budget(repaired):
     assert report["status"] == "passed"
     # the build applies the map through the step (not the search's module swap) and measures the same
     assert abs(report["check"]["task"]["embedding_cosine_mean"] - search[1]["metric"]) < 1e-6
-    assert report["steps"]["int8"]["excluded_layers"] == ["inner.pooler.dense", PLANTED]
+    assert sorted(report["steps"]["int8"]["excluded_layers"]) == ["inner.pooler.dense", PLANTED]
     recipe = OmegaConf.load(run / "recipe.yaml")
     assert dict(recipe.recipe.repair.layers) == {PLANTED: "fp32"}
     assert f"{PLANTED}: {{role: attention_qkv, format: fp32}}" in (run / "layers.yaml").read_text()
@@ -148,3 +148,14 @@ def test_default_build_runs_no_search(qcompile):
     report = json.loads((run / "report.json").read_text())
     assert "repair" not in report and "repair" not in report["timings_s"]
     assert not (run / "sensitivity.json").exists()
+
+
+@pytest.mark.parametrize("recipe,target,fallback", [("nvfp4", "torch", "fp8"), ("nvfp4_rotate", "trt", "fp8"),
+                                                    ("int8", "torch", "fp32"), ("fp8", "torch", "fp32")])
+def test_auto_fallback_from_the_steps_declared_formats(recipe, target, fallback):
+    """auto: fp8 under a step narrower than 8 bits that can give layers fp8 (mixed NVFP4/FP8), else fp32."""
+    from compiler.stages.validate import validate
+    from tests.conftest import compose
+
+    spec = validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={target}", "recipe.repair.enabled=true"))
+    assert spec.repair.fallback == fallback
