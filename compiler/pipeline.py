@@ -75,7 +75,8 @@ def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: P
     one the sensitivity search finds, given to the quantizing steps (Step.with_layer_formats). The map is
     written into spec.raw (so into recipe.yaml: a rebuild replays it without searching); sensitivity.json,
     sensitivity.png and layers.yaml go into the run directory. Returns (spec, REPORT.md section)."""
-    from compiler.stages.repair import RepairBudgetError, report_markdown, run_repair, unmet_message, write_outputs
+    from compiler.stages.repair import (RepairBudgetError, report_markdown, run_repair, unmet_message,
+                                        write_layers_yaml, write_outputs)
 
     rep = spec.repair
     layer_map = dict(rep.layers or {})
@@ -90,7 +91,7 @@ def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: P
             return module
 
         result = run_repair(model, spec, data, apply, cache, primary_format=primary)
-        files = write_outputs(run_dir, result, model.roles.role if model.roles is not None else {})
+        files = write_outputs(run_dir, result)
         md = report_markdown(result)
         report["repair"] = {"metric": result.metric_name, "max_drop": result.budget, "fallback": result.fallback,
                             "met": result.met, "fallback_layers": len(result.chosen), "quantized_layers": result.total,
@@ -109,6 +110,12 @@ def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: P
     else:
         report["repair"] = {"replayed": True, "fallback_layers": len(layer_map)}
     report["repair"]["layers"] = dict(sorted(layer_map.items()))
+    primary: dict[str, str] = {}  # what each quantizing step gives the layers it touches
+    for s in spec.torch_steps:
+        if s.quantizes_compute:
+            ctx = step_context(spec, data, work_dir, cache, model.roles)
+            primary.update({n: ",".join(sorted(s.precision)) for n in s.layers(model.module, ctx.exclude)})
+    write_layers_yaml(run_dir, model.roles.role if model.roles is not None else {}, primary, layer_map)
     steps = [s.with_layer_formats(layer_map) if s.quantizes_compute and s in spec.torch_steps else s
              for s in spec.steps]
     return dataclasses.replace(spec, steps=steps), md

@@ -17,7 +17,9 @@ TRACKED_PACKAGES = ("qcompile", "torch", "onnx", "onnxruntime", "onnxruntime-gpu
 MANIFEST = "manifest.json"
 # not artifacts: the run's own records (written after or around the manifest), Hydra's job log, the
 # BUILDING marker of explicitly named run dirs, and what `qcompile rebuild` adds (rebuild.json)
-NOT_ARTIFACTS = {MANIFEST, "REPORT.md", "report.json", "qcompile.log", "FAILED.md", "BUILDING", "rebuild.json"}
+# records of what was measured (timings, search probes), not build products: a rebuild need not reproduce them
+NOT_ARTIFACTS = {MANIFEST, "REPORT.md", "report.json", "qcompile.log", "FAILED.md", "BUILDING", "rebuild.json",
+                 "sensitivity.json", "sensitivity.png"}
 
 
 # pip's `tensorrt` is a meta package over tensorrt-cuXX-bindings; some installs have only the latter

@@ -449,23 +449,28 @@ def sensitivity_key(model, spec, data, names) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ outputs
 
-def write_outputs(run_dir: Path, result: RepairResult, roles: dict[str, str]) -> dict[str, str]:
-    """sensitivity.json, sensitivity.png (chosen layers marked) and layers.yaml in the run directory."""
+def write_outputs(run_dir: Path, result: RepairResult) -> dict[str, str]:
+    """sensitivity.json and sensitivity.png (chosen layers marked): records of the search, like report.json."""
     run_dir = Path(run_dir)
     (run_dir / "sensitivity.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
-    fmts = {x["name"]: (result.fallback if x["name"] in result.chosen else result.primary_format)
-            for x in result.layers}
-    lines = ["# per-layer precision of this build (recipe.repair.layers replays the fallbacks)"]
-    for x in result.layers:
-        lines.append(f"{x['name']}: {{role: {roles.get(x['name'], '') or 'other'}, format: {fmts[x['name']]}}}")
-    (run_dir / "layers.yaml").write_text("\n".join(lines) + "\n")
-    out = {"sensitivity": "sensitivity.json", "layers": "layers.yaml"}
+    out = {"sensitivity": "sensitivity.json"}
     try:
         _plot(run_dir / "sensitivity.png", result)
         out["plot"] = "sensitivity.png"
     except (ImportError, RuntimeError, ValueError, OSError) as e:  # no plot must not fail a build with its numbers
         log.warning("sensitivity.png not written: %s", e)
     return out
+
+
+def write_layers_yaml(run_dir: Path, roles: dict[str, str], primary: dict[str, str], layer_map: dict[str, str]) -> Path:
+    """layers.yaml: every quantized layer (forward order) with its role and format; the same bytes whether the
+    map was searched or replayed, so a rebuild reproduces it."""
+    lines = ["# per-layer precision of this build (recipe.repair.layers holds the fallbacks and replays them)"]
+    for name in [n for n in roles if n in primary or n in layer_map]:
+        lines.append(f"{name}: {{role: {roles.get(name) or 'other'}, format: {layer_map.get(name, primary.get(name))}}}")
+    path = Path(run_dir) / "layers.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _plot(path: Path, result: RepairResult) -> None:
