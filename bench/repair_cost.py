@@ -36,7 +36,7 @@ def run(model: str, recipe: str, target: str, budget: float, extra, out: Path) -
     report = json.loads((found[0] / "report.json").read_text())
     return {"recipe": recipe, "rc": proc.returncode, "wall_s": round(wall, 1), "dir": str(found[0]),
             "repair": report.get("repair", {}), "repair_s": report["timings_s"].get("repair"),
-            "check": report.get("check", {}).get("task", {}), "reason": report.get("reason")}
+            "check": report.get("check", {}).get("fidelity", {}), "reason": report.get("reason")}
 
 
 def main() -> None:

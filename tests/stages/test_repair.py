@@ -73,7 +73,7 @@ def test_planted_layer_ranks_first_and_alone_meets_the_budget(repaired):
     report = json.loads((run / "report.json").read_text())
     assert report["status"] == "passed"
     # the build applies the map through the step (not the search's module swap) and measures the same
-    assert abs(report["check"]["task"]["embedding_cosine_mean"] - search[1]["metric"]) < 1e-6
+    assert abs(report["check"]["fidelity"]["embedding_cosine_mean"] - search[1]["metric"]) < 1e-6
     assert set(report["steps"]["int8"]["excluded_layers"]) == {"inner.pooler.dense", PLANTED}
     recipe = OmegaConf.load(run / "recipe.yaml")
     assert dict(recipe.recipe.repair.layers) == {PLANTED: "fp32"}
@@ -93,7 +93,7 @@ def test_rebuild_replays_the_map_without_searching(repaired):
     assert "repair" not in rep["timings_s"] or rep["timings_s"]["repair"] < 5
     assert not (again / "sensitivity.json").exists()
     orig = json.loads((run / "report.json").read_text())
-    assert rep["check"]["task"] == orig["check"]["task"]
+    assert rep["check"]["fidelity"] == orig["check"]["fidelity"]
     assert (again / "recipe.yaml").read_text() == (run / "recipe.yaml").read_text()
 
 
