@@ -103,6 +103,7 @@ def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: P
             write_report(run_dir, report)
             with open(run_dir / "REPORT.md", "a") as f:
                 f.write(md)
+            shutil.rmtree(work_dir, ignore_errors=True)
             raise RepairBudgetError(report["reason"])
         layer_map = result.layer_map
         with open_dict(spec.raw):
