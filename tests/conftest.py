@@ -57,6 +57,14 @@ def model_cfg(name: str, **overrides):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
 
 
+def model_exclude(loaded):
+    """model.exclude of a loaded model's recipe with its role selectors (`head`) resolved, as the pipeline
+    gives it to steps (compiler.pipeline.step_context)."""
+    from compiler.graph.roles import expand_patterns
+
+    return expand_patterns(model_cfg(loaded.name).exclude, loaded.roles)
+
+
 def data_cfg(**overrides):
     from omegaconf import OmegaConf
 

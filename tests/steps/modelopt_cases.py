@@ -36,9 +36,9 @@ def context(model, data, target: str = "ort", opset: int = 17, exclude=None, wor
 
 
 def _model_exclude(model) -> list[str]:
-    from tests.conftest import model_cfg
+    from tests.conftest import model_exclude
 
-    return list(model_cfg(model.name).exclude)
+    return model_exclude(model)
 
 
 def quantize(step, model, data, **ctx_kw) -> tuple[torch.nn.Module, StepContext]:

@@ -17,7 +17,7 @@ from compiler.numerics.nvfp4 import E2M1_GRID, nvfp4_fake_quant, nvfp4_quantize,
 from compiler.steps.base import ModelInfo, StepContext
 from modelopt_cases import caps
 from compiler.steps.nvfp4 import NVFP4Params, NVFP4Step
-from tests.conftest import model_cfg
+from tests.conftest import model_exclude
 
 # ---- numerics -----------------------------------------------------------------------------------------
 
@@ -91,7 +91,7 @@ def _quantize(loaded, data, rotate_block=None, target="trt"):
 
     module = copy.deepcopy(loaded.module)
     ctx = StepContext(target=caps(target), model_info=loaded.info, calibration=data.calibration,
-                      exclude=list(model_cfg(loaded.name).exclude))
+                      exclude=model_exclude(loaded))
     if rotate_block:
         module = RotateStep(RotateParams(block_size=rotate_block)).apply_torch(module, ctx)
         ctx.report = {}

@@ -15,12 +15,12 @@ from compiler.numerics.hadamard import sylvester
 from compiler.steps.base import ModelInfo, StepContext
 from modelopt_cases import caps
 from compiler.steps.rotate import RotatedLinear, RotateParams, RotateStep
-from tests.conftest import model_cfg
+from tests.conftest import model_cfg, model_exclude
 
 
 def _rotate(loaded, block_size=128):
     module = copy.deepcopy(loaded.module)
-    ctx = StepContext(target=caps("torch"), model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
+    ctx = StepContext(target=caps("torch"), model_info=loaded.info, exclude=model_exclude(loaded))
     module = RotateStep(RotateParams(block_size=block_size)).apply_torch(module, ctx)
     return module, ctx.report
 
@@ -140,7 +140,7 @@ def test_cli_bad_block_size_exits_2_before_loading(qcompile):
 
 def test_layers_selects_which_inputs_rotate(tiny_bert):
     module = copy.deepcopy(tiny_bert.module)
-    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, exclude=list(model_cfg("tiny_bert").exclude))
+    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, exclude=model_exclude(tiny_bert))
     RotateStep(RotateParams(block_size=16, layers=["*output.dense"])).apply_torch(module, ctx)
     assert ctx.report["rotated_layers"] == 4  # attention.output.dense and output.dense, 2 layers
     assert ctx.report["blocks"] == {"64": 16, "256": 16}
@@ -159,7 +159,7 @@ def test_attention_output_rotation_fused_into_value_projection(fixture, request)
     into the value projection's output rows: no online module there, still exact."""
     loaded = request.getfixturevalue(fixture)
     module = copy.deepcopy(loaded.module)
-    ctx = StepContext(target=caps("torch"), model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
+    ctx = StepContext(target=caps("torch"), model_info=loaded.info, exclude=model_exclude(loaded))
     RotateStep(RotateParams(block_size=16)).apply_torch(module, ctx)
     assert ctx.report["fused_rotations"] == 2  # one per layer
     assert ctx.report["online_rotations"] == ctx.report["rotated_layers"] - 2
@@ -168,6 +168,6 @@ def test_attention_output_rotation_fused_into_value_projection(fixture, request)
     assert isinstance(out, torch.nn.Linear) and not isinstance(out, RotatedLinear)
     _assert_equivalent(loaded, module)
     module2 = copy.deepcopy(loaded.module)
-    ctx2 = StepContext(target=caps("torch"), model_info=loaded.info, exclude=list(model_cfg(loaded.name).exclude))
+    ctx2 = StepContext(target=caps("torch"), model_info=loaded.info, exclude=model_exclude(loaded))
     RotateStep(RotateParams(block_size=16, fuse_attention=False)).apply_torch(module2, ctx2)
     assert ctx2.report["fused_rotations"] == 0 and ctx2.report["online_rotations"] == ctx2.report["rotated_layers"]
