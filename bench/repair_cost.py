@@ -60,7 +60,8 @@ def main() -> None:
         split = " / ".join(str(sec.get(k, "-")) for k in ("build_variants", "sensitivity", "search"))
         fell = f"{rep.get('fallback_layers', '-')} of {rep.get('quantized_layers', '-')} ({rep.get('fallback', '-')})"
         if rep and not rep.get("met", True):
-            fell = f"unmet within {rep.get('max_fallback_layers')} of {rep.get('quantized_layers')} ({rep.get('fallback')})"
+            fell = (f"unmet within {rep.get('max_fallback_layers')} of {rep.get('quantized_layers')} "
+                    f"({rep.get('fallback')})")
         cos = r.get("check", {}).get("embedding_cosine_mean")
         print(f"| {r['recipe']} | {r['rc']} | {r['wall_s']} | {r.get('repair_s', '-')} ({split}) | {fell} | "
               f"{cos if cos is None else round(cos, 5)} |")

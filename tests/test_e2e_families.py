@@ -29,7 +29,8 @@ def runs(tmp_path_factory):
         args = ["-m", f"model={','.join(FAMILIES)}", f"recipe={','.join(recipes)}", f"target={target}", *ARGS]
         if target == "torch":
             args.remove("export.opset=19")  # nvfp4 asks for opset 23 itself
-        proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True,
+                          text=True,
                               timeout=1800, env=dict(os.environ))
         res = CliResult(proc, cwd)
         assert res.rc == 0, res

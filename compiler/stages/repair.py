@@ -374,7 +374,8 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
                          f"target={spec.target.name}")
     t0 = time.perf_counter()
     a = apply_steps(copy.deepcopy(model.module), list(spec.torch_steps))
-    names = [n for n in (model.roles.role if model.roles is not None else {}) if _has(a, n) and _is_quantized(_get(a, n))]
+    order = model.roles.role if model.roles is not None else {}
+    names = [n for n in order if _has(a, n) and _is_quantized(_get(a, n))]
     if not names:
         raise BuildError("repair: no quantized layer found to fall back")
     if rep.fallback == "fp32":  # every layer kept out is the recipe without its quantizing steps
@@ -467,7 +468,8 @@ def write_layers_yaml(run_dir: Path, roles: dict[str, str], primary: dict[str, s
     map was searched or replayed, so a rebuild reproduces it."""
     lines = ["# per-layer precision of this build (recipe.repair.layers holds the fallbacks and replays them)"]
     for name in [n for n in roles if n in primary or n in layer_map]:
-        lines.append(f"{name}: {{role: {roles.get(name) or 'other'}, format: {layer_map.get(name, primary.get(name))}}}")
+        fmt = layer_map.get(name, primary.get(name))
+        lines.append(f"{name}: {{role: {roles.get(name) or 'other'}, format: {fmt}}}")
     path = Path(run_dir) / "layers.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -500,12 +502,14 @@ def report_markdown(result: RepairResult) -> str:
     final = next((p for p in probes if p.fallback_layers == len(result.chosen)), probes[-1])
     out = ["", "## Repair (per-layer mixed precision)", "",
            (f"Budget: {result.metric_name} drop <= {result.budget:g}; fallback {result.fallback}; "
-            f"{len(result.chosen)} of {result.total} quantized layers fell back (at most {result.allowed} allowed)."), "",
+            f"{len(result.chosen)} of {result.total} quantized layers fell back "
+            f"(at most {result.allowed} allowed)."), "",
            "| layers in fallback | " + result.metric_name + " | drop | weight bytes |", "|---|---|---|---|"]
     for p in probes:
         out.append(f"| {p.fallback_layers} | {p.metric:.5f} | {p.drop:.5f} | {p.weight_bytes} |")
     out += ["", (f"Linear weights: {first.weight_bytes} bytes all {result.primary_format} -> "
-                 f"{final.weight_bytes} bytes with the fallbacks."), "", "| layer | role | proxy error | measured gain | format |", "|---|---|---|---|---|"]
+                 f"{final.weight_bytes} bytes with the fallbacks."), "",
+            "| layer | role | proxy error | measured gain | format |", "|---|---|---|---|---|"]
     for x in result.layers:
         fmt = result.fallback if x["name"] in result.chosen else result.primary_format
         gain = "-" if x["gain"] is None else f"{x['gain']:.5f}"

@@ -45,7 +45,8 @@ def planted_dir(tmp_path_factory):
 
 
 def cli(cwd, *args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True,
+                          text=True,
                           timeout=timeout)
     return CliResult(proc, cwd)
 
