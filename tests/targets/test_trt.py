@@ -120,7 +120,7 @@ def _fake_machine(monkeypatch, gpu, trt_version, trt_error=""):
 
 def test_check_environment_fake_hopper_rejects_nvfp4(monkeypatch):
     _fake_machine(monkeypatch, H100, "10.13.0")
-    recipe = OmegaConf.create({"name": "nvfp4_rotate", "steps": {"rotate": {}, "nvfp4_rotate": {}}})
+    recipe = OmegaConf.create({"name": "nvfp4_rotate", "steps": {"rotate": {}, "nvfp4": {}}})
     with pytest.raises(RecipeError) as e:
         T.TrtTarget(target_cfg()).check_environment(recipe)
     assert str(e.value).startswith("target=trt: recipe=nvfp4_rotate builds nvfp4 layers, which need compute "
