@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compiler.steps.base import TORCH
+
 import numpy as np
 
 from compiler.core.errors import BuildError, GateError, RecipeError
@@ -152,7 +154,7 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
         raise RecipeError(key, f"fp8 layers are not runnable on target={target.name} at export.opset="
                           f"{explicit_opset} (float8 QuantizeLinear needs opset {need})",
                           f"set export.opset={need} (or leave it unset), or use fallback=fp32")
-    onnx_side = [s.name for s in quant if s.stage_for(target.name) != "torch"]
+    onnx_side = [s.name for s in quant if s.stage_for(target.name) != TORCH]
     if rep.enabled and onnx_side:
         raise RecipeError("recipe.repair.enabled", f"the search runs on torch-side steps; {onnx_side} quantize the "
                           f"ONNX graph on target={target.name}",
