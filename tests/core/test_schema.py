@@ -42,5 +42,5 @@ def test_a_yaml_key_the_schema_lacks_is_refused():
 
 
 def test_recipe_keys_are_the_recipe_dataclass_fields():
-    assert schema.RECIPE_KEYS == ("name", "description", "steps", "gate")
+    assert schema.RECIPE_KEYS == ("name", "description", "steps", "gate", "repair")
     assert set(compose().keys()) <= schema.TOP_LEVEL_KEYS
