@@ -60,6 +60,34 @@ def model_bytes(model) -> int:
     return sum(tensor_bytes(t) for t in iter_tensors(model))
 
 
+def exceeds_protobuf(model) -> bool:
+    """Whether a model in memory is too big to serialize as one proto (what onnx.shape_inference.infer_shapes,
+    SerializeToString and an InferenceSession on bytes all do)."""
+    return model_bytes(model) >= PROTOBUF_LIMIT - PROTOBUF_MARGIN
+
+
+def structure_only(model, keep_bytes: int = 4096):
+    """A copy of a model whose large tensors (the weights) carry no data; their types and dims stay. Small
+    tensors keep their values: shape inference evaluates them (Reshape targets, axes, Range bounds)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for t in iter_tensors(out):
+        if tensor_bytes(t) > keep_bytes:
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(f)
+    return out
+
+
+def infer_shapes(model, **kwargs):
+    """onnx.shape_inference.infer_shapes for a model of any size. onnx serializes the model to infer it and
+    fails past protobuf's 2 GB; types and shapes never depend on the weights' values, so a large model is
+    inferred on its structure_only() copy (the result then has no weight data: read types from it, not values)."""
+    import onnx
+
+    return onnx.shape_inference.infer_shapes(structure_only(model) if exceeds_protobuf(model) else model, **kwargs)
+
+
 def needs_external_data(path: Path) -> bool:
     """Whether a graph file must be written back with external data: it already keeps tensors outside the
     proto, or the file alone comes near protobuf's limit. Reads the structure only, never the weights."""
@@ -87,6 +115,12 @@ def save_onnx(model, out_path: Path, external_data: str = "auto", check: bool = 
     if use_external:
         onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
+        # onnx moved the given model's tensors out to the file (data cleared, location set to it): read them
+        # back so that the caller's model stays whole after the save (a copy before saving would double the
+        # memory of a 2 GB model; the bytes are in the page cache)
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(out_path.parent))
     else:
         onnx.save_model(model, str(out_path))
     if check:

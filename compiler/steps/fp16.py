@@ -96,7 +96,9 @@ def drop_fp16_roundtrips(model) -> int:
     its Mul, Concat and Cos, and a value beyond 65504 became inf between two blocked nodes."""
     import onnx
 
-    typed = onnx.shape_inference.infer_shapes(model)
+    from compiler.graph.io import infer_shapes
+
+    typed = infer_shapes(model)  # any size: a 2 GB model cannot be serialized for onnx's inference
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
     types.update({i.name: i.data_type for i in model.graph.initializer})
@@ -135,7 +137,9 @@ def float_tensors(model) -> List[str]:
     """Names of the float32 tensors the nodes produce (from onnx shape inference)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    from compiler.graph.io import infer_shapes
+
+    inferred = infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(inferred.graph.value_info) + list(inferred.graph.output)}
     return [o for n in model.graph.node for o in n.output if types.get(o) == onnx.TensorProto.FLOAT]
@@ -145,6 +149,7 @@ def overflow_nodes(model, feed: Dict[str, np.ndarray]) -> Set[str]:
     """Nodes whose fp32 inputs or outputs leave the fp16 range on the feed: in fp16 they become inf."""
     import onnx
 
+    from compiler.graph.io import exceeds_protobuf, save_onnx
     from compiler.runners.sessions import ort_session
 
     probe = copy.deepcopy(model)
@@ -153,9 +158,17 @@ def overflow_nodes(model, feed: Dict[str, np.ndarray]) -> Set[str]:
     for name in names:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    # optimizations off: keep every tensor as it is
-    sess = ort_session(probe.SerializeToString(), opt_level="disable")
-    values = dict(zip(names, sess.run(names, feed)))
+    # optimizations off: keep every tensor as it is; past protobuf's 2 GB the probe goes through a file
+    # with external data (an InferenceSession on bytes would need the whole proto serialized)
+    if exceeds_protobuf(probe):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="fp16-probe.") as tmp:
+            sess = ort_session(save_onnx(probe, Path(tmp) / "probe.onnx", "always", check=False), opt_level="disable")
+            values = dict(zip(names, sess.run(names, feed)))
+    else:
+        sess = ort_session(probe.SerializeToString(), opt_level="disable")
+        values = dict(zip(names, sess.run(names, feed)))
     big = {n for n, v in values.items() if v.size and float(np.max(np.abs(v))) > FP16_MAX}
     for init in model.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT:
@@ -210,7 +223,7 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from compiler.graph.io import save_onnx
+    from compiler.graph.io import exceeds_protobuf, infer_shapes, save_onnx
 
     error, reference = _run_model(model, feed)
     if error is not None:
@@ -226,8 +239,13 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
         # them fp16 where a blocked node still makes fp32, and shape inference then fails ("Inferred elem
         # type differs from existing elem type: (1) vs (10)"). Types are inferred anew without them.
         del candidate.graph.value_info[:]
+        # the converter infers types with onnx.shape_inference.infer_shapes, which serializes the model and fails
+        # past protobuf's 2 GB: such a model gets its types from its weight-less copy and the converter none
+        large = exceeds_protobuf(candidate)
+        if large:
+            candidate.graph.value_info.extend(infer_shapes(candidate).graph.value_info)
         converted = convert_float_to_float16(candidate, keep_io_types=True, op_block_list=list(op_block_list),
-                                             node_block_list=sorted(blocked))
+                                             node_block_list=sorted(blocked), disable_shape_infer=large)
         # blocking nodes inserts Casts after their consumers in the node list; ORT needs topological order
         roundtrips = drop_fp16_roundtrips(converted)
         om = OnnxModel(converted)

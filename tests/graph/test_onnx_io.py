@@ -66,3 +66,20 @@ def test_save_onnx_writes_a_graph_past_2gb_with_external_data(tmp_path):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (got,) = sess.run(None, {"ids": np.array([0, rows - 1], np.int64)})
     np.testing.assert_array_equal(got, np.full((2, cols), 1.5, np.float32))
+
+
+def test_save_onnx_with_external_data_leaves_the_callers_model_whole(tmp_path):
+    """onnx.save_model(save_as_external_data=True) empties the tensors of the model it is given and points them
+    at the file; a caller that goes on using its model (fp16 probes the fp32 graph, then converts it) would read
+    a temporary file that is gone."""
+    model = _gather_model(64, 32, fill=0.25)
+    (tmp_path / "a").mkdir()
+    save_onnx(model, tmp_path / "a" / "m.onnx", "always", check=False)
+    table = model.graph.initializer[0]
+    assert table.data_location == TensorProto.DEFAULT and not table.external_data
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(table), np.full((64, 32), 0.25, np.float32))
+    import shutil
+
+    shutil.rmtree(tmp_path / "a")  # the model no longer needs the file
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert float(sess.run(None, {"ids": np.array([3], np.int64)})[0][0, 0]) == 1.25
