@@ -154,6 +154,7 @@ def build_engine(onnx_path: Path, profiles: Mapping[str, Mapping[str, Sequence[i
         SaveEngine,
     )
     from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
 
     trt = _tensorrt()
     version = str(trt.__version__)
@@ -162,7 +163,9 @@ def build_engine(onnx_path: Path, profiles: Mapping[str, Mapping[str, Sequence[i
     loaded = timing_cache_in is not None and Path(timing_cache_in).exists()
     logged = io.StringIO()
     try:
-        with contextlib.redirect_stdout(logged):
+        # the parser's and builder's errors are read from Polygraphy's log: at least ERROR must reach it,
+        # whatever severity another part of the process left on the shared logger
+        with contextlib.redirect_stdout(logged), G_LOGGER.verbosity(G_LOGGER.ERROR):
             # parse_from_file (inside NetworkFromOnnxPath): the parser then finds model.onnx.data
             builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)()
             net_inputs = [network.get_input(i).name for i in range(network.num_inputs)]

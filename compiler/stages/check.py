@@ -22,12 +22,6 @@ from compiler.numerics.metrics import (
 log = logging.getLogger(__name__)
 
 
-def _quiet_polygraphy():
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.CRITICAL
-
-
 def compare_outputs(reference_runner, target_runner, feeds: list[dict[str, np.ndarray]], gate,
                     cosine: bool = True) -> dict[str, Any]:
     """Polygraphy comparison: per output, max/mean abs and rel diff over iterations and (cosine=True) mean
@@ -38,12 +32,16 @@ def compare_outputs(reference_runner, target_runner, feeds: list[dict[str, np.nd
         SimpleCompareFunc,
     )
 
-    _quiet_polygraphy()
-    results = Comparator.run([reference_runner, target_runner], data_loader=feeds)
-    funcs = [SimpleCompareFunc(atol=float(gate.atol), rtol=float(gate.rtol), check_error_stat="median")]
-    if cosine:
-        funcs.append(CosineSimilarityCompareFunc(cosine_similarity_threshold=float(gate.min_output_cosine)))
-    accuracy = Comparator.compare_accuracy(results, compare_func=funcs)
+    from polygraphy.logger import G_LOGGER
+
+    # quiet for the comparison only: setting the logger's severity for good hid TensorRT's parser errors from
+    # a later build in the same process (a joblib sweep), whose messages are read from Polygraphy's log
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        results = Comparator.run([reference_runner, target_runner], data_loader=feeds)
+        funcs = [SimpleCompareFunc(atol=float(gate.atol), rtol=float(gate.rtol), check_error_stat="median")]
+        if cosine:
+            funcs.append(CosineSimilarityCompareFunc(cosine_similarity_threshold=float(gate.min_output_cosine)))
+        accuracy = Comparator.compare_accuracy(results, compare_func=funcs)
     per_output: dict[str, dict[str, Any]] = {}
     for acc in accuracy:
         for iterations in acc.values():

@@ -371,6 +371,17 @@ def test_build_engine_errors(monkeypatch, tmp_path):
     assert "TensorRT network inputs ['token_type_ids'] have no optimization profile" in str(e.value)
 
 
+def test_build_engine_errors_survive_a_quieted_polygraphy_logger(monkeypatch, tmp_path):
+    """The parser's errors are read from Polygraphy's log: a logger another part of the process left at
+    CRITICAL (the check stage once did, for good) must not turn them into 'Could not parse ONNX correctly'."""
+    from polygraphy.logger import G_LOGGER
+
+    FT.install(monkeypatch, _fake_tensorrt([], parse_ok=False))
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL), pytest.raises(BuildError) as e:
+        B.build_engine(tmp_path / "model.onnx", PROFILES, 64, tmp_path / "engine.plan", tmp_path / "timing.cache")
+    assert "UNSUPPORTED_NODE: no importer for op TRT_Bogus" in str(e.value)
+
+
 def test_build_engine_without_tensorrt(monkeypatch, tmp_path):
     FT.install(monkeypatch, None)  # import tensorrt -> ImportError
     with pytest.raises(BuildError) as e:
