@@ -199,6 +199,8 @@ def _load_hf_module(cfg, model_dir: Path):
         module = klass.from_pretrained(
             str(model_dir), config=hf_cfg, local_files_only=True,
             trust_remote_code=bool(cfg.trust_remote_code),
+            # the reference is fp32 whatever the checkpoint holds: transformers 5 loads in the weights' dtype
+            dtype=torch.float32,
             # pickle checkpoints load with torch.load(weights_only=True) in transformers 5; prefer safetensors
             use_safetensors=any(str(w).endswith(".safetensors") for w in weights) or None,
         )
