@@ -117,7 +117,7 @@ class Int8DynamicStep(Step):
         graph = Path(onnx_path)
         if p.preprocess:
             work_dir = Path(ctx.work_dir or tempfile.mkdtemp(prefix="qcompile."))
-            graph = preprocess(graph, work_dir / f"{Path(out_path).stem}.pre.onnx", ctx.report)
+            graph = preprocess(graph, work_dir / f"{Path(out_path).stem}.pre.onnx", ctx.report, ctx.cache)
         prepared = onnx.load(str(graph), load_external_data=False)
         excluded = sorted(set(exclude_nodes(prepared, ctx.exclude))
                           | set(layer_nodes(prepared, self.kept_layers(), list(p.op_types_to_quantize))))

@@ -253,7 +253,7 @@ class Int8StaticStep(Step):
         work_dir.mkdir(parents=True, exist_ok=True)
         graph = Path(onnx_path)
         if p.preprocess:
-            graph = preprocess(graph, work_dir / f"{Path(out_path).stem}.pre.onnx", report)
+            graph = preprocess(graph, work_dir / f"{Path(out_path).stem}.pre.onnx", report, ctx.cache)
         prepared = onnx.load(str(graph), load_external_data=False)
         check_ops_match(prepared, op_types, self.key)
 

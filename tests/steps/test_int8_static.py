@@ -175,7 +175,22 @@ def test_calibration_ranges_come_from_the_cache_and_any_input_change_misses(expo
     # another method -> a different key
     _, r3 = quantize(exported, "tiny_bert", tmp_path / "d", cache=cache, calibration="percentile")
     assert r3["calibration_cache"] == "miss"
-    assert [e["result"] for e in cache.events] == ["miss", "hit", "miss", "miss"]
+    assert [e["result"] for e in cache.events if e["kind"] == "ort_calibration"] == ["miss", "hit", "miss", "miss"]
+
+
+def test_preprocessed_graph_comes_from_the_cache_with_its_report(exported, tmp_path):
+    # quant_pre_process (shape inference + ORT's optimizer) is a pure function of the graph: one run per export
+    from compiler.stages.cache import Cache
+
+    cache = Cache(tmp_path / "cache", versions={"test": "1"})
+    first, r1 = quantize(exported, "tiny_bert", tmp_path / "a", cache=cache)
+    second, r2 = quantize(exported, "tiny_bert", tmp_path / "b", cache=cache)
+    uncached, r0 = quantize(exported, "tiny_bert", tmp_path / "c")
+    assert [e["result"] for e in cache.events if e["kind"] == "ort_preprocess"] == ["miss", "hit"]
+    # the retried attempt is reported on a hit as on the run that computed it
+    assert r1["preprocess"] == r2["preprocess"] == r0["preprocess"] == "auto_merge"
+    assert r2["preprocess_failures"] == r0["preprocess_failures"]
+    assert first.read_bytes() == second.read_bytes() == uncached.read_bytes()
 
 
 def _validate(steps, target="ort", info=None):
