@@ -19,7 +19,7 @@ from compiler.core.errors import BuildError
 log = logging.getLogger(__name__)
 
 __all__ = ["LINEAR_OP_TYPES", "QUANTIZED_LINEAR_OP_TYPES", "FeaturesReader",
-           "activation_gathers", "check_ops_match", "exclude_nodes", "layer_nodes", "linear_ops_found", "module_name",
+           "activation_gathers", "check_ops_match", "exclude_nodes", "layer_nodes", "linear_ops_found", "module_name", "node_module",
            "ort_calibration_method", "preprocess", "quantized_coverage", "quantized_gathers", "quietly"]
 
 # ops that carry a layer's weights: what "the graph's linear layers are ..." lists
@@ -73,6 +73,30 @@ def module_name(node_name: str) -> str:
     return ".".join(parts[:-1]) if len(parts) > 1 else node_name
 
 
+def node_module(node) -> str:
+    """The torch module an exported node came from, on either exporter: the dynamo exporter names nodes
+    'node_MatMul_54' and records the module path in the node's metadata ('pkg.torch.onnx.name_scopes': ['',
+    'inner', ..., 'inner.encoder.layer.0.attention.self.query', 'linear'], which onnxruntime's pre-processing
+    keeps); the TorchScript exporter puts it in the node name."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                break
+            module = ""
+            for scope in scopes:  # nested module paths, then the op's own name ('linear'), which ends the chain
+                if scope and (not module or scope.startswith(module + ".")):
+                    module = scope
+                elif scope:
+                    break
+            if module:
+                return module
+    return module_name(node.name)
+
+
 def exclude_nodes(model, patterns: list[str], op_types: list[str] | None = None) -> list[str]:
     """Nodes (of op_types, if given) whose name or module name matches a pattern ('*pooler*',
     '*layer.0.output.dense')."""
@@ -81,18 +105,17 @@ def exclude_nodes(model, patterns: list[str], op_types: list[str] | None = None)
     if not patterns:
         return []
     return sorted(n.name for n in model.graph.node if n.name and (op_types is None or n.op_type in op_types)
-                  and (matches_any(n.name, patterns) or matches_any(module_name(n.name), patterns)))
+                  and (matches_any(n.name, patterns) or matches_any(node_module(n), patterns)))
 
 
 def layer_nodes(model, layers: Iterable[str], op_types: list[str] | None = None) -> list[str]:
     """The nodes (of op_types, if given) that torch module ``layers`` (exact module names, as Step.layers()
-    returns them) were exported to, found from the TorchScript exporter's node scopes
-    ('/inner/encoder/layer.0/output/dense/MatMul' belongs to 'inner.encoder.layer.0.output.dense')."""
+    returns them) were exported to (node_module: TorchScript node scopes or dynamo's name_scopes metadata)."""
     wanted = set(layers)
     if not wanted:
         return []
     return sorted(n.name for n in model.graph.node if n.name and (op_types is None or n.op_type in op_types)
-                  and module_name(n.name) in wanted)
+                  and node_module(n) in wanted)
 
 
 def activation_gathers(model) -> list[str]:
