@@ -57,6 +57,16 @@ def route_library_logs() -> None:
     logging.captureWarnings(True)
 
 
+def _restore_fds(saved: dict[int, int]) -> None:
+    """Point stdout / stderr (fds 1, 2) back at the copies taken before a redirect, flushing Python's buffers
+    first so nothing printed during the redirect lands on the terminal afterwards."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, copy in saved.items():
+        os.dup2(copy, fd)
+        os.close(copy)
+
+
 @contextlib.contextmanager
 def library_output(what: str) -> Iterator[None]:
     """Capture everything libraries print while the block runs (Python prints, C++ writes to the stdout /
@@ -73,11 +83,7 @@ def library_output(what: str) -> Iterator[None]:
                 os.dup2(sink.fileno(), fd)
             yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
+            _restore_fds(saved)
             sink.seek(0)
             text = strip_ansi(sink.read().decode("utf-8", "replace"))
             for line in text.splitlines():
@@ -122,11 +128,7 @@ def console_for_qcompile_only(path: str | None) -> Iterator[None]:
             os.dup2(sink, fd)
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
+        _restore_fds(saved)
         os.close(sink)
         for h, old in swapped:
             h.setStream(old)

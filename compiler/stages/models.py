@@ -237,31 +237,28 @@ def wrap_for_export(hf_module, task: str, input_names: List[str]):
     classifiers -> (logits,). Pooling lives inside the graph so every target is checked on it."""
     import torch
 
-    class EmbeddingWrapper(torch.nn.Module):
+    class _Wrapper(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, token_type_ids=None):
+        def run_inner(self, input_ids, attention_mask, token_type_ids):
             kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
-            if token_type_ids is not None:
+            if token_type_ids is not None:  # models without segment embeddings take no token_type_ids
                 kwargs["token_type_ids"] = token_type_ids
-            hidden = self.inner(**kwargs).last_hidden_state
+            return self.inner(**kwargs)
+
+    class EmbeddingWrapper(_Wrapper):
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            hidden = self.run_inner(input_ids, attention_mask, token_type_ids).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             emb = pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             return hidden, emb
 
-    class ClassifierWrapper(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
+    class ClassifierWrapper(_Wrapper):
         def forward(self, input_ids, attention_mask, token_type_ids=None):
-            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            return (self.inner(**kwargs).logits,)
+            return (self.run_inner(input_ids, attention_mask, token_type_ids).logits,)
 
     wrapper = (ClassifierWrapper if task == "classification" else EmbeddingWrapper)(hf_module)
     wrapper.eval()
