@@ -6,7 +6,7 @@ import pytest
 from conftest import compose
 from omegaconf import OmegaConf
 
-from compiler.core.errors import RecipeError
+from compiler.core.errors import NotRunnableError, RecipeError
 from compiler.core.paths import RECIPES_DIR
 from compiler.stages.validate import validate
 from compiler.steps.base import (
@@ -156,7 +156,12 @@ def test_capability_table_is_consistent():
             runnable &= set(STEP_REGISTRY[step].runs_on)
         assert runnable, f"recipe {recipe} runs on no target"
         for t in sorted(runnable):  # the auto opset gives fp8 on ort its float8 QuantizeLinear (19)
-            validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={t}"))
+            try:
+                validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={t}"))
+            except NotRunnableError as e:
+                # only a parameter of the shipped recipe may rule out a target its steps run on
+                # (int4_weight_only's asymmetric blocks on torch), never the step as a whole
+                assert e.key.startswith("recipe.steps.") and e.key.count(".") == 3, e.message
 
 
 # -- export.opset: auto from the steps' min_opset, explicit values kept (issue 10) -------------------------

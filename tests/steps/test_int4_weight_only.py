@@ -63,7 +63,7 @@ def test_torch_int4_fake_quant_close_to_fp32(tiny_bert, tiny_data, tmp_path):
 
     ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, work_dir=tmp_path,
                       exclude=["*pooler*", "*embeddings*"], report={})
-    q = Int4WeightOnlyStep(Params(block_size=32)).apply_torch(copy.deepcopy(tiny_bert.module), ctx)
+    q = Int4WeightOnlyStep(Params(block_size=32, is_symmetric=True)).apply_torch(copy.deepcopy(tiny_bert.module), ctx)
     assert ctx.report["quantized_layers"] == 12 and ctx.report["input_quantizers"] == 0
     feeds = list(tiny_data.evaluation.batches(8))
     ref = torch_predictor(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names)
@@ -91,6 +91,9 @@ def _validate(steps, target):
                                 "(e.g. 32, 64, 128)")),
     ({"accuracy_level": 5}, "ort", ("recipe.steps.int4_weight_only.accuracy_level: bad value 5 -- use null or 0 "
                                    "(unset), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)")),
+    ({}, "torch", ("recipe.steps.int4_weight_only.is_symmetric: asymmetric int4 (is_symmetric=false) is not runnable on "
+                   "target=torch (modelopt's int4 weight-only has no zero point) -- use target=ort, or is_symmetric=true "
+                   "for symmetric blocks on torch")),
     ({"algorithm": "hqq"}, "torch", ("recipe.steps.int4_weight_only.algorithm: hqq is not runnable on target=torch "
                                     "(modelopt's int4 weight-only is round-to-nearest) -- use algorithm=rtn or "
                                     "target=ort")),
@@ -99,3 +102,7 @@ def test_bad_params_are_recipe_errors(steps, target, text):
     with pytest.raises(RecipeError) as e:
         _validate(steps, target)
     assert str(e.value) == text
+
+
+def test_symmetric_int4_validates_on_torch():
+    _validate({"is_symmetric": True}, "torch")  # no error: modelopt runs symmetric blocks
