@@ -95,7 +95,8 @@ def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: P
         md = report_markdown(result)
         report["repair"] = {"metric": result.metric_name, "max_drop": result.budget, "fallback": result.fallback,
                             "met": result.met, "fallback_layers": len(result.chosen), "quantized_layers": result.total,
-                            "max_fallback_layers": result.allowed, "search": [p.as_dict() for p in result.probes],
+                            "max_fallback_layers": result.allowed, "strategy": result.strategy,
+                            "search": [p.as_dict() for p in result.curve], "measurements": len(result.probes),
                             "seconds": result.seconds, "files": files}
         if not result.met:
             report["status"] = "repair budget not met"

@@ -9,11 +9,16 @@ ranges do not depend on the other layers' formats. Each measurement is then one 
 That is the target's numerics for target=torch, and the graph the trt / ort targets export from the same
 fake-quant modules (ORT equals torch fake-quant to < 1e-4 on these graphs: compiler/steps tests).
 
+Speed: each variant's weight quantizers are folded into the weights once (modelopt's fold_weight), and the
+ranking samples run length-sorted without their padding, so a probe is one forward over the real tokens with
+the activation quantizers only.
+
 Sensitivity of a layer: the budgeted metric with only that layer at the fallback minus the metric with all
 layers quantized (a gain: larger = more sensitive). A cheap first pass (each layer's output error against its
-fallback module on the same input, from one forward) orders the layers; the top `confirm_top` are measured.
-The search: layers in sensitivity order, the smallest count k whose map meets the budget, found by binary search
-over k (the metric rises with k in practice; each probe is measured and reported).
+fallback module on the same input, from one forward) orders the layers; the top `confirm_top` are measured
+(default 64: every layer of a MiniLM-size model; the proxy order only matters for larger ones).
+The search (search_fallbacks, generic over measure(set) -> metric): lazy greedy forward selection with
+re-measured marginal gains (strategy greedy), or a binary search over the single-gain order (strategy binary).
 """
 
 from __future__ import annotations
@@ -49,16 +54,20 @@ class RepairBudgetError(GateError):
 
 @dataclass
 class Probe:
-    """One measured point of the search."""
+    """One measured point of the search: a set of fallback_layers layers (the last one added: `added`);
+    accepted = a point of the search's path (the size-vs-metric curve), not a rejected candidate."""
 
     fallback_layers: int
     metric: float
     drop: float
     weight_bytes: int
+    added: str | None = None
+    accepted: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {"fallback_layers": self.fallback_layers, "metric": round(self.metric, 6),
-                "drop": round(self.drop, 6), "weight_bytes": self.weight_bytes}
+                "drop": round(self.drop, 6), "weight_bytes": self.weight_bytes, "added": self.added,
+                "accepted": self.accepted}
 
 
 @dataclass
@@ -77,6 +86,13 @@ class RepairResult:
     met: bool = True
     needed: int | None = None  # unmet: the fallback count that would meet the budget (None: none does)
     fraction: float = 0.0  # repair.max_fallback_fraction
+    strategy: str = "greedy"
+
+    @property
+    def curve(self) -> list[Probe]:
+        """The search's path, one point per set size (the last measured, if a size was measured twice)."""
+        by_size = {p.fallback_layers: p for p in self.probes if p.accepted}
+        return [by_size[k] for k in sorted(by_size)]
 
     @property
     def layer_map(self) -> dict[str, str]:
@@ -86,7 +102,8 @@ class RepairResult:
         return {"metric": self.metric_name, "reference": self.reference, "max_drop": self.budget,
                 "fallback": self.fallback, "primary_format": self.primary_format, "quantized_layers": self.total,
                 "max_fallback_layers": self.allowed, "chosen": sorted(self.chosen), "layers": self.layers,
-                "search": [p.as_dict() for p in self.probes], "seconds": self.seconds, "met": self.met,
+                "strategy": self.strategy, "search": [p.as_dict() for p in self.curve],
+                "measurements": [p.as_dict() for p in self.probes], "seconds": self.seconds, "met": self.met,
                 "needed": self.needed}
 
 
@@ -128,12 +145,13 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
         raise RecipeError("recipe.repair.fallback", f"unknown format {rep.fallback!r}",
                           f"use one of {list(FALLBACKS + ('auto',))}")
     rep.fallback = resolve_fallback(rep, steps)
-    if rep.strategy != "greedy":
-        raise RecipeError("recipe.repair.strategy", f"unknown strategy {rep.strategy!r}", "use greedy")
+    if rep.strategy not in STRATEGIES:
+        raise RecipeError("recipe.repair.strategy", f"unknown strategy {rep.strategy!r}",
+                          f"use one of {list(STRATEGIES)}")
     if rep.ranking_samples <= 0:
         raise RecipeError("recipe.repair.ranking_samples", f"must be > 0, got {rep.ranking_samples}", "use e.g. 32")
     if rep.confirm_top < 0:
-        raise RecipeError("recipe.repair.confirm_top", f"must be >= 0, got {rep.confirm_top}", "use e.g. 16")
+        raise RecipeError("recipe.repair.confirm_top", f"must be >= 0, got {rep.confirm_top}", "use e.g. 64")
     if not (rep.enabled or rep.layers):
         return
     quant = [s for s in steps if s.quantizes_compute]
@@ -269,74 +287,151 @@ class MixedModel:
 
 
 # ------------------------------------------------------------------------------------------------ search
+# Generic over the measurement: `measure(fallback_layers: frozenset[str]) -> float` (higher is better) and the
+# metric's fp32 value `reference`; the torch fake-quant measurer is below (torch_measure), an ONNX Runtime one
+# or a labeled-task metric plugs in the same way.
 
-def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: dict[str, str], feeds,
-                        reference: np.ndarray, metric_fn, confirm_top: int, output_index: int) -> dict[str, Any]:
-    """Per-layer sensitivity: the proxy error of every layer, the measured gain of the top confirm_top by proxy;
-    layers ordered by measured gain, then the unmeasured ones by proxy."""
+STRATEGIES = ("greedy", "binary")
+
+Measure = Callable[[frozenset], float]
+
+
+@dataclass
+class SearchOutcome:
+    """What a search found: the fallback layers in the order picked, every measured point, whether the budget
+    holds within `allowed`, and (unmet) the count that would meet it."""
+
+    chosen: list[str]
+    probes: list[Probe]
+    met: bool
+    needed: int | None
+    base: float
+
+
+def memoized(measure: Measure, seed: dict[frozenset, float] | None = None) -> Measure:
+    """measure with every set measured once (a search revisits sets; a forward is the whole cost)."""
+    memo: dict[frozenset, float] = dict(seed or {})
+
+    def m(layers) -> float:
+        key = frozenset(layers)
+        if key not in memo:
+            memo[key] = float(measure(key))
+        return memo[key]
+
+    m.memo = memo  # type: ignore[attr-defined]
+    return m
+
+
+def single_layer_metrics(measure: Measure, names: Sequence[str]) -> dict[str, float]:
+    """The metric with each one layer alone in the fallback (the per-layer sensitivity is this minus the
+    metric with none)."""
+    return {n: float(measure(frozenset([n]))) for n in names}
+
+
+def search_fallbacks(measure: Measure, names: Sequence[str], reference: float, budget: float, allowed: int, *,
+                     strategy: str = "greedy", singles: dict[str, float] | None = None, base: float | None = None,
+                     bounds: dict[str, float] | None = None,
+                     size_of: Callable[[frozenset], int] | None = None) -> SearchOutcome:
+    """The fewest layers of `names` to put in the fallback so that reference - measure(set) <= budget, with at
+    most `allowed` of them; every measured point becomes a Probe.
+
+    greedy (default): forward selection with re-measured marginal gains, lazily: each candidate keeps its last
+      measured gain as a stale bound (at first its single-layer gain, measured against the empty set, so fresh
+      for the first pick); the top candidate is re-measured against the current set and accepted when it is
+      still on top. Gains are not additive (two FFN layers of one block share an error), so gains re-measured
+      against the current set pick better maps than one fixed order; stale bounds keep it to a few forwards per
+      pick. Stops at the first set meeting the budget, or at `allowed`.
+    binary: names in single-gain order, the smallest prefix meeting the budget by binary search (the metric rises
+      with the prefix in practice): ~log2(n) measurements after the single gains, a worse map.
+    singles: single-layer metrics already measured (the sensitivity; the rest are measured here unless bounds
+      gives them an ordering value: a large model's unmeasured layers, re-measured before any pick).
+    Unmet within `allowed`: the single-gain order after the chosen set, binary-searched for the count that would
+    meet the budget (`needed`), so the error can say what it would take."""
+    measure = memoized(measure, {frozenset([n]): v for n, v in (singles or {}).items()})
+    if base is not None:
+        measure.memo.setdefault(frozenset(), float(base))  # type: ignore[attr-defined]
+    base = measure(frozenset())
+    singles = dict(singles or {})
+    bounds = {n: v for n, v in (bounds or {}).items() if n not in singles}
+    for n in names:
+        if n not in singles and n not in bounds:
+            singles[n] = measure(frozenset([n]))
+    key = {**bounds, **singles}
+    order = sorted(names, key=lambda n: (-key[n], list(names).index(n)))
+    probes: list[Probe] = []
+
+    def point(layers: frozenset, added: str | None, accepted: bool) -> Probe:
+        m = measure(layers)
+        p = Probe(len(layers), m, reference - m, size_of(layers) if size_of else 0, added, accepted)
+        probes.append(p)
+        return p
+
+    def ok(p: Probe) -> bool:
+        return p.drop <= budget + 1e-12
+
+    current = point(frozenset(), None, True)
+    chosen: list[str] = []
+    if strategy == "greedy":
+        chosen, current = _lazy_greedy(point, ok, current, order, key, set(singles), base, allowed)
+    elif strategy == "binary":
+        k = _smallest_prefix(lambda k: point(frozenset(order[:k]), order[k - 1] if k else None, True), ok, 0,
+                             min(allowed, len(order))) if not ok(current) else 0
+        if k is not None:
+            chosen = order[:k]
+            current = point(frozenset(chosen), chosen[-1] if chosen else None, True)
+    else:
+        raise ValueError(f"unknown search strategy {strategy!r}; use one of {list(STRATEGIES)}")
+    met = ok(current)
+    needed = None
+    if not met:
+        rest = [n for n in order if n not in chosen]
+        k = _smallest_prefix(lambda k: point(frozenset(chosen + rest[:k]), rest[k - 1] if k else None, True), ok,
+                             0, len(rest))
+        needed = None if k is None else len(chosen) + k
+    return SearchOutcome(chosen=chosen if met else [], probes=probes, met=met, needed=needed, base=base)
+
+
+def _lazy_greedy(point, ok, current: Probe, order: list[str], key: dict[str, float], measured: set, base: float,
+                 allowed: int) -> tuple[list[str], Probe]:
+    """Lazy greedy forward selection (see search_fallbacks). A heap of (-gain bound, position, name, size the
+    gain was measured at); a bound measured at the current size is fresh (-1: never measured)."""
+    import heapq
+
+    heap = [(-(key[n] - base), i, n, 0 if n in measured else -1) for i, n in enumerate(order)]
+    heapq.heapify(heap)
+    chosen: list[str] = []
+    while heap and not ok(current) and len(chosen) < allowed:
+        neg, i, n, at = heapq.heappop(heap)
+        if at == len(chosen):  # fresh and still the best bound: take it
+            chosen.append(n)
+            current = point(frozenset(chosen), n, True)
+            continue
+        trial = point(frozenset(chosen + [n]), n, False)
+        heapq.heappush(heap, (-(trial.metric - current.metric), i, n, len(chosen)))
+    return chosen, current
+
+
+def _smallest_prefix(probe, ok, lo: int, hi: int) -> int | None:
+    """The smallest k in (lo, hi] with ok(probe(k)), by binary search, given not ok at lo; None if not ok at hi."""
+    if hi <= lo or not ok(probe(hi)):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(probe(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# ------------------------------------------------------------------------------------------------ torch measurer
+
+def torch_measure(mixed: MixedModel, feeds, reference: np.ndarray, metric_fn, output_index: int) -> Measure:
+    """measure(set) on torch fake-quant: the mixed model with that set of layers from B, one forward."""
     def measure(fallback_layers) -> float:
         return metric_fn(reference, _outputs(mixed.use(fallback_layers), feeds, output_index))
 
-    base = measure([])
-    proxy = proxy_errors(mixed.use([]), _b_of(mixed), names, feeds)
-    by_proxy = sorted(names, key=lambda n: (-proxy[n], n))
-    gains: dict[str, float | None] = {n: None for n in names}
-    for n in by_proxy[:confirm_top]:
-        gains[n] = measure([n]) - base
-    measured = sorted((n for n in names if gains[n] is not None), key=lambda n: (-gains[n], -proxy[n], n))
-    order = measured + [n for n in by_proxy if gains[n] is None]
-    mixed.use([])
-    return {"base_metric": base, "layers": [
-        {"name": n, "role": roles.get(n, ""), "proxy_error": round(proxy[n], 6),
-         "gain": None if gains[n] is None else round(gains[n], 6)} for n in order]}
-
-
-def search(mixed: MixedModel, sensitivity: dict[str, Any], feeds, reference: np.ndarray, metric_fn,
-           metric_name: str, budget: float, fallback: str, allowed: int, primary_format: str,
-           counts: dict[str, int], output_index: int) -> RepairResult:
-    """Layers in sensitivity order; the smallest count k <= allowed whose map meets the budget, by binary search
-    (every probe measured). Unmet: the count that would meet it (searched past `allowed`), in result.needed."""
-    order = [x["name"] for x in sensitivity["layers"]]
-    primary = {n: primary_format for n in order}
-    probes: dict[int, Probe] = {}
-
-    def probe(k: int) -> Probe:
-        if k not in probes:
-            m = float(sensitivity["base_metric"]) if k == 0 else metric_fn(
-                reference, _outputs(mixed.use(order[:k]), feeds, output_index))
-            fmts = dict(primary, **{n: fallback for n in order[:k]})
-            probes[k] = Probe(k, m, 1.0 - m, weight_bytes(counts, fmts))
-        return probes[k]
-
-    def ok(k: int) -> bool:
-        return probe(k).drop <= budget + 1e-12
-
-    def smallest(lo: int, hi: int) -> int:
-        """The smallest k in (lo, hi] with ok(k), given ok(hi) and not ok(lo)."""
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if ok(mid):
-                hi = mid
-            else:
-                lo = mid
-        return hi
-
-    chosen: int | None = None
-    needed: int | None = None
-    if ok(0):
-        chosen = 0
-    elif allowed > 0 and ok(allowed):
-        chosen = smallest(0, allowed)
-    elif len(order) > allowed and ok(len(order)):
-        needed = smallest(allowed, len(order))
-    result = RepairResult(metric_name=metric_name, reference=1.0, budget=budget, fallback=fallback,
-                          layers=sensitivity["layers"], probes=[probes[k] for k in sorted(probes)],
-                          chosen=order[:chosen] if chosen is not None else [], allowed=allowed, total=len(order),
-                          primary_format=primary_format)
-    result.met = chosen is not None
-    result.needed = needed
-    mixed.use(result.chosen)
-    return result
+    return measure
 
 
 def _b_of(mixed: MixedModel):
@@ -349,8 +444,52 @@ def _b_of(mixed: MixedModel):
     return _View()
 
 
+def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: dict[str, str], feeds, measure: Measure,
+                        confirm_top: int) -> dict[str, Any]:
+    """Per-layer sensitivity: the proxy error of every layer (one forward), the measured single-layer metric of
+    the top confirm_top by proxy (all layers when confirm_top >= their count, the default on MiniLM-size models);
+    layers ordered by measured gain, then the unmeasured ones by proxy."""
+    base = float(measure(frozenset()))
+    proxy = proxy_errors(mixed.use([]), _b_of(mixed), names, feeds)
+    by_proxy = sorted(names, key=lambda n: (-proxy[n], n))
+    metrics = single_layer_metrics(measure, by_proxy[:confirm_top])
+    gains = {n: metrics[n] - base for n in metrics}
+    measured = sorted(gains, key=lambda n: (-gains[n], -proxy[n], n))
+    order = measured + [n for n in by_proxy if n not in gains]
+    mixed.use([])
+    return {"base_metric": base, "layers": [
+        {"name": n, "role": roles.get(n, ""), "proxy_error": round(proxy[n], 6),
+         "gain": round(gains[n], 6) if n in gains else None, "metric": metrics.get(n)} for n in order]}
+
+
+def search(mixed: MixedModel, sensitivity: dict[str, Any], measure: Measure, reference: float, metric_name: str,
+           budget: float, fallback: str, allowed: int, primary_format: str, counts: dict[str, int],
+           strategy: str = "greedy") -> RepairResult:
+    """search_fallbacks over the sensitivity's layers with the torch measurer; the result as a RepairResult
+    (the mixed model left with the chosen map)."""
+    layers = sensitivity["layers"]
+    names = [x["name"] for x in layers]
+    singles = {x["name"]: float(x["metric"]) for x in layers if x.get("metric") is not None}
+    floor = min(singles.values(), default=float(sensitivity["base_metric"]))
+    # unmeasured layers (beyond confirm_top): bounds below every measured one, in proxy order
+    bounds = {x["name"]: floor - 1e-9 * (i + 1)
+              for i, x in enumerate(x for x in layers if x.get("metric") is None)}
+    primary = {n: primary_format for n in names}
+
+    def size_of(chosen: frozenset) -> int:
+        return weight_bytes(counts, dict(primary, **{n: fallback for n in chosen}))
+
+    out = search_fallbacks(measure, names, reference, budget, allowed, strategy=strategy, singles=singles,
+                           base=float(sensitivity["base_metric"]), bounds=bounds, size_of=size_of)
+    result = RepairResult(metric_name=metric_name, reference=reference, budget=budget, fallback=fallback,
+                          layers=layers, probes=out.probes, chosen=out.chosen, allowed=allowed, total=len(names),
+                          primary_format=primary_format, met=out.met, needed=out.needed)
+    mixed.use(result.chosen)
+    return result
+
+
 def unmet_message(result: RepairResult) -> str:
-    within = [p for p in result.probes if p.fallback_layers <= result.allowed]
+    within = [p for p in result.curve if p.fallback_layers <= result.allowed]
     best = min(within, key=lambda p: p.drop)
     need = result.needed
     frac = result.fraction
@@ -386,20 +525,22 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
         fallback_steps = [s.with_layer_formats({n: rep.fallback for n in names}) if s.quantizes_compute else s
                           for s in spec.torch_steps]
     b = apply_steps(copy.deepcopy(model.module), fallback_steps)
+    counts = {n: _params(_get(a, n)) for n in names}  # before folding: it leaves the weights' shapes alone anyway
+    fold_weights(a)
+    fold_weights(b)
     feeds = _ranking_feeds(data, int(rep.ranking_samples), int(spec.data.batch_size))
     output_index = 0 if model.task == "classification" else 1
     reference = _outputs(model.module, feeds, output_index)
     metric_name, metric_fn = fidelity_metric(model.task)
     budget = budget_of(rep, spec.gate, model.task)
     allowed = math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9)
-    counts = {n: _params(_get(a, n)) for n in names}
     roles = model.roles.role if model.roles is not None else {}
     mixed = MixedModel(a, b, names)
+    measure = memoized(torch_measure(mixed, feeds, reference, metric_fn, output_index))
     t1 = time.perf_counter()
 
     def sens() -> dict[str, Any]:
-        return measure_sensitivity(mixed, names, roles, feeds, reference, metric_fn, int(rep.confirm_top),
-                                   output_index)
+        return measure_sensitivity(mixed, names, roles, feeds, measure, int(rep.confirm_top))
 
     if cache is not None:
         def build(d: Path) -> None:
@@ -410,12 +551,23 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
     else:
         sensitivity = sens()
     t2 = time.perf_counter()
-    result = search(mixed, sensitivity, feeds, reference, metric_fn, metric_name, budget, rep.fallback, allowed,
-                    primary_format, counts, output_index)
+    result = search(mixed, sensitivity, measure, 1.0, metric_name, budget, rep.fallback, allowed, primary_format,
+                    counts, strategy=str(rep.strategy))
     result.fraction = float(rep.max_fallback_fraction)
+    result.strategy = str(rep.strategy)
     result.seconds = {"build_variants": round(t1 - t0, 2), "sensitivity": round(t2 - t1, 2),
-                      "search": round(time.perf_counter() - t2, 2)}
+                      "search": round(time.perf_counter() - t2, 2),
+                      "forwards": len(measure.memo), "ranking_tokens": int(sum(f[0].numel() for f in feeds))}
     return result
+
+
+def fold_weights(module) -> None:
+    """Bake every fake-quant weight quantizer into its weight (modelopt's mtq.fold_weight): a probe's forward
+    then runs the activation quantizers only. Same numbers: the folded weight is what the weight quantizer
+    returned on every forward (tests/stages/test_repair_search.py checks equality)."""
+    from compiler.steps.modelopt import _mtq
+
+    _mtq().fold_weight(module)
 
 
 def _has(module, name: str) -> bool:
@@ -427,15 +579,37 @@ def _has(module, name: str) -> bool:
 
 
 def _ranking_feeds(data, n: int, batch_size: int):
+    """The first n evaluation samples as torch batches, sorted by length and cut to the longest real token of
+    each batch. Padding past every row's attention mask changes no real token's output (masked keys get zero
+    attention weight; quantizers scale per token / block or per tensor with calibrated ranges), so a probe
+    skips the pad positions (MiniLM's built-in sentences: 17 real tokens of 128 on average)."""
     import torch
 
     ev = data.evaluation
     n = min(n, len(ev))
+    arrays = {k: np.ascontiguousarray(v[:n]) for k, v in ev.arrays.items()}
+    mask = arrays.get("attention_mask")
+    if mask is not None and mask.ndim == 2:
+        lengths = _real_lengths(mask)
+        rows = np.argsort(-lengths, kind="stable")
+        arrays = {k: v[rows] for k, v in arrays.items()}
+        lengths = lengths[rows]
     feeds = []
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
-        feeds.append([torch.from_numpy(np.ascontiguousarray(v[start:stop])) for v in ev.arrays.values()])
+        batch = {k: v[start:stop] for k, v in arrays.items()}
+        if mask is not None and mask.ndim == 2:
+            width = max(1, int(lengths[start:stop].max()))
+            batch = {k: (v[:, :width] if v.ndim >= 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
+        feeds.append([torch.from_numpy(np.ascontiguousarray(v)) for v in batch.values()])
     return feeds
+
+
+def _real_lengths(mask: np.ndarray) -> np.ndarray:
+    """Per row, one past the last position the attention mask keeps (0 for an all-masked row)."""
+    kept = mask != 0
+    last = mask.shape[1] - np.argmax(kept[:, ::-1], axis=1)
+    return np.where(kept.any(axis=1), last, 0)
 
 
 def sensitivity_key(model, spec, data, names) -> dict[str, Any]:
@@ -445,6 +619,7 @@ def sensitivity_key(model, spec, data, names) -> dict[str, Any]:
     steps = OmegaConf.to_container(spec.raw.recipe.get("steps"), resolve=True) if spec.raw is not None else {}
     return {"weights": model.weights_sha256, "calibration": data.calibration.sha256(),
             "evaluation": data.evaluation.sha256(), "ranking_samples": int(spec.repair.ranking_samples),
+            "measure": "torch fake-quant, folded weights, length-sorted batches without padding",
             "confirm_top": int(spec.repair.confirm_top), "steps": steps, "target": spec.target.name,
             "fallback": spec.repair.fallback, "layers": list(names), "seed": int(spec.seed),
             "exclude": list(spec.model.exclude)}
@@ -499,16 +674,17 @@ def _plot(path: Path, result: RepairResult) -> None:
 
 def report_markdown(result: RepairResult) -> str:
     """The REPORT.md section: fallen-back layers, the metric after each search step, size before / after."""
-    probes = sorted(result.probes, key=lambda p: p.fallback_layers)
+    probes = result.curve
     first = probes[0]
     final = next((p for p in probes if p.fallback_layers == len(result.chosen)), probes[-1])
     out = ["", "## Repair (per-layer mixed precision)", "",
            (f"Budget: {result.metric_name} drop <= {result.budget:g}; fallback {result.fallback}; "
             f"{len(result.chosen)} of {result.total} quantized layers fell back "
-            f"(at most {result.allowed} allowed)."), "",
-           "| layers in fallback | " + result.metric_name + " | drop | weight bytes |", "|---|---|---|---|"]
+            f"(at most {result.allowed} allowed); strategy {result.strategy}, "
+            f"{len(result.probes)} search points measured."), "",
+           "| layers in fallback | added | " + result.metric_name + " | drop | weight bytes |", "|---|---|---|---|---|"]
     for p in probes:
-        out.append(f"| {p.fallback_layers} | {p.metric:.5f} | {p.drop:.5f} | {p.weight_bytes} |")
+        out.append(f"| {p.fallback_layers} | {p.added or '-'} | {p.metric:.5f} | {p.drop:.5f} | {p.weight_bytes} |")
     out += ["", (f"Linear weights: {first.weight_bytes} bytes all {result.primary_format} -> "
                  f"{final.weight_bytes} bytes with the fallbacks."), "",
             "| layer | role | proxy error | measured gain | format |", "|---|---|---|---|---|"]
