@@ -1,0 +1,140 @@
+"""The repair search (compiler/stages/repair.py) on its own: lazy greedy against a fixed single-gain order on a
+planted non-additive metric (two layers that share one error), the unmet answer, and the speed-ups of the torch
+measurer kept exact: folded weight quantizers and length-sorted batches without padding give the same numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.stages.repair import (
+    _outputs,
+    _ranking_feeds,
+    fidelity_metric,
+    fold_weights,
+    search_fallbacks,
+)
+
+# A planted metric: base 0.85, reference 1.0. Layers a and b carry the SAME error (a in the fallback removes it:
+# +0.05, b alone +0.049, both together still +0.05); c and d are independent (+0.04 each); e is nearly harmless.
+# Budget 0.02 needs +0.13: a (or b), c and d. The single-gain order a, b, c, d wastes a pick on b.
+GAIN = {"a": 0.05, "b": 0.05, "c": 0.04, "d": 0.04, "e": 0.001}
+NAMES = ["e", "d", "c", "b", "a"]  # forward order, deliberately not the sensitivity order
+
+
+def planted(layers) -> float:
+    s = set(layers)
+    shared = 0.05 if "a" in s else 0.049 if "b" in s else 0.0
+    return 0.85 + shared + sum(GAIN[n] for n in s - {"a", "b"})
+
+
+def counting(fn):
+    calls = []
+
+    def measure(layers):
+        calls.append(frozenset(layers))
+        return fn(layers)
+
+    return measure, calls
+
+
+def test_lazy_greedy_beats_the_fixed_order_on_non_additive_gains():
+    measure, calls = counting(planted)
+    greedy = search_fallbacks(measure, NAMES, 1.0, 0.02, allowed=5, strategy="greedy")
+    assert greedy.met and sorted(greedy.chosen) == ["a", "c", "d"], greedy
+    assert greedy.chosen[0] == "a"  # the largest single gain first
+    assert len(set(calls)) == len(calls)  # memoized: no set measured twice
+    assert len(calls) <= 1 + len(NAMES) + 6  # base + singles + a few re-measured gains
+    path = [p for p in greedy.probes if p.accepted]
+    assert [p.fallback_layers for p in path] == [0, 1, 2, 3]
+    assert [round(p.metric, 6) for p in path] == [0.85, 0.9, 0.94, 0.98]
+    rejected = [p for p in greedy.probes if not p.accepted]
+    assert any(p.added == "b" and p.fallback_layers == 2 and round(p.metric, 6) == 0.9 for p in rejected), rejected
+
+    fixed = search_fallbacks(planted, NAMES, 1.0, 0.02, allowed=5, strategy="binary")
+    assert fixed.met and sorted(fixed.chosen) == ["a", "b", "c", "d"]  # one fallback more for the same budget
+
+
+def test_unmet_within_allowed_says_what_it_would_take():
+    out = search_fallbacks(planted, NAMES, 1.0, 0.02, allowed=1)
+    assert not out.met and out.chosen == []
+    assert out.needed == 4  # a, then b, c, d of the single-gain order meet it (an upper bound; greedy needs 3)
+    assert max(p.fallback_layers for p in out.probes if p.accepted and p.added in ("a", None)) <= 1
+    never = search_fallbacks(planted, NAMES, 1.0, 0.0001, allowed=1)
+    assert not never.met and never.needed is None
+
+
+def test_reference_is_the_metrics_own_fp32_value():
+    """A task metric whose fp32 value is not 1.0 (e.g. an accuracy of 0.73): the drop is against it."""
+    out = search_fallbacks(lambda s: planted(s) - 0.27, NAMES, 0.73, 0.02, allowed=5)
+    assert out.met and sorted(out.chosen) == ["a", "c", "d"]
+    assert abs(out.probes[0].drop - 0.15) < 1e-9
+
+
+def test_unmeasured_layers_are_measured_before_they_are_picked():
+    """A layer known only by a proxy bound (beyond confirm_top) is never accepted on its bound."""
+    measure, calls = counting(planted)
+    singles = {n: planted([n]) for n in ("a", "b", "c", "e")}
+    out = search_fallbacks(measure, NAMES, 1.0, 0.02, allowed=5, singles=singles, base=0.85,
+                           bounds={"d": 0.85 + 0.03})
+    assert out.met and sorted(out.chosen) == ["a", "c", "d"]
+    assert frozenset() not in calls and frozenset(["a"]) not in calls  # given, not re-measured
+    assert any("d" in c for c in calls)
+
+
+# ---- the torch measurer's speed-ups are exact ----------------------------------------------------------------
+
+
+def _quantized(loaded, data, recipe: str):
+    from compiler.steps.base import StepContext
+    from compiler.steps.int8 import Int8Step
+    from compiler.steps.int8 import Params as Int8Params
+    from compiler.steps.nvfp4 import NVFP4Params, NVFP4Step
+    from compiler.steps.rotate import RotateParams, RotateStep
+    from tests.conftest import model_exclude
+
+    from targets.base import get_target
+
+    module = copy.deepcopy(loaded.module)
+    ctx = StepContext(target=get_target("torch").capabilities, model_info=loaded.info, calibration=data.calibration,
+                      exclude=model_exclude(loaded))
+    if recipe == "nvfp4_rotate":
+        module = RotateStep(RotateParams(block_size=16)).apply_torch(module, ctx)
+    step = Int8Step(Int8Params()) if recipe == "int8" else NVFP4Step(NVFP4Params())
+    return step.apply_torch(module, ctx)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4_rotate", "int8"])
+def test_folded_weights_give_the_same_outputs(tiny_bert, tiny_data, recipe):
+    module = _quantized(tiny_bert, tiny_data, recipe)
+    feeds = _ranking_feeds(tiny_data, 32, 8)
+    before = _outputs(module, feeds, 1)
+    layer = next(m for m in module.modules() if getattr(m, "weight_quantizer", None) is not None
+                 and m.weight_quantizer.is_enabled)
+    w = layer.weight.detach().clone()
+    fold_weights(module)
+    after = _outputs(module, feeds, 1)
+    assert np.array_equal(before, after)
+    assert not torch.equal(w, layer.weight)  # the weight now holds its quantized values ...
+    assert not layer.weight_quantizer.is_enabled  # ... computed once
+    assert layer.input_quantizer.is_enabled  # the activations are still quantized on every forward
+
+
+def test_batches_without_padding_measure_the_same(tiny_bert, tiny_data):
+    module = _quantized(tiny_bert, tiny_data, "nvfp4_rotate")
+    trimmed = _ranking_feeds(tiny_data, 32, 8)
+    ev = tiny_data.evaluation
+    padded = [[torch.from_numpy(np.ascontiguousarray(v[i:i + 8])) for v in ev.arrays.values()] for i in range(0, 32, 8)]
+    assert sum(f[0].numel() for f in trimmed) < 0.8 * sum(f[0].numel() for f in padded)
+    assert all(int(f[1][:, -1].sum()) > 0 for f in trimmed)  # each batch cut at its longest real token
+    _, cosine = fidelity_metric("embedding")
+    ref_t, ref_p = _outputs(tiny_bert.module, trimmed, 1), _outputs(tiny_bert.module, padded, 1)
+    q_t, q_p = _outputs(module, trimmed, 1), _outputs(module, padded, 1)
+    assert abs(cosine(ref_t, q_t) - cosine(ref_p, q_p)) < 1e-6
+    # the same sentences, reordered by length: every embedding equal to its padded self
+    lengths = (ev.arrays["attention_mask"][:32] != 0).sum(1)
+    rows = np.argsort(-lengths, kind="stable")
+    np.testing.assert_allclose(q_t, q_p[rows], atol=2e-6)
