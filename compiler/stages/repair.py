@@ -364,6 +364,9 @@ def search_fallbacks(measure: Measure, names: Sequence[str], reference: float, b
         m = measure(layers)
         p = Probe(len(layers), m, reference - m, size_of(layers) if size_of else 0, added, accepted)
         probes.append(p)
+        if accepted:
+            log.info("repair search: %d fallback layers%s -> %.5f (drop %.5f, budget %g; %d points measured)",
+                     p.fallback_layers, f" (+{added})" if added else "", m, p.drop, budget, len(probes))
         return p
 
     def ok(p: Probe) -> bool:
