@@ -53,8 +53,8 @@ def main() -> None:
     rows = [run(a.model, r, a.target, a.budget, a.extra, out) for r in a.recipes]
     print(f"\nrepair cost on {a.model}, target={a.target}, max_task_drop={a.budget} "
           f"({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')})\n")
-    print("| recipe | exit | build s | repair s (variants / sensitivity / search) | fell back | cosine |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | exit | build s | repair s (variants / sensitivity / search) | forwards | fell back | cosine |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         rep, sec = r.get("repair", {}), r.get("repair", {}).get("seconds", {})
         split = " / ".join(str(sec.get(k, "-")) for k in ("build_variants", "sensitivity", "search"))
@@ -63,14 +63,17 @@ def main() -> None:
             fell = (f"unmet within {rep.get('max_fallback_layers')} of {rep.get('quantized_layers')} "
                     f"({rep.get('fallback')})")
         cos = r.get("check", {}).get("embedding_cosine_mean")
-        print(f"| {r['recipe']} | {r['rc']} | {r['wall_s']} | {r.get('repair_s', '-')} ({split}) | {fell} | "
+        print(f"| {r['recipe']} | {r['rc']} | {r['wall_s']} | {r.get('repair_s', '-')} ({split}) | "
+              f"{sec.get('forwards', '-')} | {fell} | "
               f"{cos if cos is None else round(cos, 5)} |")
     for r in rows:
         probes = r.get("repair", {}).get("search", [])
         if probes:
-            print(f"\n{r['recipe']}: search (layers in fallback -> metric, Linear weight bytes)")
+            print(f"\n{r['recipe']}: search path ({r['repair'].get('measurements', '?')} points measured)\n")
+            print("| layers in fallback | added | metric | Linear weights MB |\n|---|---|---|---|")
             for p in probes:
-                print(f"  {p['fallback_layers']:3d} -> {p['metric']:.5f}  {p['weight_bytes']}")
+                print(f"| {p['fallback_layers']} | {p.get('added') or '-'} | {p['metric']:.5f} | "
+                      f"{p['weight_bytes'] / 1e6:.2f} |")
         if r.get("reason"):
             print(f"  {r['recipe']}: {r['reason']}")
     print(f"\nrun directories under {out}")

@@ -42,6 +42,8 @@ from compiler.core.errors import BuildError, GateError, RecipeError
 log = logging.getLogger("qcompile")
 
 FALLBACKS = ("fp32", "fp16", "int8", "fp8")
+# block outputs kept for reuse between probes (BlockCache): MiniLM, 128 unpadded sentences, ~40 MB per map
+BLOCK_CACHE_BYTES = 512 << 20
 # stored bits per weight of each format (nvfp4: 4-bit values + one e4m3 scale per 16), for the size estimate
 FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5}
 
@@ -270,11 +272,12 @@ def proxy_errors(a, b, names: Sequence[str], feeds) -> dict[str, float]:
 class MixedModel:
     """A (all layers in the recipe's format) with any set of layers swapped in from B (the fallback)."""
 
-    def __init__(self, a, b, names: Sequence[str]):
+    def __init__(self, a, b, names: Sequence[str], cache_bytes: int = 0):
         self.model = a
         self.primary = {n: _get(a, n) for n in names}
         self.fallback = {n: _get(b, n) for n in names}
         self.current: set = set()
+        self.blocks = BlockCache(a, names, cache_bytes) if cache_bytes > 0 else None
 
     def use(self, fallback_layers) -> Any:
         want = set(fallback_layers)
@@ -283,7 +286,70 @@ class MixedModel:
         for n in want - self.current:
             _set(self.model, n, self.fallback[n])
         self.current = want
+        if self.blocks is not None:
+            self.blocks.current = frozenset(want)
         return self.model
+
+
+class BlockCache:
+    """Reuses a transformer block's output when nothing it depends on changed: the batch and the formats of the
+    layers in it and in the blocks before it (layers outside every block count for every block, to be safe).
+    A probe that changes a layer in block j then recomputes blocks j.. only (about half a forward on average).
+
+    The blocks are the children of the ModuleList holding the most quantized layers (BERT encoder.layer,
+    DistilBERT transformer.layer, ModernBERT layers); each block's forward is wrapped on the instance, so module
+    paths (and MixedModel's swaps inside a block) stay as they are. Caching is on only while `batch` is set
+    (torch_measure sets it), least recently used outputs are dropped past max_bytes."""
+
+    def __init__(self, model, names: Sequence[str], max_bytes: int):
+        import torch
+
+        lists = [(p, m) for p, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+        best, best_n = None, 1
+        for prefix, ml in lists:
+            n = sum(any(x.startswith(f"{prefix}.{i}.") for x in names) for i in range(len(ml)))
+            if n > best_n:
+                best, best_n = (prefix, ml), n
+        self.index: dict[str, int] = {}
+        self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
+        self.cache: dict[Any, Any] = {}
+        self.batch: int | None = None
+        self.current: frozenset = frozenset()
+        if best is None:
+            return
+        prefix, ml = best
+        for i, block in enumerate(ml):
+            self.index.update({x: i for x in names if x.startswith(f"{prefix}.{i}.")})
+            block.forward = self._wrap(i, block.forward)
+
+    def _key(self, i: int):
+        return self.batch, i, frozenset(n for n in self.current if self.index.get(n, -1) <= i)
+
+    def _wrap(self, i: int, forward):
+        import torch
+
+        def cached(*args, **kwargs):
+            if self.batch is None:
+                return forward(*args, **kwargs)
+            key = self._key(i)
+            if key in self.cache:
+                self.hits += 1
+                out = self.cache.pop(key)
+                self.cache[key] = out  # most recently used last
+                return out
+            self.misses += 1
+            out = forward(*args, **kwargs)
+            parts = out if isinstance(out, (tuple, list)) else (out,)
+            if all(isinstance(t, torch.Tensor) or t is None for t in parts):
+                self.cache[key] = out
+                self.bytes += sum(t.nbytes for t in parts if t is not None)
+                while self.bytes > self.max_bytes and self.cache:
+                    old = self.cache.pop(next(iter(self.cache)))
+                    self.bytes -= sum(t.nbytes for t in (old if isinstance(old, (tuple, list)) else (old,))
+                                      if t is not None)
+            return out
+
+        return cached
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -430,9 +496,23 @@ def _smallest_prefix(probe, ok, lo: int, hi: int) -> int | None:
 # ------------------------------------------------------------------------------------------------ torch measurer
 
 def torch_measure(mixed: MixedModel, feeds, reference: np.ndarray, metric_fn, output_index: int) -> Measure:
-    """measure(set) on torch fake-quant: the mixed model with that set of layers from B, one forward."""
+    """measure(set) on torch fake-quant: the mixed model with that set of layers from B, one forward (the
+    blocks before the first changed one read from mixed.blocks when it caches)."""
+    import torch
+
     def measure(fallback_layers) -> float:
-        return metric_fn(reference, _outputs(mixed.use(fallback_layers), feeds, output_index))
+        model = mixed.use(fallback_layers)
+        outs = []
+        try:
+            with torch.no_grad():
+                for i, f in enumerate(feeds):
+                    if mixed.blocks is not None:
+                        mixed.blocks.batch = i
+                    outs.append(model(*f)[output_index].detach().double().cpu().numpy())
+        finally:
+            if mixed.blocks is not None:
+                mixed.blocks.batch = None
+        return metric_fn(reference, np.concatenate(outs, axis=0))
 
     return measure
 
@@ -538,7 +618,7 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
     budget = budget_of(rep, spec.gate, model.task)
     allowed = math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9)
     roles = model.roles.role if model.roles is not None else {}
-    mixed = MixedModel(a, b, names)
+    mixed = MixedModel(a, b, names, cache_bytes=BLOCK_CACHE_BYTES)
     measure = memoized(torch_measure(mixed, feeds, reference, metric_fn, output_index))
     t1 = time.perf_counter()
 
@@ -560,7 +640,8 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
     result.strategy = str(rep.strategy)
     result.seconds = {"build_variants": round(t1 - t0, 2), "sensitivity": round(t2 - t1, 2),
                       "search": round(time.perf_counter() - t2, 2),
-                      "forwards": len(measure.memo), "ranking_tokens": int(sum(f[0].numel() for f in feeds))}
+                      "forwards": len(measure.memo), "ranking_tokens": int(sum(f[0].numel() for f in feeds)),
+                      "block_cache": {"hits": mixed.blocks.hits, "misses": mixed.blocks.misses}}
     return result
 
 

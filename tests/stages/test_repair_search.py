@@ -138,3 +138,26 @@ def test_batches_without_padding_measure_the_same(tiny_bert, tiny_data):
     lengths = (ev.arrays["attention_mask"][:32] != 0).sum(1)
     rows = np.argsort(-lengths, kind="stable")
     np.testing.assert_allclose(q_t, q_p[rows], atol=2e-6)
+
+
+def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data):
+    """Probes that reuse the outputs of unchanged blocks give exactly the full forward's metric, and reuse some."""
+    from compiler.stages.repair import MixedModel, torch_measure
+
+    a = _quantized(tiny_bert, tiny_data, "nvfp4_rotate")
+    b = _quantized(tiny_bert, tiny_data, "int8")
+    names = [n for n in tiny_bert.roles.role if n.startswith("inner.encoder.")]
+    feeds = _ranking_feeds(tiny_data, 32, 8)
+    reference = _outputs(tiny_bert.module, feeds, 1)
+    _, cosine = fidelity_metric("embedding")
+    plain = MixedModel(copy.deepcopy(a), copy.deepcopy(b), names)  # copied before the cache wraps a's blocks
+    cached = MixedModel(a, b, names, cache_bytes=64 << 20)
+    assert len(set(cached.blocks.index.values())) == 2  # tiny_bert's two encoder blocks
+    m_cached = torch_measure(cached, feeds, reference, cosine, 1)
+    m_plain = torch_measure(plain, feeds, reference, cosine, 1)
+    last, first = names[-1], names[0]
+    sets = [set(), {last}, {first}, {first, last}, {last}, set(), {names[1], last}]
+    values = [m_cached(s) for s in sets]
+    assert values == [m_plain(s) for s in sets]
+    assert len(set(values)) > 3  # the sets do measure differently
+    assert cached.blocks.hits >= 2 * len(feeds)  # {last}: block 0 read back; the repeats: both blocks
