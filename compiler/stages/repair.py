@@ -529,19 +529,25 @@ def _b_of(mixed: MixedModel):
 
 def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: dict[str, str], feeds, measure: Measure,
                         confirm_top: int) -> dict[str, Any]:
-    """Per-layer sensitivity: the proxy error of every layer (one forward), the measured single-layer metric of
-    the top confirm_top by proxy (all layers when confirm_top >= their count, the default on MiniLM-size models);
-    layers ordered by measured gain, then the unmeasured ones by proxy."""
+    """Per-layer sensitivity: the measured single-layer metric of the top confirm_top layers by the proxy error
+    (the first pass, one forward with every layer's fallback module run beside it); when confirm_top covers every
+    layer (the default on MiniLM-size models) all are measured and the proxy pass is skipped (proxy_error None).
+    Layers ordered by measured gain, then the unmeasured ones by proxy."""
     base = float(measure(frozenset()))
-    proxy = proxy_errors(mixed.use([]), _b_of(mixed), names, feeds)
-    by_proxy = sorted(names, key=lambda n: (-proxy[n], n))
+    if confirm_top >= len(names):
+        proxy: dict[str, float | None] = {n: None for n in names}
+        by_proxy = list(names)
+    else:
+        proxy = dict(proxy_errors(mixed.use([]), _b_of(mixed), names, feeds))
+        by_proxy = sorted(names, key=lambda n: (-proxy[n], n))
     metrics = single_layer_metrics(measure, by_proxy[:confirm_top])
     gains = {n: metrics[n] - base for n in metrics}
-    measured = sorted(gains, key=lambda n: (-gains[n], -proxy[n], n))
+    position = {n: i for i, n in enumerate(by_proxy)}
+    measured = sorted(gains, key=lambda n: (-gains[n], position[n]))
     order = measured + [n for n in by_proxy if n not in gains]
     mixed.use([])
     return {"base_metric": base, "layers": [
-        {"name": n, "role": roles.get(n, ""), "proxy_error": round(proxy[n], 6),
+        {"name": n, "role": roles.get(n, ""), "proxy_error": None if proxy[n] is None else round(proxy[n], 6),
          "gain": round(gains[n], 6) if n in gains else None, "metric": metrics.get(n)} for n in order]}
 
 
@@ -775,5 +781,6 @@ def report_markdown(result: RepairResult) -> str:
     for x in result.layers:
         fmt = result.fallback if x["name"] in result.chosen else result.primary_format
         gain = "-" if x["gain"] is None else f"{x['gain']:.5f}"
-        out.append(f"| {x['name']} | {x['role'] or 'other'} | {x['proxy_error']:.4f} | {gain} | {fmt} |")
+        proxy = "-" if x["proxy_error"] is None else f"{x['proxy_error']:.4f}"
+        out.append(f"| {x['name']} | {x['role'] or 'other'} | {proxy} | {gain} | {fmt} |")
     return "\n".join(out) + "\n"

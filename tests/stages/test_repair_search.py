@@ -161,3 +161,18 @@ def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data)
     assert values == [m_plain(s) for s in sets]
     assert len(set(values)) > 3  # the sets do measure differently
     assert cached.blocks.hits >= 2 * len(feeds)  # {last}: block 0 read back; the repeats: both blocks
+
+    # a model with more layers than confirm_top: the proxy pass orders them, the top ones are measured, and the
+    # search still measures any layer it picks
+    from compiler.stages.repair import measure_sensitivity, search
+
+    sens = measure_sensitivity(cached, names, tiny_bert.roles.role, feeds, m_cached, confirm_top=3)
+    measured = [x for x in sens["layers"] if x["gain"] is not None]
+    assert len(measured) == 3 and sens["layers"][:3] == measured
+    assert all(x["proxy_error"] > 0 for x in sens["layers"])
+    assert sens["base_metric"] == values[0]
+    budget = 1.0 - m_cached(frozenset(names)) + 1e-9  # what every layer in the fallback reaches
+    result = search(cached, sens, m_cached, 1.0, "embedding_cosine_mean", budget, "int8", len(names), "nvfp4",
+                    {n: 1 for n in names})
+    assert result.met and result.curve[-1].drop <= budget and result.chosen
+    assert abs(m_plain(set(result.chosen)) - result.curve[-1].metric) < 1e-12
