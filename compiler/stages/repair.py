@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,7 +397,8 @@ def single_layer_metrics(measure: Measure, names: Sequence[str]) -> dict[str, fl
 def search_fallbacks(measure: Measure, names: Sequence[str], reference: float, budget: float, allowed: int, *,
                      strategy: str = "greedy", singles: dict[str, float] | None = None, base: float | None = None,
                      bounds: dict[str, float] | None = None,
-                     size_of: Callable[[frozenset], int] | None = None) -> SearchOutcome:
+                     size_of: Callable[[frozenset], int] | None = None,
+                     related: Callable[[str], Iterable[str]] | None = None) -> SearchOutcome:
     """The fewest layers of `names` to put in the fallback so that reference - measure(set) <= budget, with at
     most `allowed` of them; every measured point becomes a Probe.
 
@@ -406,7 +407,10 @@ def search_fallbacks(measure: Measure, names: Sequence[str], reference: float, b
       for the first pick); the top candidate is re-measured against the current set and accepted when it is
       still on top. Gains are not additive (two FFN layers of one block share an error), so gains re-measured
       against the current set pick better maps than one fixed order; stale bounds keep it to a few forwards per
-      pick. Stops at the first set meeting the budget, or at `allowed`.
+      pick. Stops at the first set meeting the budget, or at `allowed`. Stale bounds assume a gain only shrinks
+      as the set grows; within one transformer block it can grow (the FFN down projection's gain once its up
+      projection is in the fallback), so related(pick), when given, names layers whose bounds are re-measured
+      after the pick (the torch measurer: the pick's block mates).
     binary: names in single-gain order, the smallest prefix meeting the budget by binary search (the metric rises
       with the prefix in practice): ~log2(n) measurements after the single gains, a worse map.
     singles: single-layer metrics already measured (the sensitivity; the rest are measured here unless bounds
@@ -441,7 +445,7 @@ def search_fallbacks(measure: Measure, names: Sequence[str], reference: float, b
     current = point(frozenset(), None, True)
     chosen: list[str] = []
     if strategy == "greedy":
-        chosen, current = _lazy_greedy(point, ok, current, order, key, set(singles), base, allowed)
+        chosen, current = _lazy_greedy(point, ok, current, order, key, set(singles), base, allowed, related)
     elif strategy == "binary":
         k = _smallest_prefix(lambda k: point(frozenset(order[:k]), order[k - 1] if k else None, True), ok, 0,
                              min(allowed, len(order))) if not ok(current) else 0
@@ -461,9 +465,10 @@ def search_fallbacks(measure: Measure, names: Sequence[str], reference: float, b
 
 
 def _lazy_greedy(point, ok, current: Probe, order: list[str], key: dict[str, float], measured: set, base: float,
-                 allowed: int) -> tuple[list[str], Probe]:
+                 allowed: int, related: Callable[[str], Iterable[str]] | None = None) -> tuple[list[str], Probe]:
     """Lazy greedy forward selection (see search_fallbacks). A heap of (-gain bound, position, name, size the
-    gain was measured at); a bound measured at the current size is fresh (-1: never measured)."""
+    gain was measured at); a bound measured at the current size is fresh (-1: never measured). After a pick, the
+    layers related(pick) names lose their bounds (re-measured before the next pick)."""
     import heapq
 
     heap = [(-(key[n] - base), i, n, 0 if n in measured else -1) for i, n in enumerate(order)]
@@ -474,6 +479,10 @@ def _lazy_greedy(point, ok, current: Probe, order: list[str], key: dict[str, flo
         if at == len(chosen):  # fresh and still the best bound: take it
             chosen.append(n)
             current = point(frozenset(chosen), n, True)
+            if related is not None:
+                near = set(related(n))
+                heap = [(-math.inf, e[1], e[2], -1) if e[2] in near else e for e in heap]
+                heapq.heapify(heap)
             continue
         trial = point(frozenset(chosen + [n]), n, False)
         heapq.heappush(heap, (-(trial.metric - current.metric), i, n, len(chosen)))
@@ -568,8 +577,15 @@ def search(mixed: MixedModel, sensitivity: dict[str, Any], measure: Measure, ref
     def size_of(chosen: frozenset) -> int:
         return weight_bytes(counts, dict(primary, **{n: fallback for n in chosen}))
 
+    related = None
+    if mixed.blocks is not None and mixed.blocks.index:
+        index = mixed.blocks.index
+
+        def related(n: str) -> list[str]:
+            return [m for m in names if m != n and n in index and index.get(m) == index[n]]
+
     out = search_fallbacks(measure, names, reference, budget, allowed, strategy=strategy, singles=singles,
-                           base=float(sensitivity["base_metric"]), bounds=bounds, size_of=size_of)
+                           base=float(sensitivity["base_metric"]), bounds=bounds, size_of=size_of, related=related)
     result = RepairResult(metric_name=metric_name, reference=reference, budget=budget, fallback=fallback,
                           layers=layers, probes=out.probes, chosen=out.chosen, allowed=allowed, total=len(names),
                           primary_format=primary_format, met=out.met, needed=out.needed)
