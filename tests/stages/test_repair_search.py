@@ -85,6 +85,19 @@ def test_unmeasured_layers_are_measured_before_they_are_picked():
     assert any("d" in c for c in calls)
 
 
+def test_related_layers_are_re_measured_after_a_pick():
+    """A gain that grows with the set (x helps only once y fell back): its stale bound hides it unless the
+    pick's related layers are re-measured."""
+    def metric(layers):
+        s = set(layers)
+        return 0.9 + 0.03 * ("y" in s) + 0.02 * ("z" in s) + (0.05 if {"x", "y"} <= s else 0.0)
+
+    plain = search_fallbacks(metric, ["x", "y", "z"], 1.0, 0.02, allowed=3)
+    assert plain.chosen == ["y", "z", "x"]  # x's bound (0) kept it last
+    near = search_fallbacks(metric, ["x", "y", "z"], 1.0, 0.02, allowed=3, related=lambda n: {"x"} if n == "y" else ())
+    assert near.chosen == ["y", "x"]
+
+
 # ---- the torch measurer's speed-ups are exact ----------------------------------------------------------------
 
 
