@@ -60,8 +60,8 @@ def _objective_names(cfg) -> Tuple[str, ...]:
 
 def build_job(cfg) -> BuildResult:
     """The Hydra task: one build, returned as its objectives for a sweeper (compiler/commands/search.py:
-    measured values for a build that passed or failed its gate, NaN for one that failed, which Optuna
-    records as a failed trial) carrying its outcome (exit code, status, error line) for the sweep summary."""
+    measured values for a build that passed or failed its gate, a penalty that every real point dominates
+    for one that failed) carrying its outcome (exit code, status, error line) for the sweep summary."""
     outcome, final = _build(cfg)
     names = _objective_names(cfg)
     report = read_report(final) if outcome["status"] in (Status.PASSED, Status.GATE_FAILED) else None
@@ -280,6 +280,10 @@ def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str], Option
                     return _compose_error(e, " ".join(job)), argv, None
                 if multirun and sweep_dir is None:
                     sweep_dir = str(cfg.hydra.sweep.dir)
+                    try:  # a search's objectives against its sweeper's directions, before any job starts
+                        check_objectives(_objective_names(cfg), cfg.hydra.sweeper.get("direction"))
+                    except RecipeError as e:
+                        return e, argv, None
     finally:
         GlobalHydra.instance().clear()
     if multirun and sweep_dir is None:  # no value could be composed on its own: Hydra reports it

@@ -90,17 +90,24 @@ def check_objectives(names: Sequence[str], directions: Any = None) -> Tuple[str,
     return names
 
 
+# What a build that measured nothing returns for each objective: a penalty, dominated by every real point.
+# Not NaN, which would make a failed trial: hydra-optuna-sweeper 1.3.0 then calls study.tell(state=FAIL,
+# values=...) and optuna 2.10 refuses values with FAIL, ending the whole sweep with a ValueError (measured).
+# Not inf: NSGA-II's crowding distance subtracts objective values.
+PENALTY = 1.0e9
+
+
 def objective_values(report: Optional[Mapping[str, Any]], names: Sequence[str]) -> Tuple[float, ...]:
     """The objectives of a build that measured something (passed, or failed its gate: a real point whose loss
-    the sampler should learn from); NaN for each where the build has no report or lacks the number (a failed
-    build: Optuna records a NaN as a failed trial and samples around it)."""
+    the sampler should learn from); PENALTY for each where the build failed (no report) or lacks the number
+    (task_drop on unlabeled data)."""
     status = str((report or {}).get("status") or "")
     if report is None or status not in (Status.PASSED, Status.GATE_FAILED):
-        return tuple(math.nan for _ in names)
+        return tuple(PENALTY for _ in names)
     out = []
     for n in names:
         v = OBJECTIVES[n][1](report)
-        out.append(math.nan if v is None or not math.isfinite(v) else float(v))
+        out.append(PENALTY if v is None or not math.isfinite(v) else float(v))
     return tuple(out)
 
 
@@ -138,5 +145,5 @@ class BuildResult(tuple):
         return self[0]
 
     def objectives(self) -> Dict[str, Optional[float]]:
-        """{name: value}, None for NaN (JSON has no NaN)."""
-        return {n: (None if math.isnan(v) else v) for n, v in zip(self.names, self)}
+        """{name: value}, None where the build measured no value (the sweeper was handed PENALTY)."""
+        return {n: (None if v >= PENALTY else v) for n, v in zip(self.names, self)}

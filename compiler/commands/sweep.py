@@ -199,8 +199,10 @@ def collect_rows(sweep_dir: Path) -> List[Row]:
     records = read_job_records(sweep_dir)
     by_num = {rec.get("num"): rec for rec in records}
     for r in rows:
-        if isinstance(by_num.get(r.num, {}).get("objectives"), dict):
-            r.objectives = dict(by_num[r.num]["objectives"])
+        rec = by_num.get(r.num, {})
+        if isinstance(rec.get("objectives"), dict):
+            order = rec.get("objective_names") or list(rec["objectives"])
+            r.objectives = {n: _num(rec["objectives"].get(n)) for n in order}
     for rec in records:
         if rec.get("num") in seen or rec.get("exit_code") not in (2,):
             continue
@@ -327,6 +329,10 @@ def _f(v: Optional[float], nd: int) -> str:
     return "" if v is None else f"{v:.{nd}f}"
 
 
+def _g(v: Optional[float]) -> str:  # objectives span 1e-6 (a cosine loss) to 100 (MB): 4 significant digits
+    return "" if v is None else f"{v:.4g}"
+
+
 def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
     keys = varied_keys(rows)
     counts = {s: sum(r.status == s for r in rows) for s in dict.fromkeys(list(STATUS_ORDER) + [r.status for r in rows])}
@@ -350,7 +356,7 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
             _f(r.embedding_cosine, 6), _f(r.top1_agreement, 3)] + (
             [_f(r.task_drop, 4)] if metrics else []) + (
             [_f(r.repair_budget, 4), "" if r.fallback_layers is None else str(r.fallback_layers)] if repaired else []) + [
-            _f(r.objectives.get(n), 4) for n in names] + [
+            _g(r.objectives.get(n)) for n in names] + [
             "*" if r.pareto else "", r.status, f"`{r.run_dir}`" if r.run_dir else ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
@@ -531,6 +537,8 @@ def _plot_labeller(rows: Sequence[Row], keys: Sequence[str]):
         parts = ([r.label] if with_label else []) + [r.overrides.get(k, "-") for k in keys]
         if r.fallback_layers is not None:  # a repair search: what the budget cost
             parts.append(f"{r.fallback_layers} fallback")
+        if r.artifact_mb is not None and "artifact_mb" in r.objectives:  # a search's third axis, off the plot
+            parts.append(f"{r.artifact_mb:.1f} MB")
         return ", ".join(parts)
 
     note = ("points: " + ", ".join((["recipe/target"] if with_label else []) + names)) if keys else ""
@@ -590,7 +598,10 @@ class SweepSummary(Callback):
         except Exception:
             ret = None
         if isinstance(ret, BuildResult):  # the objectives for the sweeper, with the build's outcome
-            ret = {**ret.outcome, "objectives": ret.objectives()}
+            searched = hydra_cfg.sweeper.get("direction") is not None  # an optimizing sweeper (Optuna) read them
+            # the names in the sweeper's order too: the record is written with sorted keys
+            ret = {**ret.outcome, **({"objectives": ret.objectives(), "objective_names": list(ret.names)}
+                                     if searched else {})}
         elif not isinstance(ret, dict):  # the task raised: a bug, not one of qcompile's errors
             ret = {"exit_code": exit_code(Status.INTERNAL_ERROR), "status": Status.INTERNAL_ERROR}
         choices = dict(hydra_cfg.runtime.choices)
