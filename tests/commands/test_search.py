@@ -241,3 +241,8 @@ def test_a_search_whose_objectives_and_directions_disagree_stops_before_any_job(
     assert res.rc == 2, res
     assert "qcompile: recipe error: search.objectives: unknown objective 'size'" in res.stderr
     assert not (tmp_path / "outputs").exists()  # no job started
+    # a single build checks its objectives too (it returns them to whatever sweeper runs it), before loading
+    res = qcompile("model=tiny_bert", "search.objectives=[fidelity_loss,size]")
+    assert res.rc == 2, res
+    assert "qcompile: recipe error: search.objectives: unknown objective 'size'" in res.stderr
+    assert not any(p.name == "report.json" for p in (tmp_path / "outputs").rglob("*"))
