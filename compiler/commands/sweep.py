@@ -27,7 +27,8 @@ STATUS_ORDER = (Status.PASSED, Status.GATE_FAILED, Status.BUILD_FAILED, Status.I
 
 CSV_COLUMNS = ("num", "model", "recipe", "target", "overrides", "artifact_mb", "ms_per_sample", "samples_per_s",
                "speedup_vs_fp32", "peak_rss_mb", "embedding_cosine", "top1_agreement", "task_metric", "task_drop",
-               "repair_budget", "fallback_layers", "objectives", "status", "pareto", "cache", "reason", "run_dir")
+               "repair_budget", "fallback_layers", "repair_metric", "repair_drop", "objectives", "status", "pareto",
+               "cache", "reason", "run_dir")
 
 
 @dataclass
@@ -53,9 +54,12 @@ class Row:
     # the gated (or default) task metric against gold labels: its name and drop, fp32 minus target
     task_metric: str = ""
     task_drop: Optional[float] = None
-    # a build that ran the repair search (compiler/stages/repair.py): its budget and how many layers fell back
+    # a build that ran the repair search (compiler/stages/repair.py): its budget, and where it met it, how many
+    # layers fell back and the drop of the budgeted metric it measured with them
     repair_budget: Optional[float] = None
     fallback_layers: Optional[int] = None
+    repair_metric: str = ""
+    repair_drop: Optional[float] = None
     fp32_self: bool = False  # an fp32 build, its own baseline: speed ratio 1 by definition
     # what the job returned to the sweeper (compiler/commands/search.py), None where the build measured none
     objectives: Dict[str, Optional[float]] = field(default_factory=dict)
@@ -175,10 +179,21 @@ def read_run(run_dir: Path, sweep_dir: Optional[Path] = None) -> Row:
         embedding_cosine=_num(task.get("embedding_cosine_mean")), top1_agreement=_num(task.get("top1_agreement")),
         reason=str(reason), cache=_cache_text(report.get("cache")),
         task_metric=metric, task_drop=_num(((labels.get("metrics") or {}).get(metric) or {}).get("drop")),
-        repair_budget=_num(repair.get("max_drop")),
-        fallback_layers=int(repair["fallback_layers"]) if "fallback_layers" in repair else None,
+        repair_budget=_num(repair.get("max_drop")), repair_metric=str(repair.get("metric") or ""),
+        **_repair_point(repair),
         fp32_self=is_fp32_self(bench),
     )
+
+
+def _repair_point(repair: Dict[str, Any]) -> Dict[str, Any]:
+    """fallback_layers and repair_drop of a repair that met its budget: the count it chose and the drop its
+    search measured at that count (the last probe with it). An unmet budget chose nothing: both empty (the
+    row's reason has the best point); a replayed map (rebuild) has its count but no search."""
+    if not repair or repair.get("met") is False or "fallback_layers" not in repair:
+        return {"fallback_layers": None, "repair_drop": None}
+    n = int(repair["fallback_layers"])
+    drops = [p.get("drop") for p in repair.get("search") or [] if p.get("fallback_layers") == n]
+    return {"fallback_layers": n, "repair_drop": _num(drops[-1]) if drops else None}
 
 
 def read_job_records(sweep_dir: Path) -> List[Dict[str, Any]]:
@@ -244,6 +259,8 @@ SIZE = Axis("artifact_mb", "artifact size, MB (lower is better)", lambda r: r.ar
 COSINE = Axis("embedding_cosine", "mean embedding cosine to fp32 (higher is better)", lambda r: r.embedding_cosine,
               True)
 DROP = Axis("task_drop", "task metric drop, fp32 minus target (lower is better)", lambda r: r.task_drop, False)
+REPAIR_DROP = Axis("repair_drop", "drop of the budgeted metric at the chosen fallbacks (lower is better)",
+                   lambda r: r.repair_drop, False)
 
 
 def pareto_front_min(points: Sequence[Sequence[float]]) -> List[int]:
@@ -265,7 +282,7 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
 
 def is_budget_sweep(rows: Sequence[Row]) -> bool:
     """Runs that searched fallbacks (recipe.repair.enabled) under different budgets: a size-vs-drop curve."""
-    return len({r.repair_budget for r in rows if r.fallback_layers is not None}) > 1
+    return len({r.repair_budget for r in rows if r.repair_budget is not None}) > 1
 
 
 def _finished(rows: Sequence[Row]) -> List[Row]:
@@ -273,14 +290,17 @@ def _finished(rows: Sequence[Row]) -> List[Row]:
 
 
 def choose_axes(rows: Sequence[Row]) -> Tuple[Axis, Axis]:
-    """(x, y) of the summary: artifact size against the task metric's drop for a sweep over the repair budget
-    (the embedding cosine where the data has no labels); otherwise the same-run speed ratio to fp32 against
+    """(x, y) of the summary: artifact size against the drop of the budgeted metric for a sweep over the repair
+    budget (the repair's own measurement; else the task metric's drop, else the embedding cosine); otherwise the same-run speed ratio to fp32 against
     the embedding cosine, or latency where a finished run lacks the ratio (bench.baseline=none, a GPU target
     on a machine without one): ratios from one run compare across sweep points, latencies only on a quiet machine."""
     done = [r for r in _finished(rows) if r.embedding_cosine is not None]
     if is_budget_sweep(rows):
-        drops = [r for r in _finished(rows) if r.fallback_layers is not None]
-        return SIZE, (DROP if drops and all(r.task_drop is not None for r in drops) else COSINE)
+        met = [r for r in _finished(rows) if r.repair_budget is not None]
+        for y in (REPAIR_DROP, DROP):
+            if met and all(y.get(r) is not None for r in met):
+                return SIZE, y
+        return SIZE, COSINE
     return (SPEEDUP if done and all(SPEEDUP.get(r) is not None for r in done) else LATENCY), COSINE
 
 
@@ -341,11 +361,12 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
     if keys:
         lines += ["Varied besides model/recipe/target: " + ", ".join(f"`{k}`" for k in keys) + ".", ""]
     metrics = sorted({r.task_metric for r in rows if r.task_drop is not None})
-    repaired = any(r.fallback_layers is not None for r in rows)
+    repaired = any(r.repair_budget is not None for r in rows)
+    budgeted = "/".join(sorted({r.repair_metric for r in rows if r.repair_metric}))
     names = search_objectives(rows)
     head = ["#", "model", "recipe", "target"] + (["overrides"] if keys else []) + [
         "artifact MB", "ms/sample", "samples/s", "x fp32 (same run)", "peak MB", "emb cosine", "top-1"] + (
-        [f"{'/'.join(metrics)} drop"] if metrics else []) + (["budget", "fallbacks"] if repaired else []) + names + [
+        [f"{'/'.join(metrics)} drop"] if metrics else []) + (["budget", "fallbacks", f"{budgeted} drop (repair)"] if repaired else []) + names + [
         "Pareto", "status", "run dir"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -355,7 +376,8 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
             _f(r.peak_rss_mb, 0),
             _f(r.embedding_cosine, 6), _f(r.top1_agreement, 3)] + (
             [_f(r.task_drop, 4)] if metrics else []) + (
-            [_f(r.repair_budget, 4), "" if r.fallback_layers is None else str(r.fallback_layers)] if repaired else []) + [
+            [_f(r.repair_budget, 4), "" if r.fallback_layers is None else str(r.fallback_layers), _g(r.repair_drop)]
+            if repaired else []) + [
             _g(r.objectives.get(n)) for n in names] + [
             "*" if r.pareto else "", r.status, f"`{r.run_dir}`" if r.run_dir else ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -384,7 +406,8 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
 
 def _better(axis: Axis) -> str:
     word = {"speedup_vs_fp32": "x fp32 (same run)", "ms_per_sample": "ms/sample", "artifact_mb": "artifact MB",
-            "embedding_cosine": "embedding cosine to fp32", "task_drop": "task metric drop"}[axis.key]
+            "embedding_cosine": "embedding cosine to fp32", "task_drop": "task metric drop",
+            "repair_drop": "drop of the budgeted metric"}[axis.key]
     return f"{'higher' if axis.higher_is_better else 'lower'} {word}"
 
 
