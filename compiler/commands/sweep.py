@@ -583,7 +583,15 @@ def write_summary(sweep_dir: Path, rows: Optional[List[Row]] = None) -> Dict[str
 def sweep_exit_code(rows: Sequence[Row]) -> int:
     """A sweep exits like its worst run (recipe error 2, build failed 1, gate failed 3: the highest code);
     combinations the capability table rules out are holes in the matrix, not failures."""
-    return max((exit_code(r.status) for r in rows), default=0)
+    return max((_row_exit_code(r) for r in rows), default=0)
+
+
+def _row_exit_code(r: Row) -> int:
+    # a kind of gate failure that core.status has no word for (the repair's "repair budget not met") exits
+    # like its directory's suffix says, 3, not as an unknown failure
+    if r.run_dir.endswith(GATE_FAILED_SUFFIX) and r.status not in (Status.PASSED,):
+        return exit_code(Status.GATE_FAILED)
+    return exit_code(r.status)
 
 
 # ---------------------------------------------------------------- the Hydra callback

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from compiler.commands.search import PENALTY, BuildResult, check_objectives, objective_values
 from compiler.commands.sweep import (COSINE, DROP, LATENCY, REPAIR_DROP, SIZE, SPEEDUP, Row, choose_axes,
-                                     mark_pareto, read_run, render_markdown, write_summary)
+                                     mark_pareto, read_run, render_markdown, sweep_exit_code, write_summary)
 from compiler.core.errors import RecipeError
 from compiler.core.status import Status
 from tests.conftest import FAST
@@ -129,6 +129,7 @@ def _budget_rows(repair_drop=True, with_labels=True):
                  artifact_mb=mb, embedding_cosine=cos, ms_per_sample=50.0, speedup_vs_fp32=0.15)
             for i, (b, (n, d, mb, cos)) in enumerate(points.items())]
     rows.append(_row(4, status="repair budget not met", repair_budget=0.0, repair_metric="accuracy_at_1",
+                     run_dir="4_run.gate-failed",
                      overrides={"recipe": "nvfp4", "recipe.repair.max_task_drop": "0.0"},
                      reason="budget not met even with all 12 layers in fp8"))
     return rows
@@ -146,7 +147,8 @@ def test_a_repair_budget_sweep_is_a_size_vs_drop_curve(tmp_path):
             "0.990000 |  | 0.0040 | 0.0050 | 7 | 0.004 | * | passed | `1_run` |") in md
     # an unmet budget chose no map: no fallback count, no drop (its reason has the best point)
     assert ("| 4 | minilm | nvfp4 | torch | recipe.repair.max_task_drop=0.0 |  |  |  |  |  |  |  |  | 0.0000 |  |  "
-            "|  | repair budget not met |") in md
+            "|  | repair budget not met | `4_run.gate-failed` |") in md
+    assert sweep_exit_code(rows) == 3  # exits like the single build: 3, a budget not met
     assert ("Pareto front (lower artifact MB, lower drop of the budgeted metric): nvfp4/torch [recipe.repair.max_task_drop=0.02], "
             "nvfp4/torch [recipe.repair.max_task_drop=0.01], nvfp4/torch [recipe.repair.max_task_drop=0.005].") in md
     files = write_summary(tmp_path, rows)
