@@ -27,8 +27,8 @@ STATUS_ORDER = (Status.PASSED, Status.GATE_FAILED, Status.BUILD_FAILED, Status.I
 
 CSV_COLUMNS = ("num", "model", "recipe", "target", "overrides", "artifact_mb", "ms_per_sample", "samples_per_s",
                "speedup_vs_fp32", "peak_rss_mb", "embedding_cosine", "top1_agreement", "task_metric", "task_drop",
-               "repair_budget", "fallback_layers", "repair_metric", "repair_drop", "objectives", "status", "pareto",
-               "cache", "reason", "run_dir")
+               "repair_budget", "fallback_layers", "repair_metric", "repair_drop", "repair_weight_mb",
+               "objectives", "status", "pareto", "cache", "reason", "run_dir")
 
 
 @dataclass
@@ -60,6 +60,9 @@ class Row:
     fallback_layers: Optional[int] = None
     repair_metric: str = ""
     repair_drop: Optional[float] = None
+    # the quantized layers' weights at their formats (the repair's count: 4-bit + scales, fp8, fp32), MB: unlike
+    # artifact_mb it shrinks on target=torch too, whose engine.pt keeps fake-quant weights in fp32
+    repair_weight_mb: Optional[float] = None
     fp32_self: bool = False  # an fp32 build, its own baseline: speed ratio 1 by definition
     # what the job returned to the sweeper (compiler/commands/search.py), None where the build measured none
     objectives: Dict[str, Optional[float]] = field(default_factory=dict)
@@ -186,14 +189,16 @@ def read_run(run_dir: Path, sweep_dir: Optional[Path] = None) -> Row:
 
 
 def _repair_point(repair: Dict[str, Any]) -> Dict[str, Any]:
-    """fallback_layers and repair_drop of a repair that met its budget: the count it chose and the drop its
-    search measured at that count (the last probe with it). An unmet budget chose nothing: both empty (the
-    row's reason has the best point); a replayed map (rebuild) has its count but no search."""
+    """fallback_layers, repair_drop and repair_weight_mb of a repair that met its budget: the count it chose and
+    what its search measured at that count (the last probe with it). An unmet budget chose nothing: all empty
+    (the row's reason has the best point); a replayed map (rebuild) has its count but no search."""
     if not repair or repair.get("met") is False or "fallback_layers" not in repair:
-        return {"fallback_layers": None, "repair_drop": None}
+        return {"fallback_layers": None, "repair_drop": None, "repair_weight_mb": None}
     n = int(repair["fallback_layers"])
-    drops = [p.get("drop") for p in repair.get("search") or [] if p.get("fallback_layers") == n]
-    return {"fallback_layers": n, "repair_drop": _num(drops[-1]) if drops else None}
+    probes = [p for p in repair.get("search") or [] if p.get("fallback_layers") == n]
+    wb = _num(probes[-1].get("weight_bytes")) if probes else None
+    return {"fallback_layers": n, "repair_drop": _num(probes[-1].get("drop")) if probes else None,
+            "repair_weight_mb": None if wb is None else wb / 1e6}
 
 
 def read_job_records(sweep_dir: Path) -> List[Dict[str, Any]]:
@@ -259,6 +264,8 @@ SIZE = Axis("artifact_mb", "artifact size, MB (lower is better)", lambda r: r.ar
 COSINE = Axis("embedding_cosine", "mean embedding cosine to fp32 (higher is better)", lambda r: r.embedding_cosine,
               True)
 DROP = Axis("task_drop", "task metric drop, fp32 minus target (lower is better)", lambda r: r.task_drop, False)
+REPAIR_SIZE = Axis("repair_weight_mb", "quantized layers' weights at their formats, MB (lower is better)",
+                   lambda r: r.repair_weight_mb, False)
 REPAIR_DROP = Axis("repair_drop", "drop of the budgeted metric at the chosen fallbacks (lower is better)",
                    lambda r: r.repair_drop, False)
 
@@ -297,10 +304,11 @@ def choose_axes(rows: Sequence[Row]) -> Tuple[Axis, Axis]:
     done = [r for r in _finished(rows) if r.embedding_cosine is not None]
     if is_budget_sweep(rows):
         met = [r for r in _finished(rows) if r.repair_budget is not None]
+        x = REPAIR_SIZE if met and all(REPAIR_SIZE.get(r) is not None for r in met) else SIZE
         for y in (REPAIR_DROP, DROP):
             if met and all(y.get(r) is not None for r in met):
-                return SIZE, y
-        return SIZE, COSINE
+                return x, y
+        return x, COSINE
     return (SPEEDUP if done and all(SPEEDUP.get(r) is not None for r in done) else LATENCY), COSINE
 
 
@@ -366,7 +374,8 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
     names = search_objectives(rows)
     head = ["#", "model", "recipe", "target"] + (["overrides"] if keys else []) + [
         "artifact MB", "ms/sample", "samples/s", "x fp32 (same run)", "peak MB", "emb cosine", "top-1"] + (
-        [f"{'/'.join(metrics)} drop"] if metrics else []) + (["budget", "fallbacks", f"{budgeted} drop (repair)"] if repaired else []) + names + [
+        [f"{'/'.join(metrics)} drop"] if metrics else []) + (
+        ["budget", "fallbacks", f"{budgeted} drop (repair)", "weights MB (repair)"] if repaired else []) + names + [
         "Pareto", "status", "run dir"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -376,8 +385,8 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
             _f(r.peak_rss_mb, 0),
             _f(r.embedding_cosine, 6), _f(r.top1_agreement, 3)] + (
             [_f(r.task_drop, 4)] if metrics else []) + (
-            [_f(r.repair_budget, 4), "" if r.fallback_layers is None else str(r.fallback_layers), _g(r.repair_drop)]
-            if repaired else []) + [
+            [_f(r.repair_budget, 4), "" if r.fallback_layers is None else str(r.fallback_layers), _g(r.repair_drop),
+             _f(r.repair_weight_mb, 2)] if repaired else []) + [
             _g(r.objectives.get(n)) for n in names] + [
             "*" if r.pareto else "", r.status, f"`{r.run_dir}`" if r.run_dir else ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -407,7 +416,7 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
 def _better(axis: Axis) -> str:
     word = {"speedup_vs_fp32": "x fp32 (same run)", "ms_per_sample": "ms/sample", "artifact_mb": "artifact MB",
             "embedding_cosine": "embedding cosine to fp32", "task_drop": "task metric drop",
-            "repair_drop": "drop of the budgeted metric"}[axis.key]
+            "repair_drop": "drop of the budgeted metric", "repair_weight_mb": "quantized weights MB"}[axis.key]
     return f"{'higher' if axis.higher_is_better else 'lower'} {word}"
 
 

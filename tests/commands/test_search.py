@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from compiler.commands.search import PENALTY, BuildResult, check_objectives, objective_values
-from compiler.commands.sweep import (COSINE, DROP, LATENCY, REPAIR_DROP, SIZE, SPEEDUP, Row, choose_axes,
+from compiler.commands.sweep import (COSINE, DROP, LATENCY, REPAIR_DROP, REPAIR_SIZE, SIZE, SPEEDUP, Row, choose_axes,
                                      mark_pareto, read_run, render_markdown, sweep_exit_code, write_summary)
 from compiler.core.errors import RecipeError
 from compiler.core.status import Status
@@ -118,14 +118,15 @@ def test_axes_are_the_same_run_ratio_where_every_finished_run_has_one():
     assert choose_axes(rows) == (LATENCY, COSINE)
 
 
-def _budget_rows(repair_drop=True, with_labels=True):
+def _budget_rows(repair_drop=True, with_labels=True, weights=True):
     # budget -> (fallback layers, drop, MB, cosine); 0.002 found a worse map than 0.005: dominated
     points = {0.002: (9, 0.005, 30.0, 0.991), 0.005: (7, 0.004, 28.0, 0.990), 0.01: (4, 0.009, 25.0, 0.985),
               0.02: (1, 0.015, 22.0, 0.975)}
     rows = [_row(i, overrides={"recipe": "nvfp4", "recipe.repair.max_task_drop": str(b)}, repair_budget=b,
                  fallback_layers=n, repair_metric="accuracy_at_1", repair_drop=d if repair_drop else None,
                  task_metric="accuracy_at_1" if with_labels else "", task_drop=d if with_labels else None,
-                 artifact_mb=mb, embedding_cosine=cos, ms_per_sample=50.0, speedup_vs_fp32=0.15)
+                 repair_weight_mb=mb / 4 if weights else None, artifact_mb=mb, embedding_cosine=cos,
+                 ms_per_sample=50.0, speedup_vs_fp32=0.15)
             for i, (b, (n, d, mb, cos)) in enumerate(points.items())]
     rows.append(_row(4, status="repair budget not met", repair_budget=0.0, repair_metric="accuracy_at_1",
                      run_dir="4_run.gate-failed",
@@ -136,19 +137,21 @@ def _budget_rows(repair_drop=True, with_labels=True):
 
 def test_a_repair_budget_sweep_is_a_size_vs_drop_curve(tmp_path):
     rows = _budget_rows()
-    assert choose_axes(rows) == (SIZE, REPAIR_DROP)
+    # x: the quantized weights at their formats (target=torch keeps fake-quant weights fp32 in engine.pt)
+    assert choose_axes(rows) == (REPAIR_SIZE, REPAIR_DROP)
+    assert choose_axes(_budget_rows(weights=False)) == (SIZE, REPAIR_DROP)
     mark_pareto(rows)
     assert [r.num for r in rows if r.pareto] == [1, 2, 3]
     md = render_markdown(rows, tmp_path)
-    assert "| accuracy_at_1 drop | budget | fallbacks | accuracy_at_1 drop (repair) |" in md
+    assert "| accuracy_at_1 drop | budget | fallbacks | accuracy_at_1 drop (repair) | weights MB (repair) |" in md
     # each row: its budget, how many layers fell back, the drop it reached and the size
     assert ("| 1 | minilm | nvfp4 | torch | recipe.repair.max_task_drop=0.005 | 28.00 | 50.000 |  | 0.15 |  | "
-            "0.990000 |  | 0.0040 | 0.0050 | 7 | 0.004 | * | passed | `1_run` |") in md
+            "0.990000 |  | 0.0040 | 0.0050 | 7 | 0.004 | 7.00 | * | passed | `1_run` |") in md
     # an unmet budget chose no map: no fallback count, no drop (its reason has the best point)
     assert ("| 4 | minilm | nvfp4 | torch | recipe.repair.max_task_drop=0.0 |  |  |  |  |  |  |  |  | 0.0000 |  |  "
-            "|  | repair budget not met | `4_run.gate-failed` |") in md
+            "|  |  | repair budget not met | `4_run.gate-failed` |") in md
     assert sweep_exit_code(rows) == 3  # exits like the single build: 3, a budget not met
-    assert ("Pareto front (lower artifact MB, lower drop of the budgeted metric): nvfp4/torch [recipe.repair.max_task_drop=0.02], "
+    assert ("Pareto front (lower quantized weights MB, lower drop of the budgeted metric): nvfp4/torch [recipe.repair.max_task_drop=0.02], "
             "nvfp4/torch [recipe.repair.max_task_drop=0.01], nvfp4/torch [recipe.repair.max_task_drop=0.005].") in md
     files = write_summary(tmp_path, rows)
     assert files["pareto.png"].read_bytes()[:4] == b"\x89PNG"
@@ -157,9 +160,9 @@ def test_a_repair_budget_sweep_is_a_size_vs_drop_curve(tmp_path):
     assert [(r["repair_budget"], r["fallback_layers"], r["task_drop"], r["artifact_mb"]) for r in got[:2]] == [
         ("0.002", "9", "0.005", "30.0"), ("0.005", "7", "0.004", "28.0")]
     # a replayed map has no search to read its drop from: the task metric's drop, checked on the full set
-    assert choose_axes(_budget_rows(repair_drop=False)) == (SIZE, DROP)
+    assert choose_axes(_budget_rows(repair_drop=False, weights=False)) == (SIZE, DROP)
     # without either, the curve is size against the embedding cosine
-    plain = _budget_rows(repair_drop=False, with_labels=False)
+    plain = _budget_rows(repair_drop=False, with_labels=False, weights=False)
     assert choose_axes(plain) == (SIZE, COSINE)
     mark_pareto(plain)
     assert [r.num for r in plain if r.pareto] == [0, 1, 2, 3]  # 0.002 is now the most faithful: a trade-off
@@ -190,15 +193,18 @@ def test_a_repair_rows_numbers_come_from_its_report(tmp_path):
         (d / "report.json").write_text(json.dumps({"status": "passed", "build": {}, "repair": repair}))
         return read_run(d, tmp_path)
 
-    search = [{"fallback_layers": 0, "drop": 0.03}, {"fallback_layers": 12, "drop": 0.004},
-              {"fallback_layers": 6, "drop": 0.012}, {"fallback_layers": 9, "drop": 0.008}]
+    search = [{"fallback_layers": 0, "drop": 0.03, "weight_bytes": 1_000_000},
+              {"fallback_layers": 12, "drop": 0.004, "weight_bytes": 3_000_000},
+              {"fallback_layers": 6, "drop": 0.012, "weight_bytes": 2_000_000},
+              {"fallback_layers": 9, "drop": 0.008, "weight_bytes": 2_500_000}]
     met = run("met", {"metric": "embedding_cosine_mean", "max_drop": 0.01, "met": True, "fallback_layers": 9,
                       "search": search})
-    assert (met.repair_budget, met.fallback_layers, met.repair_drop, met.repair_metric) == (
-        0.01, 9, 0.008, "embedding_cosine_mean")
+    assert (met.repair_budget, met.fallback_layers, met.repair_drop, met.repair_weight_mb, met.repair_metric) == (
+        0.01, 9, 0.008, 2.5, "embedding_cosine_mean")
     unmet = run("unmet", {"metric": "embedding_cosine_mean", "max_drop": 0.002, "met": False, "fallback_layers": 0,
                           "search": search})
-    assert (unmet.repair_budget, unmet.fallback_layers, unmet.repair_drop) == (0.002, None, None)
+    assert (unmet.repair_budget, unmet.fallback_layers, unmet.repair_drop, unmet.repair_weight_mb) == (
+        0.002, None, None, None)
     replayed = run("replayed", {"replayed": True, "fallback_layers": 7})
     assert (replayed.repair_budget, replayed.fallback_layers, replayed.repair_drop) == (None, 7, None)
 
