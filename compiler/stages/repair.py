@@ -155,11 +155,12 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
                           f"{explicit_opset} (float8 QuantizeLinear needs opset {need})",
                           f"set export.opset={need} (or leave it unset), or use fallback=fp32")
     onnx_side = [s.name for s in quant if s.stage_for(target.name) != TORCH]
-    if rep.enabled and onnx_side:
-        raise RecipeError("recipe.repair.enabled", f"the search runs on torch-side steps; {onnx_side} quantize the "
-                          f"ONNX graph on target={target.name}",
-                          "name the layers to keep fp32 in the step's exclude (or recipe.repair.layers), or use "
-                          "target=torch to search")
+    torch_side = [s.name for s in quant if s.stage_for(target.name) == TORCH]
+    if rep.enabled and onnx_side and torch_side:
+        # one search measures one side: torch fake-quant modules (repair.py) or the quantized graph (repair_onnx.py)
+        raise RecipeError("recipe.repair.enabled", f"{torch_side} quantize the torch model and {onnx_side} the ONNX "
+                          f"graph on target={target.name}: the search measures one side",
+                          "keep one quantizing step, or name the layers to keep out in recipe.repair.layers")
 
 
 def budget_of(rep, gate, task: str) -> float:
@@ -291,21 +292,22 @@ def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: dict[str
          "gain": None if gains[n] is None else round(gains[n], 6)} for n in order]}
 
 
-def search(mixed: MixedModel, sensitivity: dict[str, Any], feeds, reference: np.ndarray, metric_fn,
-           metric_name: str, budget: float, fallback: str, allowed: int, primary_format: str,
-           counts: dict[str, int], output_index: int) -> RepairResult:
+def search(measure: Callable[[Sequence[str]], float], sensitivity: dict[str, Any], metric_name: str, budget: float,
+           fallback: str, allowed: int, primary_format: str, counts: dict[str, int],
+           reference: float = 1.0) -> RepairResult:
     """Layers in sensitivity order; the smallest count k <= allowed whose map meets the budget, by binary search
-    (every probe measured). Unmet: the count that would meet it (searched past `allowed`), in result.needed."""
+    (every probe measured). measure(fallback_layers) -> metric of the build with those layers in the fallback;
+    reference: the metric's fp32 value (drop = reference - metric). Unmet: the count that would meet it (searched
+    past `allowed`), in result.needed."""
     order = [x["name"] for x in sensitivity["layers"]]
     primary = {n: primary_format for n in order}
     probes: dict[int, Probe] = {}
 
     def probe(k: int) -> Probe:
         if k not in probes:
-            m = float(sensitivity["base_metric"]) if k == 0 else metric_fn(
-                reference, _outputs(mixed.use(order[:k]), feeds, output_index))
+            m = float(sensitivity["base_metric"]) if k == 0 else float(measure(order[:k]))
             fmts = dict(primary, **{n: fallback for n in order[:k]})
-            probes[k] = Probe(k, m, 1.0 - m, weight_bytes(counts, fmts))
+            probes[k] = Probe(k, m, reference - m, weight_bytes(counts, fmts))
         return probes[k]
 
     def ok(k: int) -> bool:
@@ -329,13 +331,12 @@ def search(mixed: MixedModel, sensitivity: dict[str, Any], feeds, reference: np.
         chosen = smallest(0, allowed)
     elif len(order) > allowed and ok(len(order)):
         needed = smallest(allowed, len(order))
-    result = RepairResult(metric_name=metric_name, reference=1.0, budget=budget, fallback=fallback,
+    result = RepairResult(metric_name=metric_name, reference=reference, budget=budget, fallback=fallback,
                           layers=sensitivity["layers"], probes=[probes[k] for k in sorted(probes)],
                           chosen=order[:chosen] if chosen is not None else [], allowed=allowed, total=len(order),
                           primary_format=primary_format)
     result.met = chosen is not None
     result.needed = needed
-    mixed.use(result.chosen)
     return result
 
 
@@ -410,8 +411,9 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
     else:
         sensitivity = sens()
     t2 = time.perf_counter()
-    result = search(mixed, sensitivity, feeds, reference, metric_fn, metric_name, budget, rep.fallback, allowed,
-                    primary_format, counts, output_index)
+    result = search(lambda layers: metric_fn(reference, _outputs(mixed.use(layers), feeds, output_index)),
+                    sensitivity, metric_name, budget, rep.fallback, allowed, primary_format, counts)
+    mixed.use(result.chosen)
     result.fraction = float(rep.max_fallback_fraction)
     result.seconds = {"build_variants": round(t1 - t0, 2), "sensitivity": round(t2 - t1, 2),
                       "search": round(time.perf_counter() - t2, 2)}
@@ -469,7 +471,9 @@ def write_layers_yaml(run_dir: Path, roles: dict[str, str], primary: dict[str, s
     """layers.yaml: every quantized layer (forward order) with its role and format; the same bytes whether the
     map was searched or replayed, so a rebuild reproduces it."""
     lines = ["# per-layer precision of this build (recipe.repair.layers holds the fallbacks and replays them)"]
-    for name in [n for n in roles if n in primary or n in layer_map]:
+    # a map may name scopes that are no Linear (ONNX repair: activation MatMuls); listed after the layers
+    names = [n for n in roles if n in primary or n in layer_map] + sorted(set(layer_map) - set(roles))
+    for name in names:
         fmt = layer_map.get(name, primary.get(name))
         lines.append(f"{name}: {{role: {roles.get(name) or 'other'}, format: {fmt}}}")
     path = Path(run_dir) / "layers.yaml"
@@ -515,5 +519,6 @@ def report_markdown(result: RepairResult) -> str:
     for x in result.layers:
         fmt = result.fallback if x["name"] in result.chosen else result.primary_format
         gain = "-" if x["gain"] is None else f"{x['gain']:.5f}"
-        out.append(f"| {x['name']} | {x['role'] or 'other'} | {x['proxy_error']:.4f} | {gain} | {fmt} |")
+        proxy = "-" if x.get("proxy_error") is None else f"{x['proxy_error']:.4f}"  # ONNX repair: all measured
+        out.append(f"| {x['name']} | {x['role'] or 'other'} | {proxy} | {gain} | {fmt} |")
     return "\n".join(out) + "\n"

@@ -119,7 +119,8 @@ def test_unmet_budget_exits_3_with_what_it_would_take(planted_dir, tmp_path):
     (["recipe=nvfp4", "target=torch", "recipe.repair.enabled=true", "recipe.repair.fallback=fp16"],
      "recipe.repair.fallback: step nvfp4 cannot give a layer 'fp16'"),
     (["recipe=fp32", "recipe.repair.enabled=true"], "recipe.repair.enabled: the recipe quantizes nothing"),
-    (["recipe=int8_static", "target=ort", "recipe.repair.enabled=true"], "recipe.repair.enabled: the search runs on"),
+    (["recipe=int8", "target=ort", "+recipe.steps.int8_dynamic={}", "recipe.repair.enabled=true"],
+     "recipe.repair.enabled: ['int8'] quantize the torch model and ['int8_dynamic'] the ONNX graph on target=ort"),
     (["recipe=int8", "recipe.steps.int8.exclude=[ffn_dwn]"], "recipe.steps.int8.exclude: 'ffn_dwn' is not a layer role"),
 ])
 def test_bad_repair_settings_are_recipe_errors(args, text):
