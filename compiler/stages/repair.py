@@ -13,7 +13,9 @@ Sensitivity of a layer: the budgeted metric with only that layer at the fallback
 layers quantized (a gain: larger = more sensitive). A cheap first pass (each layer's output error against its
 fallback module on the same input, from one forward) orders the layers; the top `confirm_top` are measured.
 The search: layers in sensitivity order, the smallest count k whose map meets the budget, found by binary search
-over k (the metric rises with k in practice; each probe is measured and reported).
+over k (the metric rises with k in practice; each probe is measured and reported). It only calls a
+measure(fallback_layers) -> metric: steps that quantize the exported ONNX graph (int8_static / int8_dynamic on ort,
+trt) bring their own, which quantizes and runs the graph in onnxruntime (compiler/stages/repair_onnx.py).
 """
 
 from __future__ import annotations

@@ -155,3 +155,4 @@ def test_onnx_side_repair_validates_on_ort_and_trt():
                  ["recipe=int8_dynamic", "target=ort"]):
         spec = validate(compose("model=tiny_bert", *args, "recipe.repair.enabled=true"))
         assert spec.repair.fallback == "fp32" and [s.name for s in spec.onnx_steps if s.quantizes_compute]
+
