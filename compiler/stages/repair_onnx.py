@@ -180,7 +180,8 @@ def run_onnx_repair(model, reference_module, spec, data, fp32_onnx: Path, apply_
     output_index = 0 if model.task == "classification" else 1
     reference = _outputs(reference_module, ranking_torch_feeds(feeds, list(data.evaluation.arrays)), output_index)
     metric_name, metric_fn = fidelity_metric(model.task)
-    opt_level = spec.target.graph_optimization if spec.target.name == "ort" else "all"
+    # an ORT target's own optimization level; a trt graph's stand-in session runs at ORT's default
+    opt_level = spec.target.graph_optimization if spec.capabilities and spec.capabilities.ort_session else "all"
     measure = OnnxMeasurer(fp32_onnx, steps, apply_steps, feeds, reference, metric_fn,
                            model.output_names[output_index], Path(work_dir) / "repair", rep.fallback, opt_level)
     # the recipe as written, once: which scopes it quantized are the layers to search over (and its metric, k=0)
