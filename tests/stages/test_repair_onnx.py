@@ -156,3 +156,20 @@ def test_onnx_side_repair_validates_on_ort_and_trt():
         spec = validate(compose("model=tiny_bert", *args, "recipe.repair.enabled=true"))
         assert spec.repair.fallback == "fp32" and [s.name for s in spec.onnx_steps if s.quantizes_compute]
 
+
+
+def test_trt_graph_is_measured_with_onnxruntime_on_the_same_qdq(planted_dir, tmp_path):
+    """target=trt (symmetric int8 Q/DQ; no TensorRT here): the search runs the graph in onnxruntime's CPU session,
+    finds the planted layer and meets the budget; the check stage (onnx.reference on the same graph) agrees with
+    what the search measured to 1e-4 (integer vs float accumulation)."""
+    args = [a for a in ARGS if a != "target=ort"]
+    # the random tiny model's retrieval top-1 agreement is noise (0.875 at cosine 0.99988): not this test's gate
+    res = cli(tmp_path, "model=hf", f"model.path={planted_dir}", *args, "target=trt", "recipe.gate.min_top1_agreement=0")
+    assert res.rc == 0, res
+    (run,) = res.run_dirs()
+    sens = json.loads((run / "sensitivity.json").read_text())
+    assert sens["layers"][0]["name"] == PLANTED and sens["chosen"] == [PLANTED]
+    search = {p["fallback_layers"]: p for p in sens["search"]}
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"]["int8_static"]["activation_type"] == "int8"
+    assert abs(report["check"]["fidelity"]["embedding_cosine_mean"] - search[1]["metric"]) < 1e-4
