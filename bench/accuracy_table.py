@@ -77,8 +77,10 @@ def build(model: str, recipe: str, target: str, a, out: Path, cache: Path) -> di
                           capture_output=True, text=True, env=env, check=False)
     row = {"recipe": recipe, "target": target, "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
     reports = sorted(cwd.glob("outputs/*/*/report.json"))
-    if not reports:  # a recipe error (exit 2): the reason is its one line
-        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("qcompile:")] or proc.stderr.splitlines()[-1:]
+    if not reports:  # a recipe error (exit 2: its one line) or a failed build (its FAILED.md says why)
+        failed = sorted(cwd.glob("outputs/*/*.FAILED/FAILED.md"))
+        lines = ([ln for ln in failed[-1].read_text().splitlines()[1:] if ln.strip()][:1] if failed else
+                 [ln for ln in proc.stderr.splitlines() if ln.startswith("qcompile:")] or proc.stderr.splitlines()[-1:])
         row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
         return row
     row["report"] = json.loads(reports[-1].read_text())
