@@ -92,23 +92,38 @@ def ranking_rows(requested: int, available: int, labels: TaskLabels | None) -> i
     return n
 
 
-def repair_metric(rep, gate, model_task: str, labels: TaskLabels | None, reference: np.ndarray) -> RepairMetric:
+def repair_metric(rep, gate, model_task: str, labels: TaskLabels | None, reference: np.ndarray,
+                  order: np.ndarray | None = None) -> RepairMetric:
     """The metric for a search over outputs of the ranking subset; reference = the fp32 model's outputs on it
-    (the rows labels were cut to with ranking_rows)."""
+    (the first rows, as many as ranking_rows gave). order: the evaluation row of each output row when the
+    measurer runs the rows in another order (e.g. sorted by length); None = in order. Fidelity pairs outputs
+    row by row and needs no order; the task metric puts the rows back where the gold labels expect them."""
     if uses_task_metric(rep, gate, labels is not None):
-        sub = labels.subset(len(reference))
-        if len(sub) == 0:
-            raise RecipeError("recipe.repair.ranking_samples", f"{len(reference)} rows hold no complete "
-                              f"{labels.task} example", "use more ranking samples, e.g. 32")
-        metric = gate.task_metric or default_metric(sub.task)
-        ref = task_metric(sub, reference, metric)
-        if not np.isfinite(ref):
-            raise RecipeError("recipe.repair.ranking_samples", f"the fp32 {metric} on {len(reference)} rows is "
-                              f"{ref} (no spread to score)", "use more ranking samples, or recipe.repair.metric=fidelity")
-        return RepairMetric(f"{sub.task} {metric}", float(ref), lambda q: task_metric(sub, q, metric),
-                            float(task_budget(rep, gate)), "task")
+        if order is not None:
+            back = np.argsort(np.asarray(order))
+            if not np.array_equal(np.asarray(order)[back], np.arange(len(reference))):
+                raise ValueError("order must be a permutation of the ranking rows 0..n-1")
+            inner = _task_fn(labels, reference[back], rep, gate)
+            return RepairMetric(inner.name, inner.reference, lambda q: inner.fn(np.asarray(q)[back]), inner.budget,
+                                inner.kind)
+        return _task_fn(labels, reference, rep, gate)
     name, fn = fidelity_metric(model_task)
     return RepairMetric(name, 1.0, lambda q: fn(reference, q), fidelity_budget(rep, gate, model_task), "fidelity")
+
+
+def _task_fn(labels: TaskLabels, reference: np.ndarray, rep, gate) -> RepairMetric:
+    """The task metric of the first len(reference) rows against their gold labels."""
+    sub = labels.subset(len(reference))
+    if len(sub) == 0:
+        raise RecipeError("recipe.repair.ranking_samples", f"{len(reference)} rows hold no complete "
+                          f"{labels.task} example", "use more ranking samples, e.g. 32")
+    metric = gate.task_metric or default_metric(sub.task)
+    ref = task_metric(sub, reference, metric)
+    if not np.isfinite(ref):
+        raise RecipeError("recipe.repair.ranking_samples", f"the fp32 {metric} on {len(reference)} rows is "
+                          f"{ref} (no spread to score)", "use more ranking samples, or recipe.repair.metric=fidelity")
+    return RepairMetric(f"{sub.task} {metric}", float(ref), lambda q: task_metric(sub, q, metric),
+                        float(task_budget(rep, gate)), "task")
 
 
 def validate_repair_metric(rep, gate, eval_task: str | None, where: str) -> None:
@@ -116,7 +131,13 @@ def validate_repair_metric(rep, gate, eval_task: str | None, where: str) -> None
     mode = getattr(rep, "metric", "auto")
     if mode not in METRIC_CHOICES:
         raise RecipeError("recipe.repair.metric", f"unknown choice {mode!r}", f"use one of {list(METRIC_CHOICES)}")
-    if not rep.enabled or mode != "task":
+    if not rep.enabled:
+        return
+    if uses_task_metric(rep, gate, eval_task is not None) and eval_task != "classification" \
+            and rep.ranking_samples < 2:
+        raise RecipeError("recipe.repair.ranking_samples", f"{rep.ranking_samples} row holds no {eval_task} pair "
+                          f"of {where}", "use at least 2 (whole pairs), e.g. 32")
+    if mode != "task":
         return
     if eval_task is None:
         raise RecipeError("recipe.repair.metric", f"task needs gold labels but {where} is plain text",

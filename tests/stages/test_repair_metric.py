@@ -103,6 +103,8 @@ def test_ranking_rows_take_whole_pairs():
     (["recipe.gate.max_task_drop=-0.5"], "recipe.gate.max_task_drop: -0.5 is below 0"),
     (["recipe.gate.max_task_drop=nan"], "recipe.gate.max_task_drop: nan is below 0"),
     (["recipe.repair.max_task_drop=nan"], "recipe.repair.max_task_drop: nan is below zero"),
+    (["recipe.repair.max_task_drop=0.01", "recipe.repair.ranking_samples=1"],
+     "recipe.repair.ranking_samples: 1 row holds no retrieval pair"),
 ])
 def test_bad_metric_combinations_are_recipe_errors(args, text):
     from compiler.core.errors import RecipeError
@@ -122,3 +124,17 @@ def test_task_metric_without_labels_exits_2_before_loading(qcompile):
     line = next(ln for ln in res.stderr.splitlines() if ln.startswith("qcompile:"))
     assert "recipe.repair.metric: task needs gold labels" in line and "plain text" in line, line
     assert "Traceback" not in res.stderr and not res.run_dirs()
+
+
+def test_rows_measured_in_another_order_score_against_the_right_labels():
+    """A measurer that runs the ranking rows sorted by length gives outputs in that order: with `order` the
+    task metric puts them back before scoring against the gold labels."""
+    labels = _paired(8)
+    ref, hurt = _pairs_embedding(8), _pairs_embedding(8, swap=[3])
+    order = np.random.default_rng(0).permutation(16)
+    m = repair_metric(_rep(max_task_drop=0.05), _gate(), "embedding", labels, ref[order], order=order)
+    assert m.reference == 1.0 and m.fn(hurt[order]) == pytest.approx(12 / 16)
+    plain = repair_metric(_rep(max_task_drop=0.05), _gate(), "embedding", labels, ref[order])
+    assert plain.reference < 1.0  # scored in the wrong order, the gold partners are the wrong rows
+    with pytest.raises(ValueError, match="permutation"):
+        repair_metric(_rep(max_task_drop=0.05), _gate(), "embedding", labels, ref, order=np.zeros(16, int))
