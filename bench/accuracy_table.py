@@ -6,6 +6,7 @@ its paired-bootstrap 95% interval, the fidelity (mean embedding cosine), the lay
     python bench/accuracy_table.py                        # every quantizing recipe on target=torch, print the table
     python bench/accuracy_table.py --readme               # ... and rewrite the README's marked block
     python bench/accuracy_table.py --recipes nvfp4 int8 --targets torch ort --extra recipe.repair.confirm_top=36
+    python bench/accuracy_table.py --render-only OUT --commit abc1234 --readme   # table of an earlier (partial) run
 
 The repair ranks on the first --ranking-samples evaluation rows (whole pairs); the check scores all
 --evaluation-samples rows (the built-in file holds 240), so the table's drop includes rows the search never saw.
@@ -75,16 +76,25 @@ def build(model: str, recipe: str, target: str, a, out: Path, cache: Path) -> di
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "compiler", *overrides(model, recipe, target, a)], cwd=cwd,
                           capture_output=True, text=True, env=env, check=False)
-    row = {"recipe": recipe, "target": target, "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    row = collect(recipe, target, cwd, proc.returncode, proc.stderr)
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def collect(recipe: str, target: str, cwd: Path, rc: int | None = None, stderr: str = "") -> dict:
+    """A build's row from its run directory under cwd: its report.json, else why it has none."""
+    row = {"recipe": recipe, "target": target, "rc": rc}
     reports = sorted(cwd.glob("outputs/*/*/report.json"))
-    if not reports:  # a recipe error (exit 2: its one line) or a failed build (its FAILED.md says why)
+    if not reports:  # a recipe error (exit 2: its one line), a failed build (its FAILED.md says why), unfinished
         failed = sorted(cwd.glob("outputs/*/*.FAILED/FAILED.md"))
         lines = ([ln for ln in failed[-1].read_text().splitlines()[1:] if ln.strip()][:1] if failed else
-                 [ln for ln in proc.stderr.splitlines() if ln.startswith("qcompile:")] or proc.stderr.splitlines()[-1:])
-        row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
+                 [ln for ln in stderr.splitlines() if ln.startswith("qcompile:")] or stderr.splitlines()[-1:])
+        row["error"] = lines[-1] if lines else ("unfinished" if rc is None else f"exit {rc}")
         return row
     row["report"] = json.loads(reports[-1].read_text())
     row["dir"] = str(reports[-1].parent)
+    if rc is None:  # rendered later: the exit code the status stands for
+        row["rc"] = 0 if row["report"].get("status") == "passed" else 3
     return row
 
 
@@ -96,7 +106,8 @@ def cells(row: dict) -> list[str]:
     """One table row: recipe, target, status, metric fp32 / target / drop [95%], cosine, fell back, sizes."""
     head = [f"`{row['recipe']}`", row["target"]]
     if "report" not in row:
-        return head + [f"not built (exit {row['rc']}): {row.get('error', '')}"] + ["-"] * 6
+        return head + [f"not built ({'exit ' + str(row['rc']) if row['rc'] is not None else 'no run'}): "
+                       f"{row.get('error', '')}"] + ["-"] * 6
     rep = row["report"]
     status = rep.get("status", "?")
     task = rep.get("check", {}).get("task")
@@ -127,7 +138,7 @@ def render(rows: list[dict], a, commit: str) -> str:
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}): built-in data, {a.evaluation_samples} "
              f"evaluation rows (retrieval, {metric}), `recipe.repair.enabled=true recipe.repair.metric=task "
              f"recipe.repair.max_task_drop={a.budget} recipe.gate.max_task_drop={a.budget}`, the search ranking on "
-             f"the first {a.ranking_samples} rows{(' ' + ' '.join(a.extra)) if a.extra else ''}. Drop = fp32 - "
+             f"the first {a.ranking_samples} rows{('; also `' + ' '.join(a.extra) + '`') if a.extra else ''}. Drop = fp32 - "
              "target, its paired-bootstrap 95% interval in brackets; size = Linear weights in their formats "
              "(estimate) / model.onnx.", "",
              f"| recipe | target | status | {metric} fp32 | target | drop [95%] | embedding cosine | fell back | "
@@ -158,8 +169,20 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="where the run directories go (default: a temp dir)")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every build")
     ap.add_argument("--readme", action="store_true", help="rewrite the README's accuracy block with the table")
+    ap.add_argument("--render-only", metavar="OUT", default=None,
+                    help="no builds: the table of the builds already under OUT (an earlier --out, finished or not)")
+    ap.add_argument("--commit", default=None, help="with --render-only: the commit the builds ran at")
     a = ap.parse_args()
     recipes = a.recipes or quantizing_recipes(a.model)
+    if a.render_only:
+        out = Path(a.render_only).resolve()
+        rows = [collect(recipe, target, out / f"{recipe}_{target}") for recipe in recipes for target in a.targets
+                if (out / f"{recipe}_{target}").is_dir()]
+        text = render(rows, a, a.commit or "?")
+        print(text)
+        if a.readme:
+            write_readme(text)
+        return
     out = Path(a.out or tempfile.mkdtemp(prefix="accuracy-table-")).resolve()
     cache = out / "cache"  # fresh per run, shared by its builds: the sensitivities are measured, not read back
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,

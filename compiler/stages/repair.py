@@ -377,6 +377,7 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
 
     def metric_fn(_reference, outputs):
         return chosen_metric.fn(outputs)
+
     allowed = math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9)
     counts = {n: _params(_get(a, n)) for n in names}
     roles = model.roles.role if model.roles is not None else {}
