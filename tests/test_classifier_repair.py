@@ -17,7 +17,8 @@ def test_nvfp4_repair_on_the_classifier_meets_the_accuracy_budget(sentiment_clas
     model_dir, train_tsv, held_out_tsv = sentiment_classifier
     args = ["model=hf", f"model.path={model_dir}", "model.task=classification", "recipe=nvfp4", "target=torch",
             f"data.calibration_file={train_tsv}", f"data.evaluation_file={held_out_tsv}",
-            "data.calibration_samples=64", "data.evaluation_samples=1000", "data.seq_len=16", "bench.enabled=false",
+            "data.calibration_samples=64", "data.evaluation_samples=1000", "data.seq_len=16", "bench.seq_len=16",
+            "bench.enabled=false",
             "recipe.repair.enabled=true", "recipe.repair.max_task_drop=0.01", "recipe.repair.ranking_samples=1000"]
     proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, check=False)
