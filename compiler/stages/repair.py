@@ -38,8 +38,9 @@ from compiler.stages.repair_metric import ranking_rows, repair_metric
 log = logging.getLogger("qcompile")
 
 FALLBACKS = ("fp32", "fp16", "int8", "fp8")
-# stored bits per weight of each format (nvfp4: 4-bit values + one e4m3 scale per 16), for the size estimate
-FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5}
+# stored bits per weight of each format (nvfp4: 4-bit values + one e4m3 scale per 16; int4: 4-bit values + one
+# fp32 scale per block of 32, int4_weight_only's default block), for the size estimate
+FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5, "int4": 5.0}
 
 
 class RepairBudgetError(GateError):

@@ -138,3 +138,15 @@ def test_rows_measured_in_another_order_score_against_the_right_labels():
     assert plain.reference < 1.0  # scored in the wrong order, the gold partners are the wrong rows
     with pytest.raises(ValueError, match="permutation"):
         repair_metric(_rep(max_task_drop=0.05), _gate(), "embedding", labels, ref, order=np.zeros(16, int))
+
+
+def test_weight_bytes_know_every_primary_format_a_step_declares():
+    """The size estimate covers every precision a quantizing step declares (int4_weight_only's int4 made a
+    repair build fail with KeyError: 'int4')."""
+    from compiler.stages.repair import FORMAT_BITS, weight_bytes
+    from compiler.steps.base import STEP_REGISTRY, load_all_steps
+
+    load_all_steps()
+    declared = {f for cls in STEP_REGISTRY.values() if cls.quantizes_compute for f in cls.precision}
+    assert declared <= set(FORMAT_BITS), declared - set(FORMAT_BITS)
+    assert weight_bytes({"a": 64, "b": 64}, {"a": "int4", "b": "fp32"}) == 64 * 5 // 8 + 64 * 4
