@@ -141,10 +141,11 @@ def render(rows: list[dict], a, commit: str) -> str:
              f"evaluation rows (retrieval, {metric}), `recipe.repair.enabled=true recipe.repair.metric=task "
              f"recipe.repair.max_task_drop={a.budget} recipe.gate.max_task_drop={a.budget}`, the search ranking on "
              f"the first {a.ranking_samples} rows{('; also `' + ' '.join(a.extra) + '`') if a.extra else ''}. Drop = fp32 - "
-             "target, its paired-bootstrap 95% interval in brackets; size = Linear weights in their formats "
-             "(estimate) / model.onnx.", "",
+             "target, its paired-bootstrap 95% interval in brackets; size = the weights of the layers the search "
+             "covers (its quantized Linear layers; layers a recipe keeps fp32 by itself are not in it), in their "
+             "formats (estimate) / model.onnx where the target exports one.", "",
              f"| recipe | target | status | {metric} fp32 | target | drop [95%] | embedding cosine | fell back | "
-             "MB (Linear est. / onnx) |", "|---|---|---|---|---|---|---|---|---|"]
+             "MB (searched layers est. / onnx) |", "|---|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
