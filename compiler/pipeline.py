@@ -116,7 +116,8 @@ def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: P
             result = run_repair(model, spec, data, apply, cache, primary_format=primary)
         files = write_outputs(run_dir, result)
         md = report_markdown(result)
-        report["repair"] = {"metric": result.metric_name, "max_drop": result.budget, "fallback": result.fallback,
+        report["repair"] = {"metric": result.metric_name, "reference": result.reference, "max_drop": result.budget,
+                            "fallback": result.fallback,
                             "met": result.met, "fallback_layers": len(result.chosen), "quantized_layers": result.total,
                             "max_fallback_layers": result.allowed, "search": [p.as_dict() for p in result.probes],
                             "seconds": result.seconds, "files": files}

@@ -119,6 +119,7 @@ class RepairConfig:
 
     enabled: bool
     max_task_drop: float | None
+    metric: str
     fallback: str
     max_fallback_fraction: float
     strategy: str

@@ -35,12 +35,14 @@ from compiler.steps.base import TORCH
 import numpy as np
 
 from compiler.core.errors import BuildError, GateError, RecipeError
+from compiler.stages.repair_metric import ranking_rows, repair_metric
 
 log = logging.getLogger("qcompile")
 
 FALLBACKS = ("fp32", "fp16", "int8", "fp8")
-# stored bits per weight of each format (nvfp4: 4-bit values + one e4m3 scale per 16), for the size estimate
-FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5}
+# stored bits per weight of each format (nvfp4: 4-bit values + one e4m3 scale per 16; int4: 4-bit values + one
+# fp32 scale per block of 32, int4_weight_only's default block), for the size estimate
+FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5, "int4": 5.0}
 
 
 class RepairBudgetError(GateError):
@@ -165,29 +167,7 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
                           "keep one quantizing step, or name the layers to keep out in recipe.repair.layers")
 
 
-def budget_of(rep, gate, task: str) -> float:
-    """repair.max_task_drop, else the gate's: the fidelity metric may drop from 1.0 to the gate's minimum."""
-    if rep.max_task_drop is not None:
-        return float(rep.max_task_drop)
-    if task == "classification":
-        return max(0.0, 1.0 - float(gate.min_top1_agreement))
-    return max(0.0, 1.0 - float(gate.min_embedding_cosine))
-
-
 # ------------------------------------------------------------------------------------------------ numerics
-
-def fidelity_metric(task: str):
-    """(name, fn(reference outputs, quantized outputs) -> value, higher is better, 1.0 = equal)."""
-    if task == "classification":
-        return "label_agreement", lambda r, q: float(np.mean(np.argmax(r, -1) == np.argmax(q, -1)))
-
-    def cosine(r, q):
-        r = r / np.clip(np.linalg.norm(r, axis=-1, keepdims=True), 1e-12, None)
-        q = q / np.clip(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12, None)
-        return float(np.mean(np.sum(r * q, axis=-1)))
-
-    return "embedding_cosine_mean", cosine
-
 
 def _outputs(module, feeds: Sequence[Sequence[Any]], index: int) -> np.ndarray:
     import torch
@@ -389,11 +369,19 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
         fallback_steps = [s.with_layer_formats({n: rep.fallback for n in names}) if s.quantizes_compute else s
                           for s in spec.torch_steps]
     b = apply_steps(copy.deepcopy(model.module), fallback_steps)
-    feeds = _ranking_feeds(data, int(rep.ranking_samples), int(spec.data.batch_size))
+    labels = getattr(data, "evaluation_labels", None)
+    rows = ranking_rows(int(rep.ranking_samples), len(data.evaluation), labels)
+    feeds = _ranking_feeds(data, rows, int(spec.data.batch_size))
     output_index = 0 if model.task == "classification" else 1
     reference = _outputs(model.module, feeds, output_index)
-    metric_name, metric_fn = fidelity_metric(model.task)
-    budget = budget_of(rep, spec.gate, model.task)
+    # the budgeted metric (compiler/stages/repair_metric.py): the task metric against the ranking rows' gold
+    # labels, or the fidelity metric against the fp32 outputs; the search only sees value(outputs)
+    chosen_metric = repair_metric(rep, spec.gate, model.task, labels, reference)
+    metric_name, budget = chosen_metric.name, chosen_metric.budget
+
+    def metric_fn(_reference, outputs):
+        return chosen_metric.fn(outputs)
+
     allowed = math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9)
     counts = {n: _params(_get(a, n)) for n in names}
     roles = model.roles.role if model.roles is not None else {}
@@ -408,13 +396,17 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
         def build(d: Path) -> None:
             (d / "sensitivity.json").write_text(json.dumps(sens(), indent=1, sort_keys=True) + "\n")
 
-        entry = cache.get_or_create("sensitivity", sensitivity_key(model, spec, data, names), build)
+        # the metric and the gold labels (the evaluation file's digest) decide the gains too
+        key = dict(sensitivity_key(model, spec, data, names), metric=metric_name, ranking_rows=rows,
+                   labels=getattr(data, "files_sha256", {}).get("evaluation") if labels is not None else None)
+        entry = cache.get_or_create("sensitivity", key, build)
         sensitivity = json.loads((entry / "sensitivity.json").read_text())
     else:
         sensitivity = sens()
     t2 = time.perf_counter()
     result = search(lambda layers: metric_fn(reference, _outputs(mixed.use(layers), feeds, output_index)),
-                    sensitivity, metric_name, budget, rep.fallback, allowed, primary_format, counts)
+                    sensitivity, metric_name, budget, rep.fallback, allowed, primary_format, counts,
+                    reference=chosen_metric.reference)
     mixed.use(result.chosen)
     result.fraction = float(rep.max_fallback_fraction)
     result.seconds = {"build_variants": round(t1 - t0, 2), "sensitivity": round(t2 - t1, 2),

@@ -28,14 +28,8 @@ from typing import Any
 import numpy as np
 
 from compiler.core.errors import BuildError
-from compiler.stages.repair import (
-    RepairResult,
-    _outputs,
-    budget_of,
-    fidelity_metric,
-    search,
-    sensitivity_key,
-)
+from compiler.stages.repair import RepairResult, _outputs, search, sensitivity_key
+from compiler.stages.repair_metric import ranking_rows, repair_metric
 
 # apply_steps(fp32 graph, steps, directory to write in) -> the quantized graph's path
 ApplySteps = Callable[[Path, list[Any], Path], Path]
@@ -176,10 +170,19 @@ def run_onnx_repair(model, reference_module, spec, data, fp32_onnx: Path, apply_
     steps = list(spec.onnx_steps)
     t0 = time.perf_counter()
     batch = int(spec.data.batch_size)
-    feeds = ranking_feeds(data, int(rep.ranking_samples), batch)
+    labels = getattr(data, "evaluation_labels", None)
+    rows = ranking_rows(int(rep.ranking_samples), len(data.evaluation), labels)
+    feeds = ranking_feeds(data, rows, batch)
     output_index = 0 if model.task == "classification" else 1
     reference = _outputs(reference_module, ranking_torch_feeds(feeds, list(data.evaluation.arrays)), output_index)
-    metric_name, metric_fn = fidelity_metric(model.task)
+    # the budgeted metric (compiler/stages/repair_metric.py): the task metric against the ranking rows' gold
+    # labels, or the fidelity metric against the fp32 outputs
+    chosen_metric = repair_metric(rep, spec.gate, model.task, labels, reference)
+    metric_name, budget = chosen_metric.name, chosen_metric.budget
+
+    def metric_fn(_reference, outputs):
+        return chosen_metric.fn(outputs)
+
     # an ORT target's own optimization level; a trt graph's stand-in session runs at ORT's default
     opt_level = spec.target.graph_optimization if spec.capabilities and spec.capabilities.ort_session else "all"
     measure = OnnxMeasurer(fp32_onnx, steps, apply_steps, feeds, reference, metric_fn,
@@ -192,7 +195,6 @@ def run_onnx_repair(model, reference_module, spec, data, fp32_onnx: Path, apply_
         raise BuildError("repair: the quantized graph has no quantized linear op to keep out")
     # a scope that is not a Linear module: an activation x activation MatMul (no weight operand)
     roles.update({n: "activation_matmul" for n in names if n not in roles})
-    budget = budget_of(rep, spec.gate, model.task)
     allowed = math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9)
     counts = weight_counts(model.module, names)
     t1 = time.perf_counter()
@@ -205,13 +207,16 @@ def run_onnx_repair(model, reference_module, spec, data, fp32_onnx: Path, apply_
             (d / "sensitivity.json").write_text(json.dumps(sens(), indent=1, sort_keys=True) + "\n")
 
         key = {**sensitivity_key(model, spec, data, names), "measured_on": "onnxruntime",
-               "graph_sha256": onnx_sha256(fp32_onnx), "opt_level": opt_level}
+               "graph_sha256": onnx_sha256(fp32_onnx), "opt_level": opt_level, "metric": metric_name,
+               "ranking_rows": rows,
+               "labels": getattr(data, "files_sha256", {}).get("evaluation") if labels is not None else None}
         entry = cache.get_or_create("sensitivity", key, build)
         sensitivity = json.loads((entry / "sensitivity.json").read_text())
     else:
         sensitivity = sens()
     t2 = time.perf_counter()
-    result = search(measure, sensitivity, metric_name, budget, rep.fallback, allowed, primary_format, counts)
+    result = search(measure, sensitivity, metric_name, budget, rep.fallback, allowed, primary_format, counts,
+                    reference=chosen_metric.reference)
     result.fraction = float(rep.max_fallback_fraction)
     result.seconds = {"prepare": round(t1 - t0, 2), "sensitivity": round(t2 - t1, 2),
                       "search": round(time.perf_counter() - t2, 2), "measurements": measure.count,

@@ -21,7 +21,10 @@ PLANTED = "inner.encoder.layer.0.attention.self.value"
 # the planted layer alone in fp32 -> 0.9999977; every other layer in fp32 but the planted one -> 0.999866
 BUDGET = 2e-5
 ARGS = [*FAST, "bench.enabled=false", "recipe=int8", "target=torch", "recipe.steps.int8.exclude=[]",
-        "recipe.repair.enabled=true", "recipe.repair.fallback=fp32", f"recipe.repair.max_task_drop={BUDGET}"]
+        "recipe.repair.enabled=true", "recipe.repair.fallback=fp32", f"recipe.repair.max_task_drop={BUDGET}",
+        # the built-in data is labeled (retrieval pairs): budget the embedding cosine, the metric the planted
+        # column damages measurably on a random-init model
+        "recipe.repair.metric=fidelity"]
 
 
 @pytest.fixture(scope="module")
