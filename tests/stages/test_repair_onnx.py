@@ -27,7 +27,7 @@ BUDGET = 2e-4
 SCOPES = 14
 ARGS = [*FAST, "bench.enabled=false", "recipe=int8_static", "target=ort", "recipe.steps.int8_static.exclude=[]",
         "recipe.steps.int8_static.op_types_to_quantize=[MatMul,Gemm]", "recipe.repair.enabled=true",
-        f"recipe.repair.max_task_drop={BUDGET}"]
+        f"recipe.repair.max_task_drop={BUDGET}", "recipe.repair.metric=fidelity"]  # cosine, not the labeled task
 
 
 @pytest.fixture(scope="module")
