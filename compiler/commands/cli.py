@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from compiler.commands.search import BuildResult, check_objectives, objective_values, read_report
 from compiler.commands.sweep import JOBS_DIR, read_sweep_exit_code
 from compiler.core.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
 from compiler.core.logs import console_for_qcompile_only, log_file, route_library_logs, strip_ansi
@@ -39,16 +40,38 @@ def _print_error(err: QcompileError) -> str:
 
 def _outcome(err: Optional[QcompileError] = None, *, code: Optional[int] = None, status: str = Status.PASSED,
              line: Optional[str] = None) -> Dict[str, Any]:
-    """What a build job returns to Hydra (and Hydra hands to compiler.commands.sweep.SweepSummary): a
-    plain dict, so launchers that run jobs in other processes can send it back."""
+    """A build's outcome, carried by the BuildResult the job returns to Hydra (which hands it to
+    compiler.commands.sweep.SweepSummary): a plain dict, so it pickles across launcher processes."""
     if err is not None:
         return {"exit_code": err.exit_code, "status": str(err.status), "error": line}
     return {"exit_code": exit_code(status) if code is None else code, "status": str(status), "error": line}
 
 
-def build_job(cfg) -> Dict[str, Any]:
-    """The Hydra task: validate, build into the staging run dir, finalize it. Returns its outcome (exit
-    code, status, error line); prints errors as one line, tracebacks only with verbose=true."""
+def _objective_names(cfg) -> Tuple[str, ...]:
+    """search.objectives as composed (its checked form comes after validation; a recipe that fails before
+    that still returns one NaN per name)."""
+    from compiler.core.schema import SearchConfig
+
+    try:
+        return tuple(str(n) for n in cfg.search.objectives)
+    except Exception:
+        return tuple(SearchConfig().objectives)
+
+
+def build_job(cfg) -> BuildResult:
+    """The Hydra task: one build, returned as its objectives for a sweeper (compiler/commands/search.py:
+    measured values for a build that passed or failed its gate, a penalty that every real point dominates
+    for one that failed) carrying its outcome (exit code, status, error line) for the sweep summary."""
+    outcome, final = _build(cfg)
+    names = _objective_names(cfg)
+    report = read_report(final) if outcome["status"] in (Status.PASSED, Status.GATE_FAILED) else None
+    return BuildResult(objective_values(report, names), names, outcome)
+
+
+def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
+    """Validate, build into the staging run dir, finalize it. Returns its outcome (exit code, status,
+    error line) and the final run dir (None: none kept); prints errors as one line, tracebacks only with
+    verbose=true."""
     from hydra.core.hydra_config import HydraConfig
 
     from compiler.stages import rundir
@@ -61,16 +84,17 @@ def build_job(cfg) -> Dict[str, Any]:
         from compiler.stages.validate import validate
 
         spec = validate(cfg)
+        check_objectives(_objective_names(cfg), HydraConfig.get().sweeper.get("direction"))
     except (RecipeError, BuildError) as e:  # BuildError: a target's check_environment (no GPU, no TensorRT)
         rundir.discard(run_dir)
         line = _print_error(e)
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
             traceback.print_exc()
-        return _outcome(e, line=line)
+        return _outcome(e, line=line), None
     except KeyboardInterrupt:  # nothing was built yet: leave nothing behind
         rundir.discard(run_dir)
         err = InterruptedBuild("interrupted before the build started; nothing was written")
-        return _outcome(err, line=_print_error(err))
+        return _outcome(err, line=_print_error(err)), None
     from compiler.pipeline import run_build
     from compiler.stages.cache import open_cache
 
@@ -83,18 +107,18 @@ def build_job(cfg) -> Dict[str, Any]:
         final = rundir.succeed(run_dir, gate_failed=True)
         line = _print_error(e)
         print(f"qcompile: report: {final / 'REPORT.md'}", file=sys.stderr)
-        return _outcome(e, line=line)
+        return _outcome(e, line=line), final
     except KeyboardInterrupt:
         final = rundir.fail(run_dir, "interrupted (Ctrl-C) during the build", kind=Status.INTERRUPTED)
         err = InterruptedBuild(f"interrupted; partial files kept in {final}")
-        return _outcome(err, line=_print_error(err))
+        return _outcome(err, line=_print_error(err)), final
     except QcompileError as e:
         final = rundir.fail(run_dir, e.message, kind=e.kind)
         line = _print_error(e)
         print(f"qcompile: failed build kept in {final}", file=sys.stderr)
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
             traceback.print_exc()
-        return _outcome(e, line=line)
+        return _outcome(e, line=line), final
     except Exception as e:  # a bug or an unexpected library error: still never a finished-looking dir
         text = strip_ansi(str(e))  # library error text may be coloured (QcompileError strips its own)
         final = rundir.fail(run_dir, f"{type(e).__name__}: {text}", kind=Status.INTERNAL_ERROR)
@@ -103,11 +127,11 @@ def build_job(cfg) -> Dict[str, Any]:
         line = f"{Status.INTERNAL_ERROR}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
         print(f"qcompile: {line} (rerun with verbose=true or HYDRA_FULL_ERROR=1 for the traceback; dir: {final})",
               file=sys.stderr)
-        return _outcome(status=Status.INTERNAL_ERROR, line=line)
+        return _outcome(status=Status.INTERNAL_ERROR, line=line), final
     final = rundir.succeed(run_dir)
     print_summary(report, final, skipped=[f"{name} skipped ({name}.enabled=false)" for name in ("check", "bench")
                                           if not getattr(spec, name).enabled])
-    return _outcome()
+    return _outcome(), final
 
 
 def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
@@ -256,6 +280,10 @@ def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str], Option
                     return _compose_error(e, " ".join(job)), argv, None
                 if multirun and sweep_dir is None:
                     sweep_dir = str(cfg.hydra.sweep.dir)
+                    try:  # a search's objectives against its sweeper's directions, before any job starts
+                        check_objectives(_objective_names(cfg), cfg.hydra.sweeper.get("direction"))
+                    except RecipeError as e:
+                        return e, argv, None
     finally:
         GlobalHydra.instance().clear()
     if multirun and sweep_dir is None:  # no value could be composed on its own: Hydra reports it
@@ -300,8 +328,9 @@ def _hydra_main(argv: List[str]) -> int:
 
     @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
     def _task(cfg):
-        result.update(build_job(cfg))
-        return dict(result)
+        ret = build_job(cfg)
+        result.update(ret.outcome)
+        return ret
 
     multirun = any(a in HYDRA_FLAGS_WE_CHECK for a in argv)
     sys.argv = [sys.argv[0]] + argv

@@ -11,10 +11,11 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hydra.experimental.callback import Callback
 
+from compiler.commands.search import BuildResult, is_fp32_self
 from compiler.core.status import FAILED_SUFFIX, GATE_FAILED_SUFFIX, PARTIAL_SUFFIX, Status, exit_code
 
 log = logging.getLogger("qcompile")
@@ -25,8 +26,9 @@ STATUS_ORDER = (Status.PASSED, Status.GATE_FAILED, Status.BUILD_FAILED, Status.I
                 Status.RECIPE_ERROR, Status.NOT_RUNNABLE, Status.INCOMPLETE)
 
 CSV_COLUMNS = ("num", "model", "recipe", "target", "overrides", "artifact_mb", "ms_per_sample", "samples_per_s",
-               "speedup_vs_fp32", "peak_rss_mb", "embedding_cosine", "top1_agreement", "status", "pareto", "cache",
-               "reason", "run_dir")
+               "speedup_vs_fp32", "peak_rss_mb", "embedding_cosine", "top1_agreement", "task_metric", "task_drop",
+               "repair_budget", "fallback_layers", "repair_metric", "repair_drop", "repair_weight_mb",
+               "objectives", "status", "pareto", "cache", "reason", "run_dir")
 
 
 @dataclass
@@ -49,6 +51,21 @@ class Row:
     peak_rss_mb: Optional[float] = None
     embedding_cosine: Optional[float] = None
     top1_agreement: Optional[float] = None
+    # the gated (or default) task metric against gold labels: its name and drop, fp32 minus target
+    task_metric: str = ""
+    task_drop: Optional[float] = None
+    # a build that ran the repair search (compiler/stages/repair.py): its budget, and where it met it, how many
+    # layers fell back and the drop of the budgeted metric it measured with them
+    repair_budget: Optional[float] = None
+    fallback_layers: Optional[int] = None
+    repair_metric: str = ""
+    repair_drop: Optional[float] = None
+    # the quantized layers' weights at their formats (the repair's count: 4-bit + scales, fp8, fp32), MB: unlike
+    # artifact_mb it shrinks on target=torch too, whose engine.pt keeps fake-quant weights in fp32
+    repair_weight_mb: Optional[float] = None
+    fp32_self: bool = False  # an fp32 build, its own baseline: speed ratio 1 by definition
+    # what the job returned to the sweeper (compiler/commands/search.py), None where the build measured none
+    objectives: Dict[str, Optional[float]] = field(default_factory=dict)
     reason: str = ""
     cache: str = ""
     pareto: bool = False
@@ -146,6 +163,9 @@ def read_run(run_dir: Path, sweep_dir: Optional[Path] = None) -> Row:
         status = report.get("status") or (Status.GATE_FAILED if name.endswith(GATE_FAILED_SUFFIX) else Status.PASSED)
         reason = report.get("reason", "") or ""
     bench, task = report.get("bench", {}) or {}, (report.get("check", {}) or {}).get("fidelity", {}) or {}
+    labels = (report.get("check", {}) or {}).get("task") or {}
+    metric = str(labels.get("metric") or "")
+    repair = report.get("repair") or {}
     try:
         rel = str(run_dir.relative_to(sweep_dir)) if sweep_dir else str(run_dir)
     except ValueError:
@@ -161,7 +181,24 @@ def read_run(run_dir: Path, sweep_dir: Optional[Path] = None) -> Row:
         peak_rss_mb=_num(bench.get("peak_rss_mb")),
         embedding_cosine=_num(task.get("embedding_cosine_mean")), top1_agreement=_num(task.get("top1_agreement")),
         reason=str(reason), cache=_cache_text(report.get("cache")),
+        task_metric=metric, task_drop=_num(((labels.get("metrics") or {}).get(metric) or {}).get("drop")),
+        repair_budget=_num(repair.get("max_drop")), repair_metric=str(repair.get("metric") or ""),
+        **_repair_point(repair),
+        fp32_self=is_fp32_self(bench),
     )
+
+
+def _repair_point(repair: Dict[str, Any]) -> Dict[str, Any]:
+    """fallback_layers, repair_drop and repair_weight_mb of a repair that met its budget: the count it chose and
+    what its search measured at that count (the last probe with it). An unmet budget chose nothing: all empty
+    (the row's reason has the best point); a replayed map (rebuild) has its count but no search."""
+    if not repair or repair.get("met") is False or "fallback_layers" not in repair:
+        return {"fallback_layers": None, "repair_drop": None, "repair_weight_mb": None}
+    n = int(repair["fallback_layers"])
+    probes = [p for p in repair.get("search") or [] if p.get("fallback_layers") == n]
+    wb = _num(probes[-1].get("weight_bytes")) if probes else None
+    return {"fallback_layers": n, "repair_drop": _num(probes[-1].get("drop")) if probes else None,
+            "repair_weight_mb": None if wb is None else wb / 1e6}
 
 
 def read_job_records(sweep_dir: Path) -> List[Dict[str, Any]]:
@@ -179,7 +216,14 @@ def collect_rows(sweep_dir: Path) -> List[Row]:
     sweep_dir = Path(sweep_dir)
     rows = [read_run(d, sweep_dir) for d in sorted(sweep_dir.iterdir()) if is_run_dir(d)]
     seen = {r.num for r in rows if r.num is not None}
-    for rec in read_job_records(sweep_dir):
+    records = read_job_records(sweep_dir)
+    by_num = {rec.get("num"): rec for rec in records}
+    for r in rows:
+        rec = by_num.get(r.num, {})
+        if isinstance(rec.get("objectives"), dict):
+            order = rec.get("objective_names") or list(rec["objectives"])
+            r.objectives = {n: _num(rec["objectives"].get(n)) for n in order}
+    for rec in records:
         if rec.get("num") in seen or rec.get("exit_code") not in (2,):
             continue
         reason = str(rec.get("error") or "")
@@ -193,33 +237,106 @@ def collect_rows(sweep_dir: Path) -> List[Row]:
     return rows
 
 
-# ---------------------------------------------------------------- the Pareto front
+# ---------------------------------------------------------------- axes and the Pareto front
 
-def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
-    """Indices of the points no other point beats: lower latency (x) and higher fidelity (y), where a
-    point is beaten when another is at least as good in both and strictly better in one."""
-    front = []
-    for i, (xi, yi) in enumerate(points):
-        dominated = any((xj <= xi and yj >= yi) and (xj < xi or yj > yi) for j, (xj, yj) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
-    return front
+@dataclass(frozen=True)
+class Axis:
+    """One axis of the summary's front and plot: a Row's number, and which way is better."""
 
+    key: str
+    label: str  # the plot's axis label and the front's description
+    get: Callable[[Row], Optional[float]]
+    higher_is_better: bool
 
-def _measured(rows: Sequence[Row]) -> List[Row]:
-    return [r for r in rows if r.ms_per_sample is not None and r.embedding_cosine is not None
-            and r.status in (Status.PASSED, Status.GATE_FAILED)]
+    def cost(self, r: Row) -> float:
+        """The value as something to minimize (ties to FIDELITY_DECIMALS, see below)."""
+        v = round(self.get(r), FIDELITY_DECIMALS)
+        return -v if self.higher_is_better else v
 
 
 FIDELITY_DECIMALS = 6  # cosines equal to 6 decimals tie: fp32 on torch (1.0 exactly) does not "beat"
                        # fp32 on ORT (0.99999999999) on fidelity, so a slower exact copy is not on the front
 
+SPEEDUP = Axis("speedup_vs_fp32", "speed vs the fp32 engine, same run (x, higher is better)",
+               lambda r: r.speedup_vs_fp32 if r.speedup_vs_fp32 is not None else (1.0 if r.fp32_self else None), True)
+LATENCY = Axis("ms_per_sample", "latency, ms per sample (lower is better)", lambda r: r.ms_per_sample, False)
+SIZE = Axis("artifact_mb", "artifact size, MB (lower is better)", lambda r: r.artifact_mb, False)
+COSINE = Axis("embedding_cosine", "mean embedding cosine to fp32 (higher is better)", lambda r: r.embedding_cosine,
+              True)
+DROP = Axis("task_drop", "task metric drop, fp32 minus target (lower is better)", lambda r: r.task_drop, False)
+REPAIR_SIZE = Axis("repair_weight_mb", "quantized layers' weights at their formats, MB (lower is better)",
+                   lambda r: r.repair_weight_mb, False)
+REPAIR_DROP = Axis("repair_drop", "drop of the budgeted metric at the chosen fallbacks (lower is better)",
+                   lambda r: r.repair_drop, False)
+
+
+def pareto_front_min(points: Sequence[Sequence[float]]) -> List[int]:
+    """Indices of the points no other point beats, every coordinate minimized: a point is beaten when another
+    is at least as good in all and strictly better in one (equal points all stay)."""
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
+                        for j, q in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the points no other point beats: lower latency (x) and higher fidelity (y)."""
+    return pareto_front_min([(x, -y) for x, y in points])
+
+
+def is_budget_sweep(rows: Sequence[Row]) -> bool:
+    """Runs that searched fallbacks (recipe.repair.enabled) under different budgets: a size-vs-drop curve."""
+    return len({r.repair_budget for r in rows if r.repair_budget is not None}) > 1
+
+
+def _finished(rows: Sequence[Row]) -> List[Row]:
+    return [r for r in rows if r.status in (Status.PASSED, Status.GATE_FAILED)]
+
+
+def choose_axes(rows: Sequence[Row]) -> Tuple[Axis, Axis]:
+    """(x, y) of the summary: artifact size against the drop of the budgeted metric for a sweep over the repair
+    budget (the repair's own measurement; else the task metric's drop, else the embedding cosine); otherwise the same-run speed ratio to fp32 against
+    the embedding cosine, or latency where a finished run lacks the ratio (bench.baseline=none, a GPU target
+    on a machine without one): ratios from one run compare across sweep points, latencies only on a quiet machine."""
+    done = [r for r in _finished(rows) if r.embedding_cosine is not None]
+    if is_budget_sweep(rows):
+        met = [r for r in _finished(rows) if r.repair_budget is not None]
+        x = REPAIR_SIZE if met and all(REPAIR_SIZE.get(r) is not None for r in met) else SIZE
+        for y in (REPAIR_DROP, DROP):
+            if met and all(y.get(r) is not None for r in met):
+                return x, y
+        return x, COSINE
+    return (SPEEDUP if done and all(SPEEDUP.get(r) is not None for r in done) else LATENCY), COSINE
+
+
+def search_objectives(rows: Sequence[Row]) -> List[str]:
+    """The objectives a search's jobs returned (compiler/commands/search.py), when they returned any numbers."""
+    names = next((list(r.objectives) for r in rows if r.objectives), [])
+    return names if any(v is not None for r in rows for v in r.objectives.values()) else []
+
+
+def _measured(rows: Sequence[Row], axes: Optional[Tuple[Axis, Axis]] = None) -> List[Row]:
+    x, y = axes or choose_axes(rows)
+    return [r for r in _finished(rows) if x.get(r) is not None and y.get(r) is not None]
+
 
 def mark_pareto(rows: Sequence[Row]) -> None:
-    pts = _measured(rows)
+    """A search marks the front over the objectives its jobs returned (all minimized, what Optuna's
+    best_trials hold); a grid the front over the summary's two axes."""
     for r in rows:
         r.pareto = False
-    for i in pareto_front([(r.ms_per_sample, round(r.embedding_cosine, FIDELITY_DECIMALS)) for r in pts]):
+    names = search_objectives(rows)
+    if names:
+        pts = [r for r in _finished(rows) if all(r.objectives.get(n) is not None for n in names)]
+        vectors = [[round(r.objectives[n], FIDELITY_DECIMALS) for n in names] for r in pts]
+    else:
+        x, y = choose_axes(rows)
+        pts = _measured(rows, (x, y))
+        vectors = [(x.cost(r), y.cost(r)) for r in pts]
+    for i in pareto_front_min(vectors):
         pts[i].pareto = True
 
 
@@ -240,6 +357,10 @@ def _f(v: Optional[float], nd: int) -> str:
     return "" if v is None else f"{v:.{nd}f}"
 
 
+def _g(v: Optional[float]) -> str:  # objectives span 1e-6 (a cosine loss) to 100 (MB): 4 significant digits
+    return "" if v is None else f"{v:.4g}"
+
+
 def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
     keys = varied_keys(rows)
     counts = {s: sum(r.status == s for r in rows) for s in dict.fromkeys(list(STATUS_ORDER) + [r.status for r in rows])}
@@ -247,24 +368,37 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
              f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", ""]
     if keys:
         lines += ["Varied besides model/recipe/target: " + ", ".join(f"`{k}`" for k in keys) + ".", ""]
+    metrics = sorted({r.task_metric for r in rows if r.task_drop is not None})
+    repaired = any(r.repair_budget is not None for r in rows)
+    budgeted = "/".join(sorted({r.repair_metric for r in rows if r.repair_metric}))
+    names = search_objectives(rows)
     head = ["#", "model", "recipe", "target"] + (["overrides"] if keys else []) + [
-        "artifact MB", "ms/sample", "samples/s", "x fp32 (same run)", "peak MB", "emb cosine", "top-1", "Pareto",
-        "status", "run dir"]
+        "artifact MB", "ms/sample", "samples/s", "x fp32 (same run)", "peak MB", "emb cosine", "top-1"] + (
+        [f"{'/'.join(metrics)} drop"] if metrics else []) + (
+        ["budget", "fallbacks", f"{budgeted} drop (repair)", "weights MB (repair)"] if repaired else []) + names + [
+        "Pareto", "status", "run dir"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ["" if r.num is None else str(r.num), r.model, r.recipe, r.target] + (
             [_overrides_text(r, keys)] if keys else []) + [
             _f(r.artifact_mb, 2), _f(r.ms_per_sample, 3), _f(r.samples_per_s, 1), _f(r.speedup_vs_fp32, 2),
             _f(r.peak_rss_mb, 0),
-            _f(r.embedding_cosine, 6), _f(r.top1_agreement, 3), "*" if r.pareto else "", r.status,
-            f"`{r.run_dir}`" if r.run_dir else ""]
+            _f(r.embedding_cosine, 6), _f(r.top1_agreement, 3)] + (
+            [_f(r.task_drop, 4)] if metrics else []) + (
+            [_f(r.repair_budget, 4), "" if r.fallback_layers is None else str(r.fallback_layers), _g(r.repair_drop),
+             _f(r.repair_weight_mb, 2)] if repaired else []) + [
+            _g(r.objectives.get(n)) for n in names] + [
+            "*" if r.pareto else "", r.status, f"`{r.run_dir}`" if r.run_dir else ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     front = [r for r in rows if r.pareto]
     if front:
-        lines += ["Pareto front (lower ms/sample, higher embedding cosine to fp32): "
-                  + ", ".join(_point_label(r, keys) for r in sorted(front, key=lambda r: r.ms_per_sample)) + ".", "",
-                  "![latency vs fidelity](pareto.png)", ""]
+        x, y = choose_axes(rows)
+        what = (f"over the search's objectives ({', '.join(names)}; all minimized)" if names else
+                f"({_better(x)}, {_better(y)})")
+        order = sorted(front, key=lambda r: (x.cost(r) if x.get(r) is not None else math.inf))
+        lines += [f"Pareto front {what}: " + ", ".join(_point_label(r, keys) for r in order) + ".", "",
+                  f"![{x.key} vs {y.key}](pareto.png)", ""]
     problems = [r for r in rows if r.status not in (Status.PASSED,) and r.reason]
     if problems:
         lines += ["## Why runs did not pass", ""]
@@ -277,6 +411,13 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
         lines += ["Cache (hit = reused from an earlier run with identical inputs): "
                   + "; ".join(f"{r.num} {r.cache}" for r in caches) + ".", ""]
     return "\n".join(lines)
+
+
+def _better(axis: Axis) -> str:
+    word = {"speedup_vs_fp32": "x fp32 (same run)", "ms_per_sample": "ms/sample", "artifact_mb": "artifact MB",
+            "embedding_cosine": "embedding cosine to fp32", "task_drop": "task metric drop",
+            "repair_drop": "drop of the budgeted metric", "repair_weight_mb": "quantized weights MB"}[axis.key]
+    return f"{'higher' if axis.higher_is_better else 'lower'} {word}"
 
 
 def _point_label(r: Row, keys: Sequence[str]) -> str:
@@ -293,13 +434,16 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
             d = asdict(r)
             d["overrides"] = _overrides_text(r, keys)
             d["pareto"] = "yes" if r.pareto else ""
+            d["objectives"] = " ".join(f"{k}={'' if v is None else v}" for k, v in r.objectives.items())
             w.writerow(["" if d.get(c) is None else d.get(c) for c in CSV_COLUMNS])
     return Path(path)
 
 
 def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
-    """Latency (ms/sample) against fidelity (mean embedding cosine to fp32), Pareto front marked.
-    The y axis is 1 - cosine on a log scale, labelled in cosine: 0.99, 0.999 and 0.9999 stay apart."""
+    """The summary's two axes (choose_axes: same-run speed ratio or latency against embedding cosine; size
+    against task-metric drop for a repair-budget sweep), Pareto front marked. A cosine axis is 1 - cosine on
+    a log scale, labelled in cosine: 0.99, 0.999 and 0.9999 stay apart. A search's front is over all of its
+    objectives, so its points are circled without the 2-D staircase."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: sweeps run headless
@@ -307,54 +451,69 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str = "") -> Path:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     keys = varied_keys(rows)
-    pts = _measured(rows)
+    xa, ya = choose_axes(rows)
+    pts = _measured(rows, (xa, ya))
     floor = 1e-7  # fp32 has cosine 1.0 exactly: 1 - cos = 0 has no place on a log axis
+    log_y = ya is COSINE
+
+    def X(r: Row) -> float:
+        return xa.get(r)
+
+    def Y(r: Row) -> float:
+        return max(1 - ya.get(r), floor) if log_y else ya.get(r)
+
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     if not pts:
-        ax.text(0.5, 0.5, "no run finished with latency and fidelity numbers", ha="center", va="center",
+        ax.text(0.5, 0.5, f"no run finished with {xa.key} and {ya.key} numbers", ha="center", va="center",
                 transform=ax.transAxes)
     for status, marker, color in ((Status.PASSED, "o", "tab:blue"), (Status.GATE_FAILED, "x", "tab:red")):
         sel = [r for r in pts if r.status == status]
         if sel:
-            ax.scatter([r.ms_per_sample for r in sel], [max(1 - r.embedding_cosine, floor) for r in sel],
-                       marker=marker, color=color, s=45, label=status, zorder=3)
-    front = sorted((r for r in pts if r.pareto), key=lambda r: r.ms_per_sample)
+            ax.scatter([X(r) for r in sel], [Y(r) for r in sel], marker=marker, color=color, s=45, label=status,
+                       zorder=3)
+    names = search_objectives(rows)
+    front = sorted((r for r in pts if r.pareto), key=X)
     if front:
-        ax.step([r.ms_per_sample for r in front], [max(1 - r.embedding_cosine, floor) for r in front],
-                where="post", color="tab:green", lw=1.5, zorder=2, label="Pareto front")
-        ax.scatter([r.ms_per_sample for r in front], [max(1 - r.embedding_cosine, floor) for r in front],
-                   s=160, facecolors="none", edgecolors="tab:green", lw=1.5, zorder=4)
+        if not names:  # the 2-D front's staircase: each step's corner is the point it is beaten from
+            ax.step([X(r) for r in front], [Y(r) for r in front], where="pre" if xa.higher_is_better else "post",
+                    color="tab:green", lw=1.5, zorder=2, label="Pareto front")
+        ax.scatter([X(r) for r in front], [Y(r) for r in front], s=160, facecolors="none", edgecolors="tab:green",
+                   lw=1.5, zorder=4, label=f"Pareto front over {', '.join(names)}" if names else None)
     label, legend_note = _plot_labeller(rows, keys)
     if pts:
-        ax.set_yscale("log")
-        ds = [max(1 - r.embedding_cosine, floor) for r in pts]
-        ax.set_ylim(max(ds) * 4, min(ds) / 4)  # inverted: up = closer to fp32
-        ax.margins(x=0.15)  # room for the labels of the rightmost points
-        def as_cosine(y, _pos=None):  # tick at 1 - cos = y, labelled as the cosine with the digits it needs
-            return f"{1 - y:.{max(1, math.ceil(round(-math.log10(y), 6)))}f}" if y > 0 else "1"
+        ys = [Y(r) for r in pts]
+        if log_y:
+            ax.set_yscale("log")
+            ax.set_ylim(max(ys) * 4, min(ys) / 4)  # inverted: up = closer to fp32
 
-        ax.yaxis.set_major_formatter(FuncFormatter(as_cosine))
-        # minor ticks (2..9 x 10^-k) get labels only when the plot spans less than ~1.5 decades
-        few = math.log10(max(ds) * 4) - math.log10(min(ds) / 4) <= 1.6
-        if few:
-            ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-        ax.yaxis.set_minor_formatter(FuncFormatter(as_cosine) if few else NullFormatter())
-        xs = [r.ms_per_sample for r in pts]
-        if min(xs) > 0 and max(xs) / min(xs) > 20:
+            def as_cosine(y, _pos=None):  # tick at 1 - cos = y, labelled as the cosine with the digits it needs
+                return f"{1 - y:.{max(1, math.ceil(round(-math.log10(y), 6)))}f}" if y > 0 else "1"
+
+            ax.yaxis.set_major_formatter(FuncFormatter(as_cosine))
+            # minor ticks (2..9 x 10^-k) get labels only when the plot spans less than ~1.5 decades
+            few = math.log10(max(ys) * 4) - math.log10(min(ys) / 4) <= 1.6
+            if few:
+                ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+            ax.yaxis.set_minor_formatter(FuncFormatter(as_cosine) if few else NullFormatter())
+        else:
+            ax.margins(y=0.15)
+        ax.margins(x=0.15)  # room for the labels of the rightmost points
+        xs = [X(r) for r in pts]
+        if xa is LATENCY and min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
         else:
             lo, hi = ax.get_xlim()
-            ax.set_xlim(max(lo, 0.0), hi)  # the label margin must not invent negative latencies
+            ax.set_xlim(max(lo, 0.0), hi)  # the label margin must not invent negative latencies, sizes or ratios
         ax.legend(loc="best", fontsize=8)
-    ax.set_xlabel("latency, ms per sample (lower is better)")
-    ax.set_ylabel("mean embedding cosine to fp32 (higher is better)")
-    ax.set_title(title or "qcompile sweep: latency vs fidelity", fontsize=10)
+    ax.set_xlabel(xa.label)
+    ax.set_ylabel(ya.label)
+    ax.set_title(title or f"qcompile sweep: {xa.key} vs {ya.key}", fontsize=10)
     if legend_note:
         fig.text(0.01, 0.01, legend_note, fontsize=7, color="dimgray")
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     if pts:
-        _place_labels(fig, ax, [(label(r), (r.ms_per_sample, max(1 - r.embedding_cosine, floor))) for r in pts])
+        _place_labels(fig, ax, [(label(r), (X(r), Y(r))) for r in pts])
     fig.savefig(path, metadata={"Software": None})  # no matplotlib version stamp: same rows, same bytes
     plt.close(fig)
     return Path(path)
@@ -408,6 +567,10 @@ def _plot_labeller(rows: Sequence[Row], keys: Sequence[str]):
 
     def label(r: Row) -> str:
         parts = ([r.label] if with_label else []) + [r.overrides.get(k, "-") for k in keys]
+        if r.fallback_layers is not None:  # a repair search: what the budget cost
+            parts.append(f"{r.fallback_layers} fallback")
+        if r.artifact_mb is not None and "artifact_mb" in r.objectives:  # a search's third axis, off the plot
+            parts.append(f"{r.artifact_mb:.1f} MB")
         return ", ".join(parts)
 
     note = ("points: " + ", ".join((["recipe/target"] if with_label else []) + names)) if keys else ""
@@ -429,7 +592,15 @@ def write_summary(sweep_dir: Path, rows: Optional[List[Row]] = None) -> Dict[str
 def sweep_exit_code(rows: Sequence[Row]) -> int:
     """A sweep exits like its worst run (recipe error 2, build failed 1, gate failed 3: the highest code);
     combinations the capability table rules out are holes in the matrix, not failures."""
-    return max((exit_code(r.status) for r in rows), default=0)
+    return max((_row_exit_code(r) for r in rows), default=0)
+
+
+def _row_exit_code(r: Row) -> int:
+    # a kind of gate failure that core.status has no word for (the repair's "repair budget not met") exits
+    # like its directory's suffix says, 3, not as an unknown failure
+    if r.run_dir.endswith(GATE_FAILED_SUFFIX) and r.status not in (Status.PASSED,):
+        return exit_code(Status.GATE_FAILED)
+    return exit_code(r.status)
 
 
 # ---------------------------------------------------------------- the Hydra callback
@@ -466,7 +637,12 @@ class SweepSummary(Callback):
             ret = job_return.return_value if job_return.status.name == "COMPLETED" else None
         except Exception:
             ret = None
-        if not isinstance(ret, dict):  # the task raised: a bug, not one of qcompile's errors
+        if isinstance(ret, BuildResult):  # the objectives for the sweeper, with the build's outcome
+            searched = hydra_cfg.sweeper.get("direction") is not None  # an optimizing sweeper (Optuna) read them
+            # the names in the sweeper's order too: the record is written with sorted keys
+            ret = {**ret.outcome, **({"objectives": ret.objectives(), "objective_names": list(ret.names)}
+                                     if searched else {})}
+        elif not isinstance(ret, dict):  # the task raised: a bug, not one of qcompile's errors
             ret = {"exit_code": exit_code(Status.INTERNAL_ERROR), "status": Status.INTERNAL_ERROR}
         choices = dict(hydra_cfg.runtime.choices)
         rec = {"num": int(hydra_cfg.job.num), "model": choices.get("model"), "recipe": choices.get("recipe"),

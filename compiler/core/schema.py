@@ -119,6 +119,7 @@ class RepairConfig:
 
     enabled: bool
     max_task_drop: float | None
+    metric: str
     fallback: str
     max_fallback_fraction: float
     strategy: str
@@ -223,6 +224,15 @@ class CacheConfig:
 
 
 @dataclass
+@defaults_from_recipes("search")
+class SearchConfig:
+    """What a build returns to a Hydra sweeper: the objectives a search (recipes/search/) minimizes
+    (compiler/commands/search.py OBJECTIVES names them)."""
+
+    objectives: List[str]
+
+
+@dataclass
 class RecipeConfig:
     """The `recipe` section: its keys are exactly these fields (validate rejects any other)."""
 
@@ -237,6 +247,7 @@ class RecipeConfig:
 # The composed config's sections, each merged onto its dataclass by validate (the recipe section is
 # validated step by step); with `recipe`, `seed` and `verbose` they are every key a recipe may set.
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "export": ExportConfig, "check": CheckConfig,
-            "bench": BenchConfig, "target": TargetConfig, "doctor": DoctorConfig, "cache": CacheConfig}
+            "bench": BenchConfig, "target": TargetConfig, "doctor": DoctorConfig, "cache": CacheConfig,
+            "search": SearchConfig}
 TOP_LEVEL_KEYS = frozenset(SECTIONS) | {"recipe", "seed", "verbose"}
 RECIPE_KEYS = tuple(f.name for f in fields(RecipeConfig))

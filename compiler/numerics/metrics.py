@@ -59,6 +59,22 @@ class TaskLabels:
             return len(self.scores)
         return len(self.queries)
 
+    def subset(self, rows: int) -> TaskLabels:
+        """The labels of output rows [0, rows) alone (the repair's ranking subset): classification keeps the
+        first rows' labels; sts the pairs with both rows inside; retrieval searches only the candidates inside
+        and keeps the queries whose gold partner is inside (gold re-indexed), so no query scores against a
+        partner that was never run."""
+        if self.task == "classification":
+            return TaskLabels("classification", labels=self.labels[:rows], label_names=self.label_names)
+        if self.task == "sts":
+            keep = np.all(self.pairs < rows, axis=1)
+            return TaskLabels("sts", pairs=self.pairs[keep], scores=self.scores[keep])
+        inside = self.candidates < rows
+        new_index = np.cumsum(inside) - 1  # old candidate position -> position among the kept candidates
+        keep = (self.queries < rows) & inside[self.gold]
+        return TaskLabels("retrieval", queries=self.queries[keep], candidates=self.candidates[inside],
+                          gold=new_index[self.gold[keep]])
+
     def example_stats(self, outputs: np.ndarray) -> np.ndarray:
         """Per-example statistic every metric of the task is a function of: the predicted class
         (classification), the cosine of the pair (sts), the 1-based rank of the gold partner (retrieval)."""

@@ -80,7 +80,7 @@ def compare_outputs(reference_runner, target_runner, feeds: list[dict[str, np.nd
 def validate_gate(gate, task: str | None, where: str) -> None:
     """Validate-time: the task budget is a non-negative number and its metric fits the evaluation task
     (task None: plain-text evaluation data, which has no task metric). where names the data file."""
-    if gate.max_task_drop is not None and gate.max_task_drop < 0:
+    if gate.max_task_drop is not None and not gate.max_task_drop >= 0:  # NaN too
         raise RecipeError("recipe.gate.max_task_drop", f"{gate.max_task_drop} is below 0",
                           "give the largest allowed drop (fp32 minus target) in the metric's units, e.g. 0.005")
     for key in ("max_task_drop", "task_metric"):

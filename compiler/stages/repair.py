@@ -38,6 +38,7 @@ from compiler.steps.base import TORCH
 import numpy as np
 
 from compiler.core.errors import BuildError, GateError, RecipeError
+from compiler.stages.repair_metric import ranking_rows, repair_metric
 
 log = logging.getLogger("qcompile")
 
@@ -45,7 +46,7 @@ FALLBACKS = ("fp32", "fp16", "int8", "fp8")
 # block outputs kept for reuse between probes (BlockCache): MiniLM, 128 unpadded sentences, ~40 MB per map
 BLOCK_CACHE_BYTES = 512 << 20
 # stored bits per weight of each format (nvfp4: 4-bit values + one e4m3 scale per 16), for the size estimate
-FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5}
+FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5, "int4": 5.0}
 
 
 class RepairBudgetError(GateError):
@@ -175,36 +176,15 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
                           f"{explicit_opset} (float8 QuantizeLinear needs opset {need})",
                           f"set export.opset={need} (or leave it unset), or use fallback=fp32")
     onnx_side = [s.name for s in quant if s.stage_for(target.name) != TORCH]
-    if rep.enabled and onnx_side:
-        raise RecipeError("recipe.repair.enabled", f"the search runs on torch-side steps; {onnx_side} quantize the "
-                          f"ONNX graph on target={target.name}",
-                          "name the layers to keep fp32 in the step's exclude (or recipe.repair.layers), or use "
-                          "target=torch to search")
-
-
-def budget_of(rep, gate, task: str) -> float:
-    """repair.max_task_drop, else the gate's: the fidelity metric may drop from 1.0 to the gate's minimum."""
-    if rep.max_task_drop is not None:
-        return float(rep.max_task_drop)
-    if task == "classification":
-        return max(0.0, 1.0 - float(gate.min_top1_agreement))
-    return max(0.0, 1.0 - float(gate.min_embedding_cosine))
+    torch_side = [s.name for s in quant if s.stage_for(target.name) == TORCH]
+    if rep.enabled and onnx_side and torch_side:
+        # one search measures one side: torch fake-quant modules (repair.py) or the quantized graph (repair_onnx.py)
+        raise RecipeError("recipe.repair.enabled", f"{torch_side} quantize the torch model and {onnx_side} the ONNX "
+                          f"graph on target={target.name}: the search measures one side",
+                          "keep one quantizing step, or name the layers to keep out in recipe.repair.layers")
 
 
 # ------------------------------------------------------------------------------------------------ numerics
-
-def fidelity_metric(task: str):
-    """(name, fn(reference outputs, quantized outputs) -> value, higher is better, 1.0 = equal)."""
-    if task == "classification":
-        return "label_agreement", lambda r, q: float(np.mean(np.argmax(r, -1) == np.argmax(q, -1)))
-
-    def cosine(r, q):
-        r = r / np.clip(np.linalg.norm(r, axis=-1, keepdims=True), 1e-12, None)
-        q = q / np.clip(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12, None)
-        return float(np.mean(np.sum(r * q, axis=-1)))
-
-    return "embedding_cosine_mean", cosine
-
 
 def _outputs(module, feeds: Sequence[Sequence[Any]], index: int) -> np.ndarray:
     import torch
@@ -504,7 +484,8 @@ def _smallest_prefix(probe, ok, lo: int, hi: int) -> int | None:
 
 # ------------------------------------------------------------------------------------------------ torch measurer
 
-def torch_measure(mixed: MixedModel, feeds, reference: np.ndarray, metric_fn, output_index: int) -> Measure:
+def torch_measure(mixed: MixedModel, feeds, reference: np.ndarray, metric_fn, output_index: int,
+                  unsort: np.ndarray | None = None) -> Measure:
     """measure(set) on torch fake-quant: the mixed model with that set of layers from B, one forward (the
     blocks before the first changed one read from mixed.blocks when it caches)."""
     import torch
@@ -521,7 +502,8 @@ def torch_measure(mixed: MixedModel, feeds, reference: np.ndarray, metric_fn, ou
         finally:
             if mixed.blocks is not None:
                 mixed.blocks.batch = None
-        return metric_fn(reference, np.concatenate(outs, axis=0))
+        out = np.concatenate(outs, axis=0)
+        return metric_fn(reference, out if unsort is None else out[unsort])
 
     return measure
 
@@ -560,14 +542,18 @@ def measure_sensitivity(mixed: MixedModel, names: Sequence[str], roles: dict[str
          "gain": round(gains[n], 6) if n in gains else None, "metric": metrics.get(n)} for n in order]}
 
 
-def search(mixed: MixedModel, sensitivity: dict[str, Any], measure: Measure, reference: float, metric_name: str,
-           budget: float, fallback: str, allowed: int, primary_format: str, counts: dict[str, int],
+def search(measure: Measure, sensitivity: dict[str, Any], metric_name: str, budget: float, fallback: str,
+           allowed: int, primary_format: str, counts: dict[str, int], reference: float = 1.0,
            strategy: str = "greedy") -> RepairResult:
-    """search_fallbacks over the sensitivity's layers with the torch measurer; the result as a RepairResult
-    (the mixed model left with the chosen map)."""
+    """search_fallbacks over the sensitivity's layers (measured singles from it, the rest bounded), as a
+    RepairResult. measure(fallback_layers) -> metric of the build with those layers in the fallback (torch
+    fake-quant here, the quantized ONNX graph in repair_onnx.py); reference: the metric's fp32 value."""
     layers = sensitivity["layers"]
     names = [x["name"] for x in layers]
-    singles = {x["name"]: float(x["metric"]) for x in layers if x.get("metric") is not None}
+    base = float(sensitivity["base_metric"])
+    # the metric of each measured single (older sensitivities and ONNX repair store only the gain)
+    singles = {x["name"]: float(x["metric"]) if x.get("metric") is not None else base + float(x["gain"])
+               for x in layers if x.get("metric") is not None or x.get("gain") is not None}
     floor = min(singles.values(), default=float(sensitivity["base_metric"]))
     # unmeasured layers (beyond confirm_top): bounds below every measured one, in proxy order
     bounds = {x["name"]: floor - 1e-9 * (i + 1)
@@ -583,8 +569,7 @@ def search(mixed: MixedModel, sensitivity: dict[str, Any], measure: Measure, ref
                            base=float(sensitivity["base_metric"]), bounds=bounds, size_of=size_of)
     result = RepairResult(metric_name=metric_name, reference=reference, budget=budget, fallback=fallback,
                           layers=layers, probes=out.probes, chosen=out.chosen, allowed=allowed, total=len(names),
-                          primary_format=primary_format, met=out.met, needed=out.needed)
-    mixed.use(result.chosen)
+                          primary_format=primary_format, met=out.met, needed=out.needed, strategy=strategy)
     return result
 
 
@@ -628,15 +613,24 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
     counts = {n: _params(_get(a, n)) for n in names}  # before folding: it leaves the weights' shapes alone anyway
     fold_weights(a)
     fold_weights(b)
-    feeds = _ranking_feeds(data, int(rep.ranking_samples), int(spec.data.batch_size))
+    labels = getattr(data, "evaluation_labels", None)
+    rows = ranking_rows(int(rep.ranking_samples), len(data.evaluation), labels)
+    feeds = _ranking_feeds(data, rows, int(spec.data.batch_size))
+    # the feeds run length-sorted; outputs go back to row order (pairs and gold labels are by row)
+    unsort = np.argsort(_ranking_order(data, rows), kind="stable")
     output_index = 0 if model.task == "classification" else 1
-    reference = _outputs(model.module, feeds, output_index)
-    metric_name, metric_fn = fidelity_metric(model.task)
-    budget = budget_of(rep, spec.gate, model.task)
+    reference = _outputs(model.module, feeds, output_index)[unsort]
+    # the budgeted metric (compiler/stages/repair_metric.py): the task metric against the ranking rows' gold
+    # labels, or the fidelity metric against the fp32 outputs; the search only sees value(outputs)
+    chosen_metric = repair_metric(rep, spec.gate, model.task, labels, reference)
+    metric_name, budget = chosen_metric.name, chosen_metric.budget
+
+    def metric_fn(_reference, outputs):
+        return chosen_metric.fn(outputs)
     allowed = math.floor(float(rep.max_fallback_fraction) * len(names) + 1e-9)
     roles = model.roles.role if model.roles is not None else {}
     mixed = MixedModel(a, b, names, cache_bytes=BLOCK_CACHE_BYTES)
-    measure = memoized(torch_measure(mixed, feeds, reference, metric_fn, output_index))
+    measure = memoized(torch_measure(mixed, feeds, reference, metric_fn, output_index, unsort))
     t1 = time.perf_counter()
 
     def sens() -> dict[str, Any]:
@@ -646,13 +640,17 @@ def run_repair(model, spec, data, apply_steps: Callable[[Any, list[Any]], Any], 
         def build(d: Path) -> None:
             (d / "sensitivity.json").write_text(json.dumps(sens(), indent=1, sort_keys=True) + "\n")
 
-        entry = cache.get_or_create("sensitivity", sensitivity_key(model, spec, data, names), build)
+        # the metric and the gold labels (the evaluation file's digest) decide the gains too
+        key = dict(sensitivity_key(model, spec, data, names), metric=metric_name, ranking_rows=rows,
+                   labels=getattr(data, "files_sha256", {}).get("evaluation") if labels is not None else None)
+        entry = cache.get_or_create("sensitivity", key, build)
         sensitivity = json.loads((entry / "sensitivity.json").read_text())
     else:
         sensitivity = sens()
     t2 = time.perf_counter()
-    result = search(mixed, sensitivity, measure, 1.0, metric_name, budget, rep.fallback, allowed, primary_format,
-                    counts, strategy=str(rep.strategy))
+    result = search(measure, sensitivity, metric_name, budget, rep.fallback, allowed, primary_format, counts,
+                    reference=chosen_metric.reference, strategy=str(rep.strategy))
+    mixed.use(result.chosen)
     result.fraction = float(rep.max_fallback_fraction)
     result.strategy = str(rep.strategy)
     result.seconds = {"build_variants": round(t1 - t0, 2), "sensitivity": round(t2 - t1, 2),
@@ -691,10 +689,9 @@ def _ranking_feeds(data, n: int, batch_size: int):
     arrays = {k: np.ascontiguousarray(v[:n]) for k, v in ev.arrays.items()}
     mask = arrays.get("attention_mask")
     if mask is not None and mask.ndim == 2:
-        lengths = _real_lengths(mask)
-        rows = np.argsort(-lengths, kind="stable")
+        rows = _ranking_order(data, n)
         arrays = {k: v[rows] for k, v in arrays.items()}
-        lengths = lengths[rows]
+        lengths = _real_lengths(arrays["attention_mask"])
     feeds = []
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
@@ -704,6 +701,16 @@ def _ranking_feeds(data, n: int, batch_size: int):
             batch = {k: (v[:, :width] if v.ndim >= 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
         feeds.append([torch.from_numpy(np.ascontiguousarray(v)) for v in batch.values()])
     return feeds
+
+
+def _ranking_order(data, n: int) -> np.ndarray:
+    """The row order _ranking_feeds runs the first n evaluation samples in (longest first; as loaded without an
+    attention mask)."""
+    mask = data.evaluation.arrays.get("attention_mask")
+    n = min(n, len(data.evaluation))
+    if mask is None or mask.ndim != 2:
+        return np.arange(n)
+    return np.argsort(-_real_lengths(np.asarray(mask[:n])), kind="stable")
 
 
 def _real_lengths(mask: np.ndarray) -> np.ndarray:

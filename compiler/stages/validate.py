@@ -223,6 +223,9 @@ def validate(cfg: DictConfig) -> BuildSpec:
     eval_task = check_data_files(data, need_calibration=any(s.needs_calibration for s in steps),
                                  model_task=model.task, label_names=label_names(model))
     validate_gate(gate, eval_task, str(data_file(data, "evaluation")))
+    from compiler.stages.repair_metric import validate_repair_metric
+
+    validate_repair_metric(repair, gate, eval_task, str(data_file(data, "evaluation")))
     tgt = get_target(target.name)(target)
     tgt.check_environment(recipe_node)
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],

@@ -88,12 +88,13 @@ class Int4WeightOnlyStep(Step):
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
         from compiler.graph.io import save_onnx
-        from compiler.steps.ort_quant import check_ops_match, exclude_nodes, quietly
+        from compiler.steps.ort_quant import check_ops_match, exclude_nodes, layer_nodes, quietly
 
         p = self.params
         model = onnx.load(str(onnx_path), load_external_data=True)
         check_ops_match(model, p.op_types_to_quantize, self.KEY)
-        excluded = exclude_nodes(model, self.exclude(ctx), list(p.op_types_to_quantize))
+        excluded = sorted(set(exclude_nodes(model, self.exclude(ctx), list(p.op_types_to_quantize)))
+                          | set(layer_nodes(model, self.kept_layers(), list(p.op_types_to_quantize))))
         ops = tuple(p.op_types_to_quantize)
         if p.algorithm == "hqq":
             algo = nbits.HQQWeightOnlyQuantConfig(block_size=int(p.block_size), bits=4, op_types_to_quantize=ops)

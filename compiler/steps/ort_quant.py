@@ -19,8 +19,9 @@ from compiler.core.errors import BuildError
 log = logging.getLogger(__name__)
 
 __all__ = ["LINEAR_OP_TYPES", "QUANTIZED_LINEAR_OP_TYPES", "FeaturesReader",
-           "activation_gathers", "check_ops_match", "exclude_nodes", "layer_nodes", "linear_ops_found", "module_name", "node_module",
-           "ort_calibration_method", "preprocess", "quantized_coverage", "quantized_gathers", "quietly"]
+           "activation_gathers", "check_ops_match", "exclude_nodes", "layer_nodes", "linear_ops_found", "module_name",
+           "node_module", "ort_calibration_method", "qdq_fed", "preprocess", "quantized_coverage", "quantized_gathers",
+           "quietly"]
 
 # ops that carry a layer's weights: what "the graph's linear layers are ..." lists
 LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "FusedMatMul", "Attention",
@@ -50,14 +51,22 @@ def check_ops_match(model, op_types: list[str], key: str) -> int:
     return n
 
 
+def qdq_fed(node, producer: dict[str, str]) -> bool:
+    """Whether a node computes on dequantized operands (QDQ format): both of its first two inputs (the operands;
+    a Gemm's bias is the third) come from DequantizeLinear. One Q/DQ'd operand is not enough: a node kept out of
+    quantization shares its activation's Q/DQ with the quantized nodes that read the same tensor (the query,
+    key and value projections of one attention block) while its weight stays fp32."""
+    operands = [i for i in node.input[:2] if i]
+    return len(operands) == 2 and all(producer.get(i) == "DequantizeLinear" for i in operands)
+
+
 def quantized_coverage(before, after, op_types: list[str]) -> dict[str, Any]:
-    """How many of the fp32 graph's op_types nodes are quantized in the output: Q/DQ-fed (QDQ format) or
-    replaced by a quantized op (QOperator / dynamic format)."""
+    """How many of the fp32 graph's op_types nodes are quantized in the output: Q/DQ-fed (QDQ format: qdq_fed)
+    or replaced by a quantized op (QOperator / dynamic format)."""
     targets = set(op_types)
     total = sum(1 for n in before.graph.node if n.op_type in targets)
     producer = {o: n.op_type for n in after.graph.node for o in n.output}
-    fp_left = sum(1 for n in after.graph.node if n.op_type in targets
-                  and not any(producer.get(i) == "DequantizeLinear" for i in n.input))
+    fp_left = sum(1 for n in after.graph.node if n.op_type in targets and not qdq_fed(n, producer))
     quantized = max(total - fp_left, 0)
     by_type = Counter(n.op_type for n in before.graph.node if n.op_type in targets)
     return {"linear_ops": dict(sorted(by_type.items())), "quantized": quantized, "total": total,

@@ -19,9 +19,11 @@ from tests.conftest import FAST, REPO
 # ---------------------------------------------------------------- synthetic sweep directories
 
 def _report(model, recipe, target, status, ms, cos, top1, mb, rss, reason=None, cache=None):
+    # the same-run ratio as compiler/stages/bench.py reports it: none for fp32, which is its own baseline
+    speed = ({"baseline": "none: the build is the fp32 engine itself"} if recipe == "fp32" else
+             {"speedup_vs_fp32": 9.5 / ms, "baseline": "fp32 engine of the same model on target ort, timed round-robin"})
     r = {"build": {"model": model, "recipe": recipe, "target": target}, "status": status,
-         "bench": {"ms_per_sample": ms, "samples_per_s": 1000.0 / ms, "artifact_mb": mb, "peak_rss_mb": rss,
-                   "speedup_vs_fp32": 4.0 / ms},
+         "bench": {"ms_per_sample": ms, "samples_per_s": 1000.0 / ms, "artifact_mb": mb, "peak_rss_mb": rss, **speed},
          "check": {"fidelity": {"embedding_cosine_mean": cos, "top1_agreement": top1}},
          "cache": cache or {"enabled": False}}
     if reason:
@@ -96,14 +98,15 @@ def test_rows_from_every_end_state(sweep):
     assert (r1.ms_per_sample, r1.embedding_cosine, r1.top1_agreement, r1.artifact_mb, r1.peak_rss_mb) == (
         4.1, 0.9952, 0.96, 23.1, 420.0)
     assert r1.samples_per_s == pytest.approx(1000 / 4.1)
-    assert r1.speedup_vs_fp32 == pytest.approx(4.0 / 4.1)
+    assert r1.speedup_vs_fp32 == pytest.approx(9.5 / 4.1)
+    assert rows[0].speedup_vs_fp32 is None and rows[0].fp32_self and not r1.fp32_self
     assert r1.cache == "export hit, ort_calibration miss"
     assert rows[2].reason.startswith("task: mean embedding cosine 0.93400")
     assert rows[3].reason == "export (torchscript, opset 17) failed: RuntimeError: boom"
     assert rows[4].reason.startswith("recipe.steps.nvfp4: nvfp4 is not runnable on target=ort")
     assert rows[4].run_dir == "" and rows[3].run_dir == "3_minilm_fp16_torch.FAILED"
-    # the Pareto front: fp32 (most faithful), int8_static (faster, still faithful) and the gate-failed
-    # int8_dynamic (fastest); nothing without measurements
+    # the Pareto front on the same-run speed ratio (fp32: 1 by definition): fp32 (most faithful), int8_static
+    # (faster, still faithful) and the gate-failed int8_dynamic (fastest); nothing without measurements
     assert [r.num for r in rows if r.pareto] == [0, 1, 2]
     assert sweep_exit_code(rows) == 3  # the highest exit code of its runs, like the basic launcher's
     assert sweep_exit_code([r for r in rows if r.status != Status.GATE_FAILED]) == 2
@@ -125,10 +128,10 @@ def test_summary_files(sweep):
     assert [r["overrides"] for r in rows] == ["seed=0"] * 5 + ["seed=1", "seed=2"]
     md = (sweep / "summary.md").read_text()
     assert "7 runs: 2 passed, 1 gate failed, 1 build failed, 1 recipe error, 1 not runnable, 1 incomplete." in md
-    assert ("| 1 | minilm | int8_static | ort | seed=0 | 23.10 | 4.100 | 243.9 | 0.98 | 420 | 0.995200 | 0.960 | * "
+    assert ("| 1 | minilm | int8_static | ort | seed=0 | 23.10 | 4.100 | 243.9 | 2.32 | 420 | 0.995200 | 0.960 | * "
             "| passed | `1_minilm_int8_static_ort` |") in md
     assert "- 4 nvfp4/ort [seed=0]: **not runnable**: recipe.steps.nvfp4: nvfp4 is not runnable on target=ort" in md
-    assert "Pareto front (lower ms/sample, higher embedding cosine to fp32): int8_dynamic/ort [seed=0], " \
+    assert "Pareto front (higher x fp32 (same run), higher embedding cosine to fp32): int8_dynamic/ort [seed=0], " \
            "int8_static/ort [seed=0], fp32/ort [seed=0]." in md
     png = (sweep / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from compiler.core import schema
 from tests.conftest import compose
 
 
-@pytest.mark.parametrize("section", ["data", "export", "check", "bench", "doctor", "cache"])
+@pytest.mark.parametrize("section", ["data", "export", "check", "bench", "doctor", "cache", "search"])
 def test_composed_recipe_and_schema_see_the_same_defaults(section):
     composed = OmegaConf.to_container(compose()[section])
     assert composed == dataclasses.asdict(schema.SECTIONS[section]())

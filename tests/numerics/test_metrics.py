@@ -121,3 +121,29 @@ def test_embedding_fidelity_on_known_values():
     m = embedding_fidelity(ref, flipped)
     assert m["embedding_cosine_min"] == pytest.approx(-1.0)
     assert m["embedding_cosine_mean"] == pytest.approx(19 / 20 - 1 / 20)
+
+
+def test_subset_keeps_whole_examples_and_reindexes_retrieval_gold():
+    """The repair's ranking subset: only rows [0, n); a retrieval query whose partner is cut off is dropped,
+    and the kept gold indices point into the kept candidates."""
+    paired = _paired_labels(3).subset(4)  # rows 0-3: pairs (0,1) and (2,3)
+    np.testing.assert_array_equal(paired.queries, [0, 1, 2, 3])
+    np.testing.assert_array_equal(paired.candidates, [0, 1, 2, 3])
+    np.testing.assert_array_equal(paired.gold, [1, 0, 3, 2])
+    qp = TaskLabels("retrieval", queries=np.array([0, 2, 4]), candidates=np.array([1, 3, 5]),
+                    gold=np.array([0, 1, 2])).subset(4)
+    np.testing.assert_array_equal(qp.queries, [0, 2])
+    np.testing.assert_array_equal(qp.candidates, [1, 3])
+    np.testing.assert_array_equal(qp.gold, [0, 1])
+    # the query at row 4 is in, its positive (row 5) is not: dropped
+    assert len(TaskLabels("retrieval", queries=np.array([0, 2, 4]), candidates=np.array([1, 3, 5]),
+                          gold=np.array([0, 1, 2])).subset(5)) == 2
+    # scored on the subset's own rows, as if the other rows had never been run
+    angles = np.array([0.0, 0.1, 2.0, 2.1, 0.05, 3.0])
+    emb = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    assert task_metric(paired, emb[:4], "accuracy_at_1") == 1.0  # row 4 (the crowding one) is gone
+    sts = TaskLabels("sts", pairs=np.array([[0, 1], [2, 3], [4, 5]]), scores=np.array([1.0, 2.0, 3.0])).subset(5)
+    np.testing.assert_array_equal(sts.scores, [1.0, 2.0])
+    cls = TaskLabels("classification", labels=np.array([1, 0, 1]), label_names=("a", "b")).subset(2)
+    np.testing.assert_array_equal(cls.labels, [1, 0])
+    assert cls.label_names == ("a", "b")

@@ -13,10 +13,10 @@ import torch
 from compiler.stages.repair import (
     _outputs,
     _ranking_feeds,
-    fidelity_metric,
     fold_weights,
     search_fallbacks,
 )
+from compiler.stages.repair_metric import fidelity_metric
 
 # A planted metric: base 0.85, reference 1.0. Layers a and b carry the SAME error (a in the fallback removes it:
 # +0.05, b alone +0.049, both together still +0.05); c and d are independent (+0.04 each); e is nearly harmless.
@@ -185,7 +185,7 @@ def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data)
     assert all(x["proxy_error"] > 0 for x in sens["layers"])
     assert sens["base_metric"] == values[0]
     budget = 1.0 - m_cached(frozenset(names)) + 1e-9  # what every layer in the fallback reaches
-    result = search(cached, sens, m_cached, 1.0, "embedding_cosine_mean", budget, "int8", len(names), "nvfp4",
+    result = search(m_cached, sens, "embedding_cosine_mean", budget, "int8", len(names), "nvfp4",
                     {n: 1 for n in names})
     assert result.met and result.curve[-1].drop <= budget and result.chosen
     assert abs(m_plain(set(result.chosen)) - result.curve[-1].metric) < 1e-12

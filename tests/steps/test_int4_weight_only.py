@@ -58,6 +58,17 @@ def test_ort_exclude_keeps_a_matmul_fp32(exported, tmp_path):
     assert [n.op_type for n in onnx.load(str(out)).graph.node].count("MatMulNBits") == 11
 
 
+def test_ort_layer_kept_by_the_layer_map_stays_matmul(exported, tmp_path):
+    # the per-layer hook repair maps go through (Step.with_layer_formats): one Linear kept fp32
+    model, data, fp32 = exported["tiny_bert"]
+    ctx = StepContext(target=caps("ort"), model_info=model.info, work_dir=tmp_path, exclude=[], report={})
+    step = Int4WeightOnlyStep(Params()).with_layer_formats({"inner.encoder.layer.1.intermediate.dense": "fp32"})
+    out = step.apply_onnx(fp32, tmp_path / "kept.onnx", ctx)
+    assert ctx.report["quantized"] == 11 and ctx.report["excluded_nodes"] == 1
+    kept = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMul" and "layer.1/intermediate" in n.name]
+    assert len(kept) == 1
+
+
 def test_torch_int4_fake_quant_close_to_fp32(tiny_bert, tiny_data, tmp_path):
     from compiler.runners.callable import torch_predictor
 

@@ -1,0 +1,149 @@
+"""The objectives a build hands back to Hydra, so a sweeper (hydra-optuna-sweeper's NSGA-II) can search recipe
+parameters for the Pareto front instead of running a full grid."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from compiler.core.errors import RecipeError
+from compiler.core.status import Status
+
+
+def _fidelity_loss(report: Mapping[str, Any]) -> Optional[float]:
+    f = (report.get("check") or {}).get("fidelity") or {}
+    if "embedding_cosine_mean" in f:
+        return 1.0 - float(f["embedding_cosine_mean"])
+    if "label_agreement" in f:  # a classifier: the share of labels that changed
+        return 1.0 - float(f["label_agreement"])
+    return None
+
+
+def _task_drop(report: Mapping[str, Any]) -> Optional[float]:
+    task = (report.get("check") or {}).get("task")
+    if not task:
+        return None
+    return float(task["metrics"][task["metric"]]["drop"])
+
+
+def _artifact_mb(report: Mapping[str, Any]) -> Optional[float]:
+    v = (report.get("bench") or {}).get("artifact_mb")
+    return None if v is None else float(v)
+
+
+def is_fp32_self(bench: Mapping[str, Any]) -> bool:
+    """An fp32 build is its own baseline (compiler/stages/bench.py times no second engine): ratio 1 by definition."""
+    return "the build is the fp32 engine itself" in str(bench.get("baseline") or "")
+
+
+def _time_vs_fp32(report: Mapping[str, Any]) -> Optional[float]:
+    bench = report.get("bench") or {}
+    s = bench.get("speedup_vs_fp32")
+    if s is not None and float(s) > 0:
+        return 1.0 / float(s)
+    return 1.0 if is_fp32_self(bench) else None
+
+
+def _latency_ms(report: Mapping[str, Any]) -> Optional[float]:
+    v = (report.get("bench") or {}).get("ms_per_sample")
+    return None if v is None else float(v)
+
+
+# name -> (what it is, how to read it from report.json). All are minimized, so a search preset's
+# hydra.sweeper.direction is `minimize` once per objective.
+OBJECTIVES: Dict[str, Tuple[str, Callable[[Mapping[str, Any]], Optional[float]]]] = {
+    "fidelity_loss": ("1 - mean embedding cosine to fp32 (classifiers: 1 - label agreement)", _fidelity_loss),
+    "task_drop": ("drop of the gated task metric against gold labels, fp32 minus target (needs labeled data)",
+                  _task_drop),
+    "artifact_mb": ("size of the engine files, MB", _artifact_mb),
+    # 1 / speedup_vs_fp32: minimized like the others; a ratio from one run, so it compares across trials
+    # run while the machine's load changed, unlike latency_ms
+    "time_vs_fp32": ("engine time over the same model's fp32 engine timed in the same run (1 / speedup_vs_fp32)",
+                     _time_vs_fp32),
+    "latency_ms": ("ms per sample (absolute: moves with the machine's load)", _latency_ms),
+}
+
+
+def check_objectives(names: Sequence[str], directions: Any = None) -> Tuple[str, ...]:
+    """The objective names of search.objectives, checked (and against the sweeper's hydra.sweeper.direction,
+    when it has one) before any model loads."""
+    names = tuple(str(n) for n in names)
+    if not names:
+        raise RecipeError("search.objectives", "is empty", f"name at least one of {', '.join(OBJECTIVES)}")
+    for n in names:
+        if n not in OBJECTIVES:
+            from compiler.stages.validate import _closest
+
+            raise RecipeError("search.objectives", f"unknown objective {n!r}", _closest(n, OBJECTIVES))
+    if directions is not None:
+        dirs = [directions] if isinstance(directions, str) else list(directions)
+        if len(dirs) != len(names):
+            raise RecipeError("hydra.sweeper.direction",
+                              f"{len(dirs)} direction(s) for {len(names)} objectives ({', '.join(names)})",
+                              f"give one per objective: hydra.sweeper.direction=[{','.join(['minimize'] * len(names))}]")
+        up = [str(getattr(d, "name", d)) for d in dirs if str(getattr(d, "name", d)) != "minimize"]
+        if up:
+            raise RecipeError("hydra.sweeper.direction", f"{up[0]!r}: every qcompile objective is a loss",
+                              "use minimize for each (time_vs_fp32 is 1 / speedup_vs_fp32)")
+    return names
+
+
+# What a build that measured nothing returns for each objective: a penalty, dominated by every real point.
+# Not NaN, which would make a failed trial: hydra-optuna-sweeper 1.3.0 then calls study.tell(state=FAIL,
+# values=...) and optuna 2.10 refuses values with FAIL, ending the whole sweep with a ValueError (measured).
+# Not inf: NSGA-II's crowding distance subtracts objective values.
+PENALTY = 1.0e9
+
+
+def objective_values(report: Optional[Mapping[str, Any]], names: Sequence[str]) -> Tuple[float, ...]:
+    """The objectives of a build that measured something (passed, or failed its gate: a real point whose loss
+    the sampler should learn from); PENALTY for each where the build failed (no report) or lacks the number
+    (task_drop on unlabeled data)."""
+    status = str((report or {}).get("status") or "")
+    if report is None or status not in (Status.PASSED, Status.GATE_FAILED):
+        return tuple(PENALTY for _ in names)
+    out = []
+    for n in names:
+        v = OBJECTIVES[n][1](report)
+        out.append(PENALTY if v is None or not math.isfinite(v) else float(v))
+    return tuple(out)
+
+
+def read_report(run_dir: Optional[Path]) -> Optional[Dict[str, Any]]:
+    if run_dir is None:
+        return None
+    try:
+        return json.loads((Path(run_dir) / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class BuildResult(tuple):
+    """What the Hydra task returns: a tuple of the objective values (what Optuna's sweeper reads: a float
+    sequence, or float() of it for one objective) that also carries the build's outcome (exit code, status,
+    error line) and objective names for compiler.commands.sweep.SweepSummary. A tuple subclass pickles with
+    its attributes, so launchers that run jobs in other processes (joblib) hand it back whole."""
+
+    outcome: Dict[str, Any]
+    names: Tuple[str, ...]
+
+    def __new__(cls, values: Sequence[float], names: Sequence[str], outcome: Mapping[str, Any]):
+        self = super().__new__(cls, (float(v) for v in values))
+        self.names = tuple(names)
+        self.outcome = dict(outcome)
+        return self
+
+    def __reduce__(self):
+        return (BuildResult, (tuple(self), self.names, self.outcome))
+
+    def __float__(self) -> float:  # a single-objective study: `float(return_value)`
+        if len(self) != 1:
+            raise TypeError(f"{len(self)} objectives ({', '.join(self.names)}) cannot be one float: "
+                            f"give hydra.sweeper.direction one entry per objective")
+        return self[0]
+
+    def objectives(self) -> Dict[str, Optional[float]]:
+        """{name: value}, None where the build measured no value (the sweeper was handed PENALTY)."""
+        return {n: (None if v >= PENALTY else v) for n, v in zip(self.names, self)}
