@@ -115,12 +115,25 @@ def measure_sensitivity(measure: Callable[[Iterable[str]], float], names: Sequen
         {"name": n, "role": roles.get(n, ""), "proxy_error": None, "gain": round(gains[n], 6)} for n in order]}
 
 
-def ranking_feeds(data, n: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """The first n evaluation examples in batches (the torch search's subset, repair._ranking_feeds)."""
+def ranking_feeds(data, n: int, batch_size: int, trim: bool = False) -> list[dict[str, np.ndarray]]:
+    """The first n evaluation examples in batches, in row order. trim: each batch cut to its longest real token
+    (the attention mask), as the torch search runs them: with ranges fixed by calibration (static Q/DQ) the pad
+    positions change no real token's output. Dynamic int8 scales each activation tensor from its values, pads
+    included, so its probes keep the padding the check runs with."""
     ev = data.evaluation
     n = min(n, len(ev))
-    return [{k: np.ascontiguousarray(v[start:min(n, start + batch_size)]) for k, v in ev.arrays.items()}
-            for start in range(0, n, batch_size)]
+    mask = ev.arrays.get("attention_mask")
+    feeds = []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        batch = {k: np.ascontiguousarray(v[start:stop]) for k, v in ev.arrays.items()}
+        if trim and mask is not None and mask.ndim == 2:
+            kept = mask[start:stop] != 0
+            width = max(1, int((mask.shape[1] - np.argmax(kept[:, ::-1], axis=1))[kept.any(axis=1)].max(initial=1)))
+            batch = {k: (np.ascontiguousarray(v[:, :width]) if v.ndim >= 2 and v.shape[1] == mask.shape[1] else v)
+                     for k, v in batch.items()}
+        feeds.append(batch)
+    return feeds
 
 
 def quantized_scopes(quantized_onnx: Path) -> list[str]:
@@ -172,7 +185,9 @@ def run_onnx_repair(model, reference_module, spec, data, fp32_onnx: Path, apply_
     batch = int(spec.data.batch_size)
     labels = getattr(data, "evaluation_labels", None)
     rows = ranking_rows(int(rep.ranking_samples), len(data.evaluation), labels)
-    feeds = ranking_feeds(data, rows, batch)
+    # static Q/DQ (every quantizing step calibrated) runs unpadded batches; dynamic int8 keeps the padding
+    trim = all(s.needs_calibration for s in steps if s.quantizes_compute)
+    feeds = ranking_feeds(data, rows, batch, trim=trim)
     output_index = 0 if model.task == "classification" else 1
     reference = _outputs(reference_module, ranking_torch_feeds(feeds, list(data.evaluation.arrays)), output_index)
     # the budgeted metric (compiler/stages/repair_metric.py): the task metric against the ranking rows' gold
@@ -208,7 +223,7 @@ def run_onnx_repair(model, reference_module, spec, data, fp32_onnx: Path, apply_
 
         key = {**sensitivity_key(model, spec, data, names), "measured_on": "onnxruntime",
                "graph_sha256": onnx_sha256(fp32_onnx), "opt_level": opt_level, "metric": metric_name,
-               "ranking_rows": rows,
+               "ranking_rows": rows, "unpadded": trim,
                "labels": getattr(data, "files_sha256", {}).get("evaluation") if labels is not None else None}
         entry = cache.get_or_create("sensitivity", key, build)
         sensitivity = json.loads((entry / "sensitivity.json").read_text())
