@@ -203,8 +203,13 @@ def _set(module, name: str, new) -> None:
 
 
 def _is_quantized(sub) -> bool:
-    """Whether a layer module (possibly wrapped, e.g. by a rotation) has an enabled quantizer."""
+    """Whether a layer module (possibly wrapped, e.g. by a rotation) has an enabled quantizer, or is torch's
+    dynamic int8 Linear (int8_dynamic on torch: packed int8 weights, no modelopt quantizer)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
     for m in sub.modules():
+        if isinstance(m, DynamicInt8Linear):
+            return True
         for attr in ("weight_quantizer", "input_quantizer"):
             q = getattr(m, attr, None)
             if q is not None and bool(getattr(q, "is_enabled", False)):
@@ -215,7 +220,11 @@ def _is_quantized(sub) -> bool:
 def _params(sub) -> int:
     import torch
 
-    return int(sum(m.weight.numel() for m in sub.modules() if isinstance(m, torch.nn.Linear)))
+    # torch's dynamic int8 Linear keeps its weight packed: weight() unpacks it
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    return int(sum(m.weight.numel() if isinstance(m, torch.nn.Linear) else m.weight().numel()
+                   for m in sub.modules() if isinstance(m, (torch.nn.Linear, DynamicInt8Linear))))
 
 
 def weight_bytes(counts: dict[str, int], formats: dict[str, str]) -> int:

@@ -164,3 +164,18 @@ def test_auto_fallback_from_the_steps_declared_formats(recipe, target, fallback)
 
     spec = validate(compose("model=tiny_bert", f"recipe={recipe}", f"target={target}", "recipe.repair.enabled=true"))
     assert spec.repair.fallback == fallback
+
+
+def test_int8_dynamic_on_torch_is_searched(qcompile):
+    # torch's dynamic int8 Linear carries no modelopt quantizer: the search must still find its 12 layers and, under
+    # a budget the all-int8 model misses, keep layers in fp32 until the metric meets it
+    res = qcompile("model=tiny_bert", "recipe=int8_dynamic", "target=torch", "bench.enabled=false", *FAST,
+                   "recipe.gate.min_top1_agreement=0", "recipe.repair.enabled=true", "recipe.repair.metric=fidelity",
+                   "recipe.repair.max_task_drop=1e-9", "recipe.repair.max_fallback_fraction=1.0")
+    assert res.rc == 0, res
+    (run,) = res.run_dirs()
+    rep = json.loads((run / "report.json").read_text())["repair"]
+    assert rep["quantized_layers"] == 12 and rep["met"]
+    assert 1 <= rep["fallback_layers"] <= 12
+    layers = (run / "layers.yaml").read_text()
+    assert layers.count("format: fp32") == rep["fallback_layers"] and layers.count("format: int8") == 12 - rep["fallback_layers"]
