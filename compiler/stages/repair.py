@@ -68,8 +68,9 @@ class Probe:
     accepted: bool = True
 
     def as_dict(self) -> dict[str, Any]:
-        return {"fallback_layers": self.fallback_layers, "metric": round(self.metric, 6),
-                "drop": round(self.drop, 6), "weight_bytes": self.weight_bytes, "added": self.added,
+        # drops as small as a tight budget (1e-7) stay readable: 6 significant digits, not 6 decimals
+        return {"fallback_layers": self.fallback_layers, "metric": round(self.metric, 9),
+                "drop": float(f"{self.drop:.6g}"), "weight_bytes": self.weight_bytes, "added": self.added,
                 "accepted": self.accepted}
 
 

