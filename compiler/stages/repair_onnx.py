@@ -16,7 +16,6 @@ quantize -> dequantize -> fp32 matmul numerics that TensorRT's explicit quantiza
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from compiler.core.errors import BuildError
-from compiler.stages.repair import RepairResult, _outputs, search, sensitivity_key
+from compiler.stages.repair import RepairResult, _outputs, search, sensitivity_key, sensitivity_unless_met
 from compiler.stages.repair_metric import ranking_rows, repair_metric
 
 # apply_steps(fp32 graph, steps, directory to write in) -> the quantized graph's path
@@ -214,21 +213,12 @@ def run_onnx_repair(model, reference_module, spec, data, fp32_onnx: Path, apply_
     counts = weight_counts(model.module, names)
     t1 = time.perf_counter()
 
-    def sens() -> dict[str, Any]:
-        return measure_sensitivity(measure, names, roles)
-
-    if cache is not None:
-        def build(d: Path) -> None:
-            (d / "sensitivity.json").write_text(json.dumps(sens(), indent=1, sort_keys=True) + "\n")
-
-        key = {**sensitivity_key(model, spec, data, names), "measured_on": "onnxruntime",
-               "graph_sha256": onnx_sha256(fp32_onnx), "opt_level": opt_level, "metric": metric_name,
-               "ranking_rows": rows, "unpadded": trim,
-               "labels": getattr(data, "files_sha256", {}).get("evaluation") if labels is not None else None}
-        entry = cache.get_or_create("sensitivity", key, build)
-        sensitivity = json.loads((entry / "sensitivity.json").read_text())
-    else:
-        sensitivity = sens()
+    key = {**sensitivity_key(model, spec, data, names), "measured_on": "onnxruntime",
+           "graph_sha256": onnx_sha256(fp32_onnx), "opt_level": opt_level, "metric": metric_name,
+           "ranking_rows": rows, "unpadded": trim,
+           "labels": getattr(data, "files_sha256", {}).get("evaluation") if labels is not None else None}
+    sensitivity = sensitivity_unless_met(measure, names, roles, chosen_metric.reference, budget, cache, key,
+                                         lambda: measure_sensitivity(measure, names, roles))
     t2 = time.perf_counter()
     result = search(measure, sensitivity, metric_name, budget, rep.fallback, allowed, primary_format, counts,
                     reference=chosen_metric.reference)

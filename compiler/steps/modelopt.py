@@ -125,7 +125,10 @@ def build_config(module, fmt_or_cfg, patterns: Iterable[str], algorithm: Any = "
 
 def layer_entries(layer: str, fmt: str) -> List[Dict[str, Any]]:
     """quant_cfg entries that give one module another format: "fp32" disables its quantizers; a PRESETS
-    format copies that preset's weight and input quantizer attributes onto the module's own quantizers."""
+    format copies that preset's weight and input quantizer attributes onto the module's own quantizers --
+    those of the Linear itself and of a Linear it wraps (the rotate step's RotatedLinear holds its Linear as
+    `.linear`, so its quantizers are `<layer>.linear.weight_quantizer`; an entry naming `<layer>.weight_quantizer`
+    alone matched nothing there and left a rotated layer in the step's own format)."""
     if fmt == FULL_PRECISION:
         return [{"quantizer_name": f"{layer}.*", "enable": False}]
     out = []
@@ -135,9 +138,36 @@ def layer_entries(layer: str, fmt: str) -> List[Dict[str, Any]]:
             continue
         for kind in ("weight_quantizer", "input_quantizer"):
             if name == f"*{kind}":
-                out.append({"quantizer_name": f"{layer}.{kind}", "cfg": dict(e["cfg"]),
-                            "enable": bool(e.get("enable", True))})
+                for quantizer in (f"{layer}.{kind}", f"{layer}.*.{kind}"):
+                    out.append({"quantizer_name": quantizer, "cfg": dict(e["cfg"]),
+                                "enable": bool(e.get("enable", True))})
     return out
+
+
+def check_layer_formats(module, layer_formats: Dict[str, str]) -> None:
+    """Every layer given another format carries it: its weight quantizer (its own or a wrapped Linear's) has
+    the preset's num_bits, or, for "fp32", no enabled quantizer is left under it. A per-layer format that
+    matched no quantizer would otherwise go unnoticed, and the repair's map would claim a format the engine
+    does not have."""
+    from compiler.core.errors import BuildError
+
+    for layer, fmt in sorted(layer_formats.items()):
+        sub = module.get_submodule(layer)
+        found = [q for n, q in sub.named_modules() if n.rpartition(".")[2] == "weight_quantizer"]
+        if fmt == FULL_PRECISION:
+            wrong = [q for n, q in sub.named_modules() if n.endswith("_quantizer") and getattr(q, "is_enabled", False)]
+            if wrong:
+                raise BuildError(f"layer {layer} was kept in fp32 but {len(wrong)} of its quantizers are still enabled")
+            continue
+        want = next(e["cfg"].get("num_bits") for e in preset_config(fmt).get("quant_cfg", [])
+                    if e.get("quantizer_name") == "*weight_quantizer" and isinstance(e.get("cfg"), dict))
+        if not found or any(tuple(_as_tuple(q.num_bits)) != tuple(_as_tuple(want)) for q in found):
+            got = sorted({str(q.num_bits) for q in found}) or ["no weight quantizer"]
+            raise BuildError(f"layer {layer} was given format {fmt} (weight num_bits {want}) but carries {got}")
+
+
+def _as_tuple(bits) -> tuple:
+    return tuple(bits) if isinstance(bits, (list, tuple)) else (bits,)
 
 
 def _torch_feed(feed: Dict[str, Any], device) -> List[Any]:
@@ -244,6 +274,8 @@ def quantize_module(module, quant_cfg: Dict[str, Any], ctx, algorithm: Any = "__
         else:
             mtq.quantize(module, cfg, forward_loop=loop)
     module.eval()
+    if layer_formats:
+        check_layer_formats(module, layer_formats)
     counts = quantizer_counts(module)
     counts["excluded_patterns"] = patterns
     if layer_formats:

@@ -14,7 +14,10 @@ from compiler.stages.repair import (
     _outputs,
     _ranking_feeds,
     fold_weights,
+    report_markdown,
+    search,
     search_fallbacks,
+    sensitivity_unless_met,
 )
 from compiler.stages.repair_metric import fidelity_metric
 
@@ -83,6 +86,29 @@ def test_unmeasured_layers_are_measured_before_they_are_picked():
     assert out.met and sorted(out.chosen) == ["a", "c", "d"]
     assert frozenset() not in calls and frozenset(["a"]) not in calls  # given, not re-measured
     assert any("d" in c for c in calls)
+
+
+def test_no_sensitivity_pass_when_the_quantized_build_meets_the_budget(tmp_path):
+    """The all-quantized point (0.85) meets a budget of 0.2: one forward, no layer measured alone, the map
+    empty and the result saying why; a budget it misses (0.02) runs the sensitivity pass."""
+    measure, calls = counting(planted)
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return {"base_metric": 0.85, "layers": [{"name": n, "role": "", "proxy_error": None,
+                                                 "gain": round(planted([n]) - 0.85, 6)} for n in NAMES]}
+
+    met = sensitivity_unless_met(measure, NAMES, {}, 1.0, 0.2, None, {}, compute)
+    assert calls == [frozenset()] and not computed
+    assert "meets the budget (drop 0.15 <= 0.2)" in met["skipped"]
+    result = search(measure, met, "cosine", 0.2, "fp8", 5, "nvfp4", {n: 10 for n in NAMES})
+    assert result.met and result.chosen == [] and calls == [frozenset()]
+    assert "no layer needs measuring" in result.as_dict()["sensitivity_skipped"]
+    assert "No per-layer sensitivity" in report_markdown(result)
+
+    missed = sensitivity_unless_met(measure, NAMES, {}, 1.0, 0.02, None, {}, compute)
+    assert computed == [1] and "skipped" not in missed
 
 
 def test_related_layers_are_re_measured_after_a_pick():

@@ -207,6 +207,44 @@ def test_rotate_layer_kept_out_is_not_rotated(tiny_bert, tiny_data):
     assert isinstance(module.get_submodule("inner.encoder.layer.1.output.dense"), RotatedLinear)
 
 
+def test_rotated_layer_given_fp8_carries_fp8(tiny_bert, tiny_data):
+    """nvfp4 after rotate: an online-rotated layer is a RotatedLinear whose quantizers sit on its inner
+    `.linear`; a fallback format named by the layer's own name must reach them (it used to match nothing, so
+    nvfp4_rotate's repair measured its FFN down projections in NVFP4 while the map said fp8)."""
+    from compiler.steps.rotate import RotatedLinear, RotateParams, RotateStep
+
+    load_all_steps()
+    module = copy.deepcopy(tiny_bert.module)
+    ctx = _ctx(tiny_bert, tiny_data, "torch")
+    RotateStep(RotateParams(block_size=16, layers=["*output.dense"], fuse_attention=False)).apply_torch(module, ctx)
+    rotated = "inner.encoder.layer.1.output.dense"
+    assert isinstance(module.get_submodule(rotated), RotatedLinear)
+    cls = STEP_REGISTRY["nvfp4"]
+    step = cls(cls.Params()).with_layer_formats({rotated: "fp8", KEPT: None})
+    step.apply_torch(module, ctx)
+    inner = module.get_submodule(rotated).linear
+    assert tuple(inner.weight_quantizer.num_bits) == (4, 3) and tuple(inner.input_quantizer.num_bits) == (4, 3)
+    assert inner.weight_quantizer.block_sizes is None  # per-tensor fp8, not NVFP4's blocks of 16
+    assert not module.get_submodule(KEPT).linear.weight_quantizer.is_enabled
+    other = module.get_submodule("inner.encoder.layer.1.attention.output.dense").linear
+    assert tuple(other.weight_quantizer.num_bits) == (2, 1)  # the rest stays NVFP4 (e2m1)
+
+
+def test_a_layer_format_that_reaches_no_quantizer_fails_the_build(tiny_bert, tiny_data, monkeypatch):
+    """The check behind the fix above: a per-layer format whose entries match no quantizer is a BuildError
+    naming the layer, not a silent NVFP4 layer under an fp8 label."""
+    from compiler.core.errors import BuildError
+    from compiler.steps import modelopt
+
+    load_all_steps()
+    monkeypatch.setattr(modelopt, "layer_entries", lambda layer, fmt: [])  # the old, non-matching entries
+    cls = STEP_REGISTRY["nvfp4"]
+    other = "inner.encoder.layer.1.output.dense"
+    with pytest.raises(BuildError, match=f"layer {other} was given format fp8"):
+        cls(cls.Params()).with_layer_formats({other: "fp8"}).apply_torch(
+            copy.deepcopy(tiny_bert.module), _ctx(tiny_bert, tiny_data, "torch"))
+
+
 def test_fp16_layer_kept_out_stays_fp32(exported, tmp_path):
     from compiler.steps.fp16 import Fp16Step, Params
 
