@@ -64,10 +64,32 @@ def test_lazy_greedy_beats_the_fixed_order_on_non_additive_gains():
 def test_unmet_within_allowed_says_what_it_would_take():
     out = search_fallbacks(planted, NAMES, 1.0, 0.02, allowed=1)
     assert not out.met and out.chosen == []
-    assert out.needed == 4  # a, then b, c, d of the single-gain order meet it (an upper bound; greedy needs 3)
+    assert out.needed == 3  # greedy past `allowed` meets it with a, c, d
+    binary = search_fallbacks(planted, NAMES, 1.0, 0.02, allowed=1, strategy="binary")
+    assert not binary.met and binary.needed == 4  # a, then b, c, d of the single-gain order: an upper bound
     assert max(p.fallback_layers for p in out.probes if p.accepted and p.added in ("a", None)) <= 1
     never = search_fallbacks(planted, NAMES, 1.0, 0.0001, allowed=1)
     assert not never.met and never.needed is None
+
+
+# Planted redundancy: p removes error X (0.10) alone; q and r each remove half of X plus an error of their own
+# (0.04 each); s removes 0.04. Base 0.80; a budget of 0.02 needs +0.18. Forward selection takes p (largest single),
+# then q and r (0.98: met with 3); with q and r in, p adds nothing, so the backward pass drops it: {q, r}.
+def redundant(layers) -> float:
+    s = set(layers)
+    x = 0.10 if "p" in s else 0.05 * len(s & {"q", "r"})
+    return 0.80 + x + 0.04 * len(s & {"q", "r", "s"})
+
+
+def test_backward_pass_drops_a_pick_that_later_picks_made_redundant():
+    measure, calls = counting(redundant)
+    out = search_fallbacks(measure, ["s", "r", "q", "p"], 1.0, 0.02, allowed=2)
+    assert out.met and sorted(out.chosen) == ["q", "r"], out
+    path = [(p.fallback_layers, p.change, round(p.metric, 6)) for p in out.probes if p.accepted]
+    assert path == [(0, "-", 0.8), (1, "+p", 0.9), (2, "+r", 0.94), (3, "+q", 0.98), (2, "-p", 0.98)]
+    assert len(set(calls)) == len(calls)
+    # forward selection alone, stopped at allowed=2, would have missed the budget (p, q: 0.94)
+    assert redundant(["p", "q"]) < 0.98
 
 
 def test_reference_is_the_metrics_own_fp32_value():
@@ -119,9 +141,11 @@ def test_related_layers_are_re_measured_after_a_pick():
         return 0.9 + 0.03 * ("y" in s) + 0.02 * ("z" in s) + (0.05 if {"x", "y"} <= s else 0.0)
 
     plain = search_fallbacks(metric, ["x", "y", "z"], 1.0, 0.02, allowed=3)
-    assert plain.chosen == ["y", "z", "x"]  # x's bound (0) kept it last
+    # x's bound (0) kept it last: forward selection took y, z, x; the backward pass then dropped z
+    assert [p.change for p in plain.probes if p.accepted] == ["-", "+y", "+z", "+x", "-z"]
+    assert plain.chosen == ["y", "x"]
     near = search_fallbacks(metric, ["x", "y", "z"], 1.0, 0.02, allowed=3, related=lambda n: {"x"} if n == "y" else ())
-    assert near.chosen == ["y", "x"]
+    assert [p.change for p in near.probes if p.accepted] == ["-", "+y", "+x"] and near.chosen == ["y", "x"]
 
 
 # ---- the torch measurer's speed-ups are exact ----------------------------------------------------------------
