@@ -26,22 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from readme_block import compose, write_readme  # noqa: E402  (bench/, the script's own folder)
+
 BEGIN, END = "<!-- accuracy:begin (bench/accuracy_table.py --readme) -->", "<!-- accuracy:end -->"
-
-
-def compose(overrides: list[str]):
-    """The recipe the CLI would build (Hydra compose of recipes/), for validation only: no weights load."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    OmegaConf.set_struct(cfg, False)
-    cfg.pop("hydra", None)
-    return cfg
 
 
 def quantizing_recipes(model: str) -> list[str]:
@@ -150,16 +137,6 @@ def render(rows: list[dict], a, commit: str) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
-    readme = REPO / "README.md"
-    old = readme.read_text()
-    if BEGIN not in old or END not in old:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to rewrite")
-    head, rest = old.split(BEGIN, 1)
-    readme.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
-    print(f"rewritten: {readme} (accuracy table)")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
@@ -184,7 +161,7 @@ def main() -> None:
         text = render(rows, a, a.commit or "?")
         print(text)
         if a.readme:
-            write_readme(text)
+            write_readme(text, BEGIN, END, "accuracy table")
         return
     out = Path(a.out or tempfile.mkdtemp(prefix="accuracy-table-")).resolve()
     cache = out / "cache"  # fresh per run, shared by its builds: the sensitivities are measured, not read back
@@ -205,7 +182,7 @@ def main() -> None:
         [{k: v for k, v in r.items() if k != "report"} | {"cells": cells(r)} for r in rows], indent=1) + "\n")
     print(f"\nrun directories under {out}")
     if a.readme:
-        write_readme(text)
+        write_readme(text, BEGIN, END, "accuracy table")
 
 
 if __name__ == "__main__":

