@@ -62,8 +62,9 @@ def test_role_choices_pick_the_same_layers_on_every_family(runs, model):
         step = runs[(model, recipe, "torch")]["steps"][recipe]
         heads = runs[(model, recipe, "torch")]["model"]["layer_roles"].get("head", 0)
         assert len(step["excluded_layers"]) == 2 + heads, step["excluded_layers"]
-    # nvfp4_rotate rotates the attention-output and FFN-down inputs: 2 of each
-    assert runs[(model, "nvfp4_rotate", "torch")]["steps"]["rotate"]["rotated_layers"] == 4
+    # nvfp4_rotate rotates the attention-output inputs, online: one per block (2)
+    rotate = runs[(model, "nvfp4_rotate", "torch")]["steps"]["rotate"]
+    assert (rotate["rotated_layers"], rotate["online_rotations"]) == (2, 2)
     # int8_static on ort keeps the first block's FFN down-projection out (its MatMul, + Add for a Gemm-less export)
     names = runs[(model, "int8_static", "ort")]["steps"]["int8_static"]["excluded_node_names"]
     down = {"tiny_bert": "layer.0/output/dense", "tiny_roberta": "layer.0/output/dense",
