@@ -3,7 +3,7 @@ built-in labeled data (120 paraphrase pairs: retrieval) through the real CLI, re
 task budget of max_task_drop=0.01 on the retrieval metric; per build the task metric fp32 / target / drop with
 its paired-bootstrap 95% interval, the fidelity (mean embedding cosine), the layers that fell back and the size.
 
-    python bench/accuracy_table.py                        # every quantizing recipe on target=torch, print the table
+    python bench/accuracy_table.py                        # every quantizing recipe on torch and ort, print the table
     python bench/accuracy_table.py --readme               # ... and rewrite the README's marked block
     python bench/accuracy_table.py --recipes nvfp4 int8 --targets torch ort --extra recipe.repair.confirm_top=36
     python bench/accuracy_table.py --render-only OUT --commit abc1234 --readme   # table of an earlier (partial) run
@@ -141,11 +141,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--recipes", nargs="*", default=None, help="default: every shipped quantizing recipe")
-    ap.add_argument("--targets", nargs="+", default=["torch"])
+    ap.add_argument("--targets", nargs="+", default=["torch", "ort"])
     ap.add_argument("--budget", type=float, default=0.01, help="recipe.repair.max_task_drop and gate.max_task_drop")
     ap.add_argument("--task-metric", default=None, help="recipe.gate.task_metric (default: the task's, accuracy_at_1)")
     ap.add_argument("--evaluation-samples", type=int, default=240)
-    ap.add_argument("--ranking-samples", type=int, default=64)
+    ap.add_argument("--ranking-samples", type=int, default=128)  # recipe.repair.ranking_samples default
     ap.add_argument("--out", default=None, help="where the run directories go (default: a temp dir)")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every build")
     ap.add_argument("--readme", action="store_true", help="rewrite the README's accuracy block with the table")

@@ -73,9 +73,10 @@ def main() -> None:
         probes = r.get("repair", {}).get("search", [])
         if probes:
             print(f"\n{r['recipe']}: search path ({r['repair'].get('measurements', '?')} points measured)\n")
-            print("| layers in fallback | added | metric | Linear weights MB |\n|---|---|---|---|")
+            print("| layers in fallback | change | metric | Linear weights MB |\n|---|---|---|---|")
             for p in probes:
-                print(f"| {p['fallback_layers']} | {p.get('added') or '-'} | {p['metric']:.5f} | "
+                change = f"+{p['added']}" if p.get("added") else f"-{p['removed']}" if p.get("removed") else "-"
+                print(f"| {p['fallback_layers']} | {change} | {p['metric']:.5f} | "
                       f"{p['weight_bytes'] / 1e6:.2f} |")
         if r.get("reason"):
             print(f"  {r['recipe']}: {r['reason']}")

@@ -101,7 +101,11 @@ class RepairResult:
 
     @property
     def curve(self) -> list[Probe]:
-        """The search's path, one point per set size (the last measured, if a size was measured twice)."""
+        """The search's path: greedy's accepted points in the order measured (forward picks, then the backward
+        pass's drops, so the last point is the map chosen); binary's by set size (binary search measures them
+        out of order), one point per size (the last measured)."""
+        if self.strategy != "binary":
+            return [p for p in self.probes if p.accepted]
         by_size = {p.fallback_layers: p for p in self.probes if p.accepted}
         return [by_size[k] for k in sorted(by_size)]
 
@@ -844,7 +848,7 @@ def report_markdown(result: RepairResult) -> str:
     """The REPORT.md section: fallen-back layers, the metric after each search step, size before / after."""
     probes = result.curve
     first = probes[0]
-    final = next((p for p in probes if p.fallback_layers == len(result.chosen)), probes[-1])
+    final = next((p for p in reversed(probes) if p.fallback_layers == len(result.chosen)), probes[-1])
     out = ["", "## Repair (per-layer mixed precision)", "",
            (f"Budget: {result.metric_name} drop <= {result.budget:g}; fallback {result.fallback}; "
             f"{len(result.chosen)} of {result.total} quantized layers fell back "
