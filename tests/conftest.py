@@ -155,6 +155,24 @@ def run_cli(cwd, *args, timeout=900) -> CliResult:
     return CliResult(proc, cwd)
 
 
+def finished_run(cwd, *args) -> Path:
+    """The run directory of a build that must succeed (exit 0, one run directory)."""
+    res = run_cli(cwd, *args)
+    assert res.rc == 0, res
+    (run,) = res.run_dirs()
+    return run
+
+
+# The repair tests' planted sensitive layer (tests/stages/test_repair.py, test_repair_onnx.py).
+PLANTED_LAYER = "inner.encoder.layer.0.attention.self.value"
+
+
+@pytest.fixture(scope="session")
+def planted_dir(tmp_path_factory):
+    """tiny_bert with PLANTED_LAYER's weight column 7 scaled 300x, saved once for every repair test."""
+    return save_planted_tiny_bert(tmp_path_factory.mktemp("planted") / "tiny_bert_planted", PLANTED_LAYER)
+
+
 @pytest.fixture
 def qcompile(tmp_path):
     """Run the `qcompile` CLI in a subprocess with cwd=tmp_path: qcompile('model=tiny_bert', ...)."""

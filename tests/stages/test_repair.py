@@ -11,9 +11,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, run_cli, save_planted_tiny_bert
+from tests.conftest import FAST, PLANTED_LAYER, finished_run, run_cli
 
-PLANTED = "inner.encoder.layer.0.attention.self.value"
+PLANTED = PLANTED_LAYER
 # measured (32 sentences, seq 32): all 12 layers int8 -> mean embedding cosine 0.999866 (drop 1.3e-4);
 # the planted layer alone in fp32 -> 0.9999977; every other layer in fp32 but the planted one -> 0.999866
 BUDGET = 2e-5
@@ -25,21 +25,9 @@ ARGS = [*FAST, "bench.enabled=false", "recipe=int8", "target=torch", "recipe.ste
 
 
 @pytest.fixture(scope="module")
-def planted_dir(tmp_path_factory):
-    return save_planted_tiny_bert(tmp_path_factory.mktemp("planted") / "tiny_bert_planted", PLANTED)
-
-
-def cli(cwd, *args, timeout=900):
-    return run_cli(cwd, *args, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
 def repaired(planted_dir, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("repair")
-    res = cli(cwd, "model=hf", f"model.path={planted_dir}", *ARGS)
-    assert res.rc == 0, res
-    (run,) = res.run_dirs()
-    return cwd, run
+    return cwd, finished_run(cwd, "model=hf", f"model.path={planted_dir}", *ARGS)
 
 
 def test_planted_layer_ranks_first_and_alone_meets_the_budget(repaired):
@@ -68,7 +56,7 @@ def test_planted_layer_ranks_first_and_alone_meets_the_budget(repaired):
 
 def test_rebuild_replays_the_map_without_searching(repaired):
     cwd, run = repaired
-    res = cli(cwd, "rebuild", str(run))
+    res = run_cli(cwd, "rebuild", str(run))
     assert res.rc == 0, res
     (again,) = [d for d in (cwd / "outputs" / "rebuild").glob("*/*") if (d / "report.json").exists()]
     rep = json.loads((again / "report.json").read_text())
@@ -81,7 +69,7 @@ def test_rebuild_replays_the_map_without_searching(repaired):
 
 
 def test_unmet_budget_exits_3_with_what_it_would_take(planted_dir, tmp_path):
-    res = cli(tmp_path, "model=hf", f"model.path={planted_dir}", *ARGS, "recipe.repair.max_fallback_fraction=0")
+    res = run_cli(tmp_path, "model=hf", f"model.path={planted_dir}", *ARGS, "recipe.repair.max_fallback_fraction=0")
     assert res.rc == 3, res
     line = next(ln for ln in res.stderr.splitlines() if ln.startswith("qcompile:"))
     assert "budget met with 1 of 12 layers in fp32; max_fallback_fraction=0 allows 0" in line, line
@@ -117,7 +105,7 @@ def test_bad_repair_settings_are_recipe_errors(args, text):
 
 
 def test_bad_repair_setting_exits_2_before_loading(tmp_path):
-    res = cli(tmp_path, "model=tiny_bert", "recipe=int8", "recipe.repair.enabled=true",
+    res = run_cli(tmp_path, "model=tiny_bert", "recipe=int8", "recipe.repair.enabled=true",
               "recipe.repair.max_task_drop=-0.01", timeout=300)
     assert res.rc == 2, res
     line = next(ln for ln in res.stderr.splitlines() if ln.startswith("qcompile:"))

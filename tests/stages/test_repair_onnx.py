@@ -12,9 +12,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, run_cli, save_planted_tiny_bert
+from tests.conftest import FAST, PLANTED_LAYER, finished_run, run_cli
 
-PLANTED = "inner.encoder.layer.0.attention.self.value"
+PLANTED = PLANTED_LAYER
 # measured (32 sentences, seq 32, ORT 1.32): all 14 scopes int8 -> mean embedding cosine 0.999732 (drop 2.7e-4);
 # the planted layer alone kept fp32 -> drop 1.5e-4 (gain 1.18e-4; the next layer's gain 4.8e-5). The budget lies
 # between them, so only a map holding the planted layer meets it with one fallback.
@@ -28,21 +28,9 @@ ARGS = [*FAST, "bench.enabled=false", "recipe=int8_static", "target=ort", "recip
 
 
 @pytest.fixture(scope="module")
-def planted_dir(tmp_path_factory):
-    return save_planted_tiny_bert(tmp_path_factory.mktemp("planted_onnx") / "tiny_bert_planted", PLANTED)
-
-
-def cli(cwd, *args, timeout=900):
-    return run_cli(cwd, *args, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
 def repaired(planted_dir, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("repair_onnx")
-    res = cli(cwd, "model=hf", f"model.path={planted_dir}", *ARGS)
-    assert res.rc == 0, res
-    (run,) = res.run_dirs()
-    return cwd, run
+    return cwd, finished_run(cwd, "model=hf", f"model.path={planted_dir}", *ARGS)
 
 
 def test_planted_layer_ranks_first_and_keeping_it_out_meets_the_budget(repaired):
@@ -75,7 +63,7 @@ def test_planted_layer_ranks_first_and_keeping_it_out_meets_the_budget(repaired)
 
 def test_rebuild_replays_the_map_into_the_same_graph(repaired):
     cwd, run = repaired
-    res = cli(cwd, "rebuild", str(run))
+    res = run_cli(cwd, "rebuild", str(run))
     assert res.rc == 0, res
     (again,) = [d for d in (cwd / "outputs" / "rebuild").glob("*/*") if (d / "report.json").exists()]
     rep = json.loads((again / "report.json").read_text())
@@ -87,7 +75,7 @@ def test_rebuild_replays_the_map_into_the_same_graph(repaired):
 
 
 def test_unmet_budget_exits_3_with_what_it_would_take(planted_dir, tmp_path):
-    res = cli(tmp_path, "model=hf", f"model.path={planted_dir}", *ARGS, "recipe.repair.max_fallback_fraction=0")
+    res = run_cli(tmp_path, "model=hf", f"model.path={planted_dir}", *ARGS, "recipe.repair.max_fallback_fraction=0")
     assert res.rc == 3, res
     line = next(ln for ln in res.stderr.splitlines() if ln.startswith("qcompile:"))
     assert f"budget met with 1 of {SCOPES} layers in fp32; max_fallback_fraction=0 allows 0" in line, line
@@ -144,7 +132,7 @@ def test_trt_graph_is_measured_with_onnxruntime_on_the_same_qdq(planted_dir, tmp
     what the search measured to 1e-4 (integer vs float accumulation)."""
     args = [a for a in ARGS if a != "target=ort"]
     # the random tiny model's retrieval top-1 agreement is noise (0.875 at cosine 0.99988): not this test's gate
-    res = cli(tmp_path, "model=hf", f"model.path={planted_dir}", *args, "target=trt", "recipe.gate.min_top1_agreement=0")
+    res = run_cli(tmp_path, "model=hf", f"model.path={planted_dir}", *args, "target=trt", "recipe.gate.min_top1_agreement=0")
     assert res.rc == 0, res
     (run,) = res.run_dirs()
     sens = json.loads((run / "sensitivity.json").read_text())
