@@ -416,7 +416,7 @@ def search_fallbacks(measure: Measure, names: Sequence[str], reference: float, b
       Forward selection does not stop at `allowed` when the set of every layer meets the budget: it goes on to
       the first set that meets it, then a backward pass drops, one at a time, the picked layer whose removal
       costs least while the budget still holds (a later pick can make an early one redundant: on MiniLM
-      nvfp4_rotate forward selection met a 0.01 cosine budget at 14 layers, the backward pass at 12).
+      nvfp4_rotate forward selection met a 0.01 cosine budget at 13 layers, the backward pass at 12).
     binary: names in single-gain order, the smallest prefix meeting the budget by binary search (the metric rises
       with the prefix in practice): ~log2(n) measurements after the single gains, a worse map.
     singles: single-layer metrics already measured (the sensitivity; the rest are measured here unless bounds
@@ -838,7 +838,8 @@ def _plot(path: Path, result: RepairResult) -> None:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.removeprefix("inner.") for n in names], rotation=90, fontsize=6)
     ax.set_ylabel(f"{result.metric_name} gain with the layer in {result.fallback}")
-    ax.set_title(f"per-layer sensitivity (red: fell back to {result.fallback}; unmeasured layers at 0)")
+    ax.set_title("no layer measured alone: the all-quantized build met the budget" if result.sensitivity_skipped
+                 else f"per-layer sensitivity (red: fell back to {result.fallback}; unmeasured layers at 0)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
