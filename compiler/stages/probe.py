@@ -3,9 +3,11 @@ timed interleaved on the target's runtime, plus the CPU's int8-relevant instruct
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -198,7 +200,11 @@ def graph_flops(onnx_path: Path, batch: int, seq: int) -> dict[str, Any]:
         for d, v in zip(dims, (batch, seq)):
             d.ClearField("dim_param")
             d.dim_value = int(v)
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    # onnxruntime's symbolic inference saves sym_shape_infer_temp.onnx (+ external data) into the current
+    # directory when it cannot finish (e.g. TensorRT's FP4/FP8 custom ops) and then raises: run it in a
+    # scratch directory so a build never litters the user's working directory
+    with tempfile.TemporaryDirectory(prefix="qcompile-flops-") as scratch, contextlib.chdir(scratch):
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     shapes = {}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         dims = v.type.tensor_type.shape.dim

@@ -653,7 +653,8 @@ def unmet_message(result: RepairResult) -> str:
     head = (f"budget met with {need} of {result.total} layers in {result.fallback}; "
             f"max_fallback_fraction={frac:g} allows {result.allowed}" if need else
             f"budget not met even with all {result.total} layers in {result.fallback}")
-    return (f"{head} (best within it: {result.metric_name} {best.metric:.5f}, drop {best.drop:.5f} > "
+    # 6 significant digits: a tight budget (1e-6) beside a 5-decimal drop read "drop 0.00000 > 1e-06"
+    return (f"{head} (best within it: {result.metric_name} {best.metric:.6g}, drop {best.drop:.6g} > "
             f"max_task_drop {result.budget:g} with {best.fallback_layers} layers) -- "
             + (f"raise recipe.repair.max_fallback_fraction to {need / result.total:.2f}" if need else
                "use a wider fallback (fp32) or a looser budget"))

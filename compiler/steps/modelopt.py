@@ -153,7 +153,6 @@ def check_layer_formats(module, layer_formats: Dict[str, str]) -> None:
 
     for layer, fmt in sorted(layer_formats.items()):
         sub = module.get_submodule(layer)
-        found = [q for n, q in sub.named_modules() if n.rpartition(".")[2] == "weight_quantizer"]
         if fmt == FULL_PRECISION:
             wrong = [q for n, q in sub.named_modules() if n.endswith("_quantizer") and getattr(q, "is_enabled", False)]
             if wrong:
@@ -161,6 +160,7 @@ def check_layer_formats(module, layer_formats: Dict[str, str]) -> None:
             continue
         want = next(e["cfg"].get("num_bits") for e in preset_config(fmt).get("quant_cfg", [])
                     if e.get("quantizer_name") == "*weight_quantizer" and isinstance(e.get("cfg"), dict))
+        found = [q for n, q in sub.named_modules() if n.rpartition(".")[2] == "weight_quantizer"]
         if not found or any(tuple(_as_tuple(q.num_bits)) != tuple(_as_tuple(want)) for q in found):
             got = sorted({str(q.num_bits) for q in found}) or ["no weight quantizer"]
             raise BuildError(f"layer {layer} was given format {fmt} (weight num_bits {want}) but carries {got}")

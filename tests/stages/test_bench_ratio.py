@@ -86,6 +86,28 @@ def test_graph_flops_of_tiny_bert(exported):
     assert f["gflop"] * 1e9 == expected and f["matmuls_counted"] == 16 and f["matmuls_unknown_shape"] == 0
 
 
+def test_graph_flops_leaves_no_file_in_the_working_directory(tmp_path, monkeypatch):
+    """A graph onnxruntime's symbolic shape inference cannot finish (a TensorRT custom op, as in every NVFP4
+    graph): it raises, and the sym_shape_infer_temp.onnx (+ external data) it saves on the way lands in a scratch
+    directory, not in the directory the user ran qcompile from."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("TRT_FP4DynamicQuantize", ["x"], ["y"], domain="trt")
+    graph = helper.make_graph([node], "custom", [x], [y])
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("trt", 1)]),
+              str(path))
+    cwd = tmp_path / "user"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
+        graph_flops(path, 1, 4)
+    assert list(cwd.iterdir()) == []
+
+
 def test_cpu_info_reads_flags_from_cpuinfo_text():
     text = "model name\t: Test CPU\nflags\t\t: fpu sse avx2 fma avx512f avx512_vnni amx_int8\n"
     info = cpu_info(text)

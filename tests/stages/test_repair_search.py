@@ -18,6 +18,7 @@ from compiler.stages.repair import (
     search,
     search_fallbacks,
     sensitivity_unless_met,
+    unmet_message,
 )
 from compiler.stages.repair_metric import fidelity_metric
 
@@ -90,6 +91,18 @@ def test_backward_pass_drops_a_pick_that_later_picks_made_redundant():
     assert len(set(calls)) == len(calls)
     # forward selection alone, stopped at allowed=2, would have missed the budget (p, q: 0.94)
     assert redundant(["p", "q"]) < 0.98
+
+
+def test_unmet_message_shows_a_tiny_drop_against_a_tight_budget():
+    """Drops print to 6 significant digits: with 5 decimals a 3e-7 drop read "drop 0.00000 > 1e-06"."""
+    out = search(lambda s: 1.0 - 3e-6 + 1e-6 * len(s), {"base_metric": 1.0 - 3e-6, "layers": [
+        {"name": n, "role": "", "proxy_error": None, "gain": 1e-6} for n in ("a", "b")]},
+        "cosine", 5e-7, "fp8", 2, "nvfp4", {"a": 1, "b": 1})
+    out.fraction = 1.0
+    assert not out.met and out.needed is None
+    msg = unmet_message(out)
+    assert "budget not met even with all 2 layers in fp8" in msg
+    assert "cosine 0.999999, drop 1e-06 > max_task_drop 5e-07 with 2 layers" in msg, msg
 
 
 def test_reference_is_the_metrics_own_fp32_value():
