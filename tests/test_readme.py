@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.commands.cli import SUBCOMMANDS, _job_overrides
+from compiler.commands.cli import SUBCOMMANDS
 from compiler.core.paths import RECIPES_DIR
 from compiler.core.status import EXIT_CODES
 
@@ -179,6 +179,25 @@ def _plugin_missing(overrides) -> str:
     return ""
 
 
+def _sweep_jobs(overrides):
+    """Each value of each sweep (`key=a,b`, `choice(...)`) once, the other keys at their first value, as the
+    CLI checks a multirun before its first job; `glob(...)` and `interval(...)` are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            choices.append([o.input_line])
+            continue
+        try:
+            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        except Exception:  # glob(), interval(): expanded by Hydra or the sweeper
+            choices.append([None])
+    firsts = [c[0] for c in choices]
+    jobs = [firsts] + [firsts[:i] + [v] + firsts[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
+    return [[o for o in job if o is not None] for job in jobs]
+
+
 @pytest.mark.parametrize("args", list(_qcompile_commands()))
 def test_every_qcompile_command_on_a_page_is_valid(args):
     """A subcommand exists; a build or sweep composes with Hydra as the CLI does (each sweep value once) and
@@ -202,7 +221,7 @@ def test_every_qcompile_command_on_a_page_is_valid(args):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3", job_name="qcompile"):
-            for job in (_job_overrides(overrides) if multirun else [overrides]):
+            for job in (_sweep_jobs(overrides) if multirun else [overrides]):
                 cfg = compose("config", overrides=job, return_hydra_config=True)
                 if not placeholder:
                     validate(cfg)
