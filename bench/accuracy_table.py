@@ -1,10 +1,10 @@
-"""The README's per-recipe accuracy table (issue 12): every shipped quantizing recipe built on MiniLM with the
+"""The per-recipe accuracy table of docs/accuracy.md (issue 12): every shipped quantizing recipe built on MiniLM with the
 built-in labeled data (120 paraphrase pairs: retrieval) through the real CLI, recipe.repair.enabled=true and a
 task budget of max_task_drop=0.01 on the retrieval metric; per build the task metric fp32 / target / drop with
 its paired-bootstrap 95% interval, the fidelity (mean embedding cosine), the layers that fell back and the size.
 
     python bench/accuracy_table.py                        # every quantizing recipe on torch and ort, print the table
-    python bench/accuracy_table.py --readme               # ... and rewrite the README's marked block
+    python bench/accuracy_table.py --readme               # ... and rewrite docs/accuracy.md's marked block
     python bench/accuracy_table.py --recipes nvfp4 int8 --targets torch ort --extra recipe.repair.confirm_top=36
     python bench/accuracy_table.py --render-only OUT --commit abc1234 --readme   # table of an earlier (partial) run
 
@@ -26,8 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from readme_block import compose, write_readme  # noqa: E402  (bench/, the script's own folder)
+from readme_block import compose, write_block  # noqa: E402  (bench/, the script's own folder)
 
+PAGE = "docs/accuracy.md"  # the page holding the marked block (it lived in README.md before)
 BEGIN, END = "<!-- accuracy:begin (bench/accuracy_table.py --readme) -->", "<!-- accuracy:end -->"
 
 
@@ -148,7 +149,7 @@ def main() -> None:
     ap.add_argument("--ranking-samples", type=int, default=128)  # recipe.repair.ranking_samples default
     ap.add_argument("--out", default=None, help="where the run directories go (default: a temp dir)")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every build")
-    ap.add_argument("--readme", action="store_true", help="rewrite the README's accuracy block with the table")
+    ap.add_argument("--readme", action="store_true", help="rewrite the accuracy block of docs/accuracy.md with the table")
     ap.add_argument("--render-only", metavar="OUT", default=None,
                     help="no builds: the table of the builds already under OUT (an earlier --out, finished or not)")
     ap.add_argument("--commit", default=None, help="with --render-only: the commit the builds ran at")
@@ -161,7 +162,7 @@ def main() -> None:
         text = render(rows, a, a.commit or "?")
         print(text)
         if a.readme:
-            write_readme(text, BEGIN, END, "accuracy table")
+            write_block(PAGE, text, BEGIN, END, "accuracy table")
         return
     out = Path(a.out or tempfile.mkdtemp(prefix="accuracy-table-")).resolve()
     cache = out / "cache"  # fresh per run, shared by its builds: the sensitivities are measured, not read back
@@ -182,7 +183,7 @@ def main() -> None:
         [{k: v for k, v in r.items() if k != "report"} | {"cells": cells(r)} for r in rows], indent=1) + "\n")
     print(f"\nrun directories under {out}")
     if a.readme:
-        write_readme(text, BEGIN, END, "accuracy table")
+        write_block(PAGE, text, BEGIN, END, "accuracy table")
 
 
 if __name__ == "__main__":

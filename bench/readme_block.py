@@ -1,5 +1,5 @@
 """What the bench scripts share: the recipe the CLI would build (Hydra compose of recipes/, no weights load) and
-rewriting one marked block of the README with a script's result."""
+rewriting one marked block of a documentation page (docs/speed.md, docs/accuracy.md) with a script's result."""
 
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ def compose(overrides: list[str]):
     return cfg
 
 
-def write_readme(text: str, begin: str, end: str, what: str) -> None:
-    """Replace what lies between the README's `begin` and `end` markers with text."""
-    readme = REPO / "README.md"
-    old = readme.read_text()
+def write_block(page: str, text: str, begin: str, end: str, what: str) -> None:
+    """Replace what lies between the `begin` and `end` markers of `page` (a path from the repository root,
+    e.g. docs/speed.md) with text."""
+    doc = REPO / page
+    old = doc.read_text()
     if begin not in old or end not in old:
-        raise SystemExit(f"README.md has no {begin} ... {end} block to rewrite")
+        raise SystemExit(f"{page} has no {begin} ... {end} block to rewrite")
     head, rest = old.split(begin, 1)
-    readme.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
-    print(f"rewritten: {readme} ({what})")
+    doc.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    print(f"rewritten: {doc} ({what})")

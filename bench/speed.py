@@ -5,7 +5,7 @@ fp32 matrix-product peak; optionally times full builds of this tree against a gi
 
     python bench/speed.py                                   # MiniLM: torch fp32, ORT fp32, int8_static, int4
     python bench/speed.py --model tiny_bert --variants fp32:torch int8_static:ort --rounds 3
-    python bench/speed.py --build-times main --readme       # + full-build wall times, README section rewritten
+    python bench/speed.py --build-times main --readme       # + full-build wall times, docs/speed.md block rewritten
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from readme_block import compose, write_readme  # noqa: E402  (bench/, the script's own folder)
+from readme_block import compose, write_block  # noqa: E402  (bench/, the script's own folder)
 
 
 def build(model, recipe, target, out_dir: Path, extra):
@@ -174,6 +174,7 @@ def render(args, rows, base, clock_name, extra, builds):
     return "\n".join(lines)
 
 
+PAGE = "docs/speed.md"  # the page holding the marked block (it lived in README.md before)
 BEGIN, END = "<!-- speed:begin (bench/speed.py --readme) -->", "<!-- speed:end -->"
 
 
@@ -192,8 +193,8 @@ def main():
                     help="also time full `python -m compiler` builds (check + bench) of this tree and of GIT_REF, "
                          "cold and warm cache, interleaved")
     ap.add_argument("--build-args", nargs="*", default=["model=minilm", "recipe=int8_static", "target=ort"])
-    ap.add_argument("--readme", action="store_true", help="rewrite the README's speed section with the result")
-    ap.add_argument("--note", default="", help="a line for the README (e.g. the machine's load during the run)")
+    ap.add_argument("--readme", action="store_true", help="rewrite the speed block of docs/speed.md with the result")
+    ap.add_argument("--note", default="", help="a line for docs/speed.md (e.g. the machine's load during the run)")
     args = ap.parse_args()
 
     from compiler.core.feeds import synthetic_feed
@@ -247,7 +248,7 @@ def main():
                                                    indent=2, default=str))
     print(f"\nwritten: {out_dir / 'speed.md'}")
     if args.readme:
-        write_readme(text, BEGIN, END, "speed section")
+        write_block(PAGE, text, BEGIN, END, "speed section")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What bad input gets, through the real CLI: the exit code (recipe error 2, build failure 1, interrupted
 130), one `qcompile: ...` line naming the key and the fix, no traceback, and nothing that looks like a
-finished run. The README section "What bad input gets" is the table of these cases."""
+finished run. docs/bad-input.md is the table of these cases."""
 
 import json
 import os

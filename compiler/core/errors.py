@@ -1,4 +1,4 @@
-"""The three ways a build can stop, each with its own exit code (documented in the README)."""
+"""The three ways a build can stop, each with its own exit code (documented in docs/bad-input.md)."""
 
 from __future__ import annotations
 

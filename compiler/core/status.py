@@ -28,7 +28,7 @@ class Status(str, Enum):
     __format__ = str.__format__
 
 
-# What each outcome exits with (the README's exit codes). A sweep exits like its worst run: the highest
+# What each outcome exits with (the README's exit codes; docs/bad-input.md). A sweep exits like its worst run: the highest
 # code; combinations the capability table rules out are holes in the matrix, not failures.
 EXIT_CODES = {
     Status.PASSED: 0,
