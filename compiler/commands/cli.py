@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -13,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from compiler.commands.search import BuildResult, check_objectives, objective_values, read_report
 from compiler.commands.sweep import JOBS_DIR, read_sweep_exit_code
 from compiler.core.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
-from compiler.core.logs import console_for_qcompile_only, log_file, route_library_logs, strip_ansi
+from compiler.core.logs import configure_console, console_for_qcompile_only, log_file, route_library_logs, strip_ansi
 from compiler.core.paths import RECIPES_DIR
 from compiler.core.status import Status, exit_code
 
@@ -73,12 +74,17 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
     error line) and the final run dir (None: none kept); prints errors as one line, tracebacks only with
     verbose=true."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from compiler.stages import rundir
 
+    started = time.perf_counter()
     route_library_logs()  # Hydra has set up logging by now: libraries' logs to the run's log file only
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     verbose = _verbose(cfg)
+    job = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
+    configure_console(verbose=verbose, stages=job is None)  # a sweep: one line per job, not per stage
     try:
         rundir.begin(run_dir)
         from compiler.stages.validate import validate
@@ -129,17 +135,32 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
               file=sys.stderr)
         return _outcome(status=Status.INTERNAL_ERROR, line=line), final
     final = rundir.succeed(run_dir)
-    print_summary(report, final, skipped=[f"{name} skipped ({name}.enabled=false)" for name in ("check", "bench")
-                                          if not getattr(spec, name).enabled])
+    if job is not None:
+        print_job_line(report, final, job, time.perf_counter() - started)
+    else:
+        print_summary(report, final, skipped=[f"{name} skipped ({name}.enabled=false)" for name in ("check", "bench")
+                                              if not getattr(spec, name).enabled])
     return _outcome(), final
 
 
+def speedup_text(bench: Dict[str, Any], suffix: str = "") -> Optional[str]:
+    """The same-run speed ratio to the fp32 engine with its spread (min..max of the per-round ratios of the
+    interleaved rounds, compiler/stages/bench.py), e.g. "1.42x (rounds 1.38..1.47)"; None without an fp32
+    baseline in the run."""
+    if "speedup_vs_fp32" not in bench:
+        return None
+    spread = bench.get("speedup_vs_fp32_spread")
+    rounds = f" (rounds {spread[0]:.2f}..{spread[1]:.2f})" if spread and len(spread) == 2 else ""
+    return f"{bench['speedup_vs_fp32']:.2f}x{suffix}{rounds}"
+
+
 def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
-    """The build's metrics as a table; stages the recipe turned off are named instead of shown empty."""
+    """The build's metrics as a table (the bench's same-run speed ratio to fp32 next to its latency); stages
+    the recipe turned off are named instead of shown empty; notes; the repair's budget; the run directory."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
+    console = Console(stderr=False, soft_wrap=True)
     b = report["build"]
     title = f"qcompile {b['model']} / {b['recipe']} / {b['target']}: {report.get('status')}"
     table = Table(title=title)
@@ -156,6 +177,11 @@ def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
     for k in ("latency_ms_p50", "latency_ms_p90", "samples_per_s", "peak_rss_mb", "artifact_mb"):
         if k in bench:
             table.add_row(k, f"{bench[k]:.3f}")
+        if k == "latency_ms_p50" and speedup_text(bench):
+            table.add_row("speedup_vs_fp32 (same run)", speedup_text(bench))  # clock: REPORT.md
+    data = bench.get("data_shapes") or {}
+    if speedup_text(data):
+        table.add_row("speedup_vs_fp32 (evaluation sentences)", speedup_text(data))
     if table.row_count:
         console.print(table)
     else:
@@ -165,10 +191,28 @@ def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
     if chk.get("task"):
         from compiler.stages.report import task_line
 
-        console.print(f"task metric: {task_line(chk['task'])}", markup=False, soft_wrap=True)
+        console.print(f"task metric: {task_line(chk['task'])}", markup=False)
+    budget_note = (report.get("repair") or {}).get("budget_note")
+    if budget_note:
+        console.print(f"repair budget: {budget_note}", markup=False)
     for note in report.get("notes") or []:
         console.print(f"note: {note}", style="yellow", markup=False)
-    console.print(f"run directory: {run_dir}")
+    console.print(f"run directory: {run_dir}", markup=False, highlight=False)
+
+
+def print_job_line(report, run_dir: Path, num: int, seconds: float) -> None:
+    """A sweep job's one console line: what it built, how it ended, its fidelity and speed, where it is."""
+    b = report["build"]
+    parts = [f"#{num} {b['model']} / {b['recipe']} / {b['target']}: {report.get('status')} in {seconds:.1f} s"]
+    fidelity = report.get("check", {}).get("fidelity", {})
+    for k in ("embedding_cosine_mean", "label_agreement"):
+        if k in fidelity:
+            parts.append(f"{k} {fidelity[k]:.5f}")
+    bench = report.get("bench", {})
+    if "latency_ms_p50" in bench:
+        speed = speedup_text(bench, " fp32")
+        parts.append(f"p50 {bench['latency_ms_p50']:.3f} ms" + (f", {speed}" if speed else ""))
+    print(" -- ".join(parts) + f" -> {run_dir}", flush=True)
 
 
 def _key_fix(full_key: str) -> Tuple[str, str]:
