@@ -62,10 +62,20 @@ def _objective_names(cfg) -> Tuple[str, ...]:
 def build_job(cfg) -> BuildResult:
     """The Hydra task: one build, returned as its objectives for a sweeper (compiler/commands/search.py:
     measured values for a build that passed or failed its gate, a penalty that every real point dominates
-    for one that failed) carrying its outcome (exit code, status, error line) for the sweep summary."""
+    for one that failed) carrying its outcome (exit code, status, error line) for the sweep summary. In a
+    sweep, the job's one console line."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    started = time.perf_counter()
     outcome, final = _build(cfg)
     names = _objective_names(cfg)
     report = read_report(final) if outcome["status"] in (Status.PASSED, Status.GATE_FAILED) else None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        choices = hydra_cfg.runtime.choices
+        print_job_line(hydra_cfg.job.num, f"{choices.get('model')} / {choices.get('recipe')} / {choices.get('target')}",
+                       outcome, report, final, time.perf_counter() - started)
     return BuildResult(objective_values(report, names), names, outcome)
 
 
@@ -78,13 +88,12 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
 
     from compiler.stages import rundir
 
-    started = time.perf_counter()
     route_library_logs()  # Hydra has set up logging by now: libraries' logs to the run's log file only
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     verbose = _verbose(cfg)
-    job = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
-    configure_console(verbose=verbose, stages=job is None)  # a sweep: one line per job, not per stage
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    configure_console(verbose=verbose, stages=not in_sweep)  # a sweep: one line per job (build_job), not per stage
     try:
         rundir.begin(run_dir)
         from compiler.stages.validate import validate
@@ -135,9 +144,7 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
               file=sys.stderr)
         return _outcome(status=Status.INTERNAL_ERROR, line=line), final
     final = rundir.succeed(run_dir)
-    if job is not None:
-        print_job_line(report, final, job, time.perf_counter() - started)
-    else:
+    if not in_sweep:  # a sweep's job prints one line instead (build_job)
         print_summary(report, final, skipped=[f"{name} skipped ({name}.enabled=false)" for name in ("check", "bench")
                                               if not getattr(spec, name).enabled])
     return _outcome(), final
@@ -200,19 +207,22 @@ def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
     console.print(f"run directory: {run_dir}", markup=False, highlight=False)
 
 
-def print_job_line(report, run_dir: Path, num: int, seconds: float) -> None:
-    """A sweep job's one console line: what it built, how it ended, its fidelity and speed, where it is."""
-    b = report["build"]
-    parts = [f"#{num} {b['model']} / {b['recipe']} / {b['target']}: {report.get('status')} in {seconds:.1f} s"]
-    fidelity = report.get("check", {}).get("fidelity", {})
+def print_job_line(num: int, build: str, outcome: Dict[str, Any], report: Optional[Dict[str, Any]],
+                   run_dir: Optional[Path], seconds: float) -> None:
+    """A sweep job's one console line: which build, how it ended, its fidelity and same-run speed ratio (or its
+    error), where its run directory is."""
+    parts = [f"#{num} {build}: {outcome['status']} in {seconds:.1f} s"]
+    if outcome.get("error") and outcome["status"] != Status.PASSED:
+        parts.append(str(outcome["error"]))
+    fidelity = (report or {}).get("check", {}).get("fidelity", {})
     for k in ("embedding_cosine_mean", "label_agreement"):
         if k in fidelity:
             parts.append(f"{k} {fidelity[k]:.5f}")
-    bench = report.get("bench", {})
+    bench = (report or {}).get("bench", {})
     if "latency_ms_p50" in bench:
         speed = speedup_text(bench, " fp32")
         parts.append(f"p50 {bench['latency_ms_p50']:.3f} ms" + (f", {speed}" if speed else ""))
-    print(" -- ".join(parts) + f" -> {run_dir}", flush=True)
+    print(" -- ".join(parts) + (f" -> {run_dir}" if run_dir is not None else ""), flush=True)
 
 
 def _key_fix(full_key: str) -> Tuple[str, str]:

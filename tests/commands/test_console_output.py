@@ -103,10 +103,13 @@ def test_summary_without_an_fp32_baseline_has_no_ratio_row(capsys, tmp_path):
     assert "latency_ms_p50" in out and "speedup" not in out
 
 
-def test_sweep_job_line_says_the_build_its_fidelity_and_speed_ratio(capsys, tmp_path):
-    print_job_line(_report(), tmp_path, 3, 12.34)
+def test_sweep_job_line_says_the_build_its_fidelity_and_speed_ratio_or_its_error(capsys, tmp_path):
+    print_job_line(3, "m / r / t", {"status": "passed", "error": None}, _report(), tmp_path, 12.34)
     assert capsys.readouterr().out == (f"#3 m / r / t: passed in 12.3 s -- embedding_cosine_mean 0.99000 -- "
                                        f"p50 2.000 ms, 1.42x fp32 (rounds 1.38..1.47) -> {tmp_path}\n")
+    print_job_line(4, "m / r / t", {"status": "recipe error", "error": "recipe error: data.seq_len: bad value"},
+                   None, None, 0.5)
+    assert capsys.readouterr().out == "#4 m / r / t: recipe error in 0.5 s -- recipe error: data.seq_len: bad value\n"
 
 
 def test_console_handlers_show_stages_and_qcompile_warnings_only(tmp_path):
