@@ -104,9 +104,9 @@ def _is_console(handler: logging.Handler) -> bool:
 
 def route_library_logs() -> None:
     """After Hydra configured logging (console + <run dir>/<job>.log on the root logger): the console
-    handlers show qcompile's loggers only (see ConsoleFilter), library loggers with handlers of their own (modelopt's) hand
-    their records to the root's handlers instead, and Python warnings become log records (py.warnings),
-    so they land in the log file. Idempotent."""
+    handlers show qcompile's loggers only (a ConsoleFilter on each), library loggers with handlers of their
+    own (modelopt's) hand their records to the root's handlers instead, and Python warnings become log
+    records (py.warnings), so they land in the log file. Idempotent."""
     root = logging.getLogger()
     for handler in root.handlers:
         if _is_console(handler) and not any(isinstance(f, ConsoleFilter) for f in handler.filters):
