@@ -20,6 +20,7 @@ from compiler.stages.bench import bench_engine, int8_speed_note
 from compiler.stages.check import run_check
 from compiler.stages.data import Dataset, load_data
 from compiler.core.errors import GateError
+from compiler.core.logs import stage_extra
 from compiler.core.status import Status
 from compiler.graph.io import onnx_size_bytes, op_histogram
 from compiler.stages.export import export_onnx
@@ -38,11 +39,13 @@ log = logging.getLogger("qcompile")
 
 @contextmanager
 def stage(name: str, timings: Dict[str, float]):
+    """Times a stage. Its start goes to cli.log; its end is the one line the console shows for it
+    (compiler.core.logs.ConsoleHandler draws records that carry stage_extra)."""
     log.info("[%s] ...", name)
     t0 = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - t0, 3)
-    log.info("[%s] done in %.1fs", name, timings[name])
+    log.info("[%s] done in %.1fs", name, timings[name], extra=stage_extra(name, timings[name]))
 
 
 def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None, roles=None) -> StepContext:

@@ -204,7 +204,7 @@ def test_more_samples_than_exist_clamps_with_a_warning(qcompile, tmp_path):
     r = qcompile(*BASE, *FAST, f"data.evaluation_file={three}", "data.evaluation_samples=8", "bench.enabled=false",
                  f'recipe.description="{payload}"', timeout=600)
     assert r.rc == 0, r
-    assert "data.evaluation_samples=8 but three.txt has only 3 sentences: using all 3" in r.stdout + r.stderr
+    assert "warning: data.evaluation_samples=8 but three.txt has only 3 sentences: using all 3" in r.stderr
     (run,) = r.run_dirs()
     report = json.loads((run / "report.json").read_text())
     assert report["data"]["evaluation_samples"] == 3 and report["check"]["samples"] == 3
@@ -242,7 +242,9 @@ def test_ctrl_c_in_the_middle_of_a_build(tmp_path):
         fd = _wait_for_reader(fifo, proc, deadline)  # validation's read
         os.write(fd, sentences)
         os.close(fd)  # EOF: validation has its sentences
-        while "[load] ..." not in (tmp_path / "stdout.txt").read_text():  # validation is over
+        # validation is over once the load stage's start is in the run's cli.log (the console shows a stage when
+        # it ends)
+        while not any("[load] ..." in log.read_text() for log in (tmp_path / "outputs").rglob("cli.log")):
             assert time.time() < deadline and proc.poll() is None, "the build never logged its load stage"
             time.sleep(0.05)
         fd = _wait_for_reader(fifo, proc, deadline)  # the load stage's read: it now waits for data

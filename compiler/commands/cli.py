@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -13,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from compiler.commands.search import BuildResult, check_objectives, objective_values, read_report
 from compiler.commands.sweep import JOBS_DIR, read_sweep_exit_code
 from compiler.core.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
-from compiler.core.logs import console_for_qcompile_only, log_file, route_library_logs, strip_ansi
+from compiler.core.logs import configure_console, console_for_qcompile_only, log_file, route_library_logs, strip_ansi
 from compiler.core.paths import RECIPES_DIR
 from compiler.core.status import Status, exit_code
 
@@ -61,10 +62,20 @@ def _objective_names(cfg) -> Tuple[str, ...]:
 def build_job(cfg) -> BuildResult:
     """The Hydra task: one build, returned as its objectives for a sweeper (compiler/commands/search.py:
     measured values for a build that passed or failed its gate, a penalty that every real point dominates
-    for one that failed) carrying its outcome (exit code, status, error line) for the sweep summary."""
+    for one that failed) carrying its outcome (exit code, status, error line) for the sweep summary. In a
+    sweep, the job's one console line."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    started = time.perf_counter()
     outcome, final = _build(cfg)
     names = _objective_names(cfg)
     report = read_report(final) if outcome["status"] in (Status.PASSED, Status.GATE_FAILED) else None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        choices = hydra_cfg.runtime.choices
+        print_job_line(hydra_cfg.job.num, f"{choices.get('model')} / {choices.get('recipe')} / {choices.get('target')}",
+                       outcome, report, final, time.perf_counter() - started)
     return BuildResult(objective_values(report, names), names, outcome)
 
 
@@ -73,12 +84,16 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
     error line) and the final run dir (None: none kept); prints errors as one line, tracebacks only with
     verbose=true."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from compiler.stages import rundir
 
     route_library_logs()  # Hydra has set up logging by now: libraries' logs to the run's log file only
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     verbose = _verbose(cfg)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    configure_console(verbose=verbose, stages=not in_sweep)  # a sweep: one line per job (build_job), not per stage
     try:
         rundir.begin(run_dir)
         from compiler.stages.validate import validate
@@ -129,17 +144,30 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
               file=sys.stderr)
         return _outcome(status=Status.INTERNAL_ERROR, line=line), final
     final = rundir.succeed(run_dir)
-    print_summary(report, final, skipped=[f"{name} skipped ({name}.enabled=false)" for name in ("check", "bench")
-                                          if not getattr(spec, name).enabled])
+    if not in_sweep:  # a sweep's job prints one line instead (build_job)
+        print_summary(report, final, skipped=[f"{name} skipped ({name}.enabled=false)" for name in ("check", "bench")
+                                              if not getattr(spec, name).enabled])
     return _outcome(), final
 
 
+def speedup_text(bench: Dict[str, Any], suffix: str = "") -> Optional[str]:
+    """The same-run speed ratio to the fp32 engine with its spread (min..max of the per-round ratios of the
+    interleaved rounds, compiler/stages/bench.py), e.g. "1.42x (rounds 1.38..1.47)"; None without an fp32
+    baseline in the run."""
+    if "speedup_vs_fp32" not in bench:
+        return None
+    spread = bench.get("speedup_vs_fp32_spread")
+    rounds = f" (rounds {spread[0]:.2f}..{spread[1]:.2f})" if spread and len(spread) == 2 else ""
+    return f"{bench['speedup_vs_fp32']:.2f}x{suffix}{rounds}"
+
+
 def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
-    """The build's metrics as a table; stages the recipe turned off are named instead of shown empty."""
+    """The build's metrics as a table (the bench's same-run speed ratio to fp32 next to its latency); stages
+    the recipe turned off are named instead of shown empty; notes; the repair's budget; the run directory."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
+    console = Console(stderr=False, soft_wrap=True)
     b = report["build"]
     title = f"qcompile {b['model']} / {b['recipe']} / {b['target']}: {report.get('status')}"
     table = Table(title=title)
@@ -156,6 +184,11 @@ def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
     for k in ("latency_ms_p50", "latency_ms_p90", "samples_per_s", "peak_rss_mb", "artifact_mb"):
         if k in bench:
             table.add_row(k, f"{bench[k]:.3f}")
+        if k == "latency_ms_p50" and speedup_text(bench):
+            table.add_row("speedup_vs_fp32 (same run)", speedup_text(bench))  # clock: REPORT.md
+    data = bench.get("data_shapes") or {}
+    if speedup_text(data):
+        table.add_row("speedup_vs_fp32 (evaluation sentences)", speedup_text(data))
     if table.row_count:
         console.print(table)
     else:
@@ -165,10 +198,31 @@ def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
     if chk.get("task"):
         from compiler.stages.report import task_line
 
-        console.print(f"task metric: {task_line(chk['task'])}", markup=False, soft_wrap=True)
+        console.print(f"task metric: {task_line(chk['task'])}", markup=False)
+    budget_note = (report.get("repair") or {}).get("budget_note")
+    if budget_note:
+        console.print(f"repair budget: {budget_note}", markup=False)
     for note in report.get("notes") or []:
         console.print(f"note: {note}", style="yellow", markup=False)
-    console.print(f"run directory: {run_dir}")
+    console.print(f"run directory: {run_dir}", markup=False, highlight=False)
+
+
+def print_job_line(num: int, build: str, outcome: Dict[str, Any], report: Optional[Dict[str, Any]],
+                   run_dir: Optional[Path], seconds: float) -> None:
+    """A sweep job's one console line: which build, how it ended, its fidelity and same-run speed ratio (or its
+    error), where its run directory is."""
+    parts = [f"#{num} {build}: {outcome['status']} in {seconds:.1f} s"]
+    if outcome.get("error") and outcome["status"] != Status.PASSED:
+        parts.append(str(outcome["error"]))
+    fidelity = (report or {}).get("check", {}).get("fidelity", {})
+    for k in ("embedding_cosine_mean", "label_agreement"):
+        if k in fidelity:
+            parts.append(f"{k} {fidelity[k]:.5f}")
+    bench = (report or {}).get("bench", {})
+    if "latency_ms_p50" in bench:
+        speed = speedup_text(bench, " fp32")
+        parts.append(f"p50 {bench['latency_ms_p50']:.3f} ms" + (f", {speed}" if speed else ""))
+    print(" -- ".join(parts) + (f" -> {run_dir}" if run_dir is not None else ""), flush=True)
 
 
 def _key_fix(full_key: str) -> Tuple[str, str]:

@@ -1,5 +1,7 @@
-"""Where output goes during a build: qcompile's own loggers to the console and the run's log file, the
-libraries' logs, warnings and raw prints (torch.onnx, onnx_ir, onnxscript, modelopt) to the log file only."""
+"""Where output goes during a build: the console shows one line per stage, qcompile's warnings and errors
+(recipes/hydra/job_logging/qcompile.yaml wires the handlers); everything else -- qcompile's INFO records,
+the libraries' logs, warnings and raw prints (torch.onnx, onnx_ir, onnxscript, modelopt) -- goes to the
+run's log file (cli.log) only."""
 
 from __future__ import annotations
 
@@ -25,12 +27,74 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+# a stage's closing record (compiler.pipeline.stage) carries these attributes: the console draws it as one line
+STAGE_KEYS = ("stage", "seconds")
+
+
+def stage_extra(name: str, seconds: float) -> dict:
+    """The `extra` of a stage's closing log record."""
+    return dict(zip(STAGE_KEYS, (name, seconds)))
+
+
+def _ours(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in CONSOLE_LOGGERS)
+
+
 class ConsoleFilter(logging.Filter):
-    """Passes qcompile's records only (a library's records still reach the file handlers)."""
+    """What one console handler shows of qcompile's records (a library's records only reach the file handlers).
+    shows="stages": the line each stage ends with (not in a sweep: one line per job there), and with
+    verbose=true qcompile's INFO records too; "warnings": qcompile's warnings and errors (guard rails, data
+    clamped, an engine not built); "all": both (a console handler that is not qcompile's, e.g. with
+    hydra/job_logging=default). configure_console sets stages and verbose per build."""
+
+    def __init__(self, shows: str = "all"):
+        super().__init__()
+        self.shows = shows
+        self.stages = True
+        self.verbose = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        name = record.name
-        return any(name == p or name.startswith(p + ".") for p in CONSOLE_LOGGERS)
+        if not _ours(record.name):
+            return False
+        warning = record.levelno >= logging.WARNING
+        if warning:
+            return self.shows != "stages"
+        if self.shows == "warnings":
+            return False
+        return self.stages if hasattr(record, STAGE_KEYS[0]) else self.verbose
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """The console end of qcompile's logging, drawn with rich: a stage as "name  seconds", a warning or error as
+    one line led by its level word (coloured on a terminal, plain in a pipe or file), never wrapped; no
+    timestamps (cli.log has them). A StreamHandler, so console_for_qcompile_only can point it elsewhere."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from rich.console import Console
+            from rich.text import Text
+
+            if hasattr(record, STAGE_KEYS[0]):
+                text = Text.assemble("  ", (f"{record.stage:<15}", "bold"), f"{record.seconds:>7.1f} s")
+            else:
+                msg = strip_ansi(self.format(record))
+                if record.levelno >= logging.WARNING:
+                    word = record.levelname.lower()
+                    text = Text(f"{word}: {msg}", style="yellow" if word == "warning" else "bold red")
+                else:
+                    text = Text(msg, style="dim")
+            Console(file=self.stream, soft_wrap=True, highlight=False).print(text)
+        except Exception:  # noqa: BLE001 -- logging must not break the build it describes
+            self.handleError(record)
+
+
+def configure_console(verbose: bool = False, stages: bool = True) -> None:
+    """Per build: whether the console shows the stage lines (a sweep shows one line per job instead) and,
+    with verbose=true, qcompile's INFO records (cache hits, fallbacks taken) as well."""
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, ConsoleFilter):
+                f.verbose, f.stages = bool(verbose), bool(stages)
 
 
 def _is_console(handler: logging.Handler) -> bool:
@@ -40,9 +104,9 @@ def _is_console(handler: logging.Handler) -> bool:
 
 def route_library_logs() -> None:
     """After Hydra configured logging (console + <run dir>/<job>.log on the root logger): the console
-    handlers show qcompile's loggers only, library loggers with handlers of their own (modelopt's) hand
-    their records to the root's handlers instead, and Python warnings become log records (py.warnings),
-    so they land in the log file. Idempotent."""
+    handlers show qcompile's loggers only (a ConsoleFilter on each), library loggers with handlers of their
+    own (modelopt's) hand their records to the root's handlers instead, and Python warnings become log
+    records (py.warnings), so they land in the log file. Idempotent."""
     root = logging.getLogger()
     for handler in root.handlers:
         if _is_console(handler) and not any(isinstance(f, ConsoleFilter) for f in handler.filters):

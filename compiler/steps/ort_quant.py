@@ -192,12 +192,19 @@ def _preprocess(onnx_path: Path, out_path: Path, report: dict[str, Any]) -> Path
             report["preprocess"] = label
             if failures:
                 report["preprocess_failures"] = failures
+                # expected, and handled: BERT exports stop onnxruntime's symbolic shape inference with its
+                # default settings; a working fallback is no console warning (INFO: cli.log only)
+                log.info("quant_pre_process: settings %s worked after %s failed (expected on BERT and ModernBERT "
+                         "exports: onnxruntime's symbolic shape inference is incomplete on them by default)",
+                         label, ", ".join(f.split(":")[0] for f in failures))
             return out_path
         except Exception as e:  # the shape-inference helpers raise bare Exception / AssertionError
             failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
-            log.info("quant_pre_process (%s) failed: %s", label, failures[-1])
+            log.info("quant_pre_process with settings %s failed (next settings follow): %s", label, failures[-1])
     report["preprocess"] = "skipped (every attempt failed)"
     report["preprocess_failures"] = failures
+    log.info("quant_pre_process failed with every setting: the graph is quantized as exported, without "
+             "onnxruntime's pre-processing (report.json: steps.<step>.preprocess_failures)")
     return Path(onnx_path)
 
 
