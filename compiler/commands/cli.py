@@ -174,13 +174,13 @@ def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
 def _key_fix(full_key: str) -> Tuple[str, str]:
     """(what is wrong, what to write instead) for an unknown dotted key: the closest real key of its section."""
     from compiler.core.schema import RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
-    from compiler.stages.validate import _closest
+    from compiler.stages.validate import _closest, top_level_fix
     from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
     parts = full_key.split(".")
     unknown = "unknown key"
-    if len(parts) == 1:
-        return unknown, _closest(parts[0], TOP_LEVEL_KEYS)
+    if parts[0] not in TOP_LEVEL_KEYS:  # e.g. repair.enabled: did you mean recipe.repair.enabled?
+        return unknown, top_level_fix(full_key)
     if parts[0] in SECTIONS and len(parts) == 2:
         return unknown, _closest(parts[1], SECTIONS[parts[0]].__dataclass_fields__)
     if parts[0] == "recipe":
@@ -214,6 +214,9 @@ def _compose_error(e: Exception, override: str) -> RecipeError:
         return RecipeError("", f"cannot parse the override {override!r}: {str(e).splitlines()[0]}",
                            "write key=value, e.g. data.seq_len=64 (lists: key=[a,b]; a sweep: key=a,b with -m)")
     key = str(getattr(e.__cause__, "full_key", "") or "")
+    if key and "." not in key:  # Hydra names only the unknown first part: the key as the user wrote it
+        key = next((k for k in (a.split("=", 1)[0].lstrip("+~") for a in override.split()) if k.startswith(key + ".")),
+                   key)
     if key and "Could not override" in str(e):
         return RecipeError(key, *_key_fix(key))
     return RecipeError("", " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:400])
