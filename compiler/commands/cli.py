@@ -302,6 +302,11 @@ def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str], Option
         # refused before Hydra starts: it would already rewrite .hydra/ and cli.log in there
         return RecipeError("hydra.run.dir", f"{where} already holds a finished run",
                            "choose another hydra.run.dir; finished runs are never overwritten"), argv, None
+    if explicit and where.is_dir() and any(where.iterdir()):
+        # the run dir is renamed X.gate-failed / X.FAILED when the build ends there (compiler/stages/rundir.py),
+        # and every file in it is hashed as an artifact: it must hold this build's files only
+        return RecipeError("hydra.run.dir", f"{where} exists and is not empty",
+                           "name a new or empty directory: a run directory holds one build's files only"), argv, None
     return _writable(where, "hydra.run.dir" if explicit else "outputs", explicit=bool(explicit)), argv, None
 
 
