@@ -78,5 +78,14 @@ def discard(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if is_staging(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
-    else:
-        (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
+        return
+    # an explicit dir (new or empty when the build began, cli._precheck): Hydra's files go, and the dir with
+    # them if nothing else is in it
+    (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    for log_file in run_dir.glob("*.log"):
+        log_file.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:  # something else is in it: left as it is
+        pass

@@ -116,6 +116,18 @@ def test_an_explicit_dir_ends_with_the_same_suffixes(tmp_path):
     assert "export failed: boom" in (final / "FAILED.md").read_text()
 
 
+def test_recipe_error_leaves_no_explicit_dir_behind(tmp_path):
+    """A recipe error found inside the job (after Hydra wrote .hydra/ and cli.log into X) leaves no X: only a
+    finished, passing run has a name without a suffix."""
+    explicit = tmp_path / "mine"
+    (explicit / ".hydra").mkdir(parents=True)
+    (explicit / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (explicit / "cli.log").write_text("log\n")
+    rundir.begin(explicit)
+    rundir.discard(explicit)
+    assert not explicit.exists()
+
+
 def test_an_explicit_dir_must_be_new_or_empty(tmp_path, monkeypatch):
     """It is renamed when its build fails and all its files are hashed as artifacts: a directory holding other
     files is refused before Hydra writes into it (an empty one, e.g. from mktemp -d, is fine)."""
