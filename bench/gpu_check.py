@@ -193,7 +193,9 @@ def run_qcompile(out_dir: Path, recipe: str, target: str, extra: list, timeout_s
     except subprocess.TimeoutExpired:
         rc, tail = 124, [f"timed out after {timeout_s}s"]
     row = {"model": model, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
-    report = run_dir / "report.json"
+    # a build that fails its gate ends as <run_dir>.gate-failed (compiler/stages/rundir.py)
+    report = next((d / "report.json" for d in (run_dir, run_dir.with_name(run_dir.name + ".gate-failed"))
+                   if (d / "report.json").exists()), run_dir / "report.json")
     if report.exists():
         r = json.loads(report.read_text())
         row.update({k: (r.get("bench") or {}).get(k) for k in ("latency_ms_p50", "speedup_vs_fp32", "artifact_mb")})

@@ -228,13 +228,13 @@ def print_job_line(num: int, build: str, outcome: Dict[str, Any], report: Option
 def _key_fix(full_key: str) -> Tuple[str, str]:
     """(what is wrong, what to write instead) for an unknown dotted key: the closest real key of its section."""
     from compiler.core.schema import RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
-    from compiler.stages.validate import _closest
+    from compiler.stages.validate import _closest, top_level_fix
     from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
     parts = full_key.split(".")
     unknown = "unknown key"
-    if len(parts) == 1:
-        return unknown, _closest(parts[0], TOP_LEVEL_KEYS)
+    if parts[0] not in TOP_LEVEL_KEYS:  # e.g. repair.enabled: did you mean recipe.repair.enabled?
+        return unknown, top_level_fix(full_key)
     if parts[0] in SECTIONS and len(parts) == 2:
         return unknown, _closest(parts[1], SECTIONS[parts[0]].__dataclass_fields__)
     if parts[0] == "recipe":
@@ -268,6 +268,9 @@ def _compose_error(e: Exception, override: str) -> RecipeError:
         return RecipeError("", f"cannot parse the override {override!r}: {str(e).splitlines()[0]}",
                            "write key=value, e.g. data.seq_len=64 (lists: key=[a,b]; a sweep: key=a,b with -m)")
     key = str(getattr(e.__cause__, "full_key", "") or "")
+    if key and "." not in key:  # Hydra names only the unknown first part: the key as the user wrote it
+        key = next((k for k in (a.split("=", 1)[0].lstrip("+~") for a in override.split()) if k.startswith(key + ".")),
+                   key)
     if key and "Could not override" in str(e):
         return RecipeError(key, *_key_fix(key))
     return RecipeError("", " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:400])
@@ -353,6 +356,11 @@ def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str], Option
         # refused before Hydra starts: it would already rewrite .hydra/ and cli.log in there
         return RecipeError("hydra.run.dir", f"{where} already holds a finished run",
                            "choose another hydra.run.dir; finished runs are never overwritten"), argv, None
+    if explicit and where.is_dir() and any(where.iterdir()):
+        # the run dir is renamed X.gate-failed / X.FAILED when the build ends there (compiler/stages/rundir.py),
+        # and every file in it is hashed as an artifact: it must hold this build's files only
+        return RecipeError("hydra.run.dir", f"{where} exists and is not empty",
+                           "name a new or empty directory: a run directory holds one build's files only"), argv, None
     return _writable(where, "hydra.run.dir" if explicit else "outputs", explicit=bool(explicit)), argv, None
 
 

@@ -13,7 +13,11 @@ import numpy as np
 
 from compiler.core.errors import RecipeError
 
-USAGE = 'qcompile predict <run dir> "a sentence" ... [--file sentences.txt] [--json] [--batch-size N]'
+USAGE = ('qcompile predict <run dir> "a sentence" ... [--file sentences.txt] [--json] [--batch-size N] [--no-verify] '
+         '[--allow-gate-failed]')
+# files that predict may load although manifest.json does not list them (a TensorRT plan made later by
+# build_engine.sh, a graph dropped in): refused like a modified artifact, since nothing vouches for them
+LOADABLE_PATTERNS = ("*.onnx", "*.onnx.data", "*.data", "*.pt", "*.pt2", "predict.json", "recipe.yaml")
 SHOWN_VALUES = 8  # embedding values printed per sentence (--json gives all of them)
 
 
@@ -26,11 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="one sentence per line (blank lines skipped)")
     p.add_argument("--json", action="store_true", help="every output value as JSON on stdout")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load the run's files even where they differ from the sha256 in its manifest.json (files "
+                        "you changed on purpose); default: refuse, as `qcompile verify` would fail")
+    p.add_argument("--allow-gate-failed", action="store_true",
+                   help="run a build that failed its accuracy gate (a <name>.gate-failed directory), to look at it")
     return p
 
 
-def finished_run(path: str) -> Path:
-    """The run directory, or a RecipeError that says why it cannot be used (exit 2)."""
+def finished_run(path: str, allow_gate_failed: bool = False) -> Path:
+    """The run directory, or a RecipeError that says why it cannot be used (exit 2): failed, unfinished, or
+    (unless allowed) a build that failed its gate, by its name's suffix or its report's status."""
+    from compiler.core.status import FAILED_SUFFIX, GATE_FAILED_SUFFIX, PARTIAL_SUFFIX, Status
     from compiler.stages.manifest import MANIFEST
     from compiler.stages.models import PREDICT_FILE
 
@@ -38,15 +49,37 @@ def finished_run(path: str) -> Path:
     fix = "pass a finished run directory: qcompile predict outputs/<date>/<run> \"a sentence\""
     if not run_dir.is_dir():
         raise RecipeError("run_dir", f"{run_dir} is not a directory", fix)
-    if (run_dir / "FAILED.md").exists() or run_dir.name.endswith((".partial", ".FAILED")):
+    if (run_dir / "FAILED.md").exists() or run_dir.name.endswith((PARTIAL_SUFFIX, FAILED_SUFFIX)):
         raise RecipeError("run_dir", f"{run_dir} is not a finished build (failed or unfinished)", fix)
     missing = [f for f in (MANIFEST, "report.json", "recipe.yaml") if not (run_dir / f).is_file()]
     if missing:
         raise RecipeError("run_dir", f"{run_dir} is not a finished qcompile run (no {', '.join(missing)})", fix)
+    status = json.loads((run_dir / "report.json").read_text()).get("status")
+    if not allow_gate_failed and (run_dir.name.endswith(GATE_FAILED_SUFFIX) or status == Status.GATE_FAILED):
+        raise RecipeError("run_dir", f"{run_dir} failed its accuracy gate (its REPORT.md says why)",
+                          "pass a run that passed, or --allow-gate-failed to look at this one anyway")
     if not (run_dir / PREDICT_FILE).is_file():
         raise RecipeError("run_dir", f"{run_dir} has no {PREDICT_FILE} and tokenizer/ (built before qcompile wrote "
                           "them)", f"rebuild it: qcompile rebuild {run_dir}")
     return run_dir
+
+
+def check_files(run_dir: Path) -> None:
+    """Every file predict may load as the build wrote it: each artifact manifest.json lists has its recorded
+    sha256 (the check `qcompile verify` makes), and no loadable file was added after the build. A RecipeError
+    naming the first file otherwise (exit 2, like predict's other refusals of a run directory)."""
+    from compiler.commands.reproduce import ENGINE_PATTERNS, _matches
+    from compiler.stages.manifest import check_artifacts
+
+    status, unlisted = check_artifacts(run_dir)
+    bad = [f"{name} is modified (its sha256 differs from the one in manifest.json)" if s == "modified"
+           else f"{name} is missing (manifest.json lists it)" for name, s in status.items() if s != "ok"]
+    bad += [f"{name} is not in manifest.json (added after the build)" for name in unlisted
+            if name.startswith("tokenizer/") or _matches(name, ENGINE_PATTERNS + LOADABLE_PATTERNS)]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise RecipeError("run_dir", f"{run_dir}: {bad[0]}{more}: refusing to run files the build did not write",
+                          f"qcompile verify {run_dir} lists every difference; pass --no-verify to run them anyway")
 
 
 def read_sentences(args) -> list[str]:
@@ -80,13 +113,16 @@ def load_engine(run_dir: Path, spec: dict[str, Any]):
     return target, engine, recipe
 
 
-def predict(run_dir: Path, sentences: list[str], batch_size: int | None = None) -> dict[str, Any]:
-    """The run's outputs for the sentences: {"task", "outputs": name -> array [N, ...], "labels"}."""
+def predict(run_dir: Path, sentences: list[str], batch_size: int | None = None, verify: bool = True) -> dict[str, Any]:
+    """The run's outputs for the sentences: {"task", "outputs": name -> array [N, ...], "labels"}. verify=False
+    loads files that differ from the run's manifest.json (check_files refuses them otherwise)."""
     from transformers import AutoTokenizer
 
     from compiler.stages.data import tokenize
     from compiler.stages.models import PREDICT_FILE
 
+    if verify:
+        check_files(run_dir)
     spec = json.loads((run_dir / PREDICT_FILE).read_text())
     target, engine, recipe = load_engine(run_dir, spec)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / spec["tokenizer"]), local_files_only=True)
@@ -133,9 +169,9 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse printed its usage line
         return 2 if e.code else 0
-    run_dir = finished_run(args.run_dir)
+    run_dir = finished_run(args.run_dir, allow_gate_failed=args.allow_gate_failed)
     sentences = read_sentences(args)
-    result = predict(run_dir, sentences, args.batch_size)
+    result = predict(run_dir, sentences, args.batch_size, verify=not args.no_verify)
     records = rows(result, sentences)
     if args.json:
         json.dump({"run_dir": str(run_dir), "task": result["task"], "target": result["target"],

@@ -72,17 +72,13 @@ def verify_run(run_dir: Path, versions: Optional[Dict[str, str]] = None,
                hardware: Optional[Dict[str, Any]] = None) -> VerifyResult:
     """Re-hash every artifact listed in manifest.json; compare versions and hardware with this machine's
     (or with the given ones: tests plant a different machine)."""
-    from compiler.stages.manifest import artifact_hashes, hardware as here_hardware, package_versions, read_manifest
-    from compiler.core.hashing import file_sha256
+    from compiler.stages.manifest import check_artifacts, hardware as here_hardware, package_versions, read_manifest
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     res = VerifyResult(run_dir=str(run_dir))
     recorded = manifest.get("artifacts", {})
-    for name, sha in sorted(recorded.items()):
-        f = run_dir / name
-        res.artifacts[name] = "missing" if not f.is_file() else ("ok" if file_sha256(f) == sha else "modified")
-    res.unlisted = sorted(set(artifact_hashes(run_dir)) - set(recorded))
+    res.artifacts, res.unlisted = check_artifacts(run_dir, manifest)
 
     installed = package_versions() if versions is None else versions
     rec_versions = manifest.get("versions", {})

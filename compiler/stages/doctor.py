@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from compiler.core.capabilities import TargetCapabilities
-from compiler.core.errors import BuildError
+from compiler.core.errors import BuildError, RecipeError
 from compiler.core.schema import CONSTANT_PROMOTE_BYTES
 from compiler.rails import (FAILED, RAIL_NAMES, SKIPPED, WARNED, RailContext, applies, coverage, first_line, fp16_types,
                             input_dependence, int8_speed, memcpy, not_applicable, provider_fallback, result, shape_inference, size,
@@ -192,9 +192,14 @@ def doctor_file(onnx_path: Path, target="ort", config=None, providers: Optional[
     cfg = config or default_config()
     onnx_path = Path(onnx_path)
     try:
-        onnx.load(str(onnx_path), load_external_data=False)
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        if not model.ir_version or not model.graph.node:  # protobuf parses an empty file as an empty ModelProto
+            raise ValueError("no ir_version or no graph nodes: empty or not an ONNX model")
     except Exception as e:
-        raise BuildError(f"{onnx_path} is not a readable ONNX model: {first_line(e)}") from None
+        # the file is the caller's argument (`qcompile doctor <file>`), not something a build produced: a bad
+        # argument (exit 2), not a failed build
+        raise RecipeError("path", f"{onnx_path} is not a readable ONNX model ({first_line(e)})",
+                          "give an ONNX file (a serialized onnx.ModelProto) or a run directory") from None
     providers = list(providers or ["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="qcompile-doctor-") as tmp:
         caps = capabilities_of(target)

@@ -8,7 +8,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 from compiler.core.hashing import file_sha256, source_sha256
 
@@ -104,3 +104,15 @@ def write_manifest(run_dir: Path, inputs: Dict[str, Any], seed: int, extra: Dict
 
 def read_manifest(run_dir: Path) -> Dict[str, Any]:
     return json.loads((Path(run_dir) / MANIFEST).read_text())
+
+
+def check_artifacts(run_dir: Path, manifest: Dict[str, Any] | None = None) -> Tuple[Dict[str, str], List[str]]:
+    """Every artifact manifest.json lists, re-hashed: (name -> "ok" | "modified" | "missing", sorted names of
+    the files it does not list). What `qcompile verify` reports and what `qcompile predict` refuses to load."""
+    run_dir = Path(run_dir)
+    recorded = (read_manifest(run_dir) if manifest is None else manifest).get("artifacts", {})
+    status = {}
+    for name, sha in sorted(recorded.items()):
+        f = run_dir / name
+        status[name] = "missing" if not f.is_file() else ("ok" if file_sha256(f) == sha else "modified")
+    return status, sorted(set(artifact_hashes(run_dir)) - set(recorded))

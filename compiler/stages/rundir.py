@@ -1,5 +1,8 @@
 """Run directories that look finished only when they are: a build writes into `<name>.partial`; on
-success it is renamed to `<name>`, on failure to `<name>.FAILED` with FAILED.md saying why."""
+success it is renamed to `<name>`, on a failed gate to `<name>.gate-failed`, on failure to `<name>.FAILED`
+with FAILED.md saying why. A directory named explicitly (hydra.run.dir=X, which the command line accepts
+only new or empty) is written as X with a BUILDING marker and ends the same way: X, X.gate-failed or
+X.FAILED, so a directory without a suffix is a finished, passing run however it was named."""
 
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def begin(run_dir: Path) -> None:
 def succeed(run_dir: Path, gate_failed: bool = False) -> Path:
     run_dir = Path(run_dir)
     (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
-    if not is_staging(run_dir):
+    if not is_staging(run_dir) and not gate_failed:  # an explicit name that passed keeps it
         return run_dir
     dest = final_name(run_dir, GATE_FAILED_SUFFIX if gate_failed else "")
     run_dir.rename(dest)
@@ -63,8 +66,6 @@ def fail(run_dir: Path, reason: str, kind: str = Status.BUILD_FAILED) -> Optiona
         if (run_dir / name).exists():
             (run_dir / name).rename(run_dir / f"{name}.incomplete")
     (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
-    if not is_staging(run_dir):
-        return run_dir
     dest = final_name(run_dir, FAILED_SUFFIX)
     run_dir.rename(dest)
     return dest
@@ -77,5 +78,14 @@ def discard(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if is_staging(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
-    else:
-        (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
+        return
+    # an explicit dir (new or empty when the build began, cli._precheck): Hydra's files go, and the dir with
+    # them if nothing else is in it
+    (run_dir / BUILDING_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    for log_file in run_dir.glob("*.log"):
+        log_file.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:  # something else is in it: left as it is
+        pass

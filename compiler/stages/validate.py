@@ -13,7 +13,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import NotRunnableError, RecipeError
-from compiler.core.schema import DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig, RepairConfig
+from compiler.core.schema import (DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig, RecipeConfig,
+                                  RepairConfig)
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 
 
@@ -55,6 +56,47 @@ class BuildSpec:
 def _closest(word: str, options) -> str:
     match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
     return f"did you mean {match[0]!r}?" if match else f"valid: {', '.join(sorted(map(str, options)))}"
+
+
+def recipe_key(dotted: str) -> Optional[str]:
+    """`recipe.<dotted>` when its first part is a key of the recipe section (RecipeConfig: repair, gate, steps,
+    name ...), each later part that names no field of its section replaced by the closest field, if one is
+    close; None when the first part is no recipe key. Derived from the schema, so a new recipe section gets
+    the hint without a list to keep."""
+    parts = str(dotted).split(".")
+    if parts[0] not in RECIPE_KEYS:
+        return None
+    node: Any = RecipeConfig()
+    out = ["recipe"]
+    for part in parts:
+        if dataclasses.is_dataclass(node):
+            names = [f.name for f in dataclasses.fields(node)]
+            if part not in names:
+                match = difflib.get_close_matches(part, names, n=1)
+                part = match[0] if match else part
+            node = getattr(node, part, None)
+        else:  # steps (a mapping of step names) or a leaf: the rest as given
+            node = None
+        out.append(part)
+    return ".".join(out)
+
+
+def top_level_fix(dotted: str) -> str:
+    """What to write instead of an unknown top-level key: the same key under `recipe.` when it is one there
+    (`repair.enabled` -> recipe.repair.enabled, as recipes/repair/default.yaml spells it without the prefix),
+    else the closest top-level key."""
+    under = recipe_key(dotted)
+    return f"did you mean {under!r}?" if under else _closest(str(dotted).split(".")[0], TOP_LEVEL_KEYS)
+
+
+def _first_leaf(key: str, node) -> str:
+    """`key.a.b` for a node {a: {b: value}} (what `+key.a.b=value` composes to); `key` when it branches."""
+    dotted = str(key)
+    while isinstance(node, DictConfig) and len(node) == 1:
+        (child,) = node.keys()
+        dotted += f".{child}"
+        node = node._get_node(child)
+    return dotted
 
 
 def _typed(schema, node, prefix: str):
@@ -156,7 +198,8 @@ def validate(cfg: DictConfig) -> BuildSpec:
 
     for key in cfg.keys():
         if key not in TOP_LEVEL_KEYS and key != "hydra":  # hydra: present when composed with return_hydra_config
-            raise RecipeError(str(key), "unknown top-level key", _closest(key, TOP_LEVEL_KEYS))
+            dotted = _first_leaf(key, cfg._get_node(key))
+            raise RecipeError(dotted, "unknown top-level key", top_level_fix(dotted))
     typed = {name: _typed(schema, cfg.get(name), name) for name, schema in SECTIONS.items()}
     model, data, target = typed["model"], typed["data"], typed["target"]
     if target.name not in target_names():

@@ -168,3 +168,79 @@ def test_predict_on_a_dir_that_is_not_a_finished_run_is_one_line_exit_2(case, em
     assert len(lines) == 1 and lines[0].startswith("qcompile: recipe error: run_dir:"), stderr
     assert str(target) in lines[0]
     assert stdout == ""
+
+
+def _flip_weights(engine: Path) -> None:
+    """Invert 16 bytes in the middle of every matrix-product weight (quantized or not) of an ONNX file, in
+    place: the file still loads, every sentence's outputs change."""
+    import onnx
+
+    model = onnx.load(str(engine))
+    weights = {i for n in model.graph.node if "MatMul" in n.op_type or n.op_type == "DequantizeLinear"
+               for i in n.input}
+    data = bytearray(engine.read_bytes())
+    for init in model.graph.initializer:
+        if init.name in weights and len(init.raw_data) >= 64:
+            start = data.find(init.raw_data) + len(init.raw_data) // 2
+            data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
+    engine.write_bytes(bytes(data))
+
+
+TAMPER = {
+    "engine": ("engine.ort.onnx", "engine.ort.onnx is modified (its sha256 differs from the one in manifest.json)"),
+    "tokenizer": ("tokenizer/tokenizer.json", "tokenizer/tokenizer.json is modified"),
+    "predict.json": ("predict.json", "predict.json is modified"),
+    "model.onnx removed": ("model.onnx", "model.onnx is missing (manifest.json lists it)"),
+    "graph added": ("extra.onnx", "extra.onnx is not in manifest.json (added after the build)"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPER))
+def test_predict_refuses_a_file_that_differs_from_the_manifest(case, embedding_run, tmp_path, capsys):
+    """Issue 17 item 4: one changed byte in the engine's weights made `verify` fail while `predict` served the
+    altered weights. Every file predict may load is checked against manifest.json first."""
+    run = _copy_run(embedding_run, tmp_path / "run")
+    name, text = TAMPER[case]
+    if case == "engine":
+        _flip_weights(run / name)
+    elif case == "model.onnx removed":
+        (run / name).unlink()
+    elif case == "graph added":
+        (run / name).write_bytes((run / "model.onnx").read_bytes())
+    else:  # JSON that still parses, other bytes
+        (run / name).write_text((run / name).read_text() + "\n")
+    rc, stdout, stderr = _main(capsys, "predict", str(run), "a sentence")
+    assert rc == 2, stderr
+    assert stderr.splitlines() == [stderr.strip()] and stdout == ""
+    assert stderr.startswith(f"qcompile: recipe error: run_dir: {run}: {text}"), stderr
+    assert stderr.rstrip().endswith(f"-- qcompile verify {run} lists every difference; pass --no-verify to run "
+                                    "them anyway"), stderr
+
+
+def test_predict_no_verify_runs_the_changed_engine(embedding_run, tmp_path, capsys):
+    from compiler.commands.predict import predict
+
+    run = _copy_run(embedding_run, tmp_path / "run")
+    _flip_weights(run / "model.onnx")  # the graph the ort target serves (engine.ort.onnx is ORT's optimized copy)
+    rc, stdout, stderr = _main(capsys, "predict", str(run), *SENTENCES[:2], "--json", "--no-verify")
+    assert rc == 0, stderr
+    got = np.array([r["sentence_embedding"] for r in json.loads(stdout)["predictions"]], dtype=np.float32)
+    original = predict(embedding_run, SENTENCES[:2])["outputs"]["sentence_embedding"]
+    assert not np.array_equal(got, original)  # the altered weights did run
+
+
+@pytest.mark.parametrize("how", ["name", "report"])
+def test_predict_refuses_a_gate_failed_run_unless_asked(how, embedding_run, tmp_path, capsys):
+    """A gate-failed build is complete but not a passing run: predict names it; --allow-gate-failed runs it."""
+    if how == "name":  # <name>.gate-failed, as every build that fails its gate ends (compiler/stages/rundir.py)
+        run = _copy_run(embedding_run, tmp_path / "run.gate-failed")
+    else:  # a run dir renamed by hand: the report still says so
+        run = _copy_run(embedding_run, tmp_path / "run")
+        report = json.loads((run / "report.json").read_text())
+        (run / "report.json").write_text(json.dumps({**report, "status": "gate failed"}))
+    rc, stdout, stderr = _main(capsys, "predict", str(run), "a sentence")
+    assert rc == 2 and stdout == ""
+    assert stderr.strip() == (f"qcompile: recipe error: run_dir: {run} failed its accuracy gate (its REPORT.md says "
+                              "why) -- pass a run that passed, or --allow-gate-failed to look at this one anyway")
+    rc, stdout, stderr = _main(capsys, "predict", str(run), "a sentence", "--allow-gate-failed")
+    assert rc == 0 and stdout.startswith("norm "), stderr

@@ -11,7 +11,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from compiler.stages import doctor
-from compiler.core.errors import BuildError
+from compiler.core.errors import BuildError, RecipeError
 from compiler.rails import FAILED, PASSED, RAIL_NAMES, SKIPPED
 from compiler.core.schema import DoctorConfig, ExportConfig, TargetConfig
 from tests.conftest import FAST
@@ -115,7 +115,8 @@ def test_cli_doctor_quantized_graph_expected(qcompile, bert_onnx):
     (["{onnx}", "max_memcpi=3"], 2, "max_memcpi: unknown doctor option -- did you mean 'max_memcpy'?"),
     (["{onnx}", "target=tensorrt"], 2, "target: bad value 'tensorrt' -- use target=ort or target=trt"),
     (["{onnx}", "max_memcpy=lots"], 2, "doctor.max_memcpy: bad value 'lots' -- expected int"),
-    (["{garbage}"], 1, "is not a readable ONNX model"),
+    # an unreadable file is a bad argument (exit 2), not a failed build
+    (["{garbage}"], 2, "qcompile: recipe error: path: {garbage} is not a readable ONNX model (Error parsing message"),
 ])
 def test_cli_doctor_bad_arguments(qcompile, bert_onnx, tmp_path, args, rc, text):
     garbage = tmp_path / "garbage.onnx"
@@ -123,8 +124,19 @@ def test_cli_doctor_bad_arguments(qcompile, bert_onnx, tmp_path, args, rc, text)
     args = [a.format(onnx=bert_onnx, garbage=garbage) for a in args]
     r = qcompile("doctor", *args, timeout=300)
     assert r.rc == rc, r
-    assert text in r.stderr
-    assert "Traceback" not in r.stderr
+    assert text.format(garbage=garbage) in r.stderr
+    assert "Traceback" not in r.stderr and "build" not in r.stderr
+
+
+@pytest.mark.parametrize("content", [b"\x00\xffnot a protobuf" * 10, b"", b"hello world\n"])
+def test_doctor_refuses_a_file_that_is_no_onnx_model_as_a_bad_argument(tmp_path, content):
+    """Garbage, an empty file (protobuf reads it as an empty ModelProto) or text: exit 2 naming the path."""
+    from compiler.commands import subcommands
+
+    bad = tmp_path / "not-an-onnx-file.onnx"
+    bad.write_bytes(content)
+    with pytest.raises(RecipeError, match=rf"^path: {bad} is not a readable ONNX model \(.+\) -- give an ONNX file"):
+        subcommands.doctor([str(bad)])
 
 
 def _spec(target="ort", **doctor_cfg):

@@ -1,6 +1,7 @@
 """Run directories: a build is visible under its name only when complete (`<name>.partial` renamed), a
 failed one ends `<name>.FAILED` with FAILED.md and never a report.json, a finished run is never
-overwritten, and run dirs stay under outputs/ unless an explicit path is given."""
+overwritten, and run dirs stay under outputs/ unless an explicit path is given; an explicit path ends with the
+same suffixes."""
 
 import json
 
@@ -95,3 +96,65 @@ def test_explicit_run_dir_is_used_as_given(qcompile, tmp_path):
     assert (target / "report.json").exists() and not (target / rundir.BUILDING_MARKER).exists()
     assert json.loads((target / "report.json").read_text())["status"] == "passed"
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("report.json"))
+
+
+def test_an_explicit_dir_ends_with_the_same_suffixes(tmp_path):
+    """Issue 17 item 3: hydra.run.dir=X kept its plain name after a failed gate. X ends as X.gate-failed or
+    X.FAILED like a staging dir, so a directory without a suffix is a finished, passing run however named."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    rundir.begin(gate)
+    (gate / "report.json").write_text('{"status": "gate failed"}')
+    final = rundir.succeed(gate, gate_failed=True)
+    assert final == tmp_path / "gate.gate-failed" and not gate.exists()
+    assert (final / "report.json").exists() and not (final / rundir.BUILDING_MARKER).exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    rundir.begin(broken)
+    final = rundir.fail(broken, "export failed: boom")
+    assert final == tmp_path / "broken.FAILED" and not broken.exists()
+    assert "export failed: boom" in (final / "FAILED.md").read_text()
+
+
+def test_recipe_error_leaves_no_explicit_dir_behind(tmp_path):
+    """A recipe error found inside the job (after Hydra wrote .hydra/ and cli.log into X) leaves no X: only a
+    finished, passing run has a name without a suffix."""
+    explicit = tmp_path / "mine"
+    (explicit / ".hydra").mkdir(parents=True)
+    (explicit / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (explicit / "cli.log").write_text("log\n")
+    rundir.begin(explicit)
+    rundir.discard(explicit)
+    assert not explicit.exists()
+
+
+def test_an_explicit_dir_must_be_new_or_empty(tmp_path, monkeypatch):
+    """It is renamed when its build fails and all its files are hashed as artifacts: a directory holding other
+    files is refused before Hydra writes into it (an empty one, e.g. from mktemp -d, is fine)."""
+    from compiler.commands.cli import _precheck
+
+    monkeypatch.chdir(tmp_path)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine\n")
+    err, _, _ = _precheck([*BASE, f"hydra.run.dir={busy}"])
+    assert str(err) == (f"hydra.run.dir: {busy} exists and is not empty -- name a new or empty directory: a run "
+                        "directory holds one build's files only")
+    (tmp_path / "empty").mkdir()
+    for fresh in (tmp_path / "empty", tmp_path / "new" / "dir"):
+        assert _precheck([*BASE, f"hydra.run.dir={fresh}"])[0] is None
+
+
+def test_gate_failed_build_in_an_explicit_dir_is_marked_by_its_name(qcompile, tmp_path, capsys):
+    target = tmp_path / "mine"
+    r = qcompile(*BASE, *FAST, "bench.enabled=false", "recipe.gate.min_embedding_cosine=1.5",
+                 f"hydra.run.dir={target}")
+    assert r.rc == 3, r
+    failed = tmp_path / "mine.gate-failed"
+    assert not target.exists() and json.loads((failed / "report.json").read_text())["status"] == "gate failed"
+    assert f"qcompile: report: {failed / 'REPORT.md'}" in r.stderr
+    from compiler.commands.cli import main
+
+    with pytest.raises(SystemExit) as info:  # predict names it too
+        main(["predict", str(failed), "a sentence"])
+    assert info.value.code == 2 and "failed its accuracy gate" in capsys.readouterr().err
