@@ -89,6 +89,9 @@ class DataConfig:
     # columns name its task: text,label (classification) | sentence1,sentence2,score (STS) | query,positive
     # (retrieval). The built-in evaluation set is paired_text. Samples count examples (rows).
     format: str
+    # the fields of a TSV file without a header row, e.g. [text, label] or [sentence1, sentence2, score];
+    # None: the first row is the header
+    columns: Optional[List[str]]
 
 
 # the export opset when neither the user nor a step asks for more

@@ -100,12 +100,33 @@ def read_sentences(path: Path, key: str) -> list[str]:
     return [ln for _, ln in _read_lines(path, key)]
 
 
+def _task_named(columns) -> str | None:
+    return next((task for task, cols in TASK_COLUMNS.items() if set(cols) <= set(columns)), None)
+
+
 def _task_of(columns, path: Path, where: str, key: str) -> str:
-    for task, cols in TASK_COLUMNS.items():
-        if set(cols) <= set(columns):
-            return task
-    raise RecipeError(key, f"{path}:{where}: columns {', '.join(map(str, columns)) or '(none)'} name no task",
+    task = _task_named(columns)
+    if task:
+        return task
+    where = f"{path}:{where}: columns" if where else "columns"
+    raise RecipeError(key, f"{where} {', '.join(map(str, columns)) or '(none)'} name no task",
                       f"use the columns {_EXPECTED}")
+
+
+def _header_task(header: list[str], path: Path, line: int, key: str) -> str:
+    """The task a TSV's header names; a first row that names none is most often data (a file without a
+    header), so the error says a header is needed, shows one, and names data.columns."""
+    task = _task_named(header)
+    if task:
+        return task
+    shown = "<TAB>".join(header)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    example = "text<TAB>label" if len(header) == 2 else "sentence1<TAB>sentence2<TAB>score"
+    example_cols = "[text,label]" if len(header) == 2 else "[sentence1,sentence2,score]"
+    raise RecipeError(key, f"{path}:{line}: the first row must be a header naming the columns, e.g. {example}; "
+                      f"it reads {shown!r}, which names no task",
+                      f"add a header row ({' | '.join('<TAB>'.join(c) for c in TASK_COLUMNS.values())}), or give "
+                      f"data.columns={example_cols} for a file without one")
 
 
 def _fields(row: dict[str, object], task: str, path: Path, line: int, key: str) -> tuple:
@@ -138,8 +159,9 @@ def _format_of(path: Path, fmt: str) -> str:
     return {".tsv": "tsv", ".jsonl": "jsonl"}.get(path.suffix.lower(), "text")
 
 
-def read_rows(path: Path, fmt: str, key: str) -> Rows:
-    """Parse a data file; a malformed row is a RecipeError naming the file, the line and what was expected."""
+def read_rows(path: Path, fmt: str, key: str, columns: list[str] | None = None) -> Rows:
+    """Parse a data file; a malformed row is a RecipeError naming the file, the line and what was expected.
+    columns (data.columns): the fields of a TSV that has no header row."""
     fmt = _format_of(path, fmt)
     lines = _read_lines(path, key, " \r\n" if fmt == "tsv" else None)
     digest = hashlib.sha256("\n".join(ln for _, ln in lines).encode()).hexdigest()
@@ -155,11 +177,15 @@ def read_rows(path: Path, fmt: str, key: str) -> Rows:
     if fmt == "tsv":
         if not lines:
             return Rows(path, None, [], [], digest=digest)
-        header_line, header = lines[0][0], lines[0][1].split("\t")
-        header = [h.strip() for h in header]
-        task = _task_of(header, path, f"{header_line} (header)", key)
+        first_line, first = lines[0][0], [h.strip() for h in lines[0][1].split("\t")]
+        if columns:  # a file without a header: data.columns names its fields (a header row equal to it is skipped)
+            header, body = list(columns), lines[1:] if first == list(columns) else lines
+            task = _task_of(header, path, "", "data.columns")
+        else:
+            header, body = first, lines[1:]
+            task = _header_task(header, path, first_line, key)
         examples, at = [], []
-        for i, ln in lines[1:]:
+        for i, ln in body:
             parts = ln.split("\t")
             if len(parts) != len(header):
                 raise RecipeError(key, f"{path}:{i}: {len(parts)} tab-separated fields, expected {len(header)} "
@@ -260,15 +286,31 @@ def data_file(cfg, role: str) -> Path:
     return Path(given).expanduser() if given else BUILTIN_DIR / f"{role}.txt"
 
 
-def file_format(cfg, role: str) -> str:
-    """data.format applies to evaluation_file; calibration files go by extension; built-in evaluation is paired."""
-    if role == "evaluation" and not cfg.evaluation_file and cfg.format == "auto":
-        return "paired_text"
+def builtin_evaluation(cfg) -> bool:
+    """The evaluation set is the sentences shipped with qcompile, read as data.format=auto."""
+    return not cfg.evaluation_file and cfg.format == "auto"
+
+
+def file_format(cfg, role: str, model_task: str = "embedding") -> str:
+    """data.format applies to evaluation_file; calibration files go by extension. The built-in evaluation set
+    is paraphrase pairs (a retrieval task on sentence embeddings) for an embedding model and plain sentences
+    for a classifier, whose logits those pairs cannot score: it is gated on fidelity to fp32 alone."""
+    if role == "evaluation" and builtin_evaluation(cfg):
+        return "text" if model_task == "classification" else "paired_text"
     return cfg.format if role == "evaluation" else "auto"
 
 
-def read_data_file(cfg, role: str) -> Rows:
-    return read_rows(data_file(cfg, role), file_format(cfg, role), f"data.{role}_file")
+def read_data_file(cfg, role: str, model_task: str = "embedding") -> Rows:
+    return read_rows(data_file(cfg, role), file_format(cfg, role, model_task), f"data.{role}_file",
+                     columns=getattr(cfg, "columns", None))
+
+
+def say_what_labels_would_add(cfg, model_task: str) -> None:
+    """One console line: a classifier checked on the built-in sentences has no gold labels."""
+    if model_task == "classification" and builtin_evaluation(cfg):
+        log.warning("model.task=classification without labeled data: the gate checks fidelity to fp32 (label "
+                    "agreement, KL) on the built-in sentences; data.evaluation_file=<a TSV with a text,label header> "
+                    "adds accuracy / F1")
 
 
 def check_data_files(cfg, need_calibration: bool = True, model_task: str = "embedding",
@@ -278,11 +320,13 @@ def check_data_files(cfg, need_calibration: bool = True, model_task: str = "embe
     errors before any model loads. Returns the evaluation task (None: plain text)."""
     if cfg.format not in FORMATS:
         raise RecipeError("data.format", f"bad value {cfg.format!r}", f"use one of {', '.join(FORMATS)}")
+    if cfg.columns is not None:
+        check_columns(cfg)
     task = None
     for role in ("calibration", "evaluation"):
         path = data_file(cfg, role)
         key = f"data.{role}_file"
-        rows = read_data_file(cfg, role)
+        rows = read_data_file(cfg, role, model_task)
         if not rows.examples:
             raise RecipeError(key, f"{path} holds no sentences",
                               "give a UTF-8 text file with one sentence per line")
@@ -301,6 +345,20 @@ def check_data_files(cfg, need_calibration: bool = True, model_task: str = "embe
     return task
 
 
+def check_columns(cfg) -> None:
+    """data.columns: distinct names that name a task, for an evaluation file read as TSV."""
+    cols = [str(c) for c in cfg.columns]
+    if len(set(cols)) != len(cols) or not cols:
+        raise RecipeError("data.columns", f"{cols} repeats a column or names none", "give each field's name once, "
+                          "e.g. data.columns=[text,label]")
+    _task_of(cols, Path(), "", "data.columns")
+    formats = {role: _format_of(data_file(cfg, role), file_format(cfg, role)) for role in ("evaluation", "calibration")}
+    if "tsv" not in formats.values():
+        raise RecipeError("data.columns", f"names the fields of a TSV without a header, but "
+                          f"{data_file(cfg, 'evaluation')} is read as {formats['evaluation']}",
+                          "give a .tsv data.evaluation_file (or data.format=tsv), or remove data.columns")
+
+
 def tokenize(tokenizer, texts: list[str], seq_len: int, input_names: list[str]) -> Features:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
     arrays = {}
@@ -315,15 +373,17 @@ def tokenize(tokenizer, texts: list[str], seq_len: int, input_names: list[str]) 
 
 
 def load_data(cfg, tokenizer, input_names: list[str], need_calibration: bool = True,
-              label_names: dict[int, str] | None = None, evaluation_limit: int | None = None) -> Dataset:
+              label_names: dict[int, str] | None = None, evaluation_limit: int | None = None,
+              model_task: str = "embedding") -> Dataset:
     """Load stage for data. cfg is the `data` section; label_names the model's id2label (classifiers);
     evaluation_limit (check.samples) takes fewer evaluation examples than data.evaluation_samples."""
+    say_what_labels_would_add(cfg, model_task)
     files, hashes, feats = {}, {}, {}
     labels = None
     for role in ("calibration", "evaluation"):
         path = data_file(cfg, role)
         files[role] = str(path)
-        rows = read_data_file(cfg, role)
+        rows = read_data_file(cfg, role, model_task)
         hashes[role] = rows.digest
         n = int(getattr(cfg, f"{role}_samples"))
         key = f"data.{role}_samples"
