@@ -64,7 +64,7 @@ class ModelConfig:
     architecture: Optional[str] = None  # tiny models: "bert" | "modernbert" | "distilbert" | "roberta"
     tiny: Dict[str, Any] = field(default_factory=dict)  # config overrides for tiny models
     tokenizer: Optional[str] = None  # tokenizer source: "package:<name>" or a path; default = the model's
-    task: str = "embedding"  # "embedding" (mean pool + L2 norm) or "classification" (logits)
+    task: str = "embedding"  # a TaskKind (compiler/core/tasks.py): embedding (mean pool + L2 norm) | classification
     trust_remote_code: bool = False
     seed: int = 0
     # layers quantization leaves alone: roles (compiler/graph/roles.py: `head` = poolers, classifiers, prediction

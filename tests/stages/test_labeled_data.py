@@ -213,7 +213,7 @@ def test_classifier_without_labels_is_gated_on_fidelity(tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if "without labeled data" in r.getMessage()]
     assert said == ["model.task=classification without labeled data: the gate checks fidelity to fp32 (label "
                     "agreement, KL) on the built-in sentences; data.evaluation_file=<a TSV with a text,label header> "
-                    "adds accuracy / F1"]
+                    "adds accuracy / macro_f1"]
 
 
 def test_builtin_sentences_are_plain_text_for_a_classifier(tiny_bert):
