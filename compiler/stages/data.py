@@ -118,8 +118,8 @@ def _header_task(header: list[str], path: Path, line: int, key: str) -> str:
         return task
     shown = "<TAB>".join(header)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    example = "text<TAB>label" if len(header) == 2 else "sentence1<TAB>sentence2<TAB>score"
-    example_cols = "[text,label]" if len(header) == 2 else "[sentence1,sentence2,score]"
+    like = next((t for t in EVAL_TASKS.values() if len(t.columns) == len(header)), next(iter(EVAL_TASKS.values())))
+    example, example_cols = "<TAB>".join(like.columns), "[" + ",".join(like.columns) + "]"
     raise RecipeError(key, f"{path}:{line}: the first row must be a header naming the columns, e.g. {example}; "
                       f"it reads {shown!r}, which names no task",
                       f"add a header row ({_expected('<TAB>')}), or give "
@@ -139,10 +139,10 @@ def _fields(row: dict[str, object], task: str, path: Path, line: int, key: str) 
         try:
             values[2] = float(values[2])
         except (TypeError, ValueError):
-            raise RecipeError(key, f"{path}:{line}: score {values[2]!r} is not a number",
+            raise RecipeError(key, f"{path}:{line}: {cols[2]} {values[2]!r} is not a number",
                               "give the gold similarity as a number, e.g. 3.8") from None
         if not np.isfinite(values[2]):
-            raise RecipeError(key, f"{path}:{line}: score {values[2]!r} is not finite", "give a finite number")
+            raise RecipeError(key, f"{path}:{line}: {cols[2]} {values[2]!r} is not finite", "give a finite number")
     if kind.layout == LABELS:
         values[1] = str(values[1])
     for i, (c, v) in enumerate(zip(cols, values)):
