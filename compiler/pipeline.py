@@ -220,7 +220,8 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     with stage("load", timings):
         model = load_model(spec.model)
         data = load_data(spec.data, model.tokenizer, model.input_names, need_calibration=spec.needs_calibration,
-                         label_names=label_names(spec.model), evaluation_limit=spec.check.samples)
+                         label_names=label_names(spec.model), evaluation_limit=spec.check.samples,
+                         model_task=spec.model.task)
         reference = LoadedModel(**{**model.__dict__, "module": copy.deepcopy(model.module)})
         write_predict_files(model, run_dir, int(spec.data.seq_len))  # `qcompile predict` needs only the run dir
     spec = dataclasses.replace(spec, steps=resolve_roles(spec.steps, model.roles))

@@ -11,11 +11,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
+from compiler.core.formats import FULL_PRECISION, narrowest_first
+
 log = logging.getLogger(__name__)
 
-# Quantized formats first: a recipe's "precision" is the narrowest format it asks for.
-PRECISION_ORDER = ("nvfp4", "int4", "fp8", "int8", "fp16", "fp32")
-QUANTIZED = ("nvfp4", "int4", "fp8", "int8")
 
 # TensorRT >= 10: the named-tensor I/O, build_serialized_network and strongly typed networks this target
 # uses; TensorRT 11 keeps them (it dropped the implicit-quantization calibrators and precision flags,
@@ -84,7 +83,7 @@ def normalize_build_engine(value: Any) -> str:
 
 def recipe_precisions(steps: Union[Iterable[Any], Mapping[str, Any], None]) -> List[str]:
     """The formats a recipe's steps produce, as each step declares them (compiler.steps.base.Step.precision /
-    precisions()), narrowest first: the known formats in PRECISION_ORDER, then any other by name. ['fp32']
+    precisions()), narrowest first: the registered formats (compiler/core/formats.py), then any other by name. ['fp32']
     when nothing is quantized. ``steps``: Step objects, or a recipe's steps mapping (name -> parameters),
     whose names are looked up in the step registry (an unknown name is validation's to report)."""
     from compiler.steps.base import STEP_REGISTRY, load_all_steps
@@ -99,8 +98,8 @@ def recipe_precisions(steps: Union[Iterable[Any], Mapping[str, Any], None]) -> L
     else:
         for step in steps or []:
             found |= set(step.precisions())
-    known = [p for p in PRECISION_ORDER if p in found]
-    return known + sorted(found - set(PRECISION_ORDER)) or ["fp32"]
+    known = narrowest_first(found)
+    return known + sorted(found - set(known)) or [FULL_PRECISION]
 
 
 def best_supported(capability: Tuple[int, int], trt_version: Optional[str]) -> str:

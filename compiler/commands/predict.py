@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from compiler.core.errors import RecipeError
+from compiler.core.tasks import task_kind
 
 USAGE = ('qcompile predict <run dir> "a sentence" ... [--file sentences.txt] [--json] [--batch-size N] [--no-verify] '
          '[--allow-gate-failed]')
@@ -146,15 +147,16 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def rows(result: dict[str, Any], sentences: list[str]) -> list[dict[str, Any]]:
     """One record per sentence: a classifier's label and scores, an embedding model's embedding and norm."""
     out = []
-    if result["task"] == "classification":
-        logits = result["outputs"]["logits"]
+    kind = task_kind(result["task"])
+    if kind.labeled:
+        logits = result["outputs"][kind.primary]
         names = result["labels"] or [f"LABEL_{i}" for i in range(logits.shape[-1])]
         for text, row, p in zip(sentences, logits, _softmax(logits)):
             best = int(np.argmax(row))
             out.append({"text": text, "label": names[best], "score": float(p[best]),
                         "scores": {n: float(v) for n, v in zip(names, p)}, "logits": [float(v) for v in row]})
         return out
-    emb = result["outputs"]["sentence_embedding"]
+    emb = result["outputs"][kind.primary]
     for text, row in zip(sentences, emb):
         out.append({"text": text, "norm": float(np.linalg.norm(row.astype(np.float64))),
                     "sentence_embedding": [float(v) for v in row]})
@@ -179,7 +181,7 @@ def main(argv: list[str]) -> int:
         print()
         return 0
     for r in records:
-        if result["task"] == "classification":
+        if task_kind(result["task"]).labeled:
             others = ", ".join(f"{n} {p:.3f}" for n, p in r["scores"].items())
             print(f"{r['label']}\t{r['score']:.4f}\t{r['text']}\t({others})")
         else:

@@ -64,7 +64,7 @@ class ModelConfig:
     architecture: Optional[str] = None  # tiny models: "bert" | "modernbert" | "distilbert" | "roberta"
     tiny: Dict[str, Any] = field(default_factory=dict)  # config overrides for tiny models
     tokenizer: Optional[str] = None  # tokenizer source: "package:<name>" or a path; default = the model's
-    task: str = "embedding"  # "embedding" (mean pool + L2 norm) or "classification" (logits)
+    task: str = "embedding"  # a TaskKind (compiler/core/tasks.py): embedding (mean pool + L2 norm) | classification
     trust_remote_code: bool = False
     seed: int = 0
     # layers quantization leaves alone: roles (compiler/graph/roles.py: `head` = poolers, classifiers, prediction
@@ -89,6 +89,9 @@ class DataConfig:
     # columns name its task: text,label (classification) | sentence1,sentence2,score (STS) | query,positive
     # (retrieval). The built-in evaluation set is paired_text. Samples count examples (rows).
     format: str
+    # the fields of a TSV file without a header row, e.g. [text, label] or [sentence1, sentence2, score];
+    # None: the first row is the header
+    columns: Optional[List[str]]
 
 
 # the export opset when neither the user nor a step asks for more

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Dict
 
+from compiler.core.formats import number_format
+
 log = logging.getLogger(__name__)
 
-MIN_OPSET = 19  # QuantizeLinear / DequantizeLinear accept float8 types from opset 19 on
+MIN_OPSET = number_format("fp8").onnx_opset  # QuantizeLinear / DequantizeLinear accept float8 types from 19 on
 TRT_Q, TRT_DQ = "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"
 
 
@@ -71,7 +73,7 @@ def lower_trt_fp8(model, compress_weights: bool = True):
     out.opset_import.extend(keep)
     for o in out.opset_import:
         if o.domain in ("", "ai.onnx") and o.version < MIN_OPSET:
-            raise ValueError(f"graph opset {o.version} < {MIN_OPSET}: float8 QuantizeLinear needs opset >= 19")
+            raise ValueError(f"graph opset {o.version} < {MIN_OPSET}: float8 QuantizeLinear needs opset >= {MIN_OPSET}")
     remaining = count_trt_fp8_ops(out)
     if remaining:
         raise RuntimeError(f"TRT FP8 ops left after lowering: {remaining}")

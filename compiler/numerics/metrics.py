@@ -7,20 +7,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# task -> its metrics, the first one the default of gate.task_metric; every metric is higher-is-better
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1"),
-    "sts": ("spearman", "pearson"),
-    "retrieval": ("accuracy_at_1", "mrr"),
-}
-# what each task reads from the model: classifiers' logits, the others' sentence embeddings
-TASK_OUTPUT = {"classification": "logits", "sts": "sentence_embedding", "retrieval": "sentence_embedding"}
+from compiler.core.tasks import EVAL_TASKS, LABELS, SCORED_PAIRS, EvalTask, eval_task, task_kind
+
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 
 
 def default_metric(task: str) -> str:
-    return TASK_METRICS[task][0]
+    return eval_task(task).default_metric
 
 
 @dataclass(frozen=True)
@@ -43,19 +37,23 @@ class TaskLabels:
     metrics: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
-        if self.task not in TASK_METRICS:
-            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASK_METRICS)}")
-        object.__setattr__(self, "metrics", TASK_METRICS[self.task])
+        if self.task not in EVAL_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(EVAL_TASKS)}")
+        object.__setattr__(self, "metrics", self.kind.metrics)
+
+    @property
+    def kind(self) -> EvalTask:
+        return eval_task(self.task)
 
     @property
     def output(self) -> str:
-        return TASK_OUTPUT[self.task]
+        return self.kind.output
 
     def __len__(self) -> int:
         """Number of scored examples (the unit the bootstrap resamples)."""
-        if self.task == "classification":
+        if self.kind.layout == LABELS:
             return len(self.labels)
-        if self.task == "sts":
+        if self.kind.layout == SCORED_PAIRS:
             return len(self.scores)
         return len(self.queries)
 
@@ -64,25 +62,25 @@ class TaskLabels:
         first rows' labels; sts the pairs with both rows inside; retrieval searches only the candidates inside
         and keeps the queries whose gold partner is inside (gold re-indexed), so no query scores against a
         partner that was never run."""
-        if self.task == "classification":
-            return TaskLabels("classification", labels=self.labels[:rows], label_names=self.label_names)
-        if self.task == "sts":
+        if self.kind.layout == LABELS:
+            return TaskLabels(self.task, labels=self.labels[:rows], label_names=self.label_names)
+        if self.kind.layout == SCORED_PAIRS:
             keep = np.all(self.pairs < rows, axis=1)
-            return TaskLabels("sts", pairs=self.pairs[keep], scores=self.scores[keep])
+            return TaskLabels(self.task, pairs=self.pairs[keep], scores=self.scores[keep])
         inside = self.candidates < rows
         new_index = np.cumsum(inside) - 1  # old candidate position -> position among the kept candidates
         keep = (self.queries < rows) & inside[self.gold]
-        return TaskLabels("retrieval", queries=self.queries[keep], candidates=self.candidates[inside],
+        return TaskLabels(self.task, queries=self.queries[keep], candidates=self.candidates[inside],
                           gold=new_index[self.gold[keep]])
 
     def example_stats(self, outputs: np.ndarray) -> np.ndarray:
         """Per-example statistic every metric of the task is a function of: the predicted class
         (classification), the cosine of the pair (sts), the 1-based rank of the gold partner (retrieval)."""
         x = np.asarray(outputs, dtype=np.float64)
-        if self.task == "classification":
+        if self.kind.layout == LABELS:
             return np.argmax(x, axis=-1)
         e = _normalize(x)
-        if self.task == "sts":
+        if self.kind.layout == SCORED_PAIRS:
             return np.sum(e[self.pairs[:, 0]] * e[self.pairs[:, 1]], axis=-1)
         sim = e[self.queries] @ e[self.candidates].T
         sim[self.queries[:, None] == self.candidates[None, :]] = -np.inf  # a query never retrieves itself
@@ -98,13 +96,16 @@ class TaskLabels:
             idx = np.arange(len(self))[None, :]
             return {k: float(v[0]) for k, v in self.score(stats, idx).items()}
         s = stats[idx]
-        if self.task == "classification":
+        if self.kind.layout == LABELS:
             y = self.labels[idx]
-            return {"accuracy": np.mean(s == y, axis=1), "macro_f1": _macro_f1(s, y, int(max(stats.max(), self.labels.max())) + 1)}
-        if self.task == "sts":
+            values = {"accuracy": lambda: np.mean(s == y, axis=1),
+                      "macro_f1": lambda: _macro_f1(s, y, int(max(stats.max(), self.labels.max())) + 1)}
+        elif self.kind.layout == SCORED_PAIRS:
             g = self.scores[idx]
-            return {"spearman": _pearson(_ranks(s), _ranks(g)), "pearson": _pearson(s, g)}
-        return {"accuracy_at_1": np.mean(s == 1, axis=1), "mrr": np.mean(1.0 / s, axis=1)}
+            values = {"spearman": lambda: _pearson(_ranks(s), _ranks(g)), "pearson": lambda: _pearson(s, g)}
+        else:
+            values = {"accuracy_at_1": lambda: np.mean(s == 1, axis=1), "mrr": lambda: np.mean(1.0 / s, axis=1)}
+        return {m: values[m]() for m in self.metrics}  # the metrics the task declares, in its order
 
 
 def task_metric(labels: TaskLabels, outputs: np.ndarray, metric: str) -> float:
@@ -195,3 +196,13 @@ def classifier_fidelity(ref_logits: np.ndarray, tgt_logits: np.ndarray) -> dict[
     return {"label_agreement": float(np.mean(np.argmax(r, -1) == np.argmax(t, -1))),
             "kl_target_reference_mean": float(np.mean(kl)),
             "max_abs_logit_diff": float(np.max(np.abs(r - t)))}
+
+
+# TaskKind.fidelity -> the fidelity metrics of that kind's primary output (target against the fp32 reference)
+FIDELITY = {f.__name__: f for f in (embedding_fidelity, classifier_fidelity)}
+
+
+def fidelity_metrics(model_task: str, reference: dict[str, np.ndarray], target: dict[str, np.ndarray]
+                     ) -> dict[str, float]:
+    kind = task_kind(model_task)
+    return FIDELITY[kind.fidelity](reference[kind.primary], target[kind.primary])

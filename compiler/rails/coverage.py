@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from compiler.graph.quantized import FLOAT_COMPUTE_OPS, is_quantized_compute, is_quantized_module
+from compiler.graph.quantized import is_dequantize as _is_dequantize_op
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, result
 
 NAME = "coverage"
@@ -15,20 +17,17 @@ def applies_to(caps) -> bool:
     return True
 
 
-FLOAT_COMPUTE = {"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv"}
-QUANTIZED_COMPUTE = {"QLinearMatMul", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearConv",
-                     "ConvInteger", "QGemm", "MatMulIntegerToFloat", "QAttention", "QOrderedMatMul", "MatMulBnb4"}
 # ops a dequantized tensor may pass through on its way into a MatMul (weights are often transposed)
 PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze", "Flatten", "Expand"}
 
 
 def is_dequantize(node) -> bool:
     """DequantizeLinear in any domain, and TensorRT's TRT_*DequantizeLinear custom ops."""
-    return "Dequantize" in node.op_type
+    return _is_dequantize_op(node.op_type)
 
 
 def is_quantize_op(node) -> bool:
-    return "Quantize" in node.op_type or node.op_type in QUANTIZED_COMPUTE
+    return "Quantize" in node.op_type or is_quantized_compute(node.op_type)
 
 
 def coverage_counts(model) -> dict[str, object]:
@@ -63,9 +62,9 @@ def coverage_counts(model) -> dict[str, object]:
     by_op: dict[str, dict[str, int]] = {}
     total = covered = weights = weights_covered = 0
     for n in nodes:
-        if n.op_type in QUANTIZED_COMPUTE:
+        if is_quantized_compute(n.op_type):
             ok = True
-        elif n.op_type in FLOAT_COMPUTE:
+        elif n.op_type in FLOAT_COMPUTE_OPS:
             # the second operand (the weight of MatMul/Gemm/Conv) decides: a DQ on the activation alone
             # is only the previous op's quantized output passing by, and leaves this op in float
             ok = len(n.input) > 1 and fed_by_dq(n.input[1])
@@ -94,15 +93,11 @@ def module_counts(module) -> dict[str, object]:
     by_op: dict[str, dict[str, int]] = {}
     for _, m in module.named_modules():
         cls = type(m)
-        qualname = f"{cls.__module__}.{cls.__name__}"
         linear_like = isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) or cls.__name__ in (
             "Conv1D", "Linear", "QuantLinear", "LinearPackedParams") and hasattr(m, "weight")
-        torch_quantized = ".quantized." in qualname and cls.__name__ in ("Linear", "Conv1d", "Conv2d")
-        if not (linear_like or torch_quantized):
+        ok = is_quantized_module(m)
+        if not (linear_like or ok):
             continue
-        quantizers = [getattr(m, a, None) for a in ("weight_quantizer", "input_quantizer")]
-        modelopt_on = any(q is not None and bool(getattr(q, "is_enabled", False)) for q in quantizers)
-        ok = torch_quantized or modelopt_on
         total += 1
         covered += int(ok)
         slot = by_op.setdefault(cls.__name__, {"total": 0, "quantized": 0})

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from compiler.graph.quantized import computes_in_int8, is_int8_compute
 from compiler.rails import PASSED, SKIPPED, WARNED, RailContext, iter_nodes, result
 
 NAME = "int8_speed"
 APPLIES_TO = "targets that run on the CPU (the int8 probe measures CPU matrix products)"
 NO_SPEEDUP_BELOW = 1.15  # int8 within this factor of fp32 counts as "no faster"
-# ops that multiply int8 activations by int8 weights (quantize_dynamic, QOperator, fused QDQ)
-INT8_COMPUTE_OPS = {"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
-                    "QAttention", "QLinearConv", "ConvInteger"}
 EIGHT_BIT = {2, 3}  # onnx.TensorProto UINT8, INT8
 
 
@@ -43,7 +41,7 @@ def graph_int8_compute(model) -> int:
 
     count = 0
     for n in nodes:
-        if n.op_type in INT8_COMPUTE_OPS or n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2 and int8_dq(n.input[0]) and int8_dq(n.input[1]):
+        if is_int8_compute(n.op_type) or n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2 and int8_dq(n.input[0]) and int8_dq(n.input[1]):
             count += 1
     return count
 
@@ -51,17 +49,7 @@ def graph_int8_compute(model) -> int:
 def module_int8_compute(module) -> int:
     """torch modules that compute in int8: torch.ao (dynamic) quantized Linear, or a modelopt quantized
     layer whose input and weight quantizers are both enabled at 8 bits."""
-    count = 0
-    for m in module.modules():
-        if type(m).__module__.startswith("torch.ao.nn.quantized") and type(m).__name__ == "Linear":
-            count += 1
-            continue
-        iq, wq = getattr(m, "input_quantizer", None), getattr(m, "weight_quantizer", None)
-        if iq is None or wq is None:
-            continue
-        if all(getattr(q, "is_enabled", False) and getattr(q, "num_bits", None) == 8 for q in (iq, wq)):
-            count += 1
-    return count
+    return sum(1 for m in module.modules() if computes_in_int8(m))
 
 
 def judge(int8_layers: int, probe: dict[str, Any] | None) -> dict[str, Any]:

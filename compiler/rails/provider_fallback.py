@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Dict, List, Optional
 
+from compiler.graph.quantized import is_quantized_node
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, not_applicable, result
 from compiler.runners.sessions import node_placement
 
@@ -18,18 +19,13 @@ APPLIES_TO = ("targets that run an ONNX Runtime session, and the torch module it
 
 def applies_to(caps) -> bool:
     return caps.ort_session or not caps.runs_onnx
-# ops that carry the quantized arithmetic: on the wrong provider they change numbers, not only speed
-QUANTIZED_OPS = {
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "QGemm",
-    "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
-    "QAttention", "QLinearAdd", "QLinearMul", "QOrderedMatMul", "MatMulBnb4", "DynamicQuantizeLSTM",
-}
 HEAVY_OPS = {"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "Attention",
              "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "Softmax"}
 
 
 def is_quantized_op(op_type: str) -> bool:
-    return op_type in QUANTIZED_OPS or op_type.startswith(("QLinear", "TRT_")) or op_type.endswith("Integer")
+    """Ops that carry the quantized arithmetic: on the wrong provider they change numbers, not only speed."""
+    return is_quantized_node(op_type)
 
 
 def placement_from_session(sess) -> Dict[str, Dict[str, int]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from compiler.graph.quantized import QDQ_OPS, is_qoperator
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, iter_nodes, not_applicable, result
 
 NAME = "trt_explicit_quant"
@@ -29,12 +30,6 @@ TYPE_NAMES = {UINT8: "uint8", INT8: "int8", INT32: "int32", UINT16: "uint16", IN
               FLOAT8E4M3FN: "float8e4m3fn", FLOAT8E4M3FNUZ: "float8e4m3fnuz", FLOAT8E5M2: "float8e5m2",
               FLOAT8E5M2FNUZ: "float8e5m2fnuz", UINT4: "uint4", INT4: "int4", FLOAT4E2M1: "float4e2m1"}
 ALLOWED_QTYPES = {INT8, FLOAT8E4M3FN, INT4, FLOAT4E2M1}
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-QOPERATOR_OPS = {"QLinearMatMul", "QLinearConv", "QGemm", "QAttention", "MatMulInteger", "ConvInteger",
-                 "MatMulIntegerToFloat", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
-                 "MatMulNBits", "MatMulBnb4", "QOrderedMatMul", "QOrderedAttention", "QLinearAdd", "QLinearMul",
-                 "QLinearSoftmax", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool",
-                 "QLinearAveragePool", "QLinearReduceMean", "QLinearWhere", "QEmbedLayerNormalization"}
 
 RULE_TYPE = "Q/DQ type: TensorRT takes int8 or fp8 e4m3 Q/DQ (int4 / fp4 blocks for weights), never {t}"
 RULE_ZERO = "zero point: TensorRT quantization is symmetric, every zero point must be 0"
@@ -151,7 +146,7 @@ def violations(model) -> list[dict[str, str]]:
         op = node.op_type
         if node.domain not in ("", "ai.onnx", "com.microsoft"):
             continue  # trt:: custom ops (TRT_FP8QuantizeLinear, TRT_FP4DynamicQuantize) are TensorRT's own
-        if op in QOPERATOR_OPS or (op.startswith("QLinear")) or op.endswith("Integer"):
+        if is_qoperator(op):
             bad(node, RULE_QOP)
             continue
         if op not in QDQ_OPS:

@@ -10,14 +10,8 @@ from typing import Any
 import numpy as np
 
 from compiler.core.errors import RecipeError
-from compiler.numerics.metrics import (
-    TASK_METRICS,
-    TaskLabels,
-    classifier_fidelity,
-    compare_task,
-    default_metric,
-    embedding_fidelity,
-)
+from compiler.core.tasks import EVAL_TASKS, eval_task, task_kind
+from compiler.numerics.metrics import TaskLabels, compare_task, default_metric, fidelity_metrics
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +80,12 @@ def validate_gate(gate, task: str | None, where: str) -> None:
     for key in ("max_task_drop", "task_metric"):
         if getattr(gate, key) is not None and task is None:
             raise RecipeError(f"recipe.gate.{key}", f"needs gold labels but {where} is plain text",
-                              "give data.evaluation_file with labels (TSV/JSONL columns text,label | "
-                              "sentence1,sentence2,score | query,positive) or leave the key unset")
-    if gate.task_metric is not None and gate.task_metric not in TASK_METRICS[task]:
+                              "give data.evaluation_file with labels (TSV/JSONL columns "
+                              f"{' | '.join(','.join(t.columns) for t in EVAL_TASKS.values())}) or leave the key unset")
+    metrics = eval_task(task).metrics if task is not None else ()
+    if gate.task_metric is not None and gate.task_metric not in metrics:
         raise RecipeError("recipe.gate.task_metric", f"{gate.task_metric!r} does not fit the {task} task of {where}",
-                          f"use one of {', '.join(TASK_METRICS[task])}")
-
-
-def fidelity_metrics(task_kind: str, reference: dict[str, np.ndarray], target: dict[str, np.ndarray]
-                     ) -> dict[str, float]:
-    if task_kind == "classification":
-        return classifier_fidelity(reference["logits"], target["logits"])
-    return embedding_fidelity(reference["sentence_embedding"], target["sentence_embedding"])
+                          f"use one of {', '.join(metrics)}")
 
 
 def task_result(labels: TaskLabels, reference: dict[str, np.ndarray], target: dict[str, np.ndarray], gate
@@ -141,12 +129,13 @@ def gate_failures(per_output: dict[str, dict[str, Any]], fidelity: dict[str, flo
     return fails
 
 
-def run_check(reference_runner, target_runner, feeds: list[dict[str, np.ndarray]], task_kind: str, gate,
+def run_check(reference_runner, target_runner, feeds: list[dict[str, np.ndarray]], model_task: str, gate,
               labels: TaskLabels | None = None) -> dict[str, Any]:
-    """task_kind is the model's (embedding | classification); labels the evaluation rows' gold labels."""
-    cmp = compare_outputs(reference_runner, target_runner, feeds, gate, cosine=task_kind != "classification")
+    """model_task is model.task (compiler/core/tasks.py); labels the evaluation rows' gold labels."""
+    kind = task_kind(model_task)
+    cmp = compare_outputs(reference_runner, target_runner, feeds, gate, cosine=kind.output_cosine)
     ref, tgt = cmp["outputs"]["reference"], cmp["outputs"]["target"]
-    fidelity = fidelity_metrics(task_kind, ref, tgt)
+    fidelity = fidelity_metrics(model_task, ref, tgt)
     task = task_result(labels, ref, tgt, gate) if labels is not None else None
     fails = gate_failures(cmp["per_output"], fidelity, gate, task)
     out = {"per_output": cmp["per_output"], "fidelity": fidelity, "gate_failures": fails, "passed": not fails,

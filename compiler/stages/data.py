@@ -14,6 +14,7 @@ import numpy as np
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.core.paths import BUILTIN_DATA_DIR
+from compiler.core.tasks import EMBEDDING, EVAL_TASKS, LABELS, PARAPHRASE_TASK, RANKED_PAIRS, SCORED_PAIRS, eval_task, task_kind
 from compiler.numerics.metrics import TaskLabels
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,11 @@ BUILTIN_DIR = BUILTIN_DATA_DIR
 # data.format: how evaluation_file is read. auto: by extension (.tsv, .jsonl, anything else plain text);
 # the built-in evaluation set is paired_text (lines 1-2, 3-4, ... are paraphrases of each other).
 FORMATS = ("auto", "text", "paired_text", "tsv", "jsonl")
-# a labeled file's columns (TSV header / JSONL keys) say its task
-TASK_COLUMNS: dict[str, tuple[str, ...]] = {
-    "classification": ("text", "label"),
-    "sts": ("sentence1", "sentence2", "score"),
-    "retrieval": ("query", "positive"),
-}
-_EXPECTED = " | ".join(",".join(c) for c in TASK_COLUMNS.values())
+
+
+def _expected(sep: str = ",") -> str:
+    """The columns of every labeled task (a file's columns -- TSV header / JSONL keys -- say its task)."""
+    return " | ".join(sep.join(t.columns) for t in EVAL_TASKS.values())
 
 
 @dataclass
@@ -79,9 +78,7 @@ class Rows:
         """Every sentence of the rows (what calibration feeds the model)."""
         if self.task is None or self.paired:
             return [e[0] for e in self.examples]
-        if self.task == "classification":
-            return [e[0] for e in self.examples]
-        return [t for e in self.examples for t in e[:2]]
+        return [t for e in self.examples for t in e[:eval_task(self.task).texts_per_example]]
 
 
 def _read_lines(path: Path, key: str, chars: str | None = None) -> list[tuple[int, str]]:
@@ -100,34 +97,56 @@ def read_sentences(path: Path, key: str) -> list[str]:
     return [ln for _, ln in _read_lines(path, key)]
 
 
+def _task_named(columns) -> str | None:
+    return next((t.name for t in EVAL_TASKS.values() if set(t.columns) <= set(columns)), None)
+
+
 def _task_of(columns, path: Path, where: str, key: str) -> str:
-    for task, cols in TASK_COLUMNS.items():
-        if set(cols) <= set(columns):
-            return task
-    raise RecipeError(key, f"{path}:{where}: columns {', '.join(map(str, columns)) or '(none)'} name no task",
-                      f"use the columns {_EXPECTED}")
+    task = _task_named(columns)
+    if task:
+        return task
+    where = f"{path}:{where}: columns" if where else "columns"
+    raise RecipeError(key, f"{where} {', '.join(map(str, columns)) or '(none)'} name no task",
+                      f"use the columns {_expected()}")
+
+
+def _header_task(header: list[str], path: Path, line: int, key: str) -> str:
+    """The task a TSV's header names; a first row that names none is most often data (a file without a
+    header), so the error says a header is needed, shows one, and names data.columns."""
+    task = _task_named(header)
+    if task:
+        return task
+    shown = "<TAB>".join(header)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    like = next((t for t in EVAL_TASKS.values() if len(t.columns) == len(header)), next(iter(EVAL_TASKS.values())))
+    example, example_cols = "<TAB>".join(like.columns), "[" + ",".join(like.columns) + "]"
+    raise RecipeError(key, f"{path}:{line}: the first row must be a header naming the columns, e.g. {example}; "
+                      f"it reads {shown!r}, which names no task",
+                      f"add a header row ({_expected('<TAB>')}), or give "
+                      f"data.columns={example_cols} for a file without one")
 
 
 def _fields(row: dict[str, object], task: str, path: Path, line: int, key: str) -> tuple:
-    cols = TASK_COLUMNS[task]
+    kind = eval_task(task)
+    cols = kind.columns
     values = []
     for c in cols:
         v = row.get(c)
         if v is None or (isinstance(v, str) and not v.strip()):
             raise RecipeError(key, f"{path}:{line}: empty or missing {c!r}", f"every row needs {', '.join(cols)}")
         values.append(v.strip() if isinstance(v, str) else v)
-    if task == "sts":
+    if kind.layout == SCORED_PAIRS:
         try:
             values[2] = float(values[2])
         except (TypeError, ValueError):
-            raise RecipeError(key, f"{path}:{line}: score {values[2]!r} is not a number",
+            raise RecipeError(key, f"{path}:{line}: {cols[2]} {values[2]!r} is not a number",
                               "give the gold similarity as a number, e.g. 3.8") from None
         if not np.isfinite(values[2]):
-            raise RecipeError(key, f"{path}:{line}: score {values[2]!r} is not finite", "give a finite number")
-    if task == "classification":
+            raise RecipeError(key, f"{path}:{line}: {cols[2]} {values[2]!r} is not finite", "give a finite number")
+    if kind.layout == LABELS:
         values[1] = str(values[1])
-    for c, v in zip(cols, values):
-        if c != "score" and c != "label" and not isinstance(v, str):
+    for i, (c, v) in enumerate(zip(cols, values)):
+        if i < kind.texts_per_example and not isinstance(v, str):
             raise RecipeError(key, f"{path}:{line}: {c!r} is {type(v).__name__}, not text", f"give {c} as a string")
     return tuple(values)
 
@@ -138,8 +157,9 @@ def _format_of(path: Path, fmt: str) -> str:
     return {".tsv": "tsv", ".jsonl": "jsonl"}.get(path.suffix.lower(), "text")
 
 
-def read_rows(path: Path, fmt: str, key: str) -> Rows:
-    """Parse a data file; a malformed row is a RecipeError naming the file, the line and what was expected."""
+def read_rows(path: Path, fmt: str, key: str, columns: list[str] | None = None) -> Rows:
+    """Parse a data file; a malformed row is a RecipeError naming the file, the line and what was expected.
+    columns (data.columns): the fields of a TSV that has no header row."""
     fmt = _format_of(path, fmt)
     lines = _read_lines(path, key, " \r\n" if fmt == "tsv" else None)
     digest = hashlib.sha256("\n".join(ln for _, ln in lines).encode()).hexdigest()
@@ -150,16 +170,20 @@ def read_rows(path: Path, fmt: str, key: str) -> Rows:
                 raise RecipeError(key, f"{path}:{lines[-1][0]}: paired_text needs an even number of sentences "
                                   f"(lines 1-2, 3-4, ... are pairs); this last one has no partner",
                                   "add its paraphrase on the next line or remove it")
-            rows.task, rows.paired = "retrieval", True
+            rows.task, rows.paired = PARAPHRASE_TASK, True
         return rows
     if fmt == "tsv":
         if not lines:
             return Rows(path, None, [], [], digest=digest)
-        header_line, header = lines[0][0], lines[0][1].split("\t")
-        header = [h.strip() for h in header]
-        task = _task_of(header, path, f"{header_line} (header)", key)
+        first_line, first = lines[0][0], [h.strip() for h in lines[0][1].split("\t")]
+        if columns:  # a file without a header: data.columns names its fields (a header row equal to it is skipped)
+            header, body = list(columns), lines[1:] if first == list(columns) else lines
+            task = _task_of(header, path, "", "data.columns")
+        else:
+            header, body = first, lines[1:]
+            task = _header_task(header, path, first_line, key)
         examples, at = [], []
-        for i, ln in lines[1:]:
+        for i, ln in body:
             parts = ln.split("\t")
             if len(parts) != len(header):
                 raise RecipeError(key, f"{path}:{i}: {len(parts)} tab-separated fields, expected {len(header)} "
@@ -174,10 +198,10 @@ def read_rows(path: Path, fmt: str, key: str) -> Rows:
                 row = json.loads(ln)
             except json.JSONDecodeError as e:
                 raise RecipeError(key, f"{path}:{i}: not a JSON object ({e.msg})",
-                                  f"write one object per line with the keys {_EXPECTED}") from None
+                                  f"write one object per line with the keys {_expected()}") from None
             if not isinstance(row, dict):
                 raise RecipeError(key, f"{path}:{i}: a JSON {type(row).__name__}, not an object",
-                                  f"write one object per line with the keys {_EXPECTED}")
+                                  f"write one object per line with the keys {_expected()}")
             if task is None:
                 task = _task_of(sorted(row), path, str(i), key)
             examples.append(_fields(row, task, path, i, key))
@@ -197,10 +221,13 @@ def check_labels(rows: Rows, key: str, model_task: str, label_names: dict[int, s
     """The rows' task fits the model, and every classification label is in the model's label set."""
     if rows.task is None:
         return
-    if rows.task == "classification":
-        if model_task != "classification":
-            raise RecipeError(key, f"{rows.path} holds classification rows (text, label) but model.task={model_task}",
-                              "set model.task=classification for a classifier, or give sentence pairs / plain text")
+    task, kind = eval_task(rows.task), task_kind(model_task)
+    if task.model_task != model_task:
+        fits = " / ".join(f"({', '.join(t.columns)})" for t in kind.eval_tasks())
+        raise RecipeError(key, f"{rows.path} holds {task.name} rows ({', '.join(task.columns)}) but model.task="
+                          f"{model_task}", f"they score {task.output}, which model.task={task.model_task} outputs: set "
+                          f"model.task={task.model_task}, or give {fits + ' rows or ' if fits else ''}plain text")
+    if task.layout == LABELS:
         if not label_names:
             raise RecipeError(key, f"{rows.path} holds labels but the model's config names no labels (id2label)",
                               "save the classifier with its id2label / label2id in config.json")
@@ -210,9 +237,6 @@ def check_labels(rows: Rows, key: str, model_task: str, label_names: dict[int, s
                 names = ", ".join(f"{i}={n}" for i, n in sorted(label_names.items()))
                 raise RecipeError(key, f"{rows.path}:{line}: label {label!r} is not in the model's label set ({names})",
                                   "use one of those names or ids, or fix the row")
-    elif model_task == "classification":
-        raise RecipeError(key, f"{rows.path} holds {rows.task} rows, scored on sentence embeddings, but model.task="
-                          "classification outputs logits", "give (text, label) rows for a classifier")
 
 
 def _take_count(n: int, available: int, key: str, role: str, path: Path, policy: str, unit: str) -> int:
@@ -240,19 +264,21 @@ def evaluation_set(rows: Rows, n: int, label_names: dict[int, str] | None = None
     if rows.paired:  # each sentence is a query; its gold partner is the other line of its pair
         ex = ex[:len(ex) - len(ex) % 2]
         idx = np.arange(len(ex))
-        return [e[0] for e in ex], TaskLabels("retrieval", queries=idx, candidates=idx, gold=idx ^ 1)
-    if rows.task == "classification":
+        return [e[0] for e in ex], TaskLabels(rows.task, queries=idx, candidates=idx, gold=idx ^ 1)
+    layout = eval_task(rows.task).layout
+    if layout == LABELS:
         ids = label_ids(label_names or {})
         names = tuple(str(label_names[i]) for i in sorted(label_names)) if label_names else ()
-        return [e[0] for e in ex], TaskLabels("classification", labels=np.array([ids[e[1]] for e in ex], np.int64),
+        return [e[0] for e in ex], TaskLabels(rows.task, labels=np.array([ids[e[1]] for e in ex], np.int64),
                                               label_names=names)
     texts = [t for e in ex for t in e[:2]]
     k = np.arange(len(ex))
-    if rows.task == "sts":
-        return texts, TaskLabels("sts", pairs=np.stack([2 * k, 2 * k + 1], axis=1),
+    if layout == SCORED_PAIRS:
+        return texts, TaskLabels(rows.task, pairs=np.stack([2 * k, 2 * k + 1], axis=1),
                                  scores=np.array([e[2] for e in ex], np.float64))
+    assert layout == RANKED_PAIRS
     # query i at row 2i retrieves among all positives (rows 2j+1); its gold is its own positive
-    return texts, TaskLabels("retrieval", queries=2 * k, candidates=2 * k + 1, gold=k)
+    return texts, TaskLabels(rows.task, queries=2 * k, candidates=2 * k + 1, gold=k)
 
 
 def data_file(cfg, role: str) -> Path:
@@ -260,29 +286,49 @@ def data_file(cfg, role: str) -> Path:
     return Path(given).expanduser() if given else BUILTIN_DIR / f"{role}.txt"
 
 
-def file_format(cfg, role: str) -> str:
-    """data.format applies to evaluation_file; calibration files go by extension; built-in evaluation is paired."""
-    if role == "evaluation" and not cfg.evaluation_file and cfg.format == "auto":
-        return "paired_text"
+def builtin_evaluation(cfg) -> bool:
+    """The evaluation set is the sentences shipped with qcompile, read as data.format=auto."""
+    return not cfg.evaluation_file and cfg.format == "auto"
+
+
+def file_format(cfg, role: str, model_task: str = EMBEDDING.name) -> str:
+    """data.format applies to evaluation_file; calibration files go by extension. The built-in evaluation set
+    is paraphrase pairs (a retrieval task on sentence embeddings) for an embedding model and plain sentences
+    for a classifier, whose logits those pairs cannot score: it is gated on fidelity to fp32 alone."""
+    if role == "evaluation" and builtin_evaluation(cfg):
+        return task_kind(model_task).builtin_evaluation
     return cfg.format if role == "evaluation" else "auto"
 
 
-def read_data_file(cfg, role: str) -> Rows:
-    return read_rows(data_file(cfg, role), file_format(cfg, role), f"data.{role}_file")
+def read_data_file(cfg, role: str, model_task: str = EMBEDDING.name) -> Rows:
+    return read_rows(data_file(cfg, role), file_format(cfg, role, model_task), f"data.{role}_file",
+                     columns=getattr(cfg, "columns", None))
 
 
-def check_data_files(cfg, need_calibration: bool = True, model_task: str = "embedding",
+def say_what_labels_would_add(cfg, model_task: str) -> None:
+    """One console line: a classifier checked on the built-in sentences has no gold labels."""
+    kind = task_kind(model_task)
+    if builtin_evaluation(cfg) and kind.builtin_evaluation == "text" and kind.eval_tasks():
+        task = kind.eval_tasks()[0]
+        log.warning("model.task=%s without labeled data: the gate checks fidelity to fp32 (%s) on the built-in "
+                    "sentences; data.evaluation_file=<a TSV with a %s header> adds %s", kind.name,
+                    kind.fidelity_summary, ",".join(task.columns), " / ".join(task.metrics))
+
+
+def check_data_files(cfg, need_calibration: bool = True, model_task: str = EMBEDDING.name,
                      label_names: dict[int, str] | None = None) -> str | None:
     """Validate-time look at the data files (no tokenizer, no weights): malformed rows, labels outside the
     model's label set, an empty file, or fewer examples than asked with data.on_short_data=error are recipe
     errors before any model loads. Returns the evaluation task (None: plain text)."""
     if cfg.format not in FORMATS:
         raise RecipeError("data.format", f"bad value {cfg.format!r}", f"use one of {', '.join(FORMATS)}")
+    if cfg.columns is not None:
+        check_columns(cfg)
     task = None
     for role in ("calibration", "evaluation"):
         path = data_file(cfg, role)
         key = f"data.{role}_file"
-        rows = read_data_file(cfg, role)
+        rows = read_data_file(cfg, role, model_task)
         if not rows.examples:
             raise RecipeError(key, f"{path} holds no sentences",
                               "give a UTF-8 text file with one sentence per line")
@@ -301,6 +347,20 @@ def check_data_files(cfg, need_calibration: bool = True, model_task: str = "embe
     return task
 
 
+def check_columns(cfg) -> None:
+    """data.columns: distinct names that name a task, for an evaluation file read as TSV."""
+    cols = [str(c) for c in cfg.columns]
+    if len(set(cols)) != len(cols) or not cols:
+        raise RecipeError("data.columns", f"{cols} repeats a column or names none", "give each field's name once, "
+                          "e.g. data.columns=[text,label]")
+    _task_of(cols, Path(), "", "data.columns")
+    formats = {role: _format_of(data_file(cfg, role), file_format(cfg, role)) for role in ("evaluation", "calibration")}
+    if "tsv" not in formats.values():
+        raise RecipeError("data.columns", f"names the fields of a TSV without a header, but "
+                          f"{data_file(cfg, 'evaluation')} is read as {formats['evaluation']}",
+                          "give a .tsv data.evaluation_file (or data.format=tsv), or remove data.columns")
+
+
 def tokenize(tokenizer, texts: list[str], seq_len: int, input_names: list[str]) -> Features:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
     arrays = {}
@@ -315,15 +375,17 @@ def tokenize(tokenizer, texts: list[str], seq_len: int, input_names: list[str]) 
 
 
 def load_data(cfg, tokenizer, input_names: list[str], need_calibration: bool = True,
-              label_names: dict[int, str] | None = None, evaluation_limit: int | None = None) -> Dataset:
+              label_names: dict[int, str] | None = None, evaluation_limit: int | None = None,
+              model_task: str = EMBEDDING.name) -> Dataset:
     """Load stage for data. cfg is the `data` section; label_names the model's id2label (classifiers);
     evaluation_limit (check.samples) takes fewer evaluation examples than data.evaluation_samples."""
+    say_what_labels_would_add(cfg, model_task)
     files, hashes, feats = {}, {}, {}
     labels = None
     for role in ("calibration", "evaluation"):
         path = data_file(cfg, role)
         files[role] = str(path)
-        rows = read_data_file(cfg, role)
+        rows = read_data_file(cfg, role, model_task)
         hashes[role] = rows.digest
         n = int(getattr(cfg, f"{role}_samples"))
         key = f"data.{role}_samples"

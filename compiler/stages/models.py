@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from compiler.core.hashing import file_sha256
 from compiler.core.errors import BuildError, RecipeError
+from compiler.core.tasks import task_kind
 from compiler.graph.roles import LayerRoles, example_inputs, find_roles
 from compiler.steps.base import ModelInfo
 
@@ -139,7 +140,7 @@ def model_info(cfg) -> ModelInfo:
 def label_names(cfg) -> Optional[Dict[int, str]]:
     """A classifier's label set (class id -> name) from its config's id2label, read without the weights;
     None for embedding models or a config that names no labels."""
-    if cfg.task != "classification":
+    if not task_kind(cfg.task).labeled:
         return None
     if cfg.source == "tiny":
         raw = dict(getattr(_tiny_config(cfg), "id2label", None) or {})
@@ -194,7 +195,8 @@ def _load_hf_module(cfg, model_dir: Path):
     hf_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True,
                                         trust_remote_code=bool(cfg.trust_remote_code))
     hf_cfg._attn_implementation = "eager"  # exports as plain MatMul/Softmax on every exporter
-    klass = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModel
+    klass = {"AutoModel": AutoModel, "AutoModelForSequenceClassification": AutoModelForSequenceClassification
+             }[task_kind(cfg.task).head]
     try:
         module = klass.from_pretrained(
             str(model_dir), config=hf_cfg, local_files_only=True,
@@ -224,7 +226,8 @@ def _build_tiny_module(cfg):
     hf_cfg = _tiny_config(cfg)
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(int(cfg.seed))
-    klass = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModel
+    klass = {"AutoModel": AutoModel, "AutoModelForSequenceClassification": AutoModelForSequenceClassification
+             }[task_kind(cfg.task).head]
     module = klass.from_config(hf_cfg)
     module.eval()
     return module
@@ -260,13 +263,15 @@ def wrap_for_export(hf_module, task: str, input_names: List[str]):
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             return (self.run_inner(input_ids, attention_mask, token_type_ids).logits,)
 
-    wrapper = (ClassifierWrapper if task == "classification" else EmbeddingWrapper)(hf_module)
+    # TaskKind.wrapper -> the module that gives that kind's outputs (TaskKind.outputs, in order)
+    wrappers = {"EmbeddingWrapper": EmbeddingWrapper, "ClassifierWrapper": ClassifierWrapper}
+    wrapper = wrappers[task_kind(task).wrapper](hf_module)
     wrapper.eval()
     return wrapper
 
 
 def output_names_for(task: str) -> List[str]:
-    return ["logits"] if task == "classification" else ["last_hidden_state", "sentence_embedding"]
+    return list(task_kind(task).outputs)
 
 
 def load_model(cfg) -> LoadedModel:
@@ -302,7 +307,7 @@ def load_model(cfg) -> LoadedModel:
 
 def logit_labels(cfg, hf_config) -> list[str] | None:
     """A classifier's label names in logit order (id2label, LABEL_<i> where it names none); None otherwise."""
-    if cfg.task != "classification":
+    if not task_kind(cfg.task).labeled:
         return None
     named = label_names(cfg) or {}
     n = int(getattr(hf_config, "num_labels", 0) or len(named))

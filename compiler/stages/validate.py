@@ -15,6 +15,7 @@ from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import NotRunnableError, RecipeError
 from compiler.core.schema import (DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig, RecipeConfig,
                                   RepairConfig)
+from compiler.core.tasks import TASK_KINDS
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 
 
@@ -223,8 +224,8 @@ def validate(cfg: DictConfig) -> BuildSpec:
         raise RecipeError("doctor.min_quantized_fraction",
                           f"{typed['doctor'].min_quantized_fraction} is not a fraction",
                           "use a value between 0 and 1")
-    if model.task not in ("embedding", "classification"):
-        raise RecipeError("model.task", f"bad value {model.task!r}", "use embedding or classification")
+    if model.task not in TASK_KINDS:
+        raise RecipeError("model.task", f"bad value {model.task!r}", f"use {' or '.join(TASK_KINDS)}")
     if typed["export"].exporter not in ("torchscript", "dynamo"):
         raise RecipeError("export.exporter", f"bad value {typed['export'].exporter!r}", "use torchscript or dynamo")
     if typed["export"].external_data not in ("auto", "always", "never"):

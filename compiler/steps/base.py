@@ -13,6 +13,7 @@ from typing import (
 )
 
 from compiler.core.capabilities import TargetCapabilities
+from compiler.core.formats import FORMATS, FULL_PRECISION, number_format
 
 STEP_REGISTRY: dict[str, type[Step]] = {}
 
@@ -20,9 +21,8 @@ STEP_REGISTRY: dict[str, type[Step]] = {}
 TORCH = "torch"  # on the torch nn.Module, before export
 ONNX = "onnx"  # on the exported ONNX graph, after export
 
-# The formats a layer can be given through Step.with_layer_formats; "fp32" (or None) keeps it out.
-FULL_PRECISION = "fp32"
-LAYER_FORMATS = (FULL_PRECISION, "fp16", "int8", "fp8", "nvfp4")
+# A layer given FULL_PRECISION (or None) through Step.with_layer_formats is kept out of the step; the
+# formats themselves (bits, opsets, fallbacks) are declared in compiler/core/formats.py.
 
 # How a calibrating step picks activation ranges from its data, for every step (modelopt and onnxruntime
 # each map these names to their own calibrators):
@@ -135,8 +135,9 @@ class Step:
         return frozenset(self.precision) | {f for f in self.layer_formats.values() if f != FULL_PRECISION}
 
     def min_opset(self, target: TargetCapabilities) -> int:
-        """The lowest export opset the step's graph needs on this target (0: no requirement)."""
-        return 0
+        """The lowest export opset the step's graph needs on this target (0: no requirement): by default what
+        its formats need there (compiler/core/formats.py)."""
+        return max((number_format(f).min_opset(target) for f in self.precision if f in FORMATS), default=0)
 
     def validate(self, info: ModelInfo, target: TargetCapabilities) -> None:
         """The parameters' problems(), then (in subclasses) checks that need the model's shape (not its
@@ -154,7 +155,10 @@ class Step:
         if export_cfg.opset is not None and int(export_cfg.opset) < need:
             from compiler.core.errors import RecipeError
 
-            why = f" ({self.opset_reason})" if self.opset_reason else ""
+            reason = self.opset_reason or next(
+                (f"{number_format(f).opset_reason} need opset >= {need}" for f in sorted(self.precision)
+                 if f in FORMATS and number_format(f).min_opset(target) == need and number_format(f).opset_reason), "")
+            why = f" ({reason})" if reason else ""
             raise RecipeError("export.opset", f"{export_cfg.opset} is too old for {self.name} on "
                               f"target={target.name}{why}",
                               f"pass export.opset={need} (or higher), or leave export.opset unset (auto)")

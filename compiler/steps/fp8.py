@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from compiler.core.capabilities import TargetCapabilities
 from compiler.graph.fp8_qdq import MIN_OPSET
 from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep
@@ -24,13 +23,10 @@ class Fp8Step(ModeloptStep):
     Params = Params
     FORMAT = "fp8"
     summary = "FP8 e4m3 W8A8 fake-quant with modelopt; float8 Q/DQ on ort (opset >= 19), TRT FP8 ops on trt"
+    # min_opset and its reason come from the fp8 format (compiler/core/formats.py): a target that runs the
+    # ONNX graph without TensorRT's trt:: ops gets standard float8 Q/DQ (opset 19); TensorRT reads its own FP8
+    # ops at any opset
     precision = frozenset({"fp8"})
-    opset_reason = f"float8e4m3fn QuantizeLinear/DequantizeLinear need opset >= {MIN_OPSET}"
-
-    def min_opset(self, target: TargetCapabilities) -> int:
-        """A target that runs the ONNX graph without TensorRT's trt:: ops gets standard float8 Q/DQ, which
-        opset 19 introduced; TensorRT reads its own FP8 ops at any opset."""
-        return MIN_OPSET if target.runs_onnx and not target.trt_custom_ops else 0
 
     def after_export(self, onnx_path, out_path, ctx):
         """Where the target cannot run TensorRT's FP8 custom ops: lowered to standard float8 Q/DQ with fp8

@@ -10,6 +10,7 @@ import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from compiler.core.formats import FORMATS
 from compiler.steps.base import (
     CALIBRATION_METHODS,
     FULL_PRECISION,
@@ -371,7 +372,7 @@ class ModeloptStep(Step):
     needs_calibration = True
     quantizes_compute = True
     # a layer may be kept out or given another modelopt preset (int8 W8A8 or fp8) in place of the step's own
-    layer_format_choices = frozenset({"int8", "fp8"})
+    layer_format_choices = frozenset(f for f in PRESETS if f in FORMATS)  # the presets that are number formats
     FORMAT = ""  # a PRESETS key
 
     def algorithm(self) -> Any:

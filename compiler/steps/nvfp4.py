@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
+from compiler.core.formats import number_format
 from compiler.steps.base import TORCH, Step, StepContext, StepParams
 
 log = logging.getLogger(__name__)
 
 NVFP4_BLOCK = 16  # fixed by the format (TensorRT's FP4 kernels and modelopt's exporter)
-NVFP4_MIN_OPSET = 23  # FLOAT4E2M1 DequantizeLinear and blocked DequantizeLinear (block_size) need opset 23
 
 
 @dataclass
@@ -168,12 +167,10 @@ class NVFP4Step(Step):
     summary = "modelopt NVFP4 (e2m1, block 16, e4m3 scales) W4A4 on Linear layers; TensorRT NVFP4 ONNX export"
     precision = frozenset({"nvfp4"})
     quantizes_compute = True
-    # the fallback formats of mixed NVFP4 engines: a sensitive layer kept at fp8 or int8 (modelopt presets)
-    layer_format_choices = frozenset({"fp8", "int8"})
-    opset_reason = f"FLOAT4E2M1 and blocked DequantizeLinear need opset >= {NVFP4_MIN_OPSET}"
-
-    def min_opset(self, target: TargetCapabilities) -> int:
-        return NVFP4_MIN_OPSET if target.runs_onnx else 0
+    # the fallback formats of mixed NVFP4 engines (compiler/core/formats.py: a sensitive layer kept at fp8 or
+    # int8, modelopt presets); min_opset and its reason come from the format too (FLOAT4E2M1 and blocked
+    # DequantizeLinear need opset 23)
+    layer_format_choices = frozenset(number_format("nvfp4").fallbacks)
 
     def layers(self, module, exclude=()) -> List[str]:
         from compiler.steps.modelopt import DEFAULT_EXCLUDE

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from compiler.core.errors import BuildError
+from compiler.graph.quantized import QDQ_OPS, QUANTIZED_OPS, is_quantized_compute
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,10 @@ __all__ = ["LINEAR_OP_TYPES", "QUANTIZED_LINEAR_OP_TYPES", "FeaturesReader",
            "node_module", "ort_calibration_method", "qdq_fed", "preprocess", "quantized_coverage", "quantized_gathers",
            "quietly"]
 
+# ops that are a quantized linear layer by themselves (QOperator / dynamic / 4-bit formats: compiler/graph/quantized.py)
+QUANTIZED_LINEAR_OP_TYPES = tuple(op for op in QUANTIZED_OPS if is_quantized_compute(op))
 # ops that carry a layer's weights: what "the graph's linear layers are ..." lists
-LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "FusedMatMul", "Attention",
-                   "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm", "MatMulNBits")
-# ops that are a quantized linear layer by themselves (QOperator / dynamic formats)
-QUANTIZED_LINEAR_OP_TYPES = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm", "QLinearConv",
-                             "ConvInteger", "QAttention", "MatMulNBits")
+LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "FusedMatMul", "Attention") + QUANTIZED_LINEAR_OP_TYPES
 
 
 
@@ -71,7 +70,7 @@ def quantized_coverage(before, after, op_types: list[str]) -> dict[str, Any]:
     by_type = Counter(n.op_type for n in before.graph.node if n.op_type in targets)
     return {"linear_ops": dict(sorted(by_type.items())), "quantized": quantized, "total": total,
             "fraction": round(quantized / total, 4) if total else 0.0,
-            "qdq_nodes": sum(1 for n in after.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")),
+            "qdq_nodes": sum(1 for n in after.graph.node if n.op_type in QDQ_OPS),
             "quantized_op_nodes": sum(1 for n in after.graph.node if n.op_type in QUANTIZED_LINEAR_OP_TYPES)}
 
 
