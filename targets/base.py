@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -92,6 +92,11 @@ def _load_all() -> None:
 def get_target(name: str):
     _load_all()
     return TARGET_REGISTRY[name]
+
+
+def capabilities_of(target: Union[str, TargetCapabilities]) -> TargetCapabilities:
+    """A target's declared capabilities, from its name (the target's class) or as given."""
+    return target if isinstance(target, TargetCapabilities) else get_target(str(target)).capabilities
 
 
 def target_names() -> List[str]:

@@ -43,7 +43,7 @@ def finished_run(path: str, allow_gate_failed: bool = False) -> Path:
     """The run directory, or a RecipeError that says why it cannot be used (exit 2): failed, unfinished, or
     (unless allowed) a build that failed its gate, by its name's suffix or its report's status."""
     from compiler.core.status import FAILED_SUFFIX, GATE_FAILED_SUFFIX, PARTIAL_SUFFIX, Status
-    from compiler.stages.manifest import MANIFEST
+    from compiler.rundir.manifest import MANIFEST
     from compiler.stages.models import PREDICT_FILE
 
     run_dir = Path(path).expanduser()
@@ -70,7 +70,7 @@ def check_files(run_dir: Path) -> None:
     sha256 (the check `qcompile verify` makes), and no loadable file was added after the build. A RecipeError
     naming the first file otherwise (exit 2, like predict's other refusals of a run directory)."""
     from compiler.commands.reproduce import ENGINE_PATTERNS, _matches
-    from compiler.stages.manifest import check_artifacts
+    from compiler.rundir.manifest import check_artifacts
 
     status, unlisted = check_artifacts(run_dir)
     bad = [f"{name} is modified (its sha256 differs from the one in manifest.json)" if s == "modified"

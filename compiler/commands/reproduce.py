@@ -32,7 +32,7 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _run_dir_arg(path: str, command: str) -> Path:
-    from compiler.stages.manifest import MANIFEST
+    from compiler.rundir.manifest import MANIFEST
 
     run_dir = Path(path)
     if not run_dir.is_dir():
@@ -72,7 +72,7 @@ def verify_run(run_dir: Path, versions: Optional[Dict[str, str]] = None,
                hardware: Optional[Dict[str, Any]] = None) -> VerifyResult:
     """Re-hash every artifact listed in manifest.json; compare versions and hardware with this machine's
     (or with the given ones: tests plant a different machine)."""
-    from compiler.stages.manifest import check_artifacts, hardware as here_hardware, package_versions, read_manifest
+    from compiler.rundir.manifest import check_artifacts, hardware as here_hardware, package_versions, read_manifest
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -237,9 +237,9 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     copy the old export instead of reproducing it) and compare every artifact's sha256."""
     from omegaconf import OmegaConf
 
-    from compiler.stages import rundir
-    from compiler.stages.cache import open_cache
-    from compiler.stages.manifest import read_manifest
+    from compiler.rundir import lifecycle
+    from compiler.rundir.cache import open_cache
+    from compiler.rundir.manifest import read_manifest
     from compiler.pipeline import run_build
     from compiler.stages.validate import validate
 
@@ -262,7 +262,7 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
         raise RecipeError("--out", f"{final} exists already", "choose a new directory: runs are never overwritten")
     staging = final.with_name(final.name + PARTIAL_SUFFIX)
     staging.mkdir(parents=True)
-    rundir.begin(staging)
+    lifecycle.begin(staging)
     if (run_dir / ".hydra").is_dir():  # provenance: the rebuild can be summarized and rebuilt in turn
         shutil.copytree(run_dir / ".hydra", staging / ".hydra")
     cache = open_cache(spec.cache) if use_cache else None
@@ -272,12 +272,12 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     except GateError:
         status = Status.GATE_FAILED
     except QcompileError as e:
-        kept = rundir.fail(staging, e.message, kind=e.kind)
+        kept = lifecycle.fail(staging, e.message, kind=e.kind)
         raise BuildError(f"the rebuild failed: {e.message} (kept in {kept})") from e
     except BaseException as e:
-        rundir.fail(staging, f"{type(e).__name__}: {e}", kind=Status.INTERNAL_ERROR)
+        lifecycle.fail(staging, f"{type(e).__name__}: {e}", kind=Status.INTERNAL_ERROR)
         raise
-    final = rundir.succeed(staging, gate_failed=status == Status.GATE_FAILED)
+    final = lifecycle.succeed(staging, gate_failed=status == Status.GATE_FAILED)
     new = read_manifest(final)
     res = RebuildResult(original=str(run_dir), rebuild=str(final), status=status, overrides=overrides,
                         recipe_drift=drift, artifacts=compare_artifacts(original.get("artifacts", {}),

@@ -37,7 +37,7 @@ def doctor(argv: List[str]) -> int:
 
     from compiler.core.errors import RecipeError
     from compiler.core.schema import DoctorConfig
-    from compiler.stages.doctor import doctor_file, failures, render_table
+    from compiler.rails.doctor import doctor_file, failures, render_table
     from compiler.stages.validate import _closest, _typed
     from targets.base import get_target, target_names
 
@@ -65,7 +65,7 @@ def doctor(argv: List[str]) -> int:
         path = path / "model.onnx"
     if not path.is_file():
         raise RecipeError("path", f"{paths[0]} is not an ONNX file", "give path/to/model.onnx or a run directory")
-    results = doctor_file(path, target=target, config=cfg, providers=providers)
+    results = doctor_file(path, target=get_target(target).capabilities, config=cfg, providers=providers)
     print(f"qcompile doctor: {path} (target={target}, providers={','.join(providers)})")
     print(render_table(results))
     failed = failures(results)

@@ -137,7 +137,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def speed_lines(bench: dict[str, Any], probe: dict[str, Any] | None) -> list[str]:
     """The same-run ratio to fp32, the fraction of the machine's peak and the data-shape figure, each
-    saying what it measured (compiler/stages/bench.py)."""
+    saying what it measured (compiler/stages/bench/)."""
     lines = []
     if "speedup_vs_fp32" in bench:
         lo, hi = bench["speedup_vs_fp32_spread"]

@@ -57,7 +57,7 @@ class StepContext:
     opset: int = 17  # the export opset (validation resolved it from the steps' min_opset)
     batch_size: int = 8  # data.batch_size: calibration forwards run in batches of this many samples
     report: dict[str, Any] = dataclasses.field(default_factory=dict)  # the step writes its numbers here
-    # compiler.stages.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
+    # compiler.rundir.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
     # returns a directory holding what build() wrote, keyed by the sha256 of kind + key (key must name
     # every input that determines the result); steps that compute reusable calibration data use it.
     cache: Any = None

@@ -217,7 +217,7 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path):
     onnx_path = None
     if target.needs_onnx:
         if cache is not None:
-            from compiler.stages.cache import cached_fp32_export
+            from compiler.stages.export import cached_fp32_export
 
             onnx_path = cached_fp32_export(reference, spec, base_dir / "export.onnx", cache)
         else:
@@ -244,7 +244,7 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
         out["baseline"] = f"fp32 engine of the same model on target {spec.target.name}, timed round-robin in this run"
     graph = fp32_onnx or onnx_path
     if graph is not None:
-        from compiler.stages.probe import graph_flops
+        from compiler.stages.bench.probe import graph_flops
 
         try:
             out["flops"] = graph_flops(Path(graph), int(spec.bench.batch_size), int(spec.bench.seq_len))
