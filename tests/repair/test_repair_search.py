@@ -1,4 +1,4 @@
-"""The repair search (compiler/stages/repair.py) on its own: lazy greedy against a fixed single-gain order on a
+"""The repair search (compiler/repair/search.py) on its own: lazy greedy against a fixed single-gain order on a
 planted non-additive metric (two layers that share one error), the unmet answer, and the speed-ups of the torch
 measurer kept exact: folded weight quantizers and length-sorted batches without padding give the same numbers."""
 
@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.stages.repair import (
-    _outputs,
-    _ranking_feeds,
-    fold_weights,
-    report_markdown,
-    search,
-    search_fallbacks,
-    sensitivity_unless_met,
-    unmet_message,
-)
-from compiler.stages.repair_metric import fidelity_metric
+from compiler.repair.budget import Budget
+from compiler.repair.metric import fidelity_metric
+from compiler.repair.modules import MixedModel, fold_weights
+from compiler.repair.outputs import report_markdown, unmet_message
+from compiler.repair.search import search, search_fallbacks, sensitivity_unless_met
+from compiler.repair.torch_measure import _outputs, _ranking_feeds, measure_sensitivity, torch_measure
 
 # A planted metric: base 0.85, reference 1.0. Layers a and b carry the SAME error (a in the fallback removes it:
 # +0.05, b alone +0.049, both together still +0.05); c and d are independent (+0.04 each); e is nearly harmless.
@@ -97,12 +92,13 @@ def test_unmet_message_shows_a_tiny_drop_against_a_tight_budget():
     """Drops print to 6 significant digits: with 5 decimals a 3e-7 drop read "drop 0.00000 > 1e-06"."""
     out = search(lambda s: 1.0 - 3e-6 + 1e-6 * len(s), {"base_metric": 1.0 - 3e-6, "layers": [
         {"name": n, "role": "", "proxy_error": None, "gain": 1e-6} for n in ("a", "b")]},
-        "cosine", 5e-7, "fp8", 2, "nvfp4", {"a": 1, "b": 1})
+        "cosine", Budget("fidelity", 5e-7, "recipe.repair.max_fidelity_drop=5e-07"), "fp8", 2, "nvfp4",
+        {"a": 1, "b": 1})
     out.fraction = 1.0
     assert not out.met and out.needed is None
     msg = unmet_message(out)
     assert "budget not met even with all 2 layers in fp8" in msg
-    assert "cosine 0.999999, drop 1e-06 > max_task_drop 5e-07 with 2 layers" in msg, msg
+    assert "cosine 0.999999, drop 1e-06 > max_fidelity_drop 5e-07 with 2 layers" in msg, msg
 
 
 def test_reference_is_the_metrics_own_fp32_value():
@@ -137,7 +133,8 @@ def test_no_sensitivity_pass_when_the_quantized_build_meets_the_budget(tmp_path)
     met = sensitivity_unless_met(measure, NAMES, {}, 1.0, 0.2, None, {}, compute)
     assert calls == [frozenset()] and not computed
     assert "meets the budget (drop 0.15 <= 0.2)" in met["skipped"]
-    result = search(measure, met, "cosine", 0.2, "fp8", 5, "nvfp4", {n: 10 for n in NAMES})
+    result = search(measure, met, "cosine", Budget("fidelity", 0.2, "recipe.repair.max_fidelity_drop=0.2"), "fp8", 5,
+                    "nvfp4", {n: 10 for n in NAMES})
     assert result.met and result.chosen == [] and calls == [frozenset()]
     assert "no layer needs measuring" in result.as_dict()["sensitivity_skipped"]
     assert "No per-layer sensitivity" in report_markdown(result)
@@ -218,8 +215,6 @@ def test_batches_without_padding_measure_the_same(tiny_bert, tiny_data):
 
 def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data):
     """Probes that reuse the outputs of unchanged blocks give exactly the full forward's metric, and reuse some."""
-    from compiler.stages.repair import MixedModel, torch_measure
-
     a = _quantized(tiny_bert, tiny_data, "nvfp4_rotate")
     b = _quantized(tiny_bert, tiny_data, "int8")
     names = [n for n in tiny_bert.roles.role if n.startswith("inner.encoder.")]
@@ -229,8 +224,12 @@ def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data)
     plain = MixedModel(copy.deepcopy(a), copy.deepcopy(b), names)  # copied before the cache wraps a's blocks
     cached = MixedModel(a, b, names, cache_bytes=64 << 20)
     assert len(set(cached.blocks.index.values())) == 2  # tiny_bert's two encoder blocks
-    m_cached = torch_measure(cached, feeds, reference, cosine, 1)
-    m_plain = torch_measure(plain, feeds, reference, cosine, 1)
+    names_out = tiny_bert.output_names
+
+    def score(batches):
+        return cosine(reference, np.concatenate([b["sentence_embedding"] for b in batches]))
+    m_cached = torch_measure(cached, feeds, score, names_out)
+    m_plain = torch_measure(plain, feeds, score, names_out)
     last, first = names[-1], names[0]
     sets = [set(), {last}, {first}, {first, last}, {last}, set(), {names[1], last}]
     values = [m_cached(s) for s in sets]
@@ -240,15 +239,13 @@ def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data)
 
     # a model with more layers than confirm_top: the proxy pass orders them, the top ones are measured, and the
     # search still measures any layer it picks
-    from compiler.stages.repair import measure_sensitivity, search
-
     sens = measure_sensitivity(cached, names, tiny_bert.roles.role, feeds, m_cached, confirm_top=3)
     measured = [x for x in sens["layers"] if x["gain"] is not None]
     assert len(measured) == 3 and sens["layers"][:3] == measured
     assert all(x["proxy_error"] > 0 for x in sens["layers"])
     assert sens["base_metric"] == values[0]
     budget = 1.0 - m_cached(frozenset(names)) + 1e-9  # what every layer in the fallback reaches
-    result = search(m_cached, sens, "embedding_cosine_mean", budget, "int8", len(names), "nvfp4",
-                    {n: 1 for n in names})
+    result = search(m_cached, sens, "embedding_cosine_mean", Budget("fidelity", budget, "test"), "int8", len(names),
+                    "nvfp4", {n: 1 for n in names})
     assert result.met and result.curve[-1].drop <= budget and result.chosen
     assert abs(m_plain(set(result.chosen)) - result.curve[-1].metric) < 1e-12

@@ -24,7 +24,7 @@ BUDGET = 2e-4
 SCOPES = 14
 ARGS = [*FAST, "bench.enabled=false", "recipe=int8_static", "target=ort", "recipe.steps.int8_static.exclude=[]",
         "recipe.steps.int8_static.op_types_to_quantize=[MatMul,Gemm]", "recipe.repair.enabled=true",
-        f"recipe.repair.max_task_drop={BUDGET}", "recipe.repair.metric=fidelity"]  # cosine, not the labeled task
+        f"recipe.repair.max_fidelity_drop={BUDGET}"]  # the embedding cosine, not the labeled task
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_scopes_are_what_each_step_quantized(exported, tmp_path):
     only MatMuls with a constant weight: the scopes the search offers are exactly those."""
     import onnx
 
-    from compiler.stages.repair_onnx import quantized_scopes
+    from compiler.repair.onnx_measure import quantized_scopes
     from compiler.steps.ort_quant import layer_nodes
     from compiler.steps.base import StepContext
     from compiler.steps.int8_dynamic import Int8DynamicStep

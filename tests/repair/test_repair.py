@@ -18,10 +18,10 @@ PLANTED = PLANTED_LAYER
 # the planted layer alone in fp32 -> 0.9999977; every other layer in fp32 but the planted one -> 0.999866
 BUDGET = 2e-5
 ARGS = [*FAST, "bench.enabled=false", "recipe=int8", "target=torch", "recipe.steps.int8.exclude=[]",
-        "recipe.repair.enabled=true", "recipe.repair.fallback=fp32", f"recipe.repair.max_task_drop={BUDGET}",
+        "recipe.repair.enabled=true", "recipe.repair.fallback=fp32",
         # the built-in data is labeled (retrieval pairs): budget the embedding cosine, the metric the planted
         # column damages measurably on a random-init model
-        "recipe.repair.metric=fidelity"]
+        f"recipe.repair.max_fidelity_drop={BUDGET}"]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_int8_dynamic_on_torch_is_searched(qcompile):
     # a budget the all-int8 model misses, keep layers in fp32 until the metric meets it
     res = qcompile("model=tiny_bert", "recipe=int8_dynamic", "target=torch", "bench.enabled=false", *FAST,
                    "recipe.gate.min_top1_agreement=0", "recipe.repair.enabled=true", "recipe.repair.metric=fidelity",
-                   "recipe.repair.max_task_drop=1e-9", "recipe.repair.max_fallback_fraction=1.0")
+                   "recipe.repair.max_fidelity_drop=1e-9", "recipe.repair.max_fallback_fraction=1.0")
     assert res.rc == 0, res
     (run,) = res.run_dirs()
     rep = json.loads((run / "report.json").read_text())["repair"]
