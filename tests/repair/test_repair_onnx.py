@@ -141,3 +141,18 @@ def test_trt_graph_is_measured_with_onnxruntime_on_the_same_qdq(planted_dir, tmp
     report = json.loads((run / "report.json").read_text())
     assert report["steps"]["int8_static"]["activation_type"] == "int8"
     assert abs(report["check"]["fidelity"]["embedding_cosine_mean"] - search[1]["metric"]) < 1e-4
+
+
+def test_strategy_binary_changes_the_search_on_ort(repaired, planted_dir, tmp_path):
+    """recipe.repair.strategy reaches the ONNX-side search (it was silently greedy there): binary measures the
+    prefixes of the single-gain order from the largest allowed (4 of 14) down, greedy only the path 0 -> 1."""
+    _, greedy_run = repaired
+    greedy = json.loads((greedy_run / "sensitivity.json").read_text())
+    assert greedy["strategy"] == "greedy"
+    assert {p["fallback_layers"] for p in greedy["measurements"] if p["accepted"]} == {0, 1}
+    run = finished_run(tmp_path, "model=hf", f"model.path={planted_dir}", *ARGS, "recipe.repair.strategy=binary")
+    binary = json.loads((run / "sensitivity.json").read_text())
+    assert binary["strategy"] == "binary" and binary["max_fallback_layers"] == 4
+    assert {p["fallback_layers"] for p in binary["measurements"] if p["accepted"]} == {0, 1, 2, 4}
+    assert binary["chosen"] == [PLANTED]
+    assert json.loads((run / "report.json").read_text())["repair"]["strategy"] == "binary"

@@ -249,3 +249,77 @@ def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data)
                     "nvfp4", {n: 1 for n in names})
     assert result.met and result.curve[-1].drop <= budget and result.chosen
     assert abs(m_plain(set(result.chosen)) - result.curve[-1].metric) < 1e-12
+
+
+# ---- gate thresholds are conditions of the search (issue 17 item 2) ------------------------------------------
+
+
+def test_a_gate_condition_the_budget_leaves_unmet_decides_the_map():
+    """The budget (0.2) holds with no fallback, but a gate threshold (out >= 0.95) needs layer c: the search goes on
+    until the map meets both, and says which constraint decided it. Without the condition it stops at once."""
+    from compiler.repair.metric import Condition
+
+    def measure(layers):
+        s = set(layers)
+        return {"metric": planted(s), "out": 0.9 + 0.06 * ("c" in s) + 0.001 * ("e" in s)}
+
+    cond = Condition("out", 0.95, "recipe.gate.min_output_cosine=0.95")
+    assert search_fallbacks(measure, NAMES, 1.0, 0.2, allowed=5).chosen == []
+    # binary: the smallest prefix of the single-gain order a, b, d, c that holds c
+    for strategy, chosen in (("greedy", ["c"]), ("binary", ["a", "b", "c", "d"])):
+        out = search_fallbacks(measure, NAMES, 1.0, 0.2, allowed=5, conditions=[cond], strategy=strategy)
+        assert out.met and sorted(out.chosen) == chosen, (strategy, out)
+    sens = {"base_metric": 0.85, "layers": [{"name": n, "role": "", "proxy_error": None, "gain": None,
+                                            "metric": None} for n in NAMES]}
+    result = search(measure, sens, "cosine", Budget("fidelity", 0.2, "recipe.repair.max_fidelity_drop=0.2"), "fp8",
+                    5, "nvfp4", {n: 10 for n in NAMES}, conditions=[cond])
+    assert result.met and result.chosen == ["c"]
+    assert result.curve[0].unmet == ["out"] and result.curve[-1].unmet == []
+    assert result.decided_by == ["out >= 0.95 (recipe.gate.min_output_cosine=0.95)"]
+    md = report_markdown(result)
+    assert "Decided by: out >= 0.95 (recipe.gate.min_output_cosine=0.95)" in md
+    assert "Repair budget: cosine drop <= 0.2, set by recipe.repair.max_fidelity_drop=0.2." in md
+
+
+def test_the_budget_first_then_the_condition():
+    """The budget (0.02) needs a, c, d; the condition then needs e too: its gains take over once the budget holds."""
+    from compiler.repair.metric import Condition
+
+    def measure(layers):
+        s = set(layers)
+        return {"metric": planted(s), "out": 0.9 + 0.06 * ("e" in s)}
+
+    cond = Condition("out", 0.95, "recipe.gate.min_embedding_cosine=0.95")
+    out = search_fallbacks(measure, NAMES, 1.0, 0.02, allowed=5, conditions=[cond])
+    assert out.met and sorted(out.chosen) == ["a", "c", "d", "e"]
+    path = [(p.change, p.unmet) for p in out.probes if p.accepted]
+    assert path == [("-", ["metric", "out"]), ("+a", ["metric", "out"]), ("+d", ["metric", "out"]),
+                    ("+c", ["out"]), ("+e", [])]
+    unmet = search_fallbacks(measure, NAMES, 1.0, 0.02, allowed=3, conditions=[cond])
+    assert not unmet.met and unmet.needed == 4
+
+
+def test_no_budget_given_the_note_says_where_it_came_from():
+    """recipe=nvfp4 with repair on and no budget: the fidelity budget comes from the recipe's loose gate
+    (min_embedding_cosine=0.9); report.json's repair.budget_note and REPORT.md say so and name the key for a
+    tighter one (issue 17 item 7)."""
+    from compiler.repair.budget import resolve_budget
+    from compiler.repair.result import RepairSummary
+    from compiler.stages.validate import validate
+    from tests.conftest import compose
+
+    spec = validate(compose("model=tiny_bert", "recipe=nvfp4", "target=torch", "recipe.repair.enabled=true"))
+    budget = resolve_budget(spec.repair, spec.gate, "embedding", labeled=True)
+    assert (budget.kind, budget.key, budget.source) == ("fidelity", "max_fidelity_drop",
+                                                        "recipe.gate.min_embedding_cosine=0.9")
+    assert budget.max_drop == pytest.approx(0.1)
+    note = ("Repair budget: embedding_cosine_mean drop <= 0.1, from recipe.gate.min_embedding_cosine=0.9 "
+            "(recipe.repair.max_fidelity_drop not given); set recipe.repair.max_fidelity_drop (e.g. "
+            "recipe.repair.max_fidelity_drop=0.01) for a tighter one.")
+    sens = {"base_metric": 0.95, "layers": [{"name": "a", "role": "", "proxy_error": None, "gain": None,
+                                            "metric": None}]}
+    result = search(lambda s: 0.95, sens, "embedding_cosine_mean", budget, "fp8", 1, "nvfp4", {"a": 1})
+    section = RepairSummary.searched(result, {}).to_dict()
+    assert section["budget_note"] == note and section["max_fidelity_drop"] == budget.max_drop
+    assert section["budget_source"] == "recipe.gate.min_embedding_cosine=0.9" and "max_task_drop" not in section
+    assert note in report_markdown(result)
