@@ -120,6 +120,20 @@ def _flat_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return max(-1.0, min(1.0, float(a @ b) / (na * nb)))
 
 
+def output_cosines(reference: list[dict[str, np.ndarray]], batches: list[dict[str, np.ndarray]],
+                   names: Sequence[str]) -> dict[str, float]:
+    """The check's per-output statistic: mean over batches of the flattened cosine, as "output <name> cosine"."""
+    return {f"output {n} cosine": float(np.mean([_flat_cosine(r[n], b[n]) for r, b in zip(reference, batches)]))
+            for n in names}
+
+
+def output_of(condition_name: str) -> str | None:
+    """The output a per-output cosine condition is on (None for the other conditions)."""
+    if condition_name.startswith("output ") and condition_name.endswith(" cosine"):
+        return condition_name.removeprefix("output ").removesuffix(" cosine")
+    return None
+
+
 def gate_conditions(gate, metric: RepairMetric, model_task: str, output_names: Sequence[str], primary_output: str,
                     labels: TaskLabels | None, reference_batches: list[dict[str, np.ndarray]],
                     reference_rows: np.ndarray) -> list[Condition]:
@@ -169,9 +183,7 @@ class Scorer:
                  unsort: np.ndarray | None = None):
         self.metric, self.primary_output, self.conditions, self.unsort = metric, primary_output, list(conditions), unsort
         names = {primary_output}
-        for c in self.conditions:
-            if c.name.startswith("output "):
-                names.add(c.name.removeprefix("output ").removesuffix(" cosine"))
+        names.update(n for n in (output_of(c.name) for c in self.conditions) if n)
         self.outputs = sorted(names)
 
     def rows(self, batches: list[dict[str, np.ndarray]]) -> np.ndarray:

@@ -103,7 +103,9 @@ class OnnxMeasurer:
         self.trim = all(s.needs_calibration for s in self.steps if s.quantizes_compute)
         self.feeds = ranking_feeds(data, rows, batch_size, trim=self.trim)
         order = list(data.evaluation.arrays)
+        self.fp32_inputs = order
         torch_feeds = [[torch.from_numpy(f[k]) for k in order] for f in self.feeds]
+        self.reference_module = reference_module
         self.reference_batches = batch_outputs(reference_module, torch_feeds, model.output_names)
         self.unsort = None
         self.work_dir = Path(work_dir)
@@ -143,11 +145,11 @@ class OnnxMeasurer:
         self.counts = weight_counts(self.model.module, self.names)
         return self.names
 
-    def outputs(self, fallback_layers: Iterable[str], inspect: Callable[[list[str]], Any] | None = None
-                ) -> list[dict[str, np.ndarray]]:
+    def outputs(self, fallback_layers: Iterable[str], inspect: Callable[[list[str]], Any] | None = None,
+                feeds: list[dict[str, np.ndarray]] | None = None, wanted=None) -> list[dict[str, np.ndarray]]:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.work_dir, prefix="measure."))
-        wanted = list(self.score.outputs)
+        wanted = list(wanted or self.score.outputs)
         try:
             path = self.apply_steps(self.fp32_onnx, self.steps_for(fallback_layers), tmp)
             if inspect is not None:
@@ -160,7 +162,7 @@ class OnnxMeasurer:
                                  f"{str(e).splitlines()[0][:300]}") from e
             names = [i.name for i in sess.get_inputs()]
             out = []
-            for f in self.feeds:
+            for f in (self.feeds if feeds is None else feeds):
                 res = sess.run(wanted, {n: f[n] for n in names})
                 out.append({n: np.asarray(r).astype(np.float64) for n, r in zip(wanted, res)})
             del sess
@@ -190,6 +192,12 @@ class OnnxMeasurer:
     def key(self) -> dict[str, Any]:
         return {"measured_on": "onnxruntime", "graph_sha256": onnx_sha256(self.fp32_onnx),
                 "opt_level": self.opt_level, "unpadded": self.trim}
+
+    def check_layout(self, chosen: Sequence[str], feeds, wanted) -> tuple[list[dict], list[dict]]:
+        """(fp32, the map's) outputs on the check's padded batches (feeds: lists of tensors)."""
+        reference = batch_outputs(self.reference_module, feeds, self.model.output_names, wanted)
+        arrays = [{k: t.numpy() for k, t in zip(self.fp32_inputs, f)} for f in feeds]
+        return reference, self.outputs(chosen, feeds=arrays, wanted=sorted(wanted))
 
     def finish(self, chosen: Sequence[str]) -> dict[str, Any]:
         shutil.rmtree(self.work_dir, ignore_errors=True)

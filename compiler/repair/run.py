@@ -14,15 +14,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from omegaconf import OmegaConf, open_dict
 
 from compiler.core.errors import BuildError
 from compiler.repair.budget import resolve_budget
-from compiler.repair.metric import Scorer, gate_conditions, primary_rows, ranking_rows, repair_metric
+from compiler.repair.metric import (
+    Scorer,
+    gate_conditions,
+    output_cosines,
+    output_of,
+    primary_rows,
+    ranking_rows,
+    repair_metric,
+)
 from compiler.repair.onnx_measure import OnnxMeasurer
 from compiler.repair.outputs import report_markdown, unmet_message, write_layers_yaml, write_outputs
 from compiler.repair.result import RepairBudgetError, RepairResult, RepairSummary
-from compiler.repair.search import search, sensitivity_unless_met
+from compiler.repair.search import search, sensitivity_unless_met, split
 from compiler.repair.torch_measure import TorchMeasurer
 from compiler.steps.base import StepContext
 
@@ -130,12 +140,51 @@ def search_map(spec, model, data, work_dir: Path, context: Context, cache=None, 
     sensitivity = sensitivity_unless_met(measurer, names, measurer.roles, metric.reference, metric.max_drop, cache,
                                          key, lambda: measurer.sensitivity(int(rep.confirm_top)), score.conditions)
     t2 = time.perf_counter()
-    result = search(measurer, sensitivity, metric.name, metric.budget, rep.fallback, allowed, primary_format,
-                    measurer.counts, reference=metric.reference, strategy=str(rep.strategy),
-                    conditions=score.conditions)
+
+    def run_search(conditions):
+        return search(measurer, sensitivity, metric.name, metric.budget, rep.fallback, allowed, primary_format,
+                      measurer.counts, reference=metric.reference, strategy=str(rep.strategy), conditions=conditions)
+
+    # the check's own batches: every evaluation row, padded, in row order
+    check_feeds = [[torch.from_numpy(np.ascontiguousarray(v)) for v in b.values()]
+                   for b in data.evaluation.batches(batch)]
+
+    def exact(chosen, conditions):
+        names = [n for n in (output_of(c.name) for c in conditions) if n]
+        if not names:
+            return {}
+        ref, out = measurer.check_layout(chosen, check_feeds, set(names))
+        return output_cosines(ref, out, names)
+
+    result = confirmed(run_search, exact, lambda chosen: split(measurer(frozenset(chosen)))[1], score.conditions)
     result.fraction = float(rep.max_fallback_fraction)
     result.seconds = {"prepare": round(t1 - t0, 2), "sensitivity": round(t2 - t1, 2),
                       "search": round(time.perf_counter() - t2, 2), **measurer.finish(result.chosen)}
+    return result
+
+
+def confirmed(run_search: Callable[[list], RepairResult], exact: Callable[[list, list], dict[str, float]],
+              approx: Callable[[list], dict[str, float]], conditions: list, rounds: int = 3) -> RepairResult:
+    """run_search(conditions), then its map's per-output cosines in the check's own layout (exact(chosen,
+    conditions): padded batches of every evaluation row; the measurers run the ranking rows unpadded or sorted):
+    a condition the check would fail gets its floor raised by the gap between the two (approx: the search's
+    values) and the search runs again, at most `rounds` times."""
+    gate = {c.name: c.floor for c in conditions}  # what the check holds the values to
+    result = run_search(conditions)
+    for _ in range(rounds):
+        if not result.met:
+            break
+        check = exact(result.chosen, conditions)
+        short = {c.name for c in conditions if c.name in check and not check[c.name] >= gate[c.name] - 1e-12}
+        if not short:
+            break
+        seen = approx(result.chosen)
+        conditions = [dataclasses.replace(
+            c, floor=max(c.floor, gate[c.name] + max(seen[c.name] - check[c.name], 0.0) + 1e-6),
+            source=f"{c.source}; raised by {seen[c.name] - check[c.name]:.3g}: the check's padded batches gave "
+                   f"{check[c.name]:.6g} at the map of {len(result.chosen)} layers") if c.name in short else c
+            for c in conditions]
+        result = run_search(conditions)
     return result
 
 

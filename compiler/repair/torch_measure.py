@@ -198,6 +198,12 @@ class TorchMeasurer:
     def key(self) -> dict[str, Any]:
         return {"measure": self.measured_on}
 
+    def check_layout(self, chosen: Sequence[str], feeds, wanted) -> tuple[list[dict], list[dict]]:
+        """(fp32, the map's) outputs on the check's padded batches (feeds: lists of tensors), no block cache."""
+        reference = batch_outputs(self.model.module, feeds, self.model.output_names, wanted)
+        self.mixed.blocks.batch = None
+        return reference, batch_outputs(self.mixed.use(chosen), feeds, self.model.output_names, wanted)
+
     def finish(self, chosen: Sequence[str]) -> dict[str, Any]:
         self.mixed.use(chosen)
         return {"forwards": len(self.measure.memo), "ranking_tokens": int(sum(f[0].numel() for f in self.feeds)),

@@ -323,3 +323,41 @@ def test_no_budget_given_the_note_says_where_it_came_from():
     assert section["budget_note"] == note and section["max_fidelity_drop"] == budget.max_drop
     assert section["budget_source"] == "recipe.gate.min_embedding_cosine=0.9" and "max_task_drop" not in section
     assert note in report_markdown(result)
+
+
+def test_a_condition_the_checks_padded_batches_miss_is_raised_and_searched_again():
+    """The measurers see a per-output cosine on the ranking rows without padding; the check sees it on padded
+    batches. When the check's value at the chosen map misses the gate, the condition's floor rises by the gap and
+    the search runs again: here the padded value is 0.02 lower, so c alone (0.96, padded 0.94) is not enough and
+    the map grows to c + e (0.99, padded 0.97)."""
+    from compiler.repair.metric import Condition
+    from compiler.repair.run import confirmed
+
+    def approx(layers):
+        s = set(layers)
+        return {"metric": planted(s), "output last_hidden_state cosine": 0.9 + 0.06 * ("c" in s) + 0.03 * ("e" in s)}
+
+    cond = Condition("output last_hidden_state cosine", 0.95, "recipe.gate.min_output_cosine=0.95")
+    sens = {"base_metric": 0.85, "layers": [{"name": n, "role": "", "proxy_error": None, "gain": None,
+                                            "metric": None} for n in NAMES]}
+    budget = Budget("fidelity", 0.2, "recipe.repair.max_fidelity_drop=0.2")
+    checked = []
+
+    def exact(chosen, conditions):
+        checked.append(sorted(chosen))
+        return {cond.name: approx(chosen)[cond.name] - 0.02}
+
+    def run_search(conditions):
+        return search(approx, sens, "cosine", budget, "fp8", 5, "nvfp4", {n: 1 for n in NAMES}, conditions=conditions)
+
+    result = confirmed(run_search, exact, lambda chosen: approx(chosen), [cond])
+    assert checked == [["c"], ["c", "e"]]
+    assert result.met and sorted(result.chosen) == ["c", "e"]
+    (raised,) = result.conditions
+    assert raised.floor == pytest.approx(0.97 + 1e-6)
+    assert "raised by 0.02: the check's padded batches gave 0.94 at the map of 1 layers" in raised.source
+    assert result.decided_by == [raised.label()]
+    # a map the check confirms is searched once
+    checked.clear()
+    once = confirmed(run_search, lambda chosen, conditions: {cond.name: 0.99}, approx, [cond])
+    assert once.chosen == ["c"] and checked == []
