@@ -163,7 +163,7 @@ def finished_run(cwd, *args) -> Path:
     return run
 
 
-# The repair tests' planted sensitive layer (tests/stages/test_repair.py, test_repair_onnx.py).
+# The repair tests' planted sensitive layer (tests/repair/test_repair.py, test_repair_onnx.py).
 PLANTED_LAYER = "inner.encoder.layer.0.attention.self.value"
 
 

@@ -54,7 +54,7 @@ class Row:
     # the gated (or default) task metric against gold labels: its name and drop, fp32 minus target
     task_metric: str = ""
     task_drop: Optional[float] = None
-    # a build that ran the repair search (compiler/stages/repair.py): its budget, and where it met it, how many
+    # a build that ran the repair search (compiler/repair/): its budget, and where it met it, how many
     # layers fell back and the drop of the budgeted metric it measured with them
     repair_budget: Optional[float] = None
     fallback_layers: Optional[int] = None
@@ -182,7 +182,7 @@ def read_run(run_dir: Path, sweep_dir: Optional[Path] = None) -> Row:
         embedding_cosine=_num(task.get("embedding_cosine_mean")), top1_agreement=_num(task.get("top1_agreement")),
         reason=str(reason), cache=_cache_text(report.get("cache")),
         task_metric=metric, task_drop=_num(((labels.get("metrics") or {}).get(metric) or {}).get("drop")),
-        repair_budget=_num(repair.get("max_drop")), repair_metric=str(repair.get("metric") or ""),
+        repair_budget=_num(repair.get("max_task_drop", repair.get("max_fidelity_drop"))), repair_metric=str(repair.get("metric") or ""),
         **_repair_point(repair),
         fp32_self=is_fp32_self(bench),
     )

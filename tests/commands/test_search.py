@@ -197,11 +197,11 @@ def test_a_repair_rows_numbers_come_from_its_report(tmp_path):
               {"fallback_layers": 12, "drop": 0.004, "weight_bytes": 3_000_000},
               {"fallback_layers": 6, "drop": 0.012, "weight_bytes": 2_000_000},
               {"fallback_layers": 9, "drop": 0.008, "weight_bytes": 2_500_000}]
-    met = run("met", {"metric": "embedding_cosine_mean", "max_drop": 0.01, "met": True, "fallback_layers": 9,
+    met = run("met", {"metric": "embedding_cosine_mean", "max_fidelity_drop": 0.01, "met": True, "fallback_layers": 9,
                       "search": search})
     assert (met.repair_budget, met.fallback_layers, met.repair_drop, met.repair_weight_mb, met.repair_metric) == (
         0.01, 9, 0.008, 2.5, "embedding_cosine_mean")
-    unmet = run("unmet", {"metric": "embedding_cosine_mean", "max_drop": 0.002, "met": False, "fallback_layers": 0,
+    unmet = run("unmet", {"metric": "embedding_cosine_mean", "max_fidelity_drop": 0.002, "met": False, "fallback_layers": 0,
                           "search": search})
     assert (unmet.repair_budget, unmet.fallback_layers, unmet.repair_drop, unmet.repair_weight_mb) == (
         0.002, None, None, None)
