@@ -18,19 +18,25 @@ import math
 from dataclasses import dataclass
 
 from compiler.core.errors import RecipeError
+from compiler.core.formats import FORMATS, FULL_PRECISION, number_format
+from compiler.core.tasks import eval_task as eval_task_of
+from compiler.core.tasks import task_kind
 from compiler.steps.base import TORCH
 
 METRIC_CHOICES = ("auto", "task", "fidelity")
 STRATEGIES = ("greedy", "binary")
-FALLBACKS = ("fp32", "fp16", "int8", "fp8")
-# stored bits per weight of each format (nvfp4: 4-bit values + one e4m3 scale per 16), for the size estimate
-FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5, "int4": 5.0}
-FP8_MIN_OPSET = 19  # float8 QuantizeLinear / DequantizeLinear in ONNX
+
+
+def fallback_formats() -> tuple[str, ...]:
+    """The formats a layer may fall back to: every registered format at least 8 bits wide (compiler/core/formats.py),
+    widest first (fp32, fp16, then the 8-bit ones)."""
+    return tuple(sorted((n for n, f in FORMATS.items() if f.bits >= 8), key=lambda n: (-FORMATS[n].bits, n)))
 
 
 def weight_bytes(counts: dict[str, int], formats: dict[str, str]) -> int:
-    """Stored bytes of the listed layers' weights in their formats (an estimate: no scales beyond nvfp4's)."""
-    return int(sum(n * FORMAT_BITS[formats[name]] / 8 for name, n in counts.items()))
+    """Stored bytes of the listed layers' weights in their formats (the registry's storage bits, nvfp4's block
+    scales included; an estimate: no other scales)."""
+    return int(sum(n * number_format(formats[name]).bits / 8 for name, n in counts.items()))
 
 
 BUDGET_KEYS = {"task": "max_task_drop", "fidelity": "max_fidelity_drop"}
@@ -111,7 +117,7 @@ def resolve_budget(rep, gate, model_task: str, labeled: bool, where: str = "the 
                           "set recipe.repair.max_task_drop, e.g. 0.01 (one point of accuracy)")
     if _given(fid_drop):
         return Budget("fidelity", float(fid_drop), f"recipe.repair.max_fidelity_drop={fid_drop:g}")
-    if model_task == "classification":
+    if task_kind(model_task).labeled:  # label agreement is the fidelity metric of a classifier
         return Budget("fidelity", max(0.0, 1.0 - float(gate.min_top1_agreement)),
                       f"recipe.gate.min_top1_agreement={gate.min_top1_agreement:g}")
     return Budget("fidelity", max(0.0, 1.0 - float(gate.min_embedding_cosine)),
@@ -119,14 +125,19 @@ def resolve_budget(rep, gate, model_task: str, labeled: bool, where: str = "the 
 
 
 def resolve_fallback(rep, steps) -> str:
-    """repair.fallback, with auto resolved from the steps' declared facts: fp8 when a quantizing step produces a
-    format narrower than 8 bits (nvfp4) and can give layers fp8 (mixed NVFP4/FP8 engines), else fp32."""
+    """repair.fallback, with auto resolved from declared facts: when every quantizing step produces a format
+    narrower than 8 bits (nvfp4), the first of that format's registered fallbacks the steps can all give a layer
+    (nvfp4 -> fp8: mixed NVFP4/FP8 engines); else fp32."""
     if rep.fallback != "auto":
         return rep.fallback
     quant = [s for s in steps if s.quantizes_compute]
-    narrow = quant and all(any(FORMAT_BITS.get(f, 32) < 8 for f in s.precision) and "fp8" in s.layer_format_choices
-                           for s in quant)
-    return "fp8" if narrow else "fp32"
+    narrow = [number_format(f) for s in quant for f in s.precision if f in FORMATS and FORMATS[f].bits < 8]
+    if not quant or not all(any(f in FORMATS and FORMATS[f].bits < 8 for f in s.precision) for s in quant):
+        return FULL_PRECISION
+    for fallback in narrow[0].fallbacks:
+        if all(fallback in s.layer_format_choices for s in quant):
+            return fallback
+    return FULL_PRECISION
 
 
 def repair_formats(rep) -> set:
@@ -135,8 +146,11 @@ def repair_formats(rep) -> set:
 
 
 def repair_min_opset(rep, target) -> int:
-    """fp8 layers in an exported graph need float8 Q/DQ (opset 19); ORT's CPU provider runs them from there."""
-    return FP8_MIN_OPSET if target.runs_onnx and "fp8" in repair_formats(rep) else 0
+    """The opset the map's formats need in an exported graph (the registry's standard-op opset: fp8 layers are
+    measured as float8 Q/DQ in onnxruntime, opset 19, on trt too)."""
+    if not target.runs_onnx:
+        return 0
+    return max([number_format(f).onnx_opset for f in repair_formats(rep) if f in FORMATS], default=0)
 
 
 def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
@@ -150,9 +164,9 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
     if not 0.0 <= rep.max_fallback_fraction <= 1.0:
         raise RecipeError("recipe.repair.max_fallback_fraction", f"{rep.max_fallback_fraction} is outside [0, 1]",
                           "give the largest share of quantized layers that may fall back, e.g. 0.34")
-    if rep.fallback not in FALLBACKS + ("auto",):
+    if rep.fallback not in fallback_formats() + ("auto",):
         raise RecipeError("recipe.repair.fallback", f"unknown format {rep.fallback!r}",
-                          f"use one of {list(FALLBACKS + ('auto',))}")
+                          f"use one of {list(fallback_formats() + ('auto',))}")
     rep.fallback = resolve_fallback(rep, steps)
     if rep.strategy not in STRATEGIES:
         raise RecipeError("recipe.repair.strategy", f"unknown strategy {rep.strategy!r}",
@@ -169,8 +183,8 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
                           "use a quantizing recipe (e.g. recipe=nvfp4) or set recipe.repair.enabled=false")
     key = "recipe.repair.fallback" if rep.enabled else "recipe.repair.layers"
     for fmt in sorted(repair_formats(rep)):
-        if fmt not in FALLBACKS:
-            raise RecipeError(key, f"unknown format {fmt!r}", f"use one of {list(FALLBACKS)}")
+        if fmt not in fallback_formats():
+            raise RecipeError(key, f"unknown format {fmt!r}", f"use one of {list(fallback_formats())}")
         for s in quant:
             if fmt != "fp32" and fmt not in s.layer_format_choices:
                 ok = sorted({"fp32"} | set(s.layer_format_choices))
@@ -178,8 +192,9 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
                                   f"use one of {ok}")
     need = repair_min_opset(rep, target)
     if explicit_opset is not None and int(explicit_opset) < need:
-        raise RecipeError(key, f"fp8 layers are not runnable on target={target.name} at export.opset="
-                          f"{explicit_opset} (float8 QuantizeLinear needs opset {need})",
+        fmt = next(f for f in sorted(repair_formats(rep)) if f in FORMATS and number_format(f).onnx_opset == need)
+        raise RecipeError(key, f"{fmt} layers are not runnable on target={target.name} at export.opset="
+                          f"{explicit_opset} ({number_format(fmt).opset_reason} needs opset {need})",
                           f"set export.opset={need} (or leave it unset), or use fallback=fp32")
     onnx_side = [s.name for s in quant if s.stage_for(target.name) != TORCH]
     torch_side = [s.name for s in quant if s.stage_for(target.name) == TORCH]
@@ -198,6 +213,6 @@ def validate_repair_budget(rep, gate, model_task: str, eval_task: str | None, wh
     if not rep.enabled:
         return
     budget = resolve_budget(rep, gate, model_task, eval_task is not None, where)
-    if budget.kind == "task" and eval_task != "classification" and rep.ranking_samples < 2:
+    if budget.kind == "task" and eval_task_of(eval_task).texts_per_example == 2 and rep.ranking_samples < 2:
         raise RecipeError("recipe.repair.ranking_samples", f"{rep.ranking_samples} row holds no {eval_task} pair "
                           f"of {where}", "use at least 2 (whole pairs), e.g. 32")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.core.errors import RecipeError
+from compiler.core.tasks import eval_task, task_kind
 from compiler.numerics.metrics import TaskLabels, classifier_fidelity, default_metric, embedding_fidelity, task_metric
 from compiler.repair.budget import Budget
 
@@ -58,7 +59,7 @@ class Condition:
 
 def fidelity_metric(model_task: str):
     """(name, fn(reference outputs, quantized outputs) -> value, higher is better, 1.0 = equal)."""
-    if model_task == "classification":
+    if task_kind(model_task).labeled:
         return "label_agreement", lambda r, q: float(np.mean(np.argmax(r, -1) == np.argmax(q, -1)))
 
     def cosine(r, q):
@@ -74,7 +75,7 @@ def ranking_rows(requested: int, available: int, labels: TaskLabels | None) -> i
     for pair tasks (sts, retrieval) an even count, because evaluation_set lays a pair out on rows 2k, 2k+1:
     a retrieval query whose gold partner is cut off could never be found."""
     n = min(int(requested), int(available))
-    if labels is not None and labels.task != "classification":
+    if labels is not None and eval_task(labels.task).texts_per_example == 2:
         n -= n % 2
     return n
 
@@ -147,7 +148,7 @@ def gate_conditions(gate, metric: RepairMetric, model_task: str, output_names: S
             return
         out.append(Condition(name, float(value), source, fn))
 
-    if model_task != "classification":
+    if not task_kind(model_task).labeled:  # an embedder: the check's output and embedding cosines
         for name in output_names:
             def cos(batches, rows, name=name):
                 return float(np.mean([_flat_cosine(r[name], b[name]) for r, b in zip(reference_batches, batches)]))

@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from compiler.core.errors import BuildError
+from compiler.core.tasks import task_kind
 from compiler.repair.budget import resolve_budget
 from compiler.repair.metric import (
     Scorer,
@@ -126,8 +127,7 @@ def search_map(spec, model, data, work_dir: Path, context: Context, cache=None, 
             return module
 
         measurer = TorchMeasurer(model, side_steps, rep.fallback, apply, data, rows, batch)
-    output_index = 0 if model.task == "classification" else 1
-    primary_output = model.output_names[output_index]
+    primary_output = model.output_names[task_kind(model.task).primary_index]
     score = scorer(spec, model, labels, measurer, primary_output)
     metric = score.metric
     names = measurer.start(score)

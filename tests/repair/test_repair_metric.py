@@ -163,10 +163,12 @@ def test_rows_measured_in_another_order_score_against_the_right_labels():
 def test_weight_bytes_know_every_primary_format_a_step_declares():
     """The size estimate covers every precision a quantizing step declares (int4_weight_only's int4 made a
     repair build fail with KeyError: 'int4')."""
-    from compiler.repair.budget import FORMAT_BITS, weight_bytes
+    from compiler.core.formats import FORMATS
+    from compiler.repair.budget import fallback_formats, weight_bytes
     from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
     load_all_steps()
     declared = {f for cls in STEP_REGISTRY.values() if cls.quantizes_compute for f in cls.precision}
-    assert declared <= set(FORMAT_BITS), declared - set(FORMAT_BITS)
+    assert declared <= set(FORMATS), declared - set(FORMATS)
+    assert fallback_formats() == ("fp32", "fp16", "fp8", "int8")
     assert weight_bytes({"a": 64, "b": 64}, {"a": "int4", "b": "fp32"}) == 64 * 5 // 8 + 64 * 4
