@@ -123,7 +123,7 @@ def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: P
                             "search": [p.as_dict() for p in result.curve], "measurements": len(result.probes),
                             "seconds": result.seconds, "files": files}
         if not result.met:
-            report["status"] = "repair budget not met"
+            report["status"] = Status.REPAIR_BUDGET_NOT_MET
             report["reason"] = unmet_message(result)
             write_report(run_dir, report)
             with open(run_dir / "REPORT.md", "a") as f:

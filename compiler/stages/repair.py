@@ -38,6 +38,7 @@ from compiler.steps.base import TORCH
 import numpy as np
 
 from compiler.core.errors import BuildError, GateError, RecipeError
+from compiler.core.status import Status
 from compiler.stages.repair_metric import ranking_rows, repair_metric
 
 log = logging.getLogger("qcompile")
@@ -52,7 +53,7 @@ FORMAT_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "fp8": 8.0, "nvfp4": 4.5
 class RepairBudgetError(GateError):
     """The budget cannot be met within repair.max_fallback_fraction. Exit 3, like a failed gate."""
 
-    kind = "repair budget not met"
+    kind = Status.REPAIR_BUDGET_NOT_MET
 
 
 @dataclass
