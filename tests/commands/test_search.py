@@ -256,6 +256,10 @@ def test_a_repair_rows_numbers_come_from_its_report(tmp_path):
         0.002, None, None, None)
     replayed = run("replayed", {"replayed": True, "fallback_layers": 7})
     assert (replayed.repair_budget, replayed.fallback_layers, replayed.repair_drop) == (None, 7, None)
+    # the repair package names the budget by its recipe key
+    fidelity = run("fidelity", {"metric": "embedding_cosine_mean", "max_fidelity_drop": 0.01, "met": True,
+                                "fallback_layers": 9, "search": search})
+    assert (fidelity.repair_budget, fidelity.repair_drop) == (0.01, 0.008)
 
 
 # ---------------------------------------------------------------- a real search

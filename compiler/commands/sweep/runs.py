@@ -148,7 +148,10 @@ def _repair_row(repair: Dict[str, Any]) -> Dict[str, Any]:
     budget chose nothing: all empty (the row's reason has the best point); a replayed map (rebuild) has its count
     but no search. report.repair is a plain dict until the repair package's RepairSummary is typed in
     compiler/core/report_types.py: then these keys become its fields."""
-    out = {"repair_budget": _num(repair.get("max_drop")), "repair_metric": str(repair.get("metric") or ""),
+    # the budget under its recipe key (max_task_drop | max_fidelity_drop, the repair package); max_drop before it
+    budget = next((repair[k] for k in ("max_task_drop", "max_fidelity_drop", "max_drop") if repair.get(k) is not None),
+                  None)
+    out = {"repair_budget": _num(budget), "repair_metric": str(repair.get("metric") or ""),
            "fallback_layers": None, "repair_drop": None, "repair_weight_mb": None}
     if not repair or repair.get("met") is False or "fallback_layers" not in repair:
         return out
