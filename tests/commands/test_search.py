@@ -158,6 +158,8 @@ def test_pareto_plots_the_ratio_and_names_the_runs_without_one(tmp_path):
     assert 5.0 not in xs and set(xs) <= {1.0, 2.2, 2.9}  # no latency mixed into the ratio axis
     mark_pareto(rows)
     assert not rows[4].pareto
+    md = render_markdown(rows, tmp_path)
+    assert "| 0 | minilm | fp32 | torch |  | 9.000 |  | 1 (itself) |" in md  # fp32: 1 by definition, as plotted
     assert f"**{said} -- bench.baseline=none, or a GPU target timed on a machine without one**" in render_markdown(
         rows, tmp_path)
     # no run has a ratio: latency, and the plot says why it is not the ratio

@@ -57,7 +57,7 @@ def render_markdown(rows: Sequence[Row], sweep_dir: Path) -> str:
     for r in rows:
         cells = ["" if r.num is None else str(r.num), r.model, r.recipe, r.target] + (
             [_overrides_text(r, keys)] if keys else []) + [
-            _f(r.artifact_mb, 2), _f(r.ms_per_sample, 3), _f(r.samples_per_s, 1), _f(r.speedup_vs_fp32, 2),
+            _f(r.artifact_mb, 2), _f(r.ms_per_sample, 3), _f(r.samples_per_s, 1), _speed_cell(r),
             _f(r.peak_rss_mb, 0),
             _f(r.embedding_cosine, 6), _f(r.top1_agreement, 3)] + (
             [_f(r.task_drop, 4)] if metrics else []) + (
@@ -97,6 +97,11 @@ def _better(axis: Axis) -> str:
             "embedding_cosine": "embedding cosine to fp32", "task_drop": "task metric drop",
             "repair_drop": "drop of the budgeted metric", "repair_weight_mb": "quantized weights MB"}[axis.key]
     return f"{'higher' if axis.higher_is_better else 'lower'} {word}"
+
+
+def _speed_cell(r: Row) -> str:
+    # the fp32 build is its own baseline (plotted at 1): say so rather than leave the cell blank
+    return "1 (itself)" if r.speedup_vs_fp32 is None and r.fp32_self else _f(r.speedup_vs_fp32, 2)
 
 
 def speed_note(rows: Sequence[Row], keys: Sequence[str]) -> str:
