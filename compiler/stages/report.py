@@ -40,6 +40,7 @@ def typed_report(report: Union[Report, dict[str, Any]]) -> Report:
 
 
 def write_report_json(run_dir: Path, report: Union[Report, dict[str, Any]]) -> Path:
+    """report.json: the typed report as JSON (NaN and infinities as strings), keys sorted."""
     data = _clean(typed_report(report).to_dict())
     if os.environ.get(VALIDATE_ENV):
         validate_report(data)
@@ -54,7 +55,7 @@ def validate_report(data: dict[str, Any]) -> None:
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         raise ValueError("report.json does not fit docs/report.schema.json (declare the key in "
                          "compiler/core/report_types.py and regenerate the schema): "
