@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compiler.core.errors import GateError
+from compiler.core.report_types import RepairProbe, RepairSection
+from compiler.core.status import Status
 from compiler.repair.budget import Budget
 
 
@@ -14,7 +16,7 @@ class RepairBudgetError(GateError):
     """The budget (or a gate threshold) cannot be met within repair.max_fallback_fraction. Exit 3, like a
     failed gate."""
 
-    kind = "repair budget not met"
+    kind = Status.REPAIR_BUDGET_NOT_MET
 
 
 @dataclass
@@ -126,60 +128,20 @@ class RepairResult:
                                            if self.sensitivity_skipped else {})}
 
 
-@dataclass
-class RepairSummary:
-    """report.json's "repair" section. A searched map: the budgeted metric, its budget under its recipe key
-    (max_task_drop or max_fidelity_drop, the other None and left out), where the budget came from (budget_source,
-    and budget_note: one sentence for people), the gate conditions the map also met and which constraint decided
-    it, the path. A replayed map (recipe.repair.layers given): replayed, fallback_layers and layers only."""
+def searched_section(result: RepairResult, files: dict[str, str]) -> RepairSection:
+    """report.json's "repair" section of a search (its type: compiler/core/report_types.py RepairSection)."""
+    return RepairSection(
+        fallback_layers=len(result.chosen), layers=dict(sorted(result.layer_map.items())),
+        metric=result.metric_name, metric_kind=result.budget.kind, reference=result.reference,
+        **{result.budget.key: result.max_drop}, budget_source=result.budget.source,
+        budget_note=result.budget.note(result.metric_name),
+        conditions=[{"name": c.name, "min": c.floor, "source": c.source} for c in result.conditions],
+        decided_by=list(result.decided_by), fallback=result.fallback, met=result.met,
+        quantized_layers=result.total, max_fallback_layers=result.allowed, strategy=result.strategy,
+        search=[RepairProbe.from_dict(p.as_dict()) for p in result.curve], measurements=len(result.probes),
+        seconds=dict(result.seconds), files=dict(files))
 
-    fallback_layers: int
-    layers: dict[str, str]
-    replayed: bool = False
-    metric: str | None = None
-    metric_kind: str | None = None  # "task" | "fidelity"
-    reference: float | None = None
-    max_task_drop: float | None = None
-    max_fidelity_drop: float | None = None
-    budget_source: str | None = None
-    budget_note: str | None = None
-    conditions: list[dict[str, Any]] = field(default_factory=list)
-    decided_by: list[str] = field(default_factory=list)
-    fallback: str | None = None
-    met: bool | None = None
-    quantized_layers: int | None = None
-    max_fallback_layers: int | None = None
-    strategy: str | None = None
-    search: list[dict[str, Any]] = field(default_factory=list)
-    measurements: int | None = None
-    seconds: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
 
-    @classmethod
-    def searched(cls, result: RepairResult, files: dict[str, str]) -> "RepairSummary":
-        return cls(fallback_layers=len(result.chosen), layers=dict(sorted(result.layer_map.items())),
-                   metric=result.metric_name, metric_kind=result.budget.kind, reference=result.reference,
-                   **{result.budget.key: result.max_drop}, budget_source=result.budget.source,
-                   budget_note=result.budget.note(result.metric_name),
-                   conditions=[{"name": c.name, "min": c.floor, "source": c.source} for c in result.conditions],
-                   decided_by=result.decided_by, fallback=result.fallback, met=result.met,
-                   quantized_layers=result.total, max_fallback_layers=result.allowed, strategy=result.strategy,
-                   search=[p.as_dict() for p in result.curve], measurements=len(result.probes),
-                   seconds=result.seconds, files=files)
-
-    @classmethod
-    def replay(cls, layer_map: dict[str, str]) -> "RepairSummary":
-        return cls(fallback_layers=len(layer_map), layers=dict(sorted(layer_map.items())), replayed=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.replayed:
-            return {"replayed": True, "fallback_layers": self.fallback_layers, "layers": self.layers}
-        out = {"metric": self.metric, "metric_kind": self.metric_kind, "reference": self.reference}
-        out.update({k: getattr(self, k) for k in ("max_task_drop", "max_fidelity_drop") if getattr(self, k) is not None})
-        out.update({"budget_source": self.budget_source, "budget_note": self.budget_note,
-                    "conditions": self.conditions, "decided_by": self.decided_by, "fallback": self.fallback,
-                    "met": self.met, "fallback_layers": self.fallback_layers, "quantized_layers": self.quantized_layers,
-                    "max_fallback_layers": self.max_fallback_layers, "strategy": self.strategy, "search": self.search,
-                    "measurements": self.measurements, "seconds": self.seconds, "files": self.files,
-                    "layers": self.layers})
-        return out
+def replayed_section(layer_map: dict[str, str]) -> RepairSection:
+    """report.json's "repair" section of a map given in recipe.repair.layers (a rebuild replays it)."""
+    return RepairSection(fallback_layers=len(layer_map), layers=dict(sorted(layer_map.items())), replayed=True)

@@ -32,7 +32,7 @@ from compiler.repair.metric import (
 )
 from compiler.repair.onnx_measure import OnnxMeasurer
 from compiler.repair.outputs import report_markdown, unmet_message, write_layers_yaml, write_outputs
-from compiler.repair.result import RepairBudgetError, RepairResult, RepairSummary
+from compiler.repair.result import RepairBudgetError, RepairResult, replayed_section, searched_section
 from compiler.repair.search import search, sensitivity_unless_met, split
 from compiler.repair.torch_measure import TorchMeasurer
 from compiler.steps.base import StepContext
@@ -73,7 +73,7 @@ def run_repair(spec, model, data, run_dir: Path, work_dir: Path, report: dict[st
         result = search_map(spec, model, data, work_dir, context, cache, exported, reference_module)
         files = write_outputs(run_dir, result)
         md = report_markdown(result)
-        report["repair"] = RepairSummary.searched(result, files).to_dict()
+        report["repair"] = searched_section(result, files).to_dict()
         if not result.met:
             report["status"] = RepairBudgetError.kind
             report["reason"] = unmet_message(result)
@@ -84,7 +84,7 @@ def run_repair(spec, model, data, run_dir: Path, work_dir: Path, report: dict[st
         with open_dict(spec.raw):
             OmegaConf.update(spec.raw, "recipe.repair.layers", layer_map, force_add=True)
     else:
-        report["repair"] = RepairSummary.replay(layer_map).to_dict()
+        report["repair"] = replayed_section(layer_map).to_dict()
     primary: dict[str, str] = {}  # what each quantizing step gives the layers it touches
     for s in side_steps:
         if s.quantizes_compute:

@@ -75,6 +75,9 @@ def test_unmet_budget_exits_3_with_what_it_would_take(planted_dir, tmp_path):
     assert "budget met with 1 of 12 layers in fp32; max_fallback_fraction=0 allows 0" in line, line
     (run,) = res.run_dirs()
     assert json.loads((run / "sensitivity.json").read_text())["needed"] == 1
+    # a status of its own (compiler/core/status.py), in a directory named like a failed gate
+    assert json.loads((run / "report.json").read_text())["status"] == "repair budget not met"
+    assert run.name.endswith(".gate-failed")
 
 
 @pytest.mark.parametrize("args,text", [

@@ -304,7 +304,7 @@ def test_no_budget_given_the_note_says_where_it_came_from():
     (min_embedding_cosine=0.9); report.json's repair.budget_note and REPORT.md say so and name the key for a
     tighter one (issue 17 item 7)."""
     from compiler.repair.budget import resolve_budget
-    from compiler.repair.result import RepairSummary
+    from compiler.repair.result import searched_section
     from compiler.stages.validate import validate
     from tests.conftest import compose
 
@@ -319,7 +319,7 @@ def test_no_budget_given_the_note_says_where_it_came_from():
     sens = {"base_metric": 0.95, "layers": [{"name": "a", "role": "", "proxy_error": None, "gain": None,
                                             "metric": None}]}
     result = search(lambda s: 0.95, sens, "embedding_cosine_mean", budget, "fp8", 1, "nvfp4", {"a": 1})
-    section = RepairSummary.searched(result, {}).to_dict()
+    section = searched_section(result, {}).to_dict()
     assert section["budget_note"] == note and section["max_fidelity_drop"] == budget.max_drop
     assert section["budget_source"] == "recipe.gate.min_embedding_cosine=0.9" and "max_task_drop" not in section
     assert note in report_markdown(result)
