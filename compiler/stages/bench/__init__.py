@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from compiler.core.report_types import BaselineKind
+
 
 class PeakRSS:
     """Samples this process's resident set size in a thread; peak above the starting RSS."""
@@ -201,17 +203,19 @@ def bench_data_shapes(predicts: dict[str, Callable], evaluation, cfg) -> dict[st
 
 
 def fp32_baseline(target, reference, spec, cache, work_dir: Path):
-    """(make_predict, fp32 ONNX path or None, why not) for the same model's fp32 engine on the build's target:
-    the unmodified reference module lowered the way the build was (ONNX targets: the cached fp32 export)."""
+    """(make_predict, fp32 ONNX path or None, BaselineKind, why not) for the same model's fp32 engine on the
+    build's target: the unmodified reference module lowered the way the build was (ONNX targets: the cached
+    fp32 export)."""
     if str(spec.bench.baseline) == "none":
-        return None, None, "bench.baseline=none"
+        return None, None, BaselineKind.NONE, "bench.baseline=none"
     if not spec.steps:
-        return None, None, "the build is the fp32 engine itself"
+        return None, None, BaselineKind.SELF, "the build is the fp32 engine itself"
     if target.capabilities.gpu:
         from targets.trt_hardware import detect_gpu
 
         if detect_gpu() is None:
-            return None, None, f"target {target.name} times a GPU engine and this machine has no NVIDIA GPU"
+            return (None, None, BaselineKind.NONE,
+                    f"target {target.name} times a GPU engine and this machine has no NVIDIA GPU")
     base_dir = Path(work_dir) / "fp32_baseline"
     base_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = None
@@ -227,17 +231,18 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path):
                                     base_dir / "export.onnx", spec.export)
     engine = target.lower(reference, onnx_path, base_dir)
     threads = int(spec.bench.threads) or None
-    return (lambda: target.predictor(engine, threads=threads)), onnx_path, None
+    return (lambda: target.predictor(engine, threads=threads)), onnx_path, BaselineKind.FP32_SAME_RUN, None
 
 
 def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: Path, onnx_path: Path | None,
                  probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bench stage of a build: the engine timed against its fp32 baseline (same run, round-robin),
     plus the fraction of the machine's fp32 matrix-product peak (graph FLOPs / latency / probe GFLOP/s)."""
-    make_baseline, fp32_onnx, why = fp32_baseline(target, reference, spec, cache, work_dir)
+    make_baseline, fp32_onnx, kind, why = fp32_baseline(target, reference, spec, cache, work_dir)
     out = run_bench(lambda: target.predictor(engine, threads=int(spec.bench.threads) or None), reference.input_names,
                     spec.bench, engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}",
                     make_baseline=make_baseline, evaluation=evaluation)
+    out["baseline_kind"] = kind  # the fact readers use (compiler/core/report_types.py); "baseline" says it in words
     if why:
         out["baseline"] = f"none: {why}"
     else:
