@@ -10,6 +10,8 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Union
 import numpy as np
 
 from compiler.core.capabilities import TargetCapabilities
+from compiler.core.errors import BuildError
+from compiler.runners.callable import CallableRunner
 
 TARGET_REGISTRY: Dict[str, type["Target"]] = {}
 TARGET_MODULES = ("torch", "ort", "trt")
@@ -64,8 +66,6 @@ class Target:
     def load(self, run_dir: Path, info: dict[str, Any], input_names: list[str], output_names: list[str]) -> Engine:
         """The engine of a finished run directory, from its artifacts and the report's "lower" section (info),
         for `qcompile predict`: the same engine the check stage ran."""
-        from compiler.core.errors import BuildError
-
         raise BuildError(f"target={self.name} cannot load a finished run's engine")
 
     def predictor(self, engine: Engine, threads: Optional[int] = None) -> Predict:
@@ -74,8 +74,6 @@ class Target:
 
     def runner(self, engine: Engine, threads: Optional[int] = None):
         """A Polygraphy runner over the engine, for Comparator."""
-        from compiler.runners.callable import CallableRunner
-
         return CallableRunner(self.predictor(engine, threads), engine.input_names, engine.output_names,
                               name=f"qcompile-{self.name}")
 

@@ -11,12 +11,18 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from compiler.commands import subcommands as commands
 from compiler.commands.search import BuildResult, check_objectives, objective_values, read_report
 from compiler.commands.sweep import JOBS_DIR, read_sweep_exit_code
 from compiler.core.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
 from compiler.core.logs import configure_console, console_for_qcompile_only, log_file, route_library_logs, strip_ansi
 from compiler.core.paths import RECIPES_DIR
+from compiler.core.schema import RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig, SearchConfig
 from compiler.core.status import Status, exit_code
+from compiler.rundir import lifecycle
+from compiler.rundir.cache import open_cache
+from compiler.stages.report import task_line
+from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
 SUBCOMMANDS = ("doctor", "summarize", "verify", "rebuild", "capabilities", "predict")
 
@@ -51,8 +57,6 @@ def _outcome(err: Optional[QcompileError] = None, *, code: Optional[int] = None,
 def _objective_names(cfg) -> Tuple[str, ...]:
     """search.objectives as composed (its checked form comes after validation; a recipe that fails before
     that still returns one NaN per name)."""
-    from compiler.core.schema import SearchConfig
-
     try:
         return tuple(str(n) for n in cfg.search.objectives)
     except Exception:
@@ -86,8 +90,6 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from compiler.rundir import lifecycle
-
     route_library_logs()  # Hydra has set up logging by now: libraries' logs to the run's log file only
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -96,6 +98,7 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
     configure_console(verbose=verbose, stages=not in_sweep)  # a sweep: one line per job (build_job), not per stage
     try:
         lifecycle.begin(run_dir)
+        # why: validate imports onnx, polygraphy and every step: --help and --cfg start without them
         from compiler.stages.validate import validate
 
         spec = validate(cfg)
@@ -110,8 +113,8 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
         lifecycle.discard(run_dir)
         err = InterruptedBuild("interrupted before the build started; nothing was written")
         return _outcome(err, line=_print_error(err)), None
+    # why: the pipeline imports torch (+2 s): --help, --cfg and a recipe error start without it
     from compiler.pipeline import run_build
-    from compiler.rundir.cache import open_cache
 
     try:
         # library output during the build goes to the run's log file (cli.log), the console keeps the stages
@@ -196,8 +199,6 @@ def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
     if skipped:
         console.print("; ".join(skipped), markup=False)
     if chk.get("task"):
-        from compiler.stages.report import task_line
-
         console.print(f"task metric: {task_line(chk['task'])}", markup=False)
     budget_note = (report.get("repair") or {}).get("budget_note")
     if budget_note:
@@ -227,9 +228,8 @@ def print_job_line(num: int, build: str, outcome: Dict[str, Any], report: Option
 
 def _key_fix(full_key: str) -> Tuple[str, str]:
     """(what is wrong, what to write instead) for an unknown dotted key: the closest real key of its section."""
-    from compiler.core.schema import RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
+    # why: validate imports onnx, polygraphy and every step: --help and --cfg start without them
     from compiler.stages.validate import _closest, top_level_fix
-    from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
     parts = full_key.split(".")
     unknown = "unknown key"
@@ -411,8 +411,6 @@ def _hydra_main(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        from compiler.commands import subcommands as commands
-
         try:
             rc = getattr(commands, argv[0])(argv[1:])
         except QcompileError as e:

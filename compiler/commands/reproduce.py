@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from compiler.core.errors import BuildError, GateError, QcompileError, RecipeError
+from compiler.core.paths import RECIPES_DIR
 from compiler.core.status import PARTIAL_SUFFIX, RUN_DIR_SUFFIXES, Status
+from compiler.rundir import lifecycle
+from compiler.rundir.cache import open_cache
+from compiler.rundir.manifest import MANIFEST, check_artifacts, package_versions, read_manifest
+from compiler.rundir.manifest import hardware as here_hardware
 
 log = logging.getLogger("qcompile")
 
@@ -32,8 +37,6 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _run_dir_arg(path: str, command: str) -> Path:
-    from compiler.rundir.manifest import MANIFEST
-
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise RecipeError("run_dir", f"{run_dir} is not a directory",
@@ -72,8 +75,6 @@ def verify_run(run_dir: Path, versions: Optional[Dict[str, str]] = None,
                hardware: Optional[Dict[str, Any]] = None) -> VerifyResult:
     """Re-hash every artifact listed in manifest.json; compare versions and hardware with this machine's
     (or with the given ones: tests plant a different machine)."""
-    from compiler.rundir.manifest import check_artifacts, hardware as here_hardware, package_versions, read_manifest
-
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     res = VerifyResult(run_dir=str(run_dir))
@@ -209,8 +210,6 @@ def recipe_drift(recorded_cfg, overrides: List[str]) -> List[str]:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from compiler.core.paths import RECIPES_DIR
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(RECIPES_DIR).resolve()), version_base="1.3"):
@@ -237,9 +236,7 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     copy the old export instead of reproducing it) and compare every artifact's sha256."""
     from omegaconf import OmegaConf
 
-    from compiler.rundir import lifecycle
-    from compiler.rundir.cache import open_cache
-    from compiler.rundir.manifest import read_manifest
+    # why: the pipeline imports torch (+2 s), validate onnx and polygraphy: `qcompile verify` starts without them
     from compiler.pipeline import run_build
     from compiler.stages.validate import validate
 

@@ -341,6 +341,6 @@ def schema_text() -> str:
 
 
 if __name__ == "__main__":  # python -m compiler.core.report_types > docs/report.schema.json
-    from compiler.core import report_types  # the module by its name (here it runs as __main__)
+    from compiler.core import report_types  # why: the module by its name (here it runs as __main__)
 
     sys.stdout.write(report_types.schema_text())

@@ -14,10 +14,27 @@ from typing import Any, Dict, List, Optional
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
-from compiler.core.schema import CONSTANT_PROMOTE_BYTES
-from compiler.rails import (FAILED, RAIL_NAMES, SKIPPED, WARNED, RailContext, applies, coverage, first_line, fp16_types,
-                            input_dependence, int8_speed, memcpy, not_applicable, provider_fallback, result, shape_inference, size,
-                            trt_explicit_quant)
+from compiler.core.schema import CONSTANT_PROMOTE_BYTES, DoctorConfig
+from compiler.rails import (
+    FAILED,
+    RAIL_NAMES,
+    SKIPPED,
+    WARNED,
+    RailContext,
+    applies,
+    coverage,
+    first_line,
+    fp16_types,
+    input_dependence,
+    int8_speed,
+    memcpy,
+    not_applicable,
+    provider_fallback,
+    result,
+    shape_inference,
+    size,
+    trt_explicit_quant,
+)
 from compiler.runners.sessions import node_placement, ort_session
 
 log = logging.getLogger("qcompile")
@@ -30,8 +47,6 @@ EXPORT_RAILS = ("shape_inference", "size")  # the ones that judge the freshly ex
 
 
 def default_config():
-    from compiler.core.schema import DoctorConfig
-
     return DoctorConfig()
 
 

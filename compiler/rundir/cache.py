@@ -21,6 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from compiler.core.hashing import file_sha256
+from compiler.rundir.manifest import package_versions
 
 log = logging.getLogger("qcompile")
 
@@ -44,8 +45,6 @@ def tool_versions() -> Dict[str, str]:
     """The installed versions of every package that shapes an artifact (torch, onnx, onnxruntime,
     modelopt, transformers, tensorrt, qcompile ...) plus Python, and the sha256 of qcompile's own source:
     an editable install keeps version 0.1.0 while its code changes."""
-    from compiler.rundir.manifest import package_versions
-
     out = dict(package_versions())  # holds qcompile_source_sha256 too
     out["python"] = platform.python_version()
     return out

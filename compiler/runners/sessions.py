@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.core.errors import RecipeError
+from compiler.runners.reference import reference_predictor
 
 Feed = dict[str, np.ndarray]
 CPU = "CPUExecutionProvider"
@@ -124,7 +125,5 @@ def cpu_predictor(onnx_path: Path, model=None, kind: str | None = None, threads:
         model = model if model is not None else onnx.load(str(onnx_path), load_external_data=False)
         kind = cpu_runner_kind(model)
     if kind == "reference":
-        from compiler.runners.reference import reference_predictor
-
         return reference_predictor(onnx_path)
     return session_predictor(ort_session(onnx_path, opt_level=opt_level, threads=threads))

@@ -9,12 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-
 from compiler.core.errors import BuildError, RecipeError
-from compiler.core.schema import DEFAULT_OPSET
+from compiler.core.feeds import synthetic_feed
 from compiler.core.logs import library_output
+from compiler.core.schema import DEFAULT_OPSET
 from compiler.graph.io import onnx_files, save_onnx
 from compiler.rundir.cache import Cache
+from compiler.steps.modelopt_dynamo import export_mode
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ EXPORTERS = ("torchscript", "dynamo")
 
 def example_inputs(input_names: List[str], batch: int = 2, seq: int = 16):
     import torch
-
-    from compiler.core.feeds import synthetic_feed
 
     feed = synthetic_feed(input_names, batch, seq)
     return tuple(torch.from_numpy(feed[n]) for n in input_names)
@@ -62,7 +61,6 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
                     b, s = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=4096)
                     shapes = {n: {0: b, 1: s} for n in input_names}
                     # the wrapper's positional names: input_ids, attention_mask, token_type_ids
-                from compiler.steps.modelopt_dynamo import export_mode
 
                 # modelopt's quantizers need their export mode and a translation of their ops
                 with export_mode(module, _opset(cfg)) as table:

@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from compiler.core.feeds import synthetic_feed
 from compiler.core.report_types import BaselineKind
+from compiler.stages.bench.probe import graph_flops
+from compiler.stages.export import cached_fp32_export, export_onnx
+from targets.trt_hardware import detect_gpu
 
 
 class PeakRSS:
@@ -137,8 +141,6 @@ def run_bench(make_predict: Callable[[], Callable], input_names: list[str], cfg,
     make_baseline (optional) builds the same model's fp32 predictor on the same target: both are then timed
     round-robin in this one run and the result carries speedup_vs_fp32 and its spread. evaluation (the
     evaluation Features) is needed for cfg.shapes == "data"."""
-    from compiler.core.feeds import synthetic_feed
-
     batch = int(cfg.batch_size)
     feed = synthetic_feed(input_names, batch, int(cfg.seq_len), seed=1)
     rounds = max(1, min(int(getattr(cfg, "rounds", 1) or 1), int(cfg.iterations)))
@@ -211,8 +213,6 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path):
     if not spec.steps:
         return None, None, BaselineKind.SELF, "the build is the fp32 engine itself"
     if target.capabilities.gpu:
-        from targets.trt_hardware import detect_gpu
-
         if detect_gpu() is None:
             return (None, None, BaselineKind.NONE,
                     f"target {target.name} times a GPU engine and this machine has no NVIDIA GPU")
@@ -221,12 +221,8 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path):
     onnx_path = None
     if target.needs_onnx:
         if cache is not None:
-            from compiler.stages.export import cached_fp32_export
-
             onnx_path = cached_fp32_export(reference, spec, base_dir / "export.onnx", cache)
         else:
-            from compiler.stages.export import export_onnx
-
             onnx_path = export_onnx(reference.module, reference.input_names, reference.output_names,
                                     base_dir / "export.onnx", spec.export)
     engine = target.lower(reference, onnx_path, base_dir)
@@ -249,8 +245,6 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
         out["baseline"] = f"fp32 engine of the same model on target {spec.target.name}, timed round-robin in this run"
     graph = fp32_onnx or onnx_path
     if graph is not None:
-        from compiler.stages.bench.probe import graph_flops
-
         try:
             out["flops"] = graph_flops(Path(graph), int(spec.bench.batch_size), int(spec.bench.seq_len))
         except Exception as e:  # noqa: BLE001 -- shape inference can fail on an exotic graph: the bench still stands
