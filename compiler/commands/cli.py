@@ -11,16 +11,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from compiler.commands import subcommands as commands
 from compiler.commands.search import BuildResult, check_objectives, objective_values, read_report
 from compiler.commands.sweep import JOBS_DIR, read_sweep_exit_code
 from compiler.core.errors import BuildError, GateError, InterruptedBuild, QcompileError, RecipeError
 from compiler.core.logs import configure_console, console_for_qcompile_only, log_file, route_library_logs, strip_ansi
 from compiler.core.paths import RECIPES_DIR
-from compiler.core.schema import RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig, SearchConfig
 from compiler.core.status import Status, exit_code
 from compiler.rundir import lifecycle
-from compiler.rundir.cache import open_cache
 from compiler.stages.report import task_line
 from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
@@ -60,6 +57,9 @@ def _objective_names(cfg) -> Tuple[str, ...]:
     try:
         return tuple(str(n) for n in cfg.search.objectives)
     except Exception:
+        # why: core.schema reads every recipe section's YAML defaults when imported (0.4-0.7 s): --help starts without it
+        from compiler.core.schema import SearchConfig
+
         return tuple(SearchConfig().objectives)
 
 
@@ -113,8 +113,9 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
         lifecycle.discard(run_dir)
         err = InterruptedBuild("interrupted before the build started; nothing was written")
         return _outcome(err, line=_print_error(err)), None
-    # why: the pipeline imports torch (+2 s): --help, --cfg and a recipe error start without it
+    # why: the pipeline imports torch (+2 s), the cache numpy: --help, --cfg and a recipe error start without them
     from compiler.pipeline import run_build
+    from compiler.rundir.cache import open_cache
 
     try:
         # library output during the build goes to the run's log file (cli.log), the console keeps the stages
@@ -228,7 +229,8 @@ def print_job_line(num: int, build: str, outcome: Dict[str, Any], report: Option
 
 def _key_fix(full_key: str) -> Tuple[str, str]:
     """(what is wrong, what to write instead) for an unknown dotted key: the closest real key of its section."""
-    # why: validate imports onnx, polygraphy and every step: --help and --cfg start without them
+    # why: core.schema reads the recipes' YAML defaults, validate imports onnx and the steps: --help starts without them
+    from compiler.core.schema import RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
     from compiler.stages.validate import _closest, top_level_fix
 
     parts = full_key.split(".")
@@ -411,6 +413,9 @@ def _hydra_main(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
+        # why: the subcommands load the steps and targets (numpy, polygraphy: +1.6 s measured); --help starts without them
+        from compiler.commands import subcommands as commands
+
         try:
             rc = getattr(commands, argv[0])(argv[1:])
         except QcompileError as e:
