@@ -5,13 +5,10 @@ recipe keeps / rotates the same kind of layer on each. Two multiruns (ort, torch
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import FAST, CliResult
+from tests.conftest import FAST, run_cli
 
 FAMILIES = ["tiny_bert", "tiny_distilbert", "tiny_roberta", "tiny_modernbert"]
 ORT = ["fp32", "fp16", "int8_dynamic", "int8_static", "fp8"]
@@ -29,10 +26,7 @@ def runs(tmp_path_factory):
         args = ["-m", f"model={','.join(FAMILIES)}", f"recipe={','.join(recipes)}", f"target={target}", *ARGS]
         if target == "torch":
             args.remove("export.opset=19")  # nvfp4 asks for opset 23 itself
-        proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True,
-                          text=True,
-                              timeout=1800, env=dict(os.environ))
-        res = CliResult(proc, cwd)
+        res = run_cli(cwd, *args)
         assert res.rc == 0, res
         for d in res.run_dirs():
             report = json.loads((d / "report.json").read_text())

@@ -6,14 +6,11 @@ also checks that a sweep writes one finished run directory per combination; one 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, CliResult
+from tests.conftest import FAST, run_cli
 
 MODELS = ["tiny_bert", "tiny_modernbert"]
 RECIPES = ["fp32", "fp16", "int8_dynamic", "int8_static"]
@@ -38,9 +35,7 @@ def sweep(tmp_path_factory):
     """`qcompile -m model=... recipe=... target=...` over the whole matrix, once for the module."""
     cwd = tmp_path_factory.mktemp("spine")
     args = ["-m", f"model={','.join(MODELS)}", f"recipe={','.join(RECIPES)}", f"target={','.join(TARGETS)}", *TINY]
-    proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, env=dict(os.environ))
-    return CliResult(proc, cwd)
+    return run_cli(cwd, *args)
 
 
 def test_sweep_writes_one_finished_run_per_combination(sweep):
