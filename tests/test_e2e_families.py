@@ -16,6 +16,8 @@ TORCH = ["int8", "int8_smoothquant", "int8_weight_only", "nvfp4", "nvfp4_rotate"
 # tiny random models: retrieval top-1 agreement is noise (see tests/test_e2e_spine.py); gate on cosines only
 ARGS = [*FAST, "recipe.gate.min_top1_agreement=0.0", "bench.enabled=false", "export.opset=19"]
 
+pytestmark = pytest.mark.slow  # 40 builds in two multiruns (~70 s quiet)
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

@@ -38,6 +38,7 @@ def sweep(tmp_path_factory):
     return run_cli(cwd, *args)
 
 
+@pytest.mark.slow  # the 16-build matrix (~45 s quiet); test_single_build keeps one whole build in the fast tier
 def test_sweep_writes_one_finished_run_per_combination(sweep):
     assert sweep.rc == 0, sweep
     names = sorted(d.name.split("_", 1)[1] for d in sweep.run_dirs())
@@ -51,6 +52,7 @@ def test_single_build(qcompile):
     check_run(run_dir, "tiny_modernbert", "int8_static", "ort")
 
 
+@pytest.mark.slow  # reads the matrix sweep's runs
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("model", MODELS)
