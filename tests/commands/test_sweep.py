@@ -190,6 +190,7 @@ def _sweep_dir(cwd: Path) -> Path:
     return dirs[0]
 
 
+@pytest.mark.slow  # three fresh interpreters (the CLI and two joblib workers) and four builds: ~50 s loaded
 def test_real_parallel_multirun_writes_the_summary(qcompile, tmp_path):
     """qcompile -m over 2 recipes x 2 targets with the joblib launcher, 2 jobs at a time: 4 rows with the
     numbers each run's report.json holds, and no file written outside the run directories."""

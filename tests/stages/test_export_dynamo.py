@@ -44,6 +44,13 @@ CASES = [
 # on a rounding boundary; the rotation MatMuls move a few e2m1 boundary values (test_nvfp4 measures it)
 TOLERANCE = {"nvfp4_rotate-trt": 1e-3}
 
+# A dynamo export costs 10-40 s on 2 cores: the fast tier exports one case per format translation
+# (compiler.steps.modelopt_dynamo: int8, fp8, nvfp4) with dynamo; the other dynamo cases are the slow tier's.
+FAST_DYNAMO = {"int8-ort", "fp8-trt", "nvfp4-trt"}
+PARAMS = [pytest.param(case, exporter, marks=() if exporter == "torchscript" or case in FAST_DYNAMO
+                       else pytest.mark.slow, id=f"{case}-{exporter}")
+          for case in [c[0] for c in CASES] for exporter in EXPORTERS]
+
 
 @pytest.fixture(scope="module")
 def quantized(request, tmp_path_factory):
@@ -83,8 +90,7 @@ def _export(model, module, steps, target, exporter, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
+@pytest.mark.parametrize("case,exporter", PARAMS)
 def test_exported_graph_equals_torch_fake_quant(case, exporter, quantized, tmp_path):
     from compiler.runners.reference import reference_predictor
 
