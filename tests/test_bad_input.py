@@ -158,7 +158,7 @@ def test_corrupt_weights_file(qcompile, hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path / "corrupt")
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])  # a truncated download
-    r = qcompile("model=hf", f"model.path={d}", "recipe=fp32", *FAST, timeout=300, fresh_process=True)  # exit 1
+    r = qcompile("model=hf", f"model.path={d}", "recipe=fp32", *FAST, timeout=300)
     assert_clean_error(r, 1, f"model.path: cannot load weights from {d}: SafetensorError")
     run = _failed_dir(r)
     assert "cannot load weights" in (run / "FAILED.md").read_text()
