@@ -178,6 +178,10 @@ class BenchConfig:
     # profile the warm-up calls by op type (onnxruntime's profiler / torch.profiler), the fp32 engine's beside
     # them, and the int8 bound from them and the probe: bench.profile in report.json (compiler/stages/op_profile.py)
     profile: bool
+    # opt-in: throughput at batch_size and at server_batch x seq_len, from 1 thread to every core, build and
+    # fp32 engine round-robin in this run: bench.scaling in report.json (compiler/stages/scaling.py)
+    scaling: bool
+    server_batch: int
 
 
 @dataclass

@@ -212,7 +212,8 @@ def bench_data_shapes(predicts: dict[str, Callable], evaluation, cfg) -> dict[st
 def fp32_baseline(target, reference, spec, cache, work_dir: Path, profile_prefix: str | None = None):
     """(make_predict, fp32 ONNX path or None, why not) for the same model's fp32 engine on the build's target:
     the unmodified reference module lowered the way the build was (ONNX targets: the cached fp32 export).
-    profile_prefix: the predictor's onnxruntime profile (Target.predictor)."""
+    profile_prefix: the predictor's onnxruntime profile (Target.predictor). make_predict's own arguments
+    (threads, profile_prefix) default to the bench's."""
     if str(spec.bench.baseline) == "none":
         return None, None, "bench.baseline=none"
     if not spec.steps:
@@ -237,7 +238,10 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path, profile_prefix
                                     base_dir / "export.onnx", spec.export)
     engine = target.lower(reference, onnx_path, base_dir)
     threads = int(spec.bench.threads) or None
-    return (lambda: target.predictor(engine, threads=threads, profile_prefix=profile_prefix)), onnx_path, None
+    def make_predict(threads: int | None = threads, profile_prefix: str | None = profile_prefix):
+        return target.predictor(engine, threads=threads, profile_prefix=profile_prefix)
+
+    return make_predict, onnx_path, None
 
 
 def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: Path, onnx_path: Path | None,
@@ -259,6 +263,11 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
                     make_baseline=make_baseline, evaluation=evaluation, profiler=profiler)
     if profiler is not None:
         out["profile"] = profiler.section(probe, out.get("speedup_vs_fp32"), is_fp32=not spec.steps).to_dict()
+    if spec.bench.scaling:
+        from compiler.stages.scaling import scaling_for_build
+
+        fp32 = None if make_baseline is None else (lambda t: make_baseline(t, None))
+        out["scaling"] = scaling_for_build(target, engine, fp32, reference.input_names, spec.bench).to_dict()
     if why:
         out["baseline"] = f"none: {why}"
     else:

@@ -124,6 +124,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             from compiler.stages.op_profile import markdown_lines
 
             lines += markdown_lines(bench["profile"]) + [""]
+        if bench.get("scaling"):
+            from compiler.stages import scaling
+
+            lines += scaling.markdown_lines(bench["scaling"]) + [""]
     rails = report.get("doctor")
     if rails:
         lines += ["## Guard rails", "", "| rail | status | details |", "|---|---|---|"]

@@ -230,10 +230,19 @@ def test_int8_static_build_reports_its_profile_and_bound(tmp_path):
     assert report["bench"]["iterations"] == 2  # the timed loop is what it was
 
 
-def test_profile_false_leaves_no_profile(tmp_path):
-    report, run_dir = _build(tmp_path, "recipe=fp32", "bench.profile=false", "check.enabled=false")
+def test_profile_false_leaves_no_profile_and_scaling_is_opt_in(tmp_path):
+    """One cheap build for two bench switches: bench.profile=false, and the opt-in bench.scaling (its
+    structure; compiler/stages/scaling.py's own tests are in test_scaling.py)."""
+    report, run_dir = _build(tmp_path, "recipe=fp32", "bench.profile=false", "check.enabled=false",
+                             "bench.scaling=true", "bench.server_batch=2")
     assert "profile" not in report["bench"]
-    assert "Where the time goes" not in (run_dir / "REPORT.md").read_text()
+    text = (run_dir / "REPORT.md").read_text()
+    assert "Where the time goes" not in text
+    scaling = report["bench"]["scaling"]
+    assert scaling["shapes"] == [[1, 32], [2, 32]] and scaling["threads"][0] == 1
+    assert len(scaling["rows"]) == 2 * len(scaling["threads"])
+    assert all(r["fp32_samples_per_s"] is None for r in scaling["rows"])  # fp32 is its own baseline: none
+    assert "### Throughput by batch and threads" in text
 
 
 def test_profile_is_validated_like_the_other_keys():
