@@ -267,7 +267,8 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
         from compiler.stages.scaling import scaling_for_build
 
         fp32 = None if make_baseline is None else (lambda t: make_baseline(t, None))
-        out["scaling"] = scaling_for_build(target, engine, fp32, reference.input_names, spec.bench).to_dict()
+        out["scaling"] = scaling_for_build(target, engine, fp32, reference.input_names, spec.bench,
+                                           interleaved).to_dict()
     if why:
         out["baseline"] = f"none: {why}"
     else:

@@ -53,12 +53,11 @@ class ScalingReport:
 
 
 def run_scaling(make_build: Callable[[int], Callable], make_fp32: Callable[[int], Callable] | None,
-                input_names: list[str], shapes: list[tuple[int, int]], threads: list[int],
+                input_names: list[str], shapes: list[tuple[int, int]], threads: list[int], round_robin: Callable,
                 calls: dict[tuple[int, int], int] | None = None, warmup: int = 1) -> ScalingReport:
     """make_build(threads) / make_fp32(threads) build a predictor pinned to that many threads; per thread
-    count both are timed round-robin (ROUNDS rounds) at each (batch, seq) shape."""
+    count both are timed at each (batch, seq) shape by round_robin (the bench's `interleaved`: ROUNDS rounds)."""
     from compiler.core.feeds import synthetic_feed
-    from compiler.stages.bench import interleaved
 
     report = ScalingReport(threads=list(threads), shapes=[list(s) for s in shapes])
     one: dict[tuple[int, int], float] = {}
@@ -72,7 +71,7 @@ def run_scaling(make_build: Callable[[int], Callable], make_fp32: Callable[[int]
                 for _ in range(warmup):
                     p(feed)
             n = (calls or {}).get((batch, seq), SERVER_CALLS)
-            wall = interleaved(predicts, [feed], ROUNDS, n)["wall"]
+            wall = round_robin(predicts, [feed], ROUNDS, n)["wall"]
             med = {k: float(np.median(np.concatenate(v))) for k, v in wall.items()}
             row = ScalingRow(t, batch, seq, med["build"] * 1e3, batch / med["build"])
             if "fp32" in med:
@@ -85,13 +84,13 @@ def run_scaling(make_build: Callable[[int], Callable], make_fp32: Callable[[int]
 
 
 def scaling_for_build(target, engine, make_fp32: Callable[[int], Callable] | None, input_names: list[str],
-                      cfg) -> ScalingReport:
+                      cfg, round_robin: Callable) -> ScalingReport:
     """bench.scaling for a build: the bench shape and the server batch (bench.server_batch x bench.seq_len),
     1..every core (os.cpu_count). make_fp32(threads): the fp32 baseline's predictor (None: no baseline)."""
     shapes = list(dict.fromkeys([(int(cfg.batch_size), int(cfg.seq_len)), (int(cfg.server_batch), int(cfg.seq_len))]))
     calls = {shapes[0]: max(2, int(cfg.iterations) // ROUNDS)}
     out = run_scaling(lambda t: target.predictor(engine, threads=t), make_fp32, input_names, shapes,
-                      thread_counts(os.cpu_count()), calls)
+                      thread_counts(os.cpu_count()), round_robin, calls)
     if not target.capabilities.runs_onnx:  # torch's thread count is process-wide: back to the bench's
         target.predictor(engine, threads=int(cfg.threads) or None)
     return out

@@ -7,6 +7,7 @@ import pytest
 from conftest import compose
 
 from compiler.core.errors import RecipeError
+from compiler.stages.bench import interleaved
 from compiler.stages.scaling import markdown_lines, run_scaling, thread_counts
 
 
@@ -29,7 +30,7 @@ def _maker(made):
 def test_scaling_rows_per_thread_count_and_shape(with_fp32):
     made_build, made_fp32 = [], []
     report = run_scaling(_maker(made_build), _maker(made_fp32) if with_fp32 else None, ["input_ids"],
-                         [(1, 8), (4, 8)], [1, 2, 4], calls={(1, 8): 3}).to_dict()
+                         [(1, 8), (4, 8)], [1, 2, 4], interleaved, calls={(1, 8): 3}).to_dict()
     assert made_build == [1, 2, 4] and made_fp32 == ([1, 2, 4] if with_fp32 else [])  # one predictor per count
     assert report["threads"] == [1, 2, 4] and report["shapes"] == [[1, 8], [4, 8]]
     rows = report["rows"]
