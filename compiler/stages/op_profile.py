@@ -121,19 +121,24 @@ def ort_table(events: list[dict[str, Any]], cold_runs: int = COLD_RUNS) -> OpTab
     return op_table("onnxruntime", len(kept), op_us, calls, products, int8)
 
 
-def ort_profiled_warmup(predict: Callable, feed, warmup: int) -> OpTable | None:
+def ort_profiled_warmup(predict: Callable, feed, warmup: int) -> Callable[[], OpTable | None]:
     """Warm-up calls through onnxruntime's profiler, then the profiler off (predict.end_profiling, which
-    session_predictor attaches: '' when the session was opened without a profile prefix)."""
+    session_predictor attaches: '' when the session was opened without a profile prefix). Returns the
+    table's reader: the JSON is parsed later, outside the bench's peak-memory window."""
     for _ in range(max(int(warmup), COLD_RUNS + PROFILE_RUNS)):
         predict(feed)
     path = predict.end_profiling()
-    if not path:
-        return None
-    try:
-        events = json.loads(Path(path).read_text())
-    finally:
-        Path(path).unlink(missing_ok=True)
-    return ort_table(events)
+
+    def read() -> OpTable | None:
+        if not path:
+            return None
+        try:
+            events = json.loads(Path(path).read_text())
+        finally:
+            Path(path).unlink(missing_ok=True)
+        return ort_table(events)
+
+    return read
 
 
 # -- torch ---------------------------------------------------------------------------------------------
@@ -169,8 +174,9 @@ def torch_table(events, runs: int) -> OpTable:
     return op_table("torch.profiler", len(marks), op_us, calls, products, int8)
 
 
-def torch_profiled_warmup(predict: Callable, feed, warmup: int) -> OpTable:
-    """Warm-up calls, all but the cold one under torch.profiler (CPU activities only), each in a RUN_MARK."""
+def torch_profiled_warmup(predict: Callable, feed, warmup: int) -> Callable[[], OpTable]:
+    """Warm-up calls, all but the cold one under torch.profiler (CPU activities only), each in a RUN_MARK.
+    Returns the table's reader (events summarized later, outside the bench's peak-memory window)."""
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
@@ -181,7 +187,7 @@ def torch_profiled_warmup(predict: Callable, feed, warmup: int) -> OpTable:
         for _ in range(n - COLD_RUNS):
             with record_function(RUN_MARK):
                 predict(feed)
-    return torch_table(prof.events(), n - COLD_RUNS)
+    return lambda: torch_table(prof.events(), n - COLD_RUNS)
 
 
 # -- the bound -------------------------------------------------------------------------------------------
@@ -270,7 +276,8 @@ class Profiler:
 
     def __init__(self, runs_torch: bool):
         self.runs_torch = runs_torch
-        self.tables: dict[str, OpTable] = {}
+        self._readers: dict[str, Callable[[], OpTable | None]] = {}
+        self._tables: dict[str, OpTable] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="qcompile-profile-")
 
     def prefix(self, name: str) -> str:
@@ -280,24 +287,31 @@ class Profiler:
     def warm_up(self, name: str, predict: Callable, feed, warmup: int) -> None:
         """The predictor's warm-up calls, profiled where a profiler fits it."""
         if hasattr(predict, "end_profiling"):
-            table = ort_profiled_warmup(predict, feed, warmup)
+            self._readers[name] = ort_profiled_warmup(predict, feed, warmup)
         elif self.runs_torch:
-            table = torch_profiled_warmup(predict, feed, warmup)
+            self._readers[name] = torch_profiled_warmup(predict, feed, warmup)
         else:
-            table = None
             for _ in range(int(warmup)):
                 predict(feed)
-        if table is not None:
-            self.tables[name] = table
+
+    def tables(self) -> dict[str, OpTable]:
+        """Predictor name -> its table (the profiles read now, once)."""
+        for name, read in list(self._readers.items()):
+            table = read()
+            if table is not None:
+                self._tables[name] = table
+            del self._readers[name]
+        return dict(self._tables)
 
     def section(self, probe: dict[str, Any] | None, build_speedup: float | None, is_fp32: bool) -> BenchProfile:
         """The bench.profile section; is_fp32: the build is the fp32 engine itself (its own baseline)."""
+        tables = self.tables()
         self._dir.cleanup()
-        build = self.tables.get("build")
+        build = tables.get("build")
         if build is None:
             return BenchProfile(skipped="no per-op profiler for this engine (onnxruntime sessions and torch "
                                         "modules only: not a TensorRT plan or the onnx reference evaluator)")
-        fp32 = build if is_fp32 else self.tables.get("fp32")
+        fp32 = build if is_fp32 else tables.get("fp32")
         out = BenchProfile(build=build, fp32=None if is_fp32 else fp32)
         ratio = (probe or {}).get("int8_gemm_vs_fp32")
         if is_fp32:

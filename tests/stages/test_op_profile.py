@@ -125,7 +125,7 @@ def test_onnxruntime_profile_of_a_session_then_profiler_off(tmp_path):
                                             profile_prefix=profiler.prefix("build")))
     feed = {"x": np.ones((4, 8), np.float32)}
     profiler.warm_up("build", predict, feed, warmup=0)
-    table = profiler.tables["build"].to_dict()
+    table = profiler.tables()["build"].to_dict()
     assert table["runs"] == PROFILE_RUNS and table["profiler"] == "onnxruntime"
     assert_table_sane(table, ops_allowed={"MatMul", "Add", "Softmax"})
     assert {o["op"]: o["calls"] for o in table["ops"]} == {"MatMul": 1, "Add": 1, "Softmax": 1}
@@ -154,7 +154,7 @@ def test_torch_profile_names_the_int8_linear_sites():
     feed = {"x": np.ones((4, 16), np.float32)}
     profiler.warm_up("fp32", predictor(fp32), feed, warmup=2)
     profiler.warm_up("build", predictor(int8), feed, warmup=2)
-    f, b = profiler.tables["fp32"].to_dict(), profiler.tables["build"].to_dict()
+    f, b = profiler.tables()["fp32"].to_dict(), profiler.tables()["build"].to_dict()
     for t in (f, b):
         assert t["runs"] == PROFILE_RUNS and t["profiler"] == "torch.profiler"
         assert_table_sane(t)
