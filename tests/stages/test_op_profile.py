@@ -177,6 +177,30 @@ def test_an_engine_without_a_profiler_is_said_skipped():
     assert set(profiler.section(None, None, is_fp32=False).to_dict()) == {"skipped"}
 
 
+def test_the_build_is_profiled_after_the_timed_loop_and_the_fp32_engine_in_its_warm_up():
+    """The build's load and warm-up are the peak-memory window: no profiler there; the profiled build runs
+    come after every timed call."""
+    log = []
+
+    class Recorder:
+        def warm_up(self, name, predict, feed, warmup):
+            log.append(("warm_up", name))
+            for _ in range(warmup):
+                predict(feed)
+
+        def after_timing(self, name, predict, feed):
+            log.append(("after_timing", name))
+
+    def make(name):
+        return lambda: (lambda feed: log.append(("call", name)) or {})
+
+    cfg = SimpleNamespace(batch_size=1, seq_len=8, warmup=1, iterations=2, threads=1, rounds=1, shapes="fixed",
+                          sort_by_length=False, baseline="fp32")
+    run_bench(make("build"), ["input_ids"], cfg, [], make_baseline=make("fp32"), profiler=Recorder())
+    assert ("warm_up", "build") not in log and log.count(("warm_up", "fp32")) == 1
+    assert log[-1] == ("after_timing", "build") and log.count(("after_timing", "build")) == 1
+
+
 def test_markdown_table_has_top_ops_other_and_the_bound():
     build = op_table("onnxruntime", 1, {f"Op{i}": [float(10 - i)] for i in range(10)}, {f"Op{i}": 1 for i in range(10)})
     fp32 = op_table("onnxruntime", 1, {"MatMul": [80.0], "Add": [20.0]}, {"MatMul": 2, "Add": 1})
