@@ -57,6 +57,9 @@ class OpTable:
     ops: list[OpStat]
     products_ms: dict[str, float] = field(default_factory=dict)
     int8_sites: list[str] = field(default_factory=list)
+    # onnxruntime: the execution providers that ran the profiled nodes. A GPU provider's node time is the
+    # host side of the call (launching kernels), not the GPU's time
+    providers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +109,7 @@ def ort_table(events: list[dict[str, Any]], cold_runs: int = COLD_RUNS) -> OpTab
     calls: dict[str, int] = {}
     products: dict[str, list[float]] = {}
     int8: list[str] = []
+    providers: set[str] = set()
     for e in events:
         name = str(e.get("name", ""))
         if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
@@ -114,6 +118,7 @@ def ort_table(events: list[dict[str, Any]], cold_runs: int = COLD_RUNS) -> OpTab
         if run is None:
             continue
         op = str(e.get("args", {}).get("op_name", "?"))
+        providers.add(str(e.get("args", {}).get("provider", "?")))
         _add(op_us, op, run, float(e["dur"]))
         calls[op] = calls.get(op, 0) + 1
         if op in FLOAT_COMPUTE_OPS or is_int8_compute(op):
@@ -121,7 +126,9 @@ def ort_table(events: list[dict[str, Any]], cold_runs: int = COLD_RUNS) -> OpTab
             _add(products, site, run, float(e["dur"]))
             if is_int8_compute(op):
                 int8.append(site)
-    return op_table("onnxruntime", len(kept), op_us, calls, products, int8)
+    table = op_table("onnxruntime", len(kept), op_us, calls, products, int8)
+    table.providers = sorted(providers)
+    return table
 
 
 def ort_profiled_warmup(predict: Callable, feed, warmup: int) -> Callable[[], OpTable | None]:
@@ -355,7 +362,8 @@ def markdown_lines(profile: dict[str, Any], top: int = TOP_OPS) -> list[str]:
     ranked = sorted(set(b_ops) | set(f_ops),
                     key=lambda op: -max(b_ops.get(op, {}).get("share", 0.0), f_ops.get(op, {}).get("share", 0.0)))
     shown = ranked[:top]
-    lines = [f"### Where the time goes ({build.get('profiler')})", "", f"{profile.get('note', '')}.", ""]
+    providers = f" on {', '.join(build['providers'])}" if build.get("providers") else ""
+    lines = [f"### Where the time goes ({build.get('profiler')}{providers})", "", f"{profile.get('note', '')}.", ""]
     head = "| op | ms | share | calls |" + (" fp32 ms | fp32 share | fp32 calls |" if fp32 else "")
     lines += [head, "|---|---|---|---|" + ("---|---|---|" if fp32 else "")]
 

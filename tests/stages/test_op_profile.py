@@ -130,6 +130,7 @@ def test_onnxruntime_profile_of_a_session_then_profiler_off(tmp_path):
     assert_table_sane(table, ops_allowed={"MatMul", "Add", "Softmax"})
     assert {o["op"]: o["calls"] for o in table["ops"]} == {"MatMul": 1, "Add": 1, "Softmax": 1}
     assert list(table["products_ms"]) == ["mm"] and table["int8_sites"] == []
+    assert table["providers"] == ["CPUExecutionProvider"]
     assert predict.end_profiling() == ""  # the profiler is off: the timed loop that follows is not profiled
     section = profiler.section({"int8_gemm_vs_fp32": 2.0}, None, is_fp32=True).to_dict()
     assert section["bound_skipped"] == "the build is the fp32 engine" and "fp32" not in section
@@ -250,7 +251,7 @@ def test_int8_static_build_reports_its_profile_and_bound(tmp_path):
                         bound["build_speedup"])
     assert bound["fraction_of_bound"] == pytest.approx(expect.fraction_of_bound)
     text = (run_dir / "REPORT.md").read_text()
-    assert "### Where the time goes (onnxruntime" in text and "| other |" in text and "int8 bound:" in text
+    assert "### Where the time goes (onnxruntime on CPUExecutionProvider)" in text and "| other |" in text and "int8 bound:" in text
     assert report["bench"]["iterations"] == 2  # the timed loop is what it was
 
 
