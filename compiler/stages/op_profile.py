@@ -65,24 +65,31 @@ class OpTable:
         return asdict(self)
 
 
-def op_table(profiler: str, runs: int, op_us: dict[str, list[float]], op_calls: dict[str, int],
-             products_us: dict[str, list[float]] | None = None, int8_sites: list[str] | None = None) -> OpTable:
-    """The table from per-run microseconds (op -> one sum per run) and call counts over `runs` runs: the
-    median run's ms (a shared core preempts single runs; a median shrugs that off), calls per run (a
-    fixed-shape pass calls each op the same number of times every run; at least 1), shares of the total."""
-    runs = max(1, int(runs))
-    med = {op: float(np.median(v + [0.0] * (runs - len(v)))) for op, v in op_us.items()}
-    total = float(sum(med.values()))
-    ops = [OpStat(op, us / 1e3, max(1, int(round(op_calls.get(op, 0) / runs))), us / total if total else 0.0)
-           for op, us in sorted(med.items(), key=lambda kv: (-kv[1], kv[0]))]
-    products = {k: float(np.median(v + [0.0] * (runs - len(v)))) / 1e3 for k, v in (products_us or {}).items()}
-    return OpTable(profiler, runs, total / 1e3, ops, products, sorted(set(int8_sites or [])))
+def op_table(profiler: str, runs: int, nodes: dict[str, tuple[str, list[float]]],
+             sites: dict[str, list[str]] | None = None, int8_sites: list[str] | None = None,
+             site_us: dict[str, list[float]] | None = None) -> OpTable:
+    """The table from each node's microseconds over `runs` runs (node -> (op, one sample per run)): a node's
+    time is its median over the runs (a shared core preempts single calls; a median shrugs that off), an op's
+    ms the sum over its nodes, its calls the number of its nodes (calls per run), its share of the total.
+    sites: product site -> its nodes (its ms: theirs summed, the same medians, so sites add up within total);
+    site_us: product site -> its own samples where it is no set of nodes (torch: a Linear call's inclusive time)."""
+    med = {key: float(np.median(us)) for key, (_, us) in nodes.items() if us}
+    op_us: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for key, us in med.items():
+        op = nodes[key][0]
+        op_us[op] = op_us.get(op, 0.0) + us
+        calls[op] = calls.get(op, 0) + 1
+    total = float(sum(op_us.values()))
+    ops = [OpStat(op, us / 1e3, calls[op], us / total if total else 0.0)
+           for op, us in sorted(op_us.items(), key=lambda kv: (-kv[1], kv[0]))]
+    products = {site: sum(med.get(k, 0.0) for k in keys) / 1e3 for site, keys in (sites or {}).items()}
+    products.update({site: float(np.median(us)) / 1e3 for site, us in (site_us or {}).items() if us})
+    return OpTable(profiler, max(1, int(runs)), total / 1e3, ops, products, sorted(set(int8_sites or [])))
 
 
-def _add(acc: dict[str, list[float]], key: str, run: int, us: float) -> None:
-    v = acc.setdefault(key, [])
-    v.extend([0.0] * (run + 1 - len(v)))
-    v[run] += us
+def _sample(nodes: dict[str, tuple[str, list[float]]], key: str, op: str, us: float) -> None:
+    nodes.setdefault(key, (op, []))[1].append(us)
 
 
 # -- onnxruntime ----------------------------------------------------------------------------------------
@@ -105,28 +112,25 @@ def ort_table(events: list[dict[str, Any]], cold_runs: int = COLD_RUNS) -> OpTab
     run_spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                        if e.get("cat") == "Session" and e.get("name") == "model_run")
     kept = run_spans[cold_runs:] if len(run_spans) > cold_runs else run_spans
-    op_us: dict[str, list[float]] = {}
-    calls: dict[str, int] = {}
-    products: dict[str, list[float]] = {}
+    nodes: dict[str, tuple[str, list[float]]] = {}
+    sites: dict[str, list[str]] = {}
     int8: list[str] = []
     providers: set[str] = set()
     for e in events:
         name = str(e.get("name", ""))
         if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
             continue
-        run = next((i for i, (lo, hi) in enumerate(kept) if lo <= e["ts"] <= hi), None)
-        if run is None:
+        if not any(lo <= e["ts"] <= hi for lo, hi in kept):
             continue
+        node = name[:-len("_kernel_time")]
         op = str(e.get("args", {}).get("op_name", "?"))
         providers.add(str(e.get("args", {}).get("provider", "?")))
-        _add(op_us, op, run, float(e["dur"]))
-        calls[op] = calls.get(op, 0) + 1
-        if op in FLOAT_COMPUTE_OPS or is_int8_compute(op):
-            site = product_site(name[:-len("_kernel_time")])
-            _add(products, site, run, float(e["dur"]))
+        _sample(nodes, node, op, float(e["dur"]))
+        if (op in FLOAT_COMPUTE_OPS or is_int8_compute(op)) and node not in sites.get(product_site(node), []):
+            sites.setdefault(product_site(node), []).append(node)
             if is_int8_compute(op):
-                int8.append(site)
-    table = op_table("onnxruntime", len(kept), op_us, calls, products, int8)
+                int8.append(product_site(node))
+    table = op_table("onnxruntime", len(kept), nodes, sites, int8)
     table.providers = sorted(providers)
     return table
 
@@ -160,28 +164,31 @@ def torch_table(events, runs: int) -> OpTable:
     """torch.profiler's events by op (self CPU time, so nested aten calls are counted once), each run told
     apart by its RUN_MARK record_function; Linear calls numbered in call order within a run are the sites."""
     marks = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == RUN_MARK)
-    op_us: dict[str, list[float]] = {}
-    calls: dict[str, int] = {}
-    products: dict[str, list[float]] = {}
-    int8 = []
-    linear: dict[int, list] = {}
+    per_run: dict[int, list] = {}
     for e in events:
         if e.device_type.name != "CPU" or e.name == RUN_MARK:
             continue
         run = next((i for i, (lo, hi) in enumerate(marks) if lo <= e.time_range.start <= hi), None)
-        if run is None:
-            continue
-        _add(op_us, e.name, run, float(e.self_cpu_time_total))
-        calls[e.name] = calls.get(e.name, 0) + 1
-        if e.name in TORCH_FLOAT_PRODUCTS or e.name in TORCH_INT8_PRODUCTS:
-            linear.setdefault(run, []).append(e)
-    for run, evs in linear.items():
-        for k, e in enumerate(sorted(evs, key=lambda e: e.time_range.start)):
-            site = f"aten::linear#{k}"
-            _add(products, site, run, float(e.cpu_time_total))
-            if e.name in TORCH_INT8_PRODUCTS:
-                int8.append(site)
-    return op_table("torch.profiler", len(marks), op_us, calls, products, int8)
+        if run is not None:
+            per_run.setdefault(run, []).append(e)
+    nodes: dict[str, tuple[str, list[float]]] = {}
+    site_us: dict[str, list[float]] = {}
+    int8: list[str] = []
+    for evs in per_run.values():
+        seen: dict[str, int] = {}
+        linear = 0
+        for e in sorted(evs, key=lambda e: e.time_range.start):
+            k = seen[e.name] = seen.get(e.name, -1) + 1
+            key = f"{e.name}#{k}"  # the k-th call of this op in the run: the same call every run
+            _sample(nodes, key, e.name, float(e.self_cpu_time_total))
+            if e.name in TORCH_FLOAT_PRODUCTS or e.name in TORCH_INT8_PRODUCTS:
+                site = f"aten::linear#{linear}"
+                linear += 1
+                # a Linear's time is its call's own plus its children's (addmm, the transposes): inclusive
+                site_us.setdefault(site, []).append(float(e.cpu_time_total))
+                if e.name in TORCH_INT8_PRODUCTS and site not in int8:
+                    int8.append(site)
+    return op_table("torch.profiler", len(marks), nodes, None, int8, site_us)
 
 
 def torch_profiled_warmup(predict: Callable, feed, warmup: int) -> Callable[[], OpTable]:

@@ -67,12 +67,14 @@ def test_bound_counts_only_the_products_the_build_runs_in_int8():
 # -- tables from planted profiler output ----------------------------------------------------------------
 
 def test_op_table_shares_calls_and_medians():
-    t = op_table("x", 3, {"MatMul": [60.0, 60.0, 600.0], "Add": [40.0, 40.0, 40.0]}, {"MatMul": 6, "Add": 3})
+    nodes = {"q": ("MatMul", [30.0, 30.0, 300.0]), "k": ("MatMul", [30.0, 31.0, 29.0]), "a": ("Add", [40.0] * 3)}
+    t = op_table("x", 3, nodes, sites={"q": ["q"], "k": ["k"]}, int8_sites=["q"])
     assert [o.op for o in t.ops] == ["MatMul", "Add"]
-    assert [o.calls for o in t.ops] == [2, 1]
-    assert t.ops[0].ms == pytest.approx(0.060)  # the median run: the preempted 600 us run does not count
+    assert [o.calls for o in t.ops] == [2, 1]  # nodes per op: calls per run
+    assert t.ops[0].ms == pytest.approx(0.060)  # per-node medians: the preempted 300 us call does not count
     assert t.total_ms == pytest.approx(0.100)
     assert [o.share for o in t.ops] == pytest.approx([0.6, 0.4])
+    assert t.products_ms == pytest.approx({"q": 0.03, "k": 0.03}) and t.int8_sites == ["q"]
 
 
 def test_product_site_strips_what_quantization_and_fusions_append():
@@ -203,8 +205,8 @@ def test_the_build_is_profiled_after_the_timed_loop_and_the_fp32_engine_in_its_w
 
 
 def test_markdown_table_has_top_ops_other_and_the_bound():
-    build = op_table("onnxruntime", 1, {f"Op{i}": [float(10 - i)] for i in range(10)}, {f"Op{i}": 1 for i in range(10)})
-    fp32 = op_table("onnxruntime", 1, {"MatMul": [80.0], "Add": [20.0]}, {"MatMul": 2, "Add": 1})
+    build = op_table("onnxruntime", 1, {f"n{i}": (f"Op{i}", [float(10 - i)]) for i in range(10)})
+    fp32 = op_table("onnxruntime", 1, {"m1": ("MatMul", [40.0]), "m2": ("MatMul", [40.0]), "a": ("Add", [20.0])})
     section = {"note": "n", "build": build.to_dict(), "fp32": fp32.to_dict(),
                "bound": int8_bound(80.0, 20.0, 2.0, 1.5).to_dict() | {"int8_products": 2, "products_found_in_fp32": 2}}
     text = "\n".join(markdown_lines(section, top=4))
@@ -247,6 +249,7 @@ def test_int8_static_build_reports_its_profile_and_bound(tmp_path):
     assert bound["int8_vs_fp32"] == report["int8_probe"]["int8_gemm_vs_fp32"]
     assert bound["build_speedup"] == report["bench"]["speedup_vs_fp32"]
     assert bound["quantized_fp32_ms"] + bound["rest_fp32_ms"] == pytest.approx(profile["fp32"]["total_ms"])
+    assert sum(profile["fp32"]["products_ms"].values()) <= profile["fp32"]["total_ms"] * (1 + 1e-9)
     expect = int8_bound(bound["quantized_fp32_ms"], bound["rest_fp32_ms"], bound["int8_vs_fp32"],
                         bound["build_speedup"])
     assert bound["fraction_of_bound"] == pytest.approx(expect.fraction_of_bound)
