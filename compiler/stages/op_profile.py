@@ -271,7 +271,8 @@ class BenchProfile:
     bound_skipped: Optional[str] = None
     skipped: Optional[str] = None
     note: str = (f"{PROFILE_RUNS} runs per engine after {COLD_RUNS} cold one (fp32: its warm-up; build: after the timed "
-                 "loop), never during timing; ms of the median run, calls per run, share of the profiled op time")
+                 "loop), never during timing; ms per run (each node's median over the runs), calls per run, share of the "
+                 "profiled op time")
 
     def to_dict(self) -> dict[str, Any]:
         if self.skipped:
