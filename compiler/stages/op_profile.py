@@ -23,8 +23,8 @@ from compiler.graph.quantized import FLOAT_COMPUTE_OPS, is_int8_compute
 # - the build: a short extra loop after the timed one (for onnxruntime on a second session opened with
 #   profiling on), since its load and warm-up are the bench's peak-memory window, which the profiler's event
 #   buffers (~2 MB for tiny_bert's 5 runs) must stay out of. Cost: one session and 5 calls.
-# Four runs: a fixed-shape encoder pass repeats its kernels exactly, and the median run per op shrugs off a
-# preempted run on shared cores; more runs would only cost build time.
+# Four runs: a fixed-shape encoder pass repeats its kernels exactly, and each node's median over the runs
+# shrugs off a preempted call on shared cores; more runs would only cost build time.
 PROFILE_RUNS = 4
 COLD_RUNS = 1  # the first call allocates buffers and picks kernels: never in the profile
 TOP_OPS = 8  # rows of REPORT.md's table (the rest is one "other" row)
