@@ -214,6 +214,9 @@ def test_markdown_table_has_top_ops_other_and_the_bound():
     assert [r.split(" | ")[0][2:] for r in rows] == ["MatMul", "Add", "Op0", "Op1", "other", "total"]
     assert "at most 1.667x fp32; this build is at 0.90 of that bound" in text
     assert markdown_lines({"skipped": "why"}) == ["Op profile: skipped (why)."]
+    alone = markdown_lines({"note": "n", "build": fp32.to_dict(), "bound_skipped": "the build is the fp32 engine"})
+    assert "| op | ms | share | calls |" in alone and "| MatMul | 0.080 | 80.0% | 2 |" in alone
+    assert alone[-1] == "int8 bound: not computed (the build is the fp32 engine)."
 
 
 # -- a build ---------------------------------------------------------------------------------------------
