@@ -25,10 +25,9 @@ def run(model: str, recipe: str, target: str, budget: float, extra, out: Path) -
                PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     run_dir = out / f"{model}_{recipe}_{target}"
     args = [sys.executable, "-m", "compiler", f"model={model}", f"recipe={recipe}", f"target={target}",
-            "recipe.repair.enabled=true", f"recipe.repair.max_task_drop={budget}", "bench.enabled=false",
-            # the embedding-cosine budget this bench reports on (the built-in data is labeled: without it the
-            # budget would be on retrieval accuracy@1, compiler/stages/repair_metric.py)
-            "recipe.repair.metric=fidelity",
+            # the embedding-cosine budget this bench reports on (the built-in data is labeled: max_task_drop
+            # would budget retrieval accuracy@1, compiler/repair/budget.py)
+            "recipe.repair.enabled=true", f"recipe.repair.max_fidelity_drop={budget}", "bench.enabled=false",
             f"hydra.run.dir={run_dir}", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, cwd=out)
@@ -47,20 +46,20 @@ def main() -> None:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--recipes", nargs="+", default=["nvfp4", "int8_static"])
     ap.add_argument("--target", default="torch")
-    ap.add_argument("--budget", type=float, default=0.01, help="recipe.repair.max_task_drop")
+    ap.add_argument("--budget", type=float, default=0.01, help="recipe.repair.max_fidelity_drop")
     ap.add_argument("--out", default=None, help="where the run directories go (default: a temp dir)")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides, e.g. recipe.repair.ranking_samples=16")
     a = ap.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="repair-cost-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = [run(a.model, r, a.target, a.budget, a.extra, out) for r in a.recipes]
-    print(f"\nrepair cost on {a.model}, target={a.target}, max_task_drop={a.budget} "
+    print(f"\nrepair cost on {a.model}, target={a.target}, max_fidelity_drop={a.budget} "
           f"({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')})\n")
-    print("| recipe | exit | build s | repair s (variants / sensitivity / search) | forwards | fell back | cosine |")
+    print("| recipe | exit | build s | repair s (prepare / sensitivity / search) | forwards | fell back | cosine |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         rep, sec = r.get("repair", {}), r.get("repair", {}).get("seconds", {})
-        split = " / ".join(str(sec.get(k, "-")) for k in ("build_variants", "sensitivity", "search"))
+        split = " / ".join(str(sec.get(k, "-")) for k in ("prepare", "sensitivity", "search"))
         fell = f"{rep.get('fallback_layers', '-')} of {rep.get('quantized_layers', '-')} ({rep.get('fallback', '-')})"
         if rep and not rep.get("met", True):
             fell = (f"unmet within {rep.get('max_fallback_layers')} of {rep.get('quantized_layers')} "

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from compiler.stages import doctor
 from compiler import graph as graph_passes
@@ -28,6 +28,8 @@ from compiler.core.hashing import text_sha256
 from compiler.stages.manifest import write_manifest
 from compiler.stages.models import LoadedModel, label_names, load_model, write_predict_files
 from compiler.stages.report import write_report
+from compiler.repair.result import RepairBudgetError
+from compiler.repair.run import repairs_onnx, run_repair
 from compiler.runners.callable import CallableRunner, torch_predictor
 from compiler.graph.roles import expand_patterns, is_role_selector
 from compiler.steps.base import Step, StepContext
@@ -72,82 +74,19 @@ def resolve_roles(steps: list[Step], roles) -> list[Step]:
     return out
 
 
-def repairs_onnx(spec: BuildSpec) -> bool:
-    """Whether the repair (searched or replayed) applies to ONNX-side steps: it then runs after export, on the
-    exported graph (compiler/stages/repair_onnx.py), instead of before the torch steps."""
-    rep = spec.repair
-    return (rep is not None and bool(rep.enabled or rep.layers)
-            and any(s.quantizes_compute for s in spec.onnx_steps))
-
-
-def repair_layers(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: Path, work_dir: Path,
-                  report: dict[str, Any], cache=None, exported: Optional[Path] = None, reference_module=None):
-    """Repair stage: the per-layer precision map of recipe.repair.layers, or (repair.enabled, no map yet) the
-    one the sensitivity search finds, given to the quantizing steps (Step.with_layer_formats). The map is
-    written into spec.raw (so into recipe.yaml: a rebuild replays it without searching); sensitivity.json,
-    sensitivity.png and layers.yaml go into the run directory. Torch-side steps: before they run, measured on
-    torch fake-quant; ONNX-side steps (exported = the fp32 graph): measured on the quantized graph in
-    onnxruntime. Returns (spec, REPORT.md section)."""
-    from compiler.stages.repair import (RepairBudgetError, report_markdown, run_repair, unmet_message,
-                                        write_layers_yaml, write_outputs)
-
-    rep = spec.repair
-    layer_map = dict(rep.layers or {})
-    side_steps = spec.onnx_steps if exported is not None else spec.torch_steps
-    md = ""
-    if not layer_map:
-        quant = [s for s in side_steps if s.quantizes_compute]
-        primary = ",".join(sorted(quant[0].precision)) if quant else ""
-
-        if exported is not None:
-            from compiler.stages.repair_onnx import run_onnx_repair
-
-            def apply_onnx(onnx_path, steps, out_dir):
-                for i, step in enumerate(steps):
-                    ctx = step_context(spec, data, out_dir, cache, model.roles)
-                    onnx_path = step.apply_onnx(onnx_path, out_dir / f"{i:02d}_{step.name}.onnx", ctx)
-                return onnx_path
-
-            result = run_onnx_repair(model, reference_module, spec, data, exported, apply_onnx, work_dir, cache,
-                                     primary_format=primary)
-        else:
-            def apply(module, steps):
-                for step in steps:
-                    module = step.apply_torch(module, step_context(spec, data, work_dir, cache, model.roles))
-                return module
-
-            result = run_repair(model, spec, data, apply, cache, primary_format=primary)
-        files = write_outputs(run_dir, result)
-        md = report_markdown(result)
-        report["repair"] = {"metric": result.metric_name, "reference": result.reference, "max_drop": result.budget,
-                            "fallback": result.fallback,
-                            "met": result.met, "fallback_layers": len(result.chosen), "quantized_layers": result.total,
-                            "max_fallback_layers": result.allowed, "strategy": result.strategy,
-                            "search": [p.as_dict() for p in result.curve], "measurements": len(result.probes),
-                            "seconds": result.seconds, "files": files}
-        if not result.met:
-            report["status"] = "repair budget not met"
-            report["reason"] = unmet_message(result)
-            write_report(run_dir, report)
-            with open(run_dir / "REPORT.md", "a") as f:
-                f.write(md)
-            shutil.rmtree(work_dir, ignore_errors=True)
-            raise RepairBudgetError(report["reason"])
-        layer_map = result.layer_map
-        with open_dict(spec.raw):
-            OmegaConf.update(spec.raw, "recipe.repair.layers", layer_map, force_add=True)
-    else:
-        report["repair"] = {"replayed": True, "fallback_layers": len(layer_map)}
-    report["repair"]["layers"] = dict(sorted(layer_map.items()))
-    primary: dict[str, str] = {}  # what each quantizing step gives the layers it touches
-    for s in side_steps:
-        if s.quantizes_compute:
-            ctx = step_context(spec, data, work_dir, cache, model.roles)
-            primary.update({n: ",".join(sorted(s.precision)) for n in s.layers(model.module, ctx.exclude)})
-    write_layers_yaml(run_dir, model.roles.role if model.roles is not None else {}, primary, layer_map)
-    steps = [s.with_layer_formats(layer_map) if s.quantizes_compute and s in side_steps else s
-             for s in spec.steps]
-    return dataclasses.replace(spec, steps=steps), md
+def repair_stage(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: Path, work_dir: Path,
+                 report: dict[str, Any], cache=None, exported: Optional[Path] = None, reference_module=None):
+    """The repair stage (compiler/repair/run.py) with this build's step context; an unmet budget leaves
+    report.json and REPORT.md (with the repair section) before it exits. Returns (spec, REPORT.md section)."""
+    try:
+        return run_repair(spec, model, data, run_dir, work_dir, report,
+                          lambda d: step_context(spec, data, d, cache, model.roles), cache, exported, reference_module)
+    except RepairBudgetError as e:
+        write_report(run_dir, report)
+        with open(run_dir / "REPORT.md", "a") as f:
+            f.write(e.markdown)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
 
 
 def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir: Path,
@@ -236,7 +175,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     repair_md = ""
     if spec.repair is not None and (spec.repair.enabled or spec.repair.layers) and not repairs_onnx(spec):
         with stage("repair", timings):
-            spec, repair_md = repair_layers(spec, model, data, run_dir, work_dir, report, cache)
+            spec, repair_md = repair_stage(spec, model, data, run_dir, work_dir, report, cache)
             recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
             (run_dir / "recipe.yaml").write_text(recipe_yaml)  # now holds recipe.repair.layers: rebuilds replay it
 
@@ -265,7 +204,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
             exported = doctor.after_export(exported, spec, report)
         if repairs_onnx(spec):  # ONNX-side steps: the search quantizes and runs the exported graph
             with stage("repair", timings):
-                spec, repair_md = repair_layers(spec, model, data, run_dir, work_dir, report, cache,
+                spec, repair_md = repair_stage(spec, model, data, run_dir, work_dir, report, cache,
                                                 exported=exported, reference_module=reference.module)
                 recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
                 (run_dir / "recipe.yaml").write_text(recipe_yaml)  # holds recipe.repair.layers: rebuilds replay it

@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# every report.json a build writes in the tests (CLI subprocesses too) is checked against docs/report.schema.json
+# (compiler/stages/report.py): a key that no type in compiler/core/report_types.py declares fails its test
+os.environ.setdefault("QCOMPILE_VALIDATE_REPORTS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -163,7 +166,7 @@ def finished_run(cwd, *args) -> Path:
     return run
 
 
-# The repair tests' planted sensitive layer (tests/stages/test_repair.py, test_repair_onnx.py).
+# The repair tests' planted sensitive layer (tests/repair/test_repair.py, test_repair_onnx.py).
 PLANTED_LAYER = "inner.encoder.layer.0.attention.self.value"
 
 

@@ -3,57 +3,40 @@ parameters for the Pareto front instead of running a full grid."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from compiler.core.errors import RecipeError
+from compiler.core.report_types import Report
 from compiler.core.status import Status
 
 
-def _fidelity_loss(report: Mapping[str, Any]) -> Optional[float]:
-    f = (report.get("check") or {}).get("fidelity") or {}
-    if "embedding_cosine_mean" in f:
-        return 1.0 - float(f["embedding_cosine_mean"])
-    if "label_agreement" in f:  # a classifier: the share of labels that changed
-        return 1.0 - float(f["label_agreement"])
-    return None
+def _fidelity_loss(report: Report) -> Optional[float]:
+    return report.check.fidelity.loss() if report.check is not None and report.check.fidelity else None
 
 
-def _task_drop(report: Mapping[str, Any]) -> Optional[float]:
-    task = (report.get("check") or {}).get("task")
-    if not task:
-        return None
-    return float(task["metrics"][task["metric"]]["drop"])
+def _task_drop(report: Report) -> Optional[float]:
+    return report.task_drop()
 
 
-def _artifact_mb(report: Mapping[str, Any]) -> Optional[float]:
-    v = (report.get("bench") or {}).get("artifact_mb")
-    return None if v is None else float(v)
+def _artifact_mb(report: Report) -> Optional[float]:
+    return report.bench.artifact_mb if report.bench is not None else None
 
 
-def is_fp32_self(bench: Mapping[str, Any]) -> bool:
-    """An fp32 build is its own baseline (compiler/stages/bench.py times no second engine): ratio 1 by definition."""
-    return "the build is the fp32 engine itself" in str(bench.get("baseline") or "")
+def _time_vs_fp32(report: Report) -> Optional[float]:
+    # an fp32 build is its own baseline (bench.baseline_kind "self"): ratio 1 by definition
+    ratio = report.bench.speed_ratio() if report.bench is not None else None
+    return 1.0 / ratio if ratio is not None and ratio > 0 else None
 
 
-def _time_vs_fp32(report: Mapping[str, Any]) -> Optional[float]:
-    bench = report.get("bench") or {}
-    s = bench.get("speedup_vs_fp32")
-    if s is not None and float(s) > 0:
-        return 1.0 / float(s)
-    return 1.0 if is_fp32_self(bench) else None
-
-
-def _latency_ms(report: Mapping[str, Any]) -> Optional[float]:
-    v = (report.get("bench") or {}).get("ms_per_sample")
-    return None if v is None else float(v)
+def _latency_ms(report: Report) -> Optional[float]:
+    return report.bench.ms_per_sample if report.bench is not None else None
 
 
 # name -> (what it is, how to read it from report.json). All are minimized, so a search preset's
 # hydra.sweeper.direction is `minimize` once per objective.
-OBJECTIVES: Dict[str, Tuple[str, Callable[[Mapping[str, Any]], Optional[float]]]] = {
+OBJECTIVES: Dict[str, Tuple[str, Callable[[Report], Optional[float]]]] = {
     "fidelity_loss": ("1 - mean embedding cosine to fp32 (classifiers: 1 - label agreement)", _fidelity_loss),
     "task_drop": ("drop of the gated task metric against gold labels, fp32 minus target (needs labeled data)",
                   _task_drop),
@@ -97,12 +80,11 @@ def check_objectives(names: Sequence[str], directions: Any = None) -> Tuple[str,
 PENALTY = 1.0e9
 
 
-def objective_values(report: Optional[Mapping[str, Any]], names: Sequence[str]) -> Tuple[float, ...]:
+def objective_values(report: Optional[Report], names: Sequence[str]) -> Tuple[float, ...]:
     """The objectives of a build that measured something (passed, or failed its gate: a real point whose loss
     the sampler should learn from); PENALTY for each where the build failed (no report) or lacks the number
     (task_drop on unlabeled data)."""
-    status = str((report or {}).get("status") or "")
-    if report is None or status not in (Status.PASSED, Status.GATE_FAILED):
+    if report is None or report.status not in (Status.PASSED, Status.GATE_FAILED):
         return tuple(PENALTY for _ in names)
     out = []
     for n in names:
@@ -111,12 +93,13 @@ def objective_values(report: Optional[Mapping[str, Any]], names: Sequence[str]) 
     return tuple(out)
 
 
-def read_report(run_dir: Optional[Path]) -> Optional[Dict[str, Any]]:
+def read_report(run_dir: Optional[Path]) -> Optional[Report]:
+    """The run's report.json, typed (missing or mistyped values read as None); None where it has none."""
     if run_dir is None:
         return None
     try:
-        return json.loads((Path(run_dir) / "report.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return Report.read(Path(run_dir) / "report.json", partial=True)
+    except (OSError, ValueError):  # json.JSONDecodeError and TypedJSONError are ValueErrors
         return None
 
 

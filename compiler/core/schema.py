@@ -118,10 +118,11 @@ CONSTANT_PROMOTE_BYTES: int = ExportConfig.constant_promote_bytes
 @dataclass
 @defaults_from_recipes("repair")  # recipes/repair/default.yaml, under every recipe's repair
 class RepairConfig:
-    """recipe.repair: per-layer mixed precision that meets an accuracy budget (compiler/stages/repair.py)."""
+    """recipe.repair: per-layer mixed precision that meets an accuracy budget (compiler/repair/)."""
 
     enabled: bool
     max_task_drop: float | None
+    max_fidelity_drop: float | None
     metric: str
     fallback: str
     max_fallback_fraction: float

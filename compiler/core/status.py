@@ -12,6 +12,9 @@ class Status(str, Enum):
     # a build (report.json "status", FAILED.md's kind) and a sweep's row
     PASSED = "passed"
     GATE_FAILED = "gate failed"
+    # the repair search (recipe.repair.enabled) found no precision map within max_fallback_fraction: a kind of
+    # gate failure (exit 3, a .gate-failed directory), with the search's best point as its reason
+    REPAIR_BUDGET_NOT_MET = "repair budget not met"
     BUILD_FAILED = "build failed"
     INTERNAL_ERROR = "internal error"
     INTERRUPTED = "interrupted"
@@ -38,6 +41,7 @@ EXIT_CODES = {
     Status.INCOMPLETE: 1,
     Status.RECIPE_ERROR: 2,
     Status.GATE_FAILED: 3,
+    Status.REPAIR_BUDGET_NOT_MET: 3,
     Status.INTERRUPTED: 130,
 }
 
@@ -56,3 +60,15 @@ PARTIAL_SUFFIX = ".partial"
 FAILED_SUFFIX = ".FAILED"
 GATE_FAILED_SUFFIX = ".gate-failed"
 RUN_DIR_SUFFIXES = (GATE_FAILED_SUFFIX, FAILED_SUFFIX, PARTIAL_SUFFIX)
+# the statuses of a build that finished (report.json written, the directory renamed, not failed): their suffix
+FINISHED_SUFFIXES = {Status.PASSED: "", Status.GATE_FAILED: GATE_FAILED_SUFFIX,
+                     Status.REPAIR_BUDGET_NOT_MET: GATE_FAILED_SUFFIX}
+
+
+def run_dir_suffix(status: str) -> str:
+    """The suffix of a run directory whose build ended with `status`: "" for a passing build, .gate-failed for
+    a build that ran to its gate (or its repair budget) and failed it, .FAILED for any other ending."""
+    try:
+        return FINISHED_SUFFIXES.get(Status(status), FAILED_SUFFIX)
+    except ValueError:
+        return FAILED_SUFFIX

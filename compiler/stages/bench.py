@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from compiler.core.report_types import BaselineKind
+
 
 class PeakRSS:
     """Samples this process's resident set size in a thread; peak above the starting RSS."""
@@ -212,19 +214,20 @@ def bench_data_shapes(predicts: dict[str, Callable], evaluation, cfg) -> dict[st
 
 
 def fp32_baseline(target, reference, spec, cache, work_dir: Path, profile_prefix: str | None = None):
-    """(make_predict, fp32 ONNX path or None, why not) for the same model's fp32 engine on the build's target:
-    the unmodified reference module lowered the way the build was (ONNX targets: the cached fp32 export).
-    profile_prefix: the predictor's onnxruntime profile (Target.predictor). make_predict's own arguments
-    (threads, profile_prefix) default to the bench's."""
+    """(make_predict, fp32 ONNX path or None, BaselineKind, why not) for the same model's fp32 engine on the
+    build's target: the unmodified reference module lowered the way the build was (ONNX targets: the cached
+    fp32 export). profile_prefix: the predictor's onnxruntime profile (Target.predictor). make_predict's own
+    arguments (threads, profile_prefix) default to the bench's."""
     if str(spec.bench.baseline) == "none":
-        return None, None, "bench.baseline=none"
+        return None, None, BaselineKind.NONE, "bench.baseline=none"
     if not spec.steps:
-        return None, None, "the build is the fp32 engine itself"
+        return None, None, BaselineKind.SELF, "the build is the fp32 engine itself"
     if target.capabilities.gpu:
         from targets.trt_hardware import detect_gpu
 
         if detect_gpu() is None:
-            return None, None, f"target {target.name} times a GPU engine and this machine has no NVIDIA GPU"
+            return (None, None, BaselineKind.NONE,
+                    f"target {target.name} times a GPU engine and this machine has no NVIDIA GPU")
     base_dir = Path(work_dir) / "fp32_baseline"
     base_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = None
@@ -243,7 +246,7 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path, profile_prefix
     def make_predict(threads: int | None = threads, profile_prefix: str | None = profile_prefix):
         return target.predictor(engine, threads=threads, profile_prefix=profile_prefix)
 
-    return make_predict, onnx_path, None
+    return make_predict, onnx_path, BaselineKind.FP32_SAME_RUN, None
 
 
 def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: Path, onnx_path: Path | None,
@@ -258,11 +261,12 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
 
         profiler = Profiler(runs_torch=not target.capabilities.runs_onnx,
                             make_profiled=lambda prefix: target.predictor(engine, threads=threads, profile_prefix=prefix))
-    make_baseline, fp32_onnx, why = fp32_baseline(target, reference, spec, cache, work_dir,
-                                                  profiler.prefix("fp32") if profiler else None)
+    make_baseline, fp32_onnx, kind, why = fp32_baseline(target, reference, spec, cache, work_dir,
+                                                        profiler.prefix("fp32") if profiler else None)
     out = run_bench(lambda: target.predictor(engine, threads=threads), reference.input_names, spec.bench,
                     engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}", make_baseline=make_baseline,
                     evaluation=evaluation, profiler=profiler)
+    out["baseline_kind"] = kind  # the fact readers use (compiler/core/report_types.py); "baseline" says it in words
     if profiler is not None:
         out["profile"] = profiler.section(probe, out.get("speedup_vs_fp32"), is_fp32=not spec.steps).to_dict()
     if spec.bench.scaling:

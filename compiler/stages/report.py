@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
+
+from compiler.core.report_types import SCHEMA_PATH, Report
+
+# set (tests/conftest.py does, for every build the tests run, subprocesses included): each report.json written
+# is checked against docs/report.schema.json, so a key no type declares fails the test that wrote it
+VALIDATE_ENV = "QCOMPILE_VALIDATE_REPORTS"
 
 
 def _clean(o):
@@ -26,10 +33,34 @@ def _clean(o):
     return o
 
 
-def write_report_json(run_dir: Path, report: dict[str, Any]) -> Path:
+def typed_report(report: Union[Report, dict[str, Any]]) -> Report:
+    """The pipeline's report (a dict it fills stage by stage) as the typed Report: a declared key of the wrong
+    type or a missing section raises here, before anything is written."""
+    return report if isinstance(report, Report) else Report.from_dict(_clean(report))
+
+
+def write_report_json(run_dir: Path, report: Union[Report, dict[str, Any]]) -> Path:
+    """report.json: the typed report as JSON (NaN and infinities as strings), keys sorted."""
+    data = _clean(typed_report(report).to_dict())
+    if os.environ.get(VALIDATE_ENV):
+        validate_report(data)
     path = Path(run_dir) / "report.json"
-    path.write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def validate_report(data: dict[str, Any]) -> None:
+    """Raise ValueError naming each place where data breaks docs/report.schema.json."""
+    # jsonschema is a dev dependency (the [dev] extra): imported only where a test asked for validation
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        raise ValueError("report.json does not fit docs/report.schema.json (declare the key in "
+                         "compiler/core/report_types.py and regenerate the schema): "
+                         + "; ".join(f"{'.'.join(map(str, e.absolute_path)) or '<top>'}: {e.message[:200]}"
+                                     for e in errors[:5]))
 
 
 def _fmt(v, nd=4):
@@ -168,8 +199,10 @@ def speed_lines(bench: dict[str, Any], probe: dict[str, Any] | None) -> list[str
     return lines
 
 
-def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
-    write_report_json(run_dir, report)
+def write_report(run_dir: Path, report: Union[Report, dict[str, Any]]) -> Path:
+    """report.json (through the typed Report, with schema_version) and REPORT.md."""
+    typed = typed_report(report)
+    write_report_json(run_dir, typed)
     path = Path(run_dir) / "REPORT.md"
-    path.write_text(render_markdown(report))
+    path.write_text(render_markdown(typed.to_dict()))
     return path

@@ -17,6 +17,7 @@ from compiler.core.schema import (DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVE
                                   RepairConfig)
 from compiler.core.tasks import TASK_KINDS
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
+from compiler.repair.budget import repair_min_opset, validate_repair, validate_repair_budget
 
 
 
@@ -247,8 +248,6 @@ def validate(cfg: DictConfig) -> BuildSpec:
             check_layer_selectors(f"recipe.steps.{step.name}.{field_name}", getattr(step.params, field_name, None))
     for step in steps:  # checks against the export settings: an explicit opset below a step's min_opset
         step.validate_export(typed["export"], capabilities)
-    from compiler.stages.repair import repair_min_opset, validate_repair
-
     repair = _typed(RepairConfig, recipe_node.get("repair"), "recipe.repair")
     validate_repair(repair, steps, capabilities, typed["export"].opset)
     if typed["export"].opset is None:
@@ -267,9 +266,7 @@ def validate(cfg: DictConfig) -> BuildSpec:
     eval_task = check_data_files(data, need_calibration=any(s.needs_calibration for s in steps),
                                  model_task=model.task, label_names=label_names(model))
     validate_gate(gate, eval_task, str(data_file(data, "evaluation")))
-    from compiler.stages.repair_metric import validate_repair_metric
-
-    validate_repair_metric(repair, gate, eval_task, str(data_file(data, "evaluation")))
+    validate_repair_budget(repair, gate, model.task, eval_task, str(data_file(data, "evaluation")))
     tgt = get_target(target.name)(target)
     tgt.check_environment(recipe_node)
     return BuildSpec(model=model, data=data, export=typed["export"], check=typed["check"], bench=typed["bench"],

@@ -14,16 +14,22 @@ from omegaconf import OmegaConf
 
 from compiler.commands.search import PENALTY, BuildResult, check_objectives, objective_values
 from compiler.commands.sweep import (COSINE, DROP, LATENCY, REPAIR_DROP, REPAIR_SIZE, SIZE, SPEEDUP, Row, choose_axes,
-                                     mark_pareto, read_run, render_markdown, sweep_exit_code, write_summary)
+                                     mark_pareto, plot_pareto, read_run, render_markdown, sweep_exit_code, write_summary)
 from compiler.core.errors import RecipeError
+from compiler.core.report_types import SCHEMA_VERSION, Report
 from compiler.core.status import Status
 from tests.conftest import FAST
 
 NAMES = ("fidelity_loss", "artifact_mb", "time_vs_fp32", "task_drop", "latency_ms")
 
 
-def _report(status, cos=0.99, mb=23.1, speedup=1.25, ms=4.0, drop=0.01, baseline="fp32 engine, same run"):
-    bench = {"artifact_mb": mb, "ms_per_sample": ms, "baseline": baseline}
+def _typed(report: dict) -> Report:
+    """A hand-made report.json of this schema version, as readers get it (missing values read as None)."""
+    return Report.from_dict({"schema_version": SCHEMA_VERSION, **report}, partial=True)
+
+
+def _report(status, cos=0.99, mb=23.1, speedup=1.25, ms=4.0, drop=0.01, baseline="fp32_same_run"):
+    bench = {"artifact_mb": mb, "ms_per_sample": ms, "baseline_kind": baseline}
     if speedup is not None:
         bench["speedup_vs_fp32"] = speedup
     check = {"fidelity": {"embedding_cosine_mean": cos, "top1_agreement": 1.0}}
@@ -31,7 +37,7 @@ def _report(status, cos=0.99, mb=23.1, speedup=1.25, ms=4.0, drop=0.01, baseline
         check["task"] = {"task": "retrieval", "metric": "accuracy_at_1",
                          "metrics": {"accuracy_at_1": {"fp32": 0.9, "target": 0.9 - drop, "drop": drop},
                                      "mrr": {"fp32": 0.95, "target": 0.9, "drop": 0.05}}}
-    return {"status": status, "bench": bench, "check": check}
+    return _typed({"status": status, "bench": bench, "check": check})
 
 
 # ---------------------------------------------------------------- objectives of one build
@@ -40,10 +46,10 @@ def test_objectives_of_a_passing_build_are_its_measurements():
     v = objective_values(_report(Status.PASSED), NAMES)
     assert v == pytest.approx((0.01, 23.1, 0.8, 0.01, 4.0))
     # an fp32 build is its own baseline (bench times no second engine): time ratio 1 by definition
-    fp32 = _report(Status.PASSED, cos=1.0, speedup=None, baseline="none: the build is the fp32 engine itself")
+    fp32 = _report(Status.PASSED, cos=1.0, speedup=None, baseline="self")
     assert objective_values(fp32, ["time_vs_fp32", "fidelity_loss"]) == (1.0, 0.0)
     # a classifier: the share of labels that changed
-    clf = {"status": "passed", "check": {"fidelity": {"label_agreement": 0.97, "mean_kl": 0.01}}}
+    clf = _typed({"status": "passed", "check": {"fidelity": {"label_agreement": 0.97, "mean_kl": 0.01}}})
     assert objective_values(clf, ["fidelity_loss"]) == pytest.approx((0.03,))
 
 
@@ -54,10 +60,10 @@ def test_objectives_of_a_gate_failed_build_are_real_points_and_a_failed_build_is
     # a build that failed (no report, a not-runnable recipe, an exception) measured nothing: the penalty,
     # which every real point beats (not NaN: see PENALTY)
     assert objective_values(None, NAMES[:3]) == (PENALTY,) * 3
-    assert objective_values({"status": "build failed"}, NAMES[:2]) == (PENALTY,) * 2
-    assert objective_values({"status": "repair budget not met"}, NAMES[:1]) == (PENALTY,)
+    assert objective_values(_typed({"status": "build failed"}), NAMES[:2]) == (PENALTY,) * 2
+    assert objective_values(_typed({"status": "repair budget not met"}), NAMES[:1]) == (PENALTY,)
     # a number the build lacks (task_drop on unlabeled data, time_vs_fp32 with bench.baseline=none)
-    v = objective_values(_report(Status.PASSED, drop=None, speedup=None, baseline="none: bench.baseline=none"),
+    v = objective_values(_report(Status.PASSED, drop=None, speedup=None, baseline="none"),
                          ["task_drop", "time_vs_fp32", "artifact_mb"])
     assert v == (PENALTY, PENALTY, 23.1)
 
@@ -106,16 +112,61 @@ def _row(num, status=Status.PASSED, **kw) -> Row:
     return Row(**base)
 
 
-def test_axes_are_the_same_run_ratio_where_every_finished_run_has_one():
-    rows = [_row(0, recipe="fp32", ms_per_sample=9.0, embedding_cosine=1.0, fp32_self=True),
+def _ratio_rows():
+    return [_row(0, recipe="fp32", ms_per_sample=9.0, embedding_cosine=1.0, fp32_self=True),
             _row(1, ms_per_sample=4.0, speedup_vs_fp32=2.2, embedding_cosine=0.99),
             _row(2, status=Status.GATE_FAILED, ms_per_sample=3.0, speedup_vs_fp32=2.9, embedding_cosine=0.93),
             _row(3, status=Status.BUILD_FAILED)]  # no numbers: not asked
+
+
+def _plotted(rows, path):
+    """pareto.png written from rows, and the matplotlib Axes it was drawn on (x label, title, points)."""
+    import matplotlib.figure
+
+    seen = []
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *a, **kw):
+        seen.append(fig.axes[0])
+        return real(fig, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.figure.Figure, "savefig", keep)
+        plot_pareto(rows, path)
+    return seen[0]
+
+
+def test_axes_are_the_same_run_ratio_where_every_finished_run_has_one(tmp_path):
+    rows = _ratio_rows()
     assert choose_axes(rows) == (SPEEDUP, COSINE)
     assert SPEEDUP.get(rows[0]) == 1.0  # fp32: its own baseline
-    # one finished run without the ratio (bench.baseline=none): latency for all, never a mix
-    rows.append(_row(4, ms_per_sample=5.0, embedding_cosine=0.995))
-    assert choose_axes(rows) == (LATENCY, COSINE)
+    ax = _plotted(rows, tmp_path / "pareto.png")
+    assert ax.get_xlabel() == "speed vs the fp32 engine, same run (x, higher is better)"
+    assert "same-run speed ratio" not in ax.get_title()  # nothing left off: nothing said
+
+
+def test_pareto_plots_the_ratio_and_names_the_runs_without_one(tmp_path):
+    # issue 17 item 12: one finished run without the ratio (bench.baseline=none) used to turn the whole plot
+    # into latency, which does not compare across runs built in parallel; the ratio stays the axis
+    rows = _ratio_rows() + [_row(4, recipe="int8_static", ms_per_sample=5.0, embedding_cosine=0.995)]
+    assert choose_axes(rows) == (SPEEDUP, COSINE)
+    ax = _plotted(rows, tmp_path / "pareto.png")
+    assert ax.get_xlabel() == "speed vs the fp32 engine, same run (x, higher is better)"
+    said = "No same-run speed ratio to fp32 (not plotted, not on the front): int8_static/torch"
+    assert said in " ".join(ax.get_title().split())
+    xs = sorted(float(x) for c in ax.collections for x, _ in c.get_offsets())
+    assert 5.0 not in xs and set(xs) <= {1.0, 2.2, 2.9}  # no latency mixed into the ratio axis
+    mark_pareto(rows)
+    assert not rows[4].pareto
+    md = render_markdown(rows, tmp_path)
+    assert "| 0 | minilm | fp32 | torch |  | 9.000 |  | 1 (itself) |" in md  # fp32: 1 by definition, as plotted
+    assert f"**{said} -- bench.baseline=none, or a GPU target timed on a machine without one**" in render_markdown(
+        rows, tmp_path)
+    # no run has a ratio: latency, and the plot says why it is not the ratio
+    only = [_row(1, ms_per_sample=4.0, embedding_cosine=0.99), _row(2, ms_per_sample=3.0, embedding_cosine=0.93)]
+    assert choose_axes(only) == (LATENCY, COSINE)
+    ax = _plotted(only, tmp_path / "latency.png")
+    assert "No run has a same-run speed ratio to fp32: the plot shows latency" in " ".join(ax.get_title().split())
 
 
 def _budget_rows(repair_drop=True, with_labels=True, weights=True):
@@ -197,16 +248,20 @@ def test_a_repair_rows_numbers_come_from_its_report(tmp_path):
               {"fallback_layers": 12, "drop": 0.004, "weight_bytes": 3_000_000},
               {"fallback_layers": 6, "drop": 0.012, "weight_bytes": 2_000_000},
               {"fallback_layers": 9, "drop": 0.008, "weight_bytes": 2_500_000}]
-    met = run("met", {"metric": "embedding_cosine_mean", "max_drop": 0.01, "met": True, "fallback_layers": 9,
+    met = run("met", {"metric": "embedding_cosine_mean", "max_fidelity_drop": 0.01, "met": True, "fallback_layers": 9,
                       "search": search})
     assert (met.repair_budget, met.fallback_layers, met.repair_drop, met.repair_weight_mb, met.repair_metric) == (
         0.01, 9, 0.008, 2.5, "embedding_cosine_mean")
-    unmet = run("unmet", {"metric": "embedding_cosine_mean", "max_drop": 0.002, "met": False, "fallback_layers": 0,
+    unmet = run("unmet", {"metric": "embedding_cosine_mean", "max_fidelity_drop": 0.002, "met": False, "fallback_layers": 0,
                           "search": search})
     assert (unmet.repair_budget, unmet.fallback_layers, unmet.repair_drop, unmet.repair_weight_mb) == (
         0.002, None, None, None)
     replayed = run("replayed", {"replayed": True, "fallback_layers": 7})
     assert (replayed.repair_budget, replayed.fallback_layers, replayed.repair_drop) == (None, 7, None)
+    # the repair package names the budget by its recipe key
+    fidelity = run("fidelity", {"metric": "embedding_cosine_mean", "max_fidelity_drop": 0.01, "met": True,
+                                "fallback_layers": 9, "search": search})
+    assert (fidelity.repair_budget, fidelity.repair_drop) == (0.01, 0.008)
 
 
 # ---------------------------------------------------------------- a real search

@@ -20,9 +20,10 @@ from tests.conftest import FAST, REPO
 
 def _report(model, recipe, target, status, ms, cos, top1, mb, rss, reason=None, cache=None):
     # the same-run ratio as compiler/stages/bench.py reports it: none for fp32, which is its own baseline
-    speed = ({"baseline": "none: the build is the fp32 engine itself"} if recipe == "fp32" else
-             {"speedup_vs_fp32": 9.5 / ms, "baseline": "fp32 engine of the same model on target ort, timed round-robin"})
-    r = {"build": {"model": model, "recipe": recipe, "target": target}, "status": status,
+    speed = ({"baseline": "none: the build is the fp32 engine itself", "baseline_kind": "self"} if recipe == "fp32" else
+             {"speedup_vs_fp32": 9.5 / ms, "baseline": "fp32 engine of the same model on target ort, timed round-robin",
+              "baseline_kind": "fp32_same_run"})
+    r = {"schema_version": 1, "build": {"model": model, "recipe": recipe, "target": target}, "status": status,
          "bench": {"ms_per_sample": ms, "samples_per_s": 1000.0 / ms, "artifact_mb": mb, "peak_rss_mb": rss, **speed},
          "check": {"fidelity": {"embedding_cosine_mean": cos, "top1_agreement": top1}},
          "cache": cache or {"enabled": False}}

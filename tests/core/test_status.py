@@ -25,3 +25,19 @@ def test_errors_exit_with_their_status_code():
 
 def test_run_dir_suffixes_are_distinct_and_dotted():
     assert len(set(RUN_DIR_SUFFIXES)) == 3 and all(s.startswith(".") for s in RUN_DIR_SUFFIXES)
+
+
+def test_repair_budget_not_met_is_a_status_that_exits_3_in_any_directory():
+    from compiler.commands.sweep import Row, sweep_exit_code
+    from compiler.core.status import GATE_FAILED_SUFFIX, run_dir_suffix
+    from compiler.repair.result import RepairBudgetError
+
+    assert Status("repair budget not met") is Status.REPAIR_BUDGET_NOT_MET
+    assert exit_code(Status.REPAIR_BUDGET_NOT_MET) == 3
+    err = RepairBudgetError("budget not met")
+    assert err.status == Status.REPAIR_BUDGET_NOT_MET and err.exit_code == 3
+    assert run_dir_suffix(Status.REPAIR_BUDGET_NOT_MET) == run_dir_suffix(Status.GATE_FAILED) == GATE_FAILED_SUFFIX
+    assert run_dir_suffix(Status.PASSED) == "" and run_dir_suffix(Status.BUILD_FAILED) == ".FAILED"
+    # an explicit hydra.run.dir keeps its plain name: the status alone says 3, no suffix needed
+    row = Row(num=0, model="m", recipe="nvfp4", target="torch", status=Status.REPAIR_BUDGET_NOT_MET, run_dir="mine")
+    assert sweep_exit_code([row]) == 3

@@ -165,6 +165,7 @@ def test_build_reports_the_same_run_ratio_probe_and_rail(qcompile):
     bench = report["bench"]
     assert bench["speedup_vs_fp32"] > 0 and len(bench["speedup_vs_fp32_rounds"]) == 2
     assert bench["baseline"].startswith("fp32 engine of the same model on target ort")
+    assert bench["baseline_kind"] == "fp32_same_run" and report["schema_version"] == 1  # the fact, as a field
     assert bench["data_shapes"]["speedup_vs_fp32"] > 0 and bench["data_shapes"]["sentences"] == 32
     assert bench["flops"]["matmuls_counted"] == 16 and 0 < bench["fp32_fraction_of_fp32_peak"]
     md = (run_dir / "REPORT.md").read_text()

@@ -139,13 +139,20 @@ def test_gate_failure_messages_name_metric_and_shortfall():
 
 def test_report_and_manifest(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"graph")
-    report = {"build": {"model": "m", "recipe": "r", "target": "ort"}, "status": "passed",
-              "check": {"samples": 4, "per_output": {"y": {"cosine_mean": 0.999, "cosine_min": 0.99,
+    # a whole report (the writer refuses one that lacks a section every build has: compiler/core/report_types.py)
+    report = {"build": {"model": "m", "recipe": "r", "target": "ort", "run_dir": str(tmp_path)}, "status": "passed",
+              "gate": {}, "steps": {}, "timings_s": {}, "notes": [],
+              "check": {"samples": 4, "per_output": {"y": {"cosine_mean": 0.999, "cosine_min": 0.99, "iterations": 1,
                                                           "max_absdiff": 0.1, "tolerance_passed": True}},
-                        "fidelity": {"embedding_cosine_mean": 0.995, "top1_agreement": 1.0}, "gate_failures": []},
-              "bench": {"latency_ms_p50": 1.5, "artifact_mb": 2.0, "nan": float("nan")}}
+                        "fidelity": {"embedding_cosine_mean": 0.995, "top1_agreement": 1.0}, "gate_failures": [],
+                        "passed": True},
+              "bench": {"latency_ms_p50": 1.5, "latency_ms_p90": float("nan"), "latency_ms_mean": 1.5,
+                        "ms_per_sample": 1.5, "samples_per_s": 666.0, "iterations": 2, "shapes": "fixed",
+                        "batch_size": 1, "seq_len": 8, "threads": 1, "rounds": 1, "cpu_ms_p50": 1.4,
+                        "peak_rss_mb": 100.0, "peak_rss_increase_mb": 1.0, "artifact_bytes": 2_000_000,
+                        "artifact_mb": 2.0, "baseline": "none: bench.baseline=none", "baseline_kind": "none"}}
     write_report(tmp_path, report)
-    assert json.loads((tmp_path / "report.json").read_text())["bench"]["nan"] == "nan"
+    assert json.loads((tmp_path / "report.json").read_text())["bench"]["latency_ms_p90"] == "nan"
     md = (tmp_path / "REPORT.md").read_text()
     assert "| y | 0.999000 |" in md and "Gate: passed." in md
     write_manifest(tmp_path, {"weights_sha256": "ab"}, seed=3)

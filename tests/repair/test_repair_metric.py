@@ -1,4 +1,4 @@
-"""Which metric the repair budgets (compiler/stages/repair_metric.py): the task metric against the ranking rows'
+"""Which metric the repair budgets (compiler/repair/budget.py, metric.py): the task metric against the ranking rows'
 gold labels when labels and a task budget are there, else the fidelity metric; the budget's sources; the
 ranking rows keep whole pairs; bad combinations are recipe errors (exit 2) before any weights load."""
 
@@ -9,8 +9,14 @@ import pytest
 
 from compiler.core.schema import GateConfig, RepairConfig
 from compiler.numerics.metrics import TaskLabels
-from compiler.stages.repair_metric import budget_of, ranking_rows, repair_metric
+from compiler.repair.budget import resolve_budget
+from compiler.repair.metric import ranking_rows
+from compiler.repair.metric import repair_metric as _repair_metric
 from tests.conftest import FAST
+
+
+def repair_metric(rep, gate, task, labels, ref, order=None):
+    return _repair_metric(resolve_budget(rep, gate, task, labels is not None), gate, task, labels, ref, order=order)
 
 
 def _rep(**kw):
@@ -43,7 +49,8 @@ def test_task_budget_on_labeled_data_scores_accuracy_against_gold():
     labels = _paired(8)
     ref = _pairs_embedding(8)
     m = repair_metric(_rep(max_task_drop=0.05), _gate(), "embedding", labels, ref)
-    assert m.kind == "task" and m.name == "retrieval accuracy_at_1" and m.budget == 0.05
+    assert m.kind == "task" and m.name == "retrieval accuracy_at_1" and m.max_drop == 0.05
+    assert m.budget.source == "recipe.repair.max_task_drop=0.05"
     assert m.reference == 1.0
     # row 7 becomes a copy of row 8: queries 6 and 7 miss their partners, and 8 and 9 each tie their partner
     # with row 7 (ties count against the gold partner): 4 of 16 queries miss
@@ -56,7 +63,8 @@ def test_task_budget_on_labeled_data_scores_accuracy_against_gold():
 def test_gate_task_budget_and_task_metric_apply_when_repair_states_none():
     m = repair_metric(_rep(), _gate(max_task_drop=0.02, task_metric="mrr"), "embedding", _paired(4),
                       _pairs_embedding(4))
-    assert (m.kind, m.name, m.budget, m.reference) == ("task", "retrieval mrr", 0.02, 1.0)
+    assert (m.kind, m.name, m.max_drop, m.reference) == ("task", "retrieval mrr", 0.02, 1.0)
+    assert m.budget.source == "recipe.gate.max_task_drop=0.02"
 
 
 def test_no_task_budget_or_no_labels_or_forced_fidelity_budget_the_fidelity_metric():
@@ -66,13 +74,13 @@ def test_no_task_budget_or_no_labels_or_forced_fidelity_budget_the_fidelity_metr
                                                                                                keepdims=True), 1))
     for rep, gate, labels, budget in [
         (_rep(), _gate(min_embedding_cosine=0.995), _paired(4), 0.005),  # labels, no task budget: the gate's
-        (_rep(max_task_drop=0.02), _gate(), None, 0.02),  # a budget, no labels
-        (_rep(max_task_drop=0.02, metric="fidelity"), _gate(max_task_drop=0.1), _paired(4), 0.02),
+        (_rep(max_fidelity_drop=0.02), _gate(), None, 0.02),  # a fidelity budget, no labels
+        (_rep(max_fidelity_drop=0.02), _gate(max_task_drop=0.1), _paired(4), 0.02),  # its own key wins on labels
+        (_rep(max_fidelity_drop=0.02, metric="fidelity"), _gate(max_task_drop=0.1), _paired(4), 0.02),
     ]:
         m = repair_metric(rep, gate, "embedding", labels, ref)
         assert (m.kind, m.name, m.reference) == ("fidelity", "embedding_cosine_mean", 1.0)
-        assert m.budget == pytest.approx(budget) and m.fn(q) == pytest.approx(cos)
-        assert m.budget == pytest.approx(budget_of(rep, gate, "embedding", labeled=labels is not None))
+        assert m.max_drop == pytest.approx(budget) and m.fn(q) == pytest.approx(cos)
 
 
 def test_classifier_accuracy_drop_against_gold():
@@ -82,7 +90,8 @@ def test_classifier_accuracy_drop_against_gold():
     assert (m.name, m.reference) == ("classification accuracy", pytest.approx(0.8))
     assert m.fn(np.eye(2)[[0, 1, 0, 1, 1]]) == pytest.approx(0.6)  # one right label flipped: drop 0.2
     fid = repair_metric(_rep(), _gate(min_top1_agreement=0.95), "classification", labels, ref)
-    assert (fid.name, fid.budget) == ("label_agreement", pytest.approx(0.05))
+    assert (fid.name, fid.max_drop) == ("label_agreement", pytest.approx(0.05))
+    assert fid.budget.source == "recipe.gate.min_top1_agreement=0.95"
     assert fid.fn(np.eye(2)[[0, 1, 0, 1, 1]]) == pytest.approx(0.8)
 
 
@@ -103,6 +112,17 @@ def test_ranking_rows_take_whole_pairs():
     (["recipe.gate.max_task_drop=-0.5"], "recipe.gate.max_task_drop: -0.5 is below 0"),
     (["recipe.gate.max_task_drop=nan"], "recipe.gate.max_task_drop: nan is below 0"),
     (["recipe.repair.max_task_drop=nan"], "recipe.repair.max_task_drop: nan is below zero"),
+    # one budget key per metric: the wrong one for the metric is named, with the right one
+    (["recipe.repair.metric=fidelity", "recipe.repair.max_task_drop=0.01"],
+     "recipe.repair.max_task_drop: 0.01 budgets the task metric, but recipe.repair.metric=fidelity budgets the "
+     "fidelity metric (embedding cosine / label agreement) -- use recipe.repair.max_fidelity_drop=0.01"),
+    (["recipe.repair.metric=task", "recipe.repair.max_fidelity_drop=0.01"],
+     "recipe.repair.max_fidelity_drop: 0.01 budgets the fidelity metric, but recipe.repair.metric=task"),
+    (["recipe.repair.max_task_drop=0.01", "recipe.repair.max_fidelity_drop=0.02"],
+     "recipe.repair.max_fidelity_drop: 0.02 given together with recipe.repair.max_task_drop=0.01"),
+    (["recipe.repair.max_task_drop=0.01", "data.format=text"],
+     "recipe.repair.max_task_drop: 0.01 needs gold labels but"),
+    (["recipe.repair.max_fidelity_drop=-1"], "recipe.repair.max_fidelity_drop: -1.0 is below zero"),
     (["recipe.repair.max_task_drop=0.01", "recipe.repair.ranking_samples=1"],
      "recipe.repair.ranking_samples: 1 row holds no retrieval pair"),
 ])
@@ -143,10 +163,12 @@ def test_rows_measured_in_another_order_score_against_the_right_labels():
 def test_weight_bytes_know_every_primary_format_a_step_declares():
     """The size estimate covers every precision a quantizing step declares (int4_weight_only's int4 made a
     repair build fail with KeyError: 'int4')."""
-    from compiler.stages.repair import FORMAT_BITS, weight_bytes
+    from compiler.core.formats import FORMATS
+    from compiler.repair.budget import fallback_formats, weight_bytes
     from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
     load_all_steps()
     declared = {f for cls in STEP_REGISTRY.values() if cls.quantizes_compute for f in cls.precision}
-    assert declared <= set(FORMAT_BITS), declared - set(FORMAT_BITS)
+    assert declared <= set(FORMATS), declared - set(FORMATS)
+    assert fallback_formats() == ("fp32", "fp16", "fp8", "int8")
     assert weight_bytes({"a": 64, "b": 64}, {"a": "int4", "b": "fp32"}) == 64 * 5 // 8 + 64 * 4

@@ -1,4 +1,4 @@
-"""The repair search (compiler/stages/repair.py) on its own: lazy greedy against a fixed single-gain order on a
+"""The repair search (compiler/repair/search.py) on its own: lazy greedy against a fixed single-gain order on a
 planted non-additive metric (two layers that share one error), the unmet answer, and the speed-ups of the torch
 measurer kept exact: folded weight quantizers and length-sorted batches without padding give the same numbers."""
 
@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.stages.repair import (
-    _outputs,
-    _ranking_feeds,
-    fold_weights,
-    report_markdown,
-    search,
-    search_fallbacks,
-    sensitivity_unless_met,
-    unmet_message,
-)
-from compiler.stages.repair_metric import fidelity_metric
+from compiler.repair.budget import Budget
+from compiler.repair.metric import fidelity_metric
+from compiler.repair.modules import MixedModel, fold_weights
+from compiler.repair.outputs import report_markdown, unmet_message
+from compiler.repair.search import search, search_fallbacks, sensitivity_unless_met
+from compiler.repair.torch_measure import _outputs, _ranking_feeds, measure_sensitivity, torch_measure
 
 # A planted metric: base 0.85, reference 1.0. Layers a and b carry the SAME error (a in the fallback removes it:
 # +0.05, b alone +0.049, both together still +0.05); c and d are independent (+0.04 each); e is nearly harmless.
@@ -97,12 +92,13 @@ def test_unmet_message_shows_a_tiny_drop_against_a_tight_budget():
     """Drops print to 6 significant digits: with 5 decimals a 3e-7 drop read "drop 0.00000 > 1e-06"."""
     out = search(lambda s: 1.0 - 3e-6 + 1e-6 * len(s), {"base_metric": 1.0 - 3e-6, "layers": [
         {"name": n, "role": "", "proxy_error": None, "gain": 1e-6} for n in ("a", "b")]},
-        "cosine", 5e-7, "fp8", 2, "nvfp4", {"a": 1, "b": 1})
+        "cosine", Budget("fidelity", 5e-7, "recipe.repair.max_fidelity_drop=5e-07"), "fp8", 2, "nvfp4",
+        {"a": 1, "b": 1})
     out.fraction = 1.0
     assert not out.met and out.needed is None
     msg = unmet_message(out)
     assert "budget not met even with all 2 layers in fp8" in msg
-    assert "cosine 0.999999, drop 1e-06 > max_task_drop 5e-07 with 2 layers" in msg, msg
+    assert "cosine 0.999999, drop 1e-06 > max_fidelity_drop 5e-07 with 2 layers" in msg, msg
 
 
 def test_reference_is_the_metrics_own_fp32_value():
@@ -137,7 +133,8 @@ def test_no_sensitivity_pass_when_the_quantized_build_meets_the_budget(tmp_path)
     met = sensitivity_unless_met(measure, NAMES, {}, 1.0, 0.2, None, {}, compute)
     assert calls == [frozenset()] and not computed
     assert "meets the budget (drop 0.15 <= 0.2)" in met["skipped"]
-    result = search(measure, met, "cosine", 0.2, "fp8", 5, "nvfp4", {n: 10 for n in NAMES})
+    result = search(measure, met, "cosine", Budget("fidelity", 0.2, "recipe.repair.max_fidelity_drop=0.2"), "fp8", 5,
+                    "nvfp4", {n: 10 for n in NAMES})
     assert result.met and result.chosen == [] and calls == [frozenset()]
     assert "no layer needs measuring" in result.as_dict()["sensitivity_skipped"]
     assert "No per-layer sensitivity" in report_markdown(result)
@@ -218,8 +215,6 @@ def test_batches_without_padding_measure_the_same(tiny_bert, tiny_data):
 
 def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data):
     """Probes that reuse the outputs of unchanged blocks give exactly the full forward's metric, and reuse some."""
-    from compiler.stages.repair import MixedModel, torch_measure
-
     a = _quantized(tiny_bert, tiny_data, "nvfp4_rotate")
     b = _quantized(tiny_bert, tiny_data, "int8")
     names = [n for n in tiny_bert.roles.role if n.startswith("inner.encoder.")]
@@ -229,8 +224,12 @@ def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data)
     plain = MixedModel(copy.deepcopy(a), copy.deepcopy(b), names)  # copied before the cache wraps a's blocks
     cached = MixedModel(a, b, names, cache_bytes=64 << 20)
     assert len(set(cached.blocks.index.values())) == 2  # tiny_bert's two encoder blocks
-    m_cached = torch_measure(cached, feeds, reference, cosine, 1)
-    m_plain = torch_measure(plain, feeds, reference, cosine, 1)
+    names_out = tiny_bert.output_names
+
+    def score(batches):
+        return cosine(reference, np.concatenate([b["sentence_embedding"] for b in batches]))
+    m_cached = torch_measure(cached, feeds, score, names_out)
+    m_plain = torch_measure(plain, feeds, score, names_out)
     last, first = names[-1], names[0]
     sets = [set(), {last}, {first}, {first, last}, {last}, set(), {names[1], last}]
     values = [m_cached(s) for s in sets]
@@ -240,15 +239,125 @@ def test_block_cache_measures_what_a_full_forward_measures(tiny_bert, tiny_data)
 
     # a model with more layers than confirm_top: the proxy pass orders them, the top ones are measured, and the
     # search still measures any layer it picks
-    from compiler.stages.repair import measure_sensitivity, search
-
     sens = measure_sensitivity(cached, names, tiny_bert.roles.role, feeds, m_cached, confirm_top=3)
     measured = [x for x in sens["layers"] if x["gain"] is not None]
     assert len(measured) == 3 and sens["layers"][:3] == measured
     assert all(x["proxy_error"] > 0 for x in sens["layers"])
     assert sens["base_metric"] == values[0]
     budget = 1.0 - m_cached(frozenset(names)) + 1e-9  # what every layer in the fallback reaches
-    result = search(m_cached, sens, "embedding_cosine_mean", budget, "int8", len(names), "nvfp4",
-                    {n: 1 for n in names})
+    result = search(m_cached, sens, "embedding_cosine_mean", Budget("fidelity", budget, "test"), "int8", len(names),
+                    "nvfp4", {n: 1 for n in names})
     assert result.met and result.curve[-1].drop <= budget and result.chosen
     assert abs(m_plain(set(result.chosen)) - result.curve[-1].metric) < 1e-12
+
+
+# ---- gate thresholds are conditions of the search (issue 17 item 2) ------------------------------------------
+
+
+def test_a_gate_condition_the_budget_leaves_unmet_decides_the_map():
+    """The budget (0.2) holds with no fallback, but a gate threshold (out >= 0.95) needs layer c: the search goes on
+    until the map meets both, and says which constraint decided it. Without the condition it stops at once."""
+    from compiler.repair.metric import Condition
+
+    def measure(layers):
+        s = set(layers)
+        return {"metric": planted(s), "out": 0.9 + 0.06 * ("c" in s) + 0.001 * ("e" in s)}
+
+    cond = Condition("out", 0.95, "recipe.gate.min_output_cosine=0.95")
+    assert search_fallbacks(measure, NAMES, 1.0, 0.2, allowed=5).chosen == []
+    # binary: the smallest prefix of the single-gain order a, b, d, c that holds c
+    for strategy, chosen in (("greedy", ["c"]), ("binary", ["a", "b", "c", "d"])):
+        out = search_fallbacks(measure, NAMES, 1.0, 0.2, allowed=5, conditions=[cond], strategy=strategy)
+        assert out.met and sorted(out.chosen) == chosen, (strategy, out)
+    sens = {"base_metric": 0.85, "layers": [{"name": n, "role": "", "proxy_error": None, "gain": None,
+                                            "metric": None} for n in NAMES]}
+    result = search(measure, sens, "cosine", Budget("fidelity", 0.2, "recipe.repair.max_fidelity_drop=0.2"), "fp8",
+                    5, "nvfp4", {n: 10 for n in NAMES}, conditions=[cond])
+    assert result.met and result.chosen == ["c"]
+    assert result.curve[0].unmet == ["out"] and result.curve[-1].unmet == []
+    assert result.decided_by == ["out >= 0.95 (recipe.gate.min_output_cosine=0.95)"]
+    md = report_markdown(result)
+    assert "Decided by: out >= 0.95 (recipe.gate.min_output_cosine=0.95)" in md
+    assert "Repair budget: cosine drop <= 0.2, set by recipe.repair.max_fidelity_drop=0.2." in md
+
+
+def test_the_budget_first_then_the_condition():
+    """The budget (0.02) needs a, c, d; the condition then needs e too: its gains take over once the budget holds."""
+    from compiler.repair.metric import Condition
+
+    def measure(layers):
+        s = set(layers)
+        return {"metric": planted(s), "out": 0.9 + 0.06 * ("e" in s)}
+
+    cond = Condition("out", 0.95, "recipe.gate.min_embedding_cosine=0.95")
+    out = search_fallbacks(measure, NAMES, 1.0, 0.02, allowed=5, conditions=[cond])
+    assert out.met and sorted(out.chosen) == ["a", "c", "d", "e"]
+    path = [(p.change, p.unmet) for p in out.probes if p.accepted]
+    assert path == [("-", ["metric", "out"]), ("+a", ["metric", "out"]), ("+d", ["metric", "out"]),
+                    ("+c", ["out"]), ("+e", [])]
+    unmet = search_fallbacks(measure, NAMES, 1.0, 0.02, allowed=3, conditions=[cond])
+    assert not unmet.met and unmet.needed == 4
+
+
+def test_no_budget_given_the_note_says_where_it_came_from():
+    """recipe=nvfp4 with repair on and no budget: the fidelity budget comes from the recipe's loose gate
+    (min_embedding_cosine=0.9); report.json's repair.budget_note and REPORT.md say so and name the key for a
+    tighter one (issue 17 item 7)."""
+    from compiler.repair.budget import resolve_budget
+    from compiler.repair.result import searched_section
+    from compiler.stages.validate import validate
+    from tests.conftest import compose
+
+    spec = validate(compose("model=tiny_bert", "recipe=nvfp4", "target=torch", "recipe.repair.enabled=true"))
+    budget = resolve_budget(spec.repair, spec.gate, "embedding", labeled=True)
+    assert (budget.kind, budget.key, budget.source) == ("fidelity", "max_fidelity_drop",
+                                                        "recipe.gate.min_embedding_cosine=0.9")
+    assert budget.max_drop == pytest.approx(0.1)
+    note = ("Repair budget: embedding_cosine_mean drop <= 0.1, from recipe.gate.min_embedding_cosine=0.9 "
+            "(recipe.repair.max_fidelity_drop not given); set recipe.repair.max_fidelity_drop (e.g. "
+            "recipe.repair.max_fidelity_drop=0.01) for a tighter one.")
+    sens = {"base_metric": 0.95, "layers": [{"name": "a", "role": "", "proxy_error": None, "gain": None,
+                                            "metric": None}]}
+    result = search(lambda s: 0.95, sens, "embedding_cosine_mean", budget, "fp8", 1, "nvfp4", {"a": 1})
+    section = searched_section(result, {}).to_dict()
+    assert section["budget_note"] == note and section["max_fidelity_drop"] == budget.max_drop
+    assert section["budget_source"] == "recipe.gate.min_embedding_cosine=0.9" and "max_task_drop" not in section
+    assert note in report_markdown(result)
+
+
+def test_a_condition_the_checks_padded_batches_miss_is_raised_and_searched_again():
+    """The measurers see a per-output cosine on the ranking rows without padding; the check sees it on padded
+    batches. When the check's value at the chosen map misses the gate, the condition's floor rises by the gap and
+    the search runs again: here the padded value is 0.02 lower, so c alone (0.96, padded 0.94) is not enough and
+    the map grows to c + e (0.99, padded 0.97)."""
+    from compiler.repair.metric import Condition
+    from compiler.repair.run import confirmed
+
+    def approx(layers):
+        s = set(layers)
+        return {"metric": planted(s), "output last_hidden_state cosine": 0.9 + 0.06 * ("c" in s) + 0.03 * ("e" in s)}
+
+    cond = Condition("output last_hidden_state cosine", 0.95, "recipe.gate.min_output_cosine=0.95")
+    sens = {"base_metric": 0.85, "layers": [{"name": n, "role": "", "proxy_error": None, "gain": None,
+                                            "metric": None} for n in NAMES]}
+    budget = Budget("fidelity", 0.2, "recipe.repair.max_fidelity_drop=0.2")
+    checked = []
+
+    def exact(chosen, conditions):
+        checked.append(sorted(chosen))
+        return {cond.name: approx(chosen)[cond.name] - 0.02}
+
+    def run_search(conditions):
+        return search(approx, sens, "cosine", budget, "fp8", 5, "nvfp4", {n: 1 for n in NAMES}, conditions=conditions)
+
+    result = confirmed(run_search, exact, lambda chosen: approx(chosen), [cond])
+    assert checked == [["c"], ["c", "e"]]
+    assert result.met and sorted(result.chosen) == ["c", "e"]
+    (raised,) = result.conditions
+    assert raised.floor == pytest.approx(0.97 + 1e-6)
+    assert "raised by 0.02: the check's padded batches gave 0.94 at the map of 1 layers" in raised.source
+    assert result.decided_by == [raised.label()]
+    # a map the check confirms is searched once
+    checked.clear()
+    once = confirmed(run_search, lambda chosen, conditions: {cond.name: 0.99}, approx, [cond])
+    assert once.chosen == ["c"] and checked == []

@@ -18,10 +18,10 @@ PLANTED = PLANTED_LAYER
 # the planted layer alone in fp32 -> 0.9999977; every other layer in fp32 but the planted one -> 0.999866
 BUDGET = 2e-5
 ARGS = [*FAST, "bench.enabled=false", "recipe=int8", "target=torch", "recipe.steps.int8.exclude=[]",
-        "recipe.repair.enabled=true", "recipe.repair.fallback=fp32", f"recipe.repair.max_task_drop={BUDGET}",
+        "recipe.repair.enabled=true", "recipe.repair.fallback=fp32",
         # the built-in data is labeled (retrieval pairs): budget the embedding cosine, the metric the planted
         # column damages measurably on a random-init model
-        "recipe.repair.metric=fidelity"]
+        f"recipe.repair.max_fidelity_drop={BUDGET}"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,9 @@ def test_unmet_budget_exits_3_with_what_it_would_take(planted_dir, tmp_path):
     assert "budget met with 1 of 12 layers in fp32; max_fallback_fraction=0 allows 0" in line, line
     (run,) = res.run_dirs()
     assert json.loads((run / "sensitivity.json").read_text())["needed"] == 1
+    # a status of its own (compiler/core/status.py), in a directory named like a failed gate
+    assert json.loads((run / "report.json").read_text())["status"] == "repair budget not met"
+    assert run.name.endswith(".gate-failed")
 
 
 @pytest.mark.parametrize("args,text", [
@@ -138,7 +141,7 @@ def test_int8_dynamic_on_torch_is_searched(qcompile):
     # a budget the all-int8 model misses, keep layers in fp32 until the metric meets it
     res = qcompile("model=tiny_bert", "recipe=int8_dynamic", "target=torch", "bench.enabled=false", *FAST,
                    "recipe.gate.min_top1_agreement=0", "recipe.repair.enabled=true", "recipe.repair.metric=fidelity",
-                   "recipe.repair.max_task_drop=1e-9", "recipe.repair.max_fallback_fraction=1.0")
+                   "recipe.repair.max_fidelity_drop=1e-9", "recipe.repair.max_fallback_fraction=1.0")
     assert res.rc == 0, res
     (run,) = res.run_dirs()
     rep = json.loads((run / "report.json").read_text())["repair"]
@@ -151,3 +154,25 @@ def test_int8_dynamic_on_torch_is_searched(qcompile):
     assert set(rep["layers"].values()) == {"fp32"}
     layers = (run / "layers.yaml").read_text()
     assert layers.count("format: fp32") == rep["fallback_layers"] and layers.count("format: int8") == 12 - rep["fallback_layers"]
+
+
+def test_a_gate_threshold_the_budget_leaves_unmet_decides_the_map(planted_dir, tmp_path):
+    """Issue 17 item 2: the budget (max_fidelity_drop=1e-3) holds with no fallback (all-int8 drop 1.3e-4), the
+    gate's min_embedding_cosine=0.99998 does not: the search keeps the planted layer in fp32 for the gate, the
+    build passes its gate, and report.json / REPORT.md say the gate threshold decided the map."""
+    args = [a for a in ARGS if not a.startswith("recipe.repair.max_fidelity_drop=")]
+    run = finished_run(tmp_path, "model=hf", f"model.path={planted_dir}", *args,
+                       "recipe.repair.max_fidelity_drop=0.001", "recipe.gate.min_embedding_cosine=0.99998")
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "passed" and report["check"]["fidelity"]["embedding_cosine_mean"] >= 0.99998
+    rep = report["repair"]
+    assert rep["layers"] == {PLANTED: "fp32"} and rep["max_fidelity_drop"] == 0.001
+    first, last = rep["search"][0], rep["search"][-1]
+    assert first["fallback_layers"] == 0 and first["drop"] <= 0.001 and first["unmet"] == ["embedding_cosine_mean"]
+    assert "unmet" not in last and last["conditions"]["embedding_cosine_mean"] >= 0.99998
+    decided = "embedding_cosine_mean >= 0.99998 (recipe.gate.min_embedding_cosine=0.99998)"
+    assert rep["decided_by"] == [decided]
+    assert rep["budget_note"] == ("Repair budget: embedding_cosine_mean drop <= 0.001, set by "
+                                  "recipe.repair.max_fidelity_drop=0.001.")
+    md = (run / "REPORT.md").read_text()
+    assert f"Decided by: {decided}" in md and rep["budget_note"] in md

@@ -24,7 +24,7 @@ BUDGET = 2e-4
 SCOPES = 14
 ARGS = [*FAST, "bench.enabled=false", "recipe=int8_static", "target=ort", "recipe.steps.int8_static.exclude=[]",
         "recipe.steps.int8_static.op_types_to_quantize=[MatMul,Gemm]", "recipe.repair.enabled=true",
-        f"recipe.repair.max_task_drop={BUDGET}", "recipe.repair.metric=fidelity"]  # cosine, not the labeled task
+        f"recipe.repair.max_fidelity_drop={BUDGET}"]  # the embedding cosine, not the labeled task
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_scopes_are_what_each_step_quantized(exported, tmp_path):
     only MatMuls with a constant weight: the scopes the search offers are exactly those."""
     import onnx
 
-    from compiler.stages.repair_onnx import quantized_scopes
+    from compiler.repair.onnx_measure import quantized_scopes
     from compiler.steps.ort_quant import layer_nodes
     from compiler.steps.base import StepContext
     from compiler.steps.int8_dynamic import Int8DynamicStep
@@ -141,3 +141,18 @@ def test_trt_graph_is_measured_with_onnxruntime_on_the_same_qdq(planted_dir, tmp
     report = json.loads((run / "report.json").read_text())
     assert report["steps"]["int8_static"]["activation_type"] == "int8"
     assert abs(report["check"]["fidelity"]["embedding_cosine_mean"] - search[1]["metric"]) < 1e-4
+
+
+def test_strategy_binary_changes_the_search_on_ort(repaired, planted_dir, tmp_path):
+    """recipe.repair.strategy reaches the ONNX-side search (it was silently greedy there): binary measures the
+    prefixes of the single-gain order from the largest allowed (4 of 14) down, greedy only the path 0 -> 1."""
+    _, greedy_run = repaired
+    greedy = json.loads((greedy_run / "sensitivity.json").read_text())
+    assert greedy["strategy"] == "greedy"
+    assert {p["fallback_layers"] for p in greedy["measurements"] if p["accepted"]} == {0, 1}
+    run = finished_run(tmp_path, "model=hf", f"model.path={planted_dir}", *ARGS, "recipe.repair.strategy=binary")
+    binary = json.loads((run / "sensitivity.json").read_text())
+    assert binary["strategy"] == "binary" and binary["max_fallback_layers"] == 4
+    assert {p["fallback_layers"] for p in binary["measurements"] if p["accepted"]} == {0, 1, 2, 4}
+    assert binary["chosen"] == [PLANTED]
+    assert json.loads((run / "report.json").read_text())["repair"]["strategy"] == "binary"
