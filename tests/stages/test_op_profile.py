@@ -139,6 +139,25 @@ def test_onnxruntime_profile_of_a_session_then_profiler_off(tmp_path):
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.parametrize("target_name", ["ort", "trt"])
+def test_targets_open_a_profiled_session_for_the_build(tmp_path, target_name):
+    """target=ort's session and target=trt's onnxruntime CPU fallback open with the profiler when given a
+    prefix: the build's profiled loop after the timed one (Profiler.after_timing) gets its table."""
+    from compiler.core.schema import TargetConfig
+    from targets.base import Engine, get_target
+
+    onnx_path = _tiny_onnx(tmp_path / "t.onnx")
+    target = get_target(target_name)(TargetConfig(name=target_name))
+    handle = onnx_path if target_name == "ort" else {"kind": "ort", "onnx": onnx_path}
+    engine = Engine(target=target_name, path=None, handle=handle, input_names=["x"], output_names=["y"])
+    assert target.predictor(engine, threads=1).end_profiling() == ""  # the bench's own session: no profiler
+    profiler = Profiler(runs_torch=False, make_profiled=lambda prefix: target.predictor(engine, 1, prefix))
+    profiler.after_timing("build", None, {"x": np.ones((4, 8), np.float32)})
+    table = profiler.tables()["build"].to_dict()
+    assert_table_sane(table, ops_allowed={"MatMul", "Add", "Softmax", "Gemm", "FusedMatMul"})
+    assert table["runs"] == PROFILE_RUNS and table["providers"] == ["CPUExecutionProvider"]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao: still ships the kernels
 def test_torch_profile_names_the_int8_linear_sites():
     import torch
