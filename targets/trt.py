@@ -190,7 +190,7 @@ class TrtTarget(Target):
         return "reference", "the ONNX reference evaluator (onnx.reference + TensorRT custom ops)"
 
     # -- run --------------------------------------------------------------------------------------
-    def predictor(self, engine: Engine, threads: Optional[int] = None):
+    def predictor(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
         handle = engine.handle
         names = engine.output_names
         if handle["kind"] == "tensorrt":
@@ -213,7 +213,8 @@ class TrtTarget(Target):
             from compiler.runners.reference import reference_predictor
 
             return reference_predictor(handle["onnx"])
-        return session_predictor(ort_session(handle["onnx"], opt_level="basic", threads=threads), names)
+        return session_predictor(ort_session(handle["onnx"], opt_level="basic", threads=threads,
+                                             profile_prefix=profile_prefix), names)
 
     def runner(self, engine: Engine, threads: Optional[int] = None):
         from compiler.runners.callable import CallableRunner

@@ -151,6 +151,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {k} | {_fmt(bench[k], 3)} |")
         lines += speed_lines(bench, report.get("int8_probe"))
         lines.append("")
+        if bench.get("profile"):
+            from compiler.stages.op_profile import markdown_lines
+
+            lines += markdown_lines(bench["profile"]) + [""]
+        if bench.get("scaling"):
+            from compiler.stages import scaling
+
+            lines += scaling.markdown_lines(bench["scaling"]) + [""]
     rails = report.get("doctor")
     if rails:
         lines += ["## Guard rails", "", "| rail | status | details |", "|---|---|---|"]
