@@ -68,8 +68,10 @@ class Target:
         for `qcompile predict`: the same engine the check stage ran."""
         raise BuildError(f"target={self.name} cannot load a finished run's engine")
 
-    def predictor(self, engine: Engine, threads: Optional[int] = None) -> Predict:
-        """A callable feed -> outputs (float32 numpy), used by the check's task metrics and bench."""
+    def predictor(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None) -> Predict:
+        """A callable feed -> outputs (float32 numpy), used by the check's task metrics and bench. profile_prefix:
+        where an engine that runs as an onnxruntime session writes its profile (its predictor then has
+        end_profiling); other engines ignore it (the bench profiles a torch module with torch.profiler)."""
         raise NotImplementedError
 
     def runner(self, engine: Engine, threads: Optional[int] = None):

@@ -53,14 +53,15 @@ def provider_list(providers: List[str], provider_options: Optional[Dict[str, Dic
 
 def create_session(model_path: Path, providers: List[str], opt_level: str = "all", threads: Optional[int] = None,
                    optimized_path: Optional[Path] = None, record_placement: bool = False,
-                   provider_options: Optional[Dict[str, Dict]] = None):
+                   provider_options: Optional[Dict[str, Dict]] = None, profile_prefix: Optional[str] = None):
     """InferenceSession that fails loudly when the first requested provider is not the one in use."""
     check_providers(list(providers))
     # past 2 GB ORT can save the optimized graph only with its tensors beside it
     external = optimized_path is not None and needs_external_data(Path(model_path))
     try:
         sess = ort_session(model_path, provider_list(list(providers), provider_options), opt_level, threads,
-                           optimized_path, record_placement, optimized_external_data=external)
+                           optimized_path, record_placement, optimized_external_data=external,
+                           profile_prefix=profile_prefix)
     except Exception as e:
         raise BuildError(f"onnxruntime cannot load {Path(model_path).name}: {str(e).splitlines()[0]}") from e
     used = sess.get_providers()
@@ -143,12 +144,12 @@ class OrtTarget(Target):
         return Engine(target=self.name, path=saved if saved.is_file() else None, handle=run_dir / "model.onnx",
                       input_names=list(input_names), output_names=list(output_names), info=dict(info))
 
-    def session(self, engine: Engine, threads: Optional[int] = None):
+    def session(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
         return create_session(engine.handle, list(self.cfg.providers), self.cfg.graph_optimization, threads,
-                              provider_options=engine.info.get("provider_options"))
+                              provider_options=engine.info.get("provider_options"), profile_prefix=profile_prefix)
 
-    def predictor(self, engine: Engine, threads: Optional[int] = None):
-        return session_predictor(self.session(engine, threads), engine.output_names)
+    def predictor(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
+        return session_predictor(self.session(engine, threads, profile_prefix), engine.output_names)
 
     def placement(self, engine: Engine):
         return {"providers": list(self.cfg.providers), "nodes": engine.info.get("placement", {})}

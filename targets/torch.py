@@ -43,7 +43,7 @@ class TorchTarget(Target):
                          f"{run_dir}` does). `qcompile predict` runs the engines of target=ort and target=trt runs; "
                          "build with target=ort for a directory that deploys on its own")
 
-    def predictor(self, engine: Engine, threads: Optional[int] = None):
+    def predictor(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
         import torch
 
         if threads:

@@ -208,7 +208,7 @@ class TrtTarget(Target):
         return "reference", "the ONNX reference evaluator (onnx.reference + TensorRT custom ops)"
 
     # -- run --------------------------------------------------------------------------------------
-    def predictor(self, engine: Engine, threads: Optional[int] = None):
+    def predictor(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
         handle = engine.handle
         names = engine.output_names
         if handle["kind"] == "tensorrt":
@@ -229,7 +229,8 @@ class TrtTarget(Target):
             raise BuildError(f"no engine and no CPU runner for the TensorRT-ready graph: {handle['why']}")
         if handle["kind"] == "reference":
             return reference_predictor(handle["onnx"])
-        return session_predictor(ort_session(handle["onnx"], opt_level="basic", threads=threads), names)
+        return session_predictor(ort_session(handle["onnx"], opt_level="basic", threads=threads,
+                                             profile_prefix=profile_prefix), names)
 
     def runner(self, engine: Engine, threads: Optional[int] = None):
         label = {"tensorrt": "tensorrt-TrtRunner", "reference": "onnx-reference-evaluator"}.get(

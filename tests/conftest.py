@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -40,13 +41,46 @@ def _has_gpu() -> bool:
         return False
 
 
+# The test tiers: `python -m pytest -q` runs the fast tier, everything not marked slow; `--tier=slow` the slow
+# tier only (CI runs it second, .ci/run); `--tier=all` the full suite. Tiers select by deselecting, before the gpu skip below: a gpu test of the tier
+# that runs still counts as skipped on a machine without a GPU, one of the other tier is not counted at all.
+TIERS = ("fast", "slow", "all")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=TIERS, default="fast",
+                     help="which tests run: fast (default: everything not marked slow), slow (the slow-marked "
+                          "tests only), all (the full suite)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
+    tier = config.getoption("--tier")
+    if tier != "all":
+        slow = {item.nodeid for item in items if item.get_closest_marker("slow") is not None}
+        keep = [item for item in items if (item.nodeid in slow) == (tier == "slow")]
+        dropped = [item for item in items if (item.nodeid in slow) != (tier == "slow")]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
+        config.stash[_TIER_DESELECTED] = len(dropped)
+    if not any("gpu" in item.keywords for item in items) or _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi found none)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_TIER_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.stash.get(_TIER_DESELECTED, 0)
+    if n:
+        tier = config.getoption("--tier")
+        other = "slow" if tier == "fast" else "fast"
+        terminalreporter.write_line(f"{tier} tier: {n} {other}-tier tests deselected; the full suite: "
+                                    "python -m pytest -q --tier=all")
 
 
 def model_cfg(name: str, **overrides):
@@ -110,7 +144,7 @@ def tiny_modernbert_data(tiny_modernbert):
 
 class CliResult:
     def __init__(self, proc, cwd: Path):
-        self.rc = proc.returncode
+        self.rc = self.returncode = proc.returncode
         self.stdout = proc.stdout
         self.stderr = proc.stderr
         self.cwd = cwd
@@ -151,11 +185,103 @@ def save_planted_tiny_bert(d: Path, layer: str, scale: float = 300.0) -> Path:
     return Path(d)
 
 
-def run_cli(cwd, *args, timeout=900) -> CliResult:
-    """`python -m compiler *args` in cwd (for module-scoped fixtures, where the `qcompile` fixture cannot go)."""
+class _Done:
+    """What CliResult reads of a finished process."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _logger_state():
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    return [(lg, list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers]
+
+
+def _restore_loggers(saved) -> None:
+    """Loggers as they were before the in-process CLI ran: Hydra's handlers (the run's log file, the console)
+    closed and removed, the levels and propagation route_library_logs changed put back."""
+    known = {id(lg) for lg, *_ in saved}
+    for lg in [logging.getLogger()] + list(logging.root.manager.loggerDict.values()):
+        if isinstance(lg, logging.Logger) and id(lg) not in known:
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+                h.close()
+    for lg, handlers, level, propagate, disabled in saved:
+        for h in list(lg.handlers):
+            if h not in handlers:
+                lg.removeHandler(h)
+                h.close()
+        lg.handlers[:] = handlers
+        lg.level, lg.propagate, lg.disabled = level, propagate, disabled
+
+
+def cli_in_process(cwd, *args, env=None) -> CliResult:
+    """`qcompile *args` run by the CLI's own entry point (compiler.commands.cli.main) in this process, with cwd,
+    the environment, stdout and stderr as a subprocess would have them (the file descriptors too: a build sends
+    library output on fds 1 and 2 to the run's log file), and everything the CLI changes put back: sys.argv, the
+    loggers Hydra configures, warnings capture, torch's thread count. The same code path as `python -m compiler`
+    without the ~9 s of imports a fresh interpreter pays; what only a fresh process shows (import-time output,
+    once-per-process warnings, signals, peak memory) is for `fresh_process=True`."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    from compiler.commands.cli import main
+
+    saved_env, saved_argv, saved_cwd = dict(os.environ), list(sys.argv), os.getcwd()
+    saved_loggers, saved_showwarning, saved_threads = _logger_state(), warnings.showwarning, torch.get_num_threads()
+    saved_streams = sys.stdout, sys.stderr
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
+    files = {fd: tempfile.TemporaryFile(mode="w+b") for fd in (1, 2)}
+    rc = 0
+    try:
+        os.environ.update(env or {})
+        os.chdir(cwd)
+        for fd in (1, 2):
+            os.dup2(files[fd].fileno(), fd)
+        # text streams on the descriptors themselves (as in a fresh process): what a library prints while the
+        # build points fds 1 and 2 at the log file goes there
+        sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)
+        sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)
+        try:
+            main(list(args))
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = saved_streams
+        for fd, copy in saved_fds.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv[:] = saved_argv
+        _restore_loggers(saved_loggers)
+        warnings.showwarning = saved_showwarning
+        torch.set_num_threads(saved_threads)
+    text = {}
+    for fd, f in files.items():
+        f.seek(0)
+        text[fd] = f.read().decode("utf-8", "replace")
+        f.close()
+    return CliResult(_Done(rc, text[1], text[2]), Path(cwd))
+
+
+def run_cli(cwd, *args, timeout=900, env=None, fresh_process=False) -> CliResult:
+    """`qcompile *args` in cwd (for module-scoped fixtures, where the `qcompile` fixture cannot go): in this
+    process (cli_in_process) unless fresh_process, then `python -m compiler *args` as a subprocess (the console
+    tests: exit codes, what a user's terminal shows, signals)."""
+    if not fresh_process:
+        return cli_in_process(cwd, *args, env=env)
     proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-    return CliResult(proc, cwd)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return CliResult(proc, Path(cwd))
 
 
 def finished_run(cwd, *args) -> Path:
@@ -178,14 +304,11 @@ def planted_dir(tmp_path_factory):
 
 @pytest.fixture
 def qcompile(tmp_path):
-    """Run the `qcompile` CLI in a subprocess with cwd=tmp_path: qcompile('model=tiny_bert', ...)."""
+    """Run the `qcompile` CLI with cwd=tmp_path: qcompile('model=tiny_bert', ...), in this process (run_cli);
+    qcompile(..., fresh_process=True) starts `python -m compiler` instead."""
 
-    def run(*args, timeout=900, env=None):
-        e = dict(os.environ)
-        e.update(env or {})
-        proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=timeout, env=e)
-        return CliResult(proc, tmp_path)
+    def run(*args, timeout=900, env=None, fresh_process=False):
+        return run_cli(tmp_path, *args, timeout=timeout, env=env, fresh_process=fresh_process)
 
     return run
 

@@ -14,6 +14,9 @@ from compiler.stages.check import run_check
 from compiler.stages.data import load_data
 from compiler.stages.models import label_names, load_model
 
+# the trained classifier (a session fixture, ~30-65 s) is shared with test_classifier_repair.py in the slow tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def classifier(sentiment_classifier):

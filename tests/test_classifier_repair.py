@@ -4,11 +4,9 @@ drop <= 1 point on the 140 held-out rows; the search's fp32 reference is the che
 bench/classifier_repair.py prints the same builds with and without repair."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import CliResult
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow  # a classifier training (session fixture) and a full nvfp4 build: ~1-2 min
 
@@ -20,9 +18,7 @@ def test_nvfp4_repair_on_the_classifier_meets_the_accuracy_budget(sentiment_clas
             "data.calibration_samples=64", "data.evaluation_samples=1000", "data.seq_len=16", "bench.seq_len=16",
             "bench.enabled=false",
             "recipe.repair.enabled=true", "recipe.repair.max_task_drop=0.01", "recipe.repair.ranking_samples=1000"]
-    proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900, check=False)
-    res = CliResult(proc, tmp_path)
+    res = run_cli(tmp_path, *args)
     assert res.rc == 0, res
     (run,) = res.run_dirs()
     report = json.loads((run / "report.json").read_text())

@@ -13,6 +13,8 @@ from tests.conftest import FAST
 
 TINY = FAST + ["recipe.gate.min_top1_agreement=0.5", "bench.enabled=false", "export.exporter=dynamo"]
 
+pytestmark = pytest.mark.slow  # 14 dynamo builds in four multiruns (~2 min quiet); per-step dynamo graphs: test_export_dynamo
+
 # every shipped recipe on the ONNX targets it runs on (fp8 on ort needs export.opset >= 19: its own build)
 SWEEPS = {
     "ort": ("tiny_bert", "fp32,fp16,int8_dynamic,int8_static,int8,int8_smoothquant,int8_weight_only", []),

@@ -5,19 +5,18 @@ recipe keeps / rotates the same kind of layer on each. Two multiruns (ort, torch
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import FAST, CliResult
+from tests.conftest import FAST, run_cli
 
 FAMILIES = ["tiny_bert", "tiny_distilbert", "tiny_roberta", "tiny_modernbert"]
 ORT = ["fp32", "fp16", "int8_dynamic", "int8_static", "fp8"]
 TORCH = ["int8", "int8_smoothquant", "int8_weight_only", "nvfp4", "nvfp4_rotate"]
 # tiny random models: retrieval top-1 agreement is noise (see tests/test_e2e_spine.py); gate on cosines only
 ARGS = [*FAST, "recipe.gate.min_top1_agreement=0.0", "bench.enabled=false", "export.opset=19"]
+
+pytestmark = pytest.mark.slow  # 40 builds in two multiruns (~70 s quiet)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +28,7 @@ def runs(tmp_path_factory):
         args = ["-m", f"model={','.join(FAMILIES)}", f"recipe={','.join(recipes)}", f"target={target}", *ARGS]
         if target == "torch":
             args.remove("export.opset=19")  # nvfp4 asks for opset 23 itself
-        proc = subprocess.run([sys.executable, "-m", "compiler", *args], check=False, cwd=cwd, capture_output=True,
-                          text=True,
-                              timeout=1800, env=dict(os.environ))
-        res = CliResult(proc, cwd)
+        res = run_cli(cwd, *args)
         assert res.rc == 0, res
         for d in res.run_dirs():
             report = json.loads((d / "report.json").read_text())

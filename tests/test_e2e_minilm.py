@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_int8_static_ort(qcompile):
     res = qcompile("recipe=int8_static", "target=ort", "data.evaluation_samples=64", "bench.iterations=5",
-                   "bench.warmup=2")
+                   "bench.warmup=2", fresh_process=True)  # the README's main job, as a user runs it
     assert res.rc == 0, res
     (run_dir,) = res.run_dirs()
     assert not run_dir.name.endswith((".partial", ".FAILED", ".gate-failed"))

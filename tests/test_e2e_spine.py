@@ -6,14 +6,11 @@ also checks that a sweep writes one finished run directory per combination; one 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, CliResult
+from tests.conftest import FAST, run_cli
 
 MODELS = ["tiny_bert", "tiny_modernbert"]
 RECIPES = ["fp32", "fp16", "int8_dynamic", "int8_static"]
@@ -38,11 +35,10 @@ def sweep(tmp_path_factory):
     """`qcompile -m model=... recipe=... target=...` over the whole matrix, once for the module."""
     cwd = tmp_path_factory.mktemp("spine")
     args = ["-m", f"model={','.join(MODELS)}", f"recipe={','.join(RECIPES)}", f"target={','.join(TARGETS)}", *TINY]
-    proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, env=dict(os.environ))
-    return CliResult(proc, cwd)
+    return run_cli(cwd, *args)
 
 
+@pytest.mark.slow  # the 16-build matrix (~45 s quiet); test_single_build keeps one whole build in the fast tier
 def test_sweep_writes_one_finished_run_per_combination(sweep):
     assert sweep.rc == 0, sweep
     names = sorted(d.name.split("_", 1)[1] for d in sweep.run_dirs())
@@ -56,6 +52,7 @@ def test_single_build(qcompile):
     check_run(run_dir, "tiny_modernbert", "int8_static", "ort")
 
 
+@pytest.mark.slow  # reads the matrix sweep's runs
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("model", MODELS)

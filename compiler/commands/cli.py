@@ -79,7 +79,7 @@ def build_job(cfg) -> BuildResult:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         choices = hydra_cfg.runtime.choices
         print_job_line(hydra_cfg.job.num, f"{choices.get('model')} / {choices.get('recipe')} / {choices.get('target')}",
-                       outcome, report, final, time.perf_counter() - started)
+                       outcome, report.to_dict() if report is not None else None, final, time.perf_counter() - started)
     return BuildResult(objective_values(report, names), names, outcome)
 
 

@@ -194,6 +194,11 @@ class BenchResult(Section):
     fraction_of_fp32_peak: Optional[float] = None
     fp32_fraction_of_fp32_peak: Optional[float] = None
     data_shapes: Optional[DataShapes] = None
+    # where the time goes by op type, the fp32 engine's beside it, and the int8 bound (bench.profile;
+    # compiler/stages/bench/op_profile.py BenchProfile.to_dict: build / fp32 OpTable, bound Int8Bound, or skipped)
+    profile: Optional[Dict[str, Any]] = None
+    # throughput by batch and threads (bench.scaling, opt-in; compiler/stages/bench/scaling.py ScalingReport.to_dict)
+    scaling: Optional[Dict[str, Any]] = None
 
     @property
     def is_fp32_self(self) -> bool:

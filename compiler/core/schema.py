@@ -176,6 +176,14 @@ class BenchConfig:
     # time an int8 and an fp32 matrix product of the model's shapes on the target's runtime (cached per
     # machine; compiler/stages/bench/probe.py): int8_gemm_vs_fp32 and CPU flags in the manifest, the int8_speed rail
     probe: bool
+    # profile the build and its fp32 engine by op type (onnxruntime's profiler / torch.profiler; a few runs,
+    # never in the timed loop) and the int8 bound from them and the probe: bench.profile in report.json
+    # (compiler/stages/bench/op_profile.py)
+    profile: bool
+    # opt-in: throughput at batch_size and at server_batch x seq_len, from 1 thread to every core, build and
+    # fp32 engine round-robin in this run: bench.scaling in report.json (compiler/stages/bench/scaling.py)
+    scaling: bool
+    server_batch: int
 
 
 @dataclass

@@ -19,9 +19,11 @@ ORT_DOMAINS = ("", "ai.onnx", "com.microsoft")  # what the onnxruntime CPU provi
 
 
 def session_options(opt_level: str = "all", threads: int | None = None, optimized_path: Path | None = None,
-                    record_placement: bool = False, optimized_external_data: bool = False):
+                    record_placement: bool = False, optimized_external_data: bool = False,
+                    profile_prefix: str | None = None):
     """SessionOptions: quiet log, the optimization level by its recipe name, pinned threads (no spinning:
-    the machines are shared), optionally ORT's optimized graph saved and the node placement recorded."""
+    the machines are shared), optionally ORT's optimized graph saved, the node placement recorded and
+    the profiler on (its JSON goes to profile_prefix*.json at end_profiling(), which also stops it)."""
     import onnxruntime as ort
 
     if opt_level not in OPT_LEVELS:
@@ -41,18 +43,23 @@ def session_options(opt_level: str = "all", threads: int | None = None, optimize
                                         Path(optimized_path).name + ".data")
     if record_placement:
         so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     return so
 
 
 def ort_session(model: str | Path | bytes, providers: Sequence = (CPU,), opt_level: str = "all",
                 threads: int | None = None, optimized_path: Path | None = None,
-                record_placement: bool = False, optimized_external_data: bool = False):
+                record_placement: bool = False, optimized_external_data: bool = False,
+                profile_prefix: str | None = None):
     """An InferenceSession on a path or serialized model bytes; errors propagate unchanged (callers word
     them for their own context). optimized_external_data: the saved optimized graph keeps its tensors in
-    <optimized_path>.data (needed past protobuf's 2 GB)."""
+    <optimized_path>.data (needed past protobuf's 2 GB). profile_prefix: onnxruntime's profiler on."""
     import onnxruntime as ort
 
-    so = session_options(opt_level, threads, optimized_path, record_placement, optimized_external_data)
+    so = session_options(opt_level, threads, optimized_path, record_placement, optimized_external_data,
+                         profile_prefix)
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, sess_options=so, providers=list(providers))
 
@@ -94,6 +101,8 @@ def session_predictor(sess, output_names: list[str] | None = None) -> Callable[[
         return {n: (np.asarray(o, dtype=np.float32) if np.asarray(o).dtype.kind == "f" else np.asarray(o))
                 for n, o in zip(names, outs)}
 
+    # the bench's op profile (compiler/stages/bench/op_profile.py) ends a profiled session's profiling through this
+    predict.end_profiling = sess.end_profiling
     return predict
 
 

@@ -151,6 +151,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {k} | {_fmt(bench[k], 3)} |")
         lines += speed_lines(bench, report.get("int8_probe"))
         lines.append("")
+        if bench.get("profile") or bench.get("scaling"):
+            # why: the bench package imports the export stage (torch); the CLI reads this module on --help
+            from compiler.stages.bench import op_profile, scaling
+
+            if bench.get("profile"):
+                lines += op_profile.markdown_lines(bench["profile"]) + [""]
+            if bench.get("scaling"):
+                lines += scaling.markdown_lines(bench["scaling"]) + [""]
     rails = report.get("doctor")
     if rails:
         lines += ["## Guard rails", "", "| rail | status | details |", "|---|---|---|"]

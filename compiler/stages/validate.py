@@ -217,7 +217,7 @@ def validate(cfg: DictConfig) -> BuildSpec:
         _positive(getattr(data, k), f"data.{k}")
     if data.on_short_data not in ("clamp", "error"):
         raise RecipeError("data.on_short_data", f"bad value {data.on_short_data!r}", "use clamp or error")
-    for k in ("batch_size", "seq_len", "iterations"):
+    for k in ("batch_size", "seq_len", "iterations", "server_batch"):
         _positive(getattr(typed["bench"], k), f"bench.{k}")
     _positive(typed["bench"].warmup, "bench.warmup", allow_zero=True)
     _positive(typed["bench"].threads, "bench.threads", allow_zero=True)

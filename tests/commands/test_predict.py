@@ -4,15 +4,13 @@ turns text into exactly the outputs the check stage compared, and refuses anythi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, data_cfg, model_cfg
+from tests.conftest import REPO, data_cfg, model_cfg, run_cli
 
 SENTENCES = ["A happy dog runs across the green field.", "The stock market fell sharply on Monday.",
              "She plays the violin in an orchestra.", "Rain is expected for the whole weekend.",
@@ -22,8 +20,7 @@ BUILD = ["recipe=int8_static", "data.calibration_samples=8", "data.seq_len=24", 
 
 
 def _cli(cwd: Path, *args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "compiler", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return run_cli(cwd, *args, timeout=timeout)
 
 
 def _build(root: Path, *overrides) -> Path:

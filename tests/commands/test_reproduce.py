@@ -5,22 +5,17 @@ and names the artifacts that differ when they do."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from compiler.commands.reproduce import compare_artifacts, verify_run
-from tests.conftest import FAST
+from tests.conftest import FAST, run_cli
 
 
 def _cli(cwd: Path, *args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "compiler", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ))
-    return proc
+    return run_cli(cwd, *args, timeout=timeout)
 
 
 def _build(cwd: Path, recipe: str, target: str = "ort", allow_gate_failure: bool = False) -> Path:

@@ -191,11 +191,13 @@ def _sweep_dir(cwd: Path) -> Path:
     return dirs[0]
 
 
+@pytest.mark.slow  # three fresh interpreters (the CLI and two joblib workers) and four builds: ~50 s loaded
 def test_real_parallel_multirun_writes_the_summary(qcompile, tmp_path):
     """qcompile -m over 2 recipes x 2 targets with the joblib launcher, 2 jobs at a time: 4 rows with the
     numbers each run's report.json holds, and no file written outside the run directories."""
     res = qcompile("-m", "model=tiny_bert", "recipe=fp32,int8_dynamic", "target=torch,ort",
-                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST)
+                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST,
+                   fresh_process=True)  # joblib's worker processes outlive a sweep run inside the test process
     assert res.rc == 0, res
     sweep = _sweep_dir(tmp_path)
     with open(sweep / "summary.csv") as f:

@@ -30,7 +30,7 @@ def test_run_dir_suffixes_are_distinct_and_dotted():
 def test_repair_budget_not_met_is_a_status_that_exits_3_in_any_directory():
     from compiler.commands.sweep import Row, sweep_exit_code
     from compiler.core.status import GATE_FAILED_SUFFIX, run_dir_suffix
-    from compiler.stages.repair import RepairBudgetError
+    from compiler.repair.result import RepairBudgetError
 
     assert Status("repair budget not met") is Status.REPAIR_BUDGET_NOT_MET
     assert exit_code(Status.REPAIR_BUDGET_NOT_MET) == 3

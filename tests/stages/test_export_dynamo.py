@@ -44,6 +44,13 @@ CASES = [
 # on a rounding boundary; the rotation MatMuls move a few e2m1 boundary values (test_nvfp4 measures it)
 TOLERANCE = {"nvfp4_rotate-trt": 1e-3}
 
+# A dynamo export costs 10-40 s on 2 cores: the fast tier exports one case per format translation
+# (compiler.steps.modelopt_dynamo: int8, fp8, nvfp4) with dynamo; the other dynamo cases are the slow tier's.
+FAST_DYNAMO = {"int8-ort", "fp8-trt", "nvfp4-trt"}
+PARAMS = [pytest.param(case, exporter, marks=() if exporter == "torchscript" or case in FAST_DYNAMO
+                       else pytest.mark.slow, id=f"{case}-{exporter}")
+          for case in [c[0] for c in CASES] for exporter in EXPORTERS]
+
 
 @pytest.fixture(scope="module")
 def quantized(request, tmp_path_factory):
@@ -83,14 +90,29 @@ def _export(model, module, steps, target, exporter, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
-def test_exported_graph_equals_torch_fake_quant(case, exporter, quantized, tmp_path):
+@pytest.fixture(scope="module")
+def exported_graph(quantized, tmp_path_factory):
+    """(case id, exporter) -> the exported graph's path, each exported once for the tests that only read it."""
+    paths = {}
+
+    def get(case_id, exporter):
+        if (case_id, exporter) not in paths:
+            _, _, _, target = next(c for c in CASES if c[0] == case_id)
+            model, _, module, steps = quantized(case_id)
+            paths[case_id, exporter] = _export(model, module, steps, target, exporter,
+                                               tmp_path_factory.mktemp(f"{case_id}-{exporter}"))
+        return paths[case_id, exporter]
+
+    return get
+
+
+@pytest.mark.parametrize("case,exporter", PARAMS)
+def test_exported_graph_equals_torch_fake_quant(case, exporter, quantized, exported_graph):
     from compiler.runners.reference import reference_predictor
 
     _, _, _, target = next(c for c in CASES if c[0] == case)
     model, data, module, steps = quantized(case)
-    path = _export(model, module, steps, target, exporter, tmp_path)
+    path = exported_graph(case, exporter)
     feed = eval_feed(data, 8)
     want = torch_outputs(module, feed)
     if target == "ort":
@@ -111,13 +133,12 @@ def test_exported_graph_equals_torch_fake_quant(case, exporter, quantized, tmp_p
         assert ops.get("trt::TRT_FP8QuantizeLinear", 0) >= 8, ops
 
 
-def test_int8_weights_stored_as_int8_with_both_exporters(quantized, tmp_path):
+def test_int8_weights_stored_as_int8_with_both_exporters(exported_graph):
     """The weight Q/DQ of both exporters' graphs folds into int8 initializers (compiler.graph.qdq_weights),
     so the artifact is the same size whichever exporter wrote it."""
-    model, _, module, steps = quantized("int8-ort")
     types = {}
     for exporter in EXPORTERS:
-        path = _export(model, module, steps, "ort", exporter, tmp_path / exporter)
+        path = exported_graph("int8-ort", exporter)
         m = onnx.load(str(path))
         inits = {t.name: t.data_type for t in m.graph.initializer}
         types[exporter] = sorted(onnx.TensorProto.DataType.Name(inits[n.input[0]]) for n in m.graph.node

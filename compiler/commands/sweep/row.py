@@ -36,7 +36,7 @@ class Row:
     # the gated (or default) task metric against gold labels: its name and drop, fp32 minus target
     task_metric: str = ""
     task_drop: Optional[float] = None
-    # a build that ran the repair search (compiler/stages/repair.py): its budget, and where it met it, how many
+    # a build that ran the repair search (compiler/repair/): its budget, and where it met it, how many
     # layers fell back and the drop of the budgeted metric it measured with them
     repair_budget: Optional[float] = None
     fallback_layers: Optional[int] = None

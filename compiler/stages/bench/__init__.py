@@ -15,7 +15,9 @@ import numpy as np
 
 from compiler.core.feeds import synthetic_feed
 from compiler.core.report_types import BaselineKind
+from compiler.stages.bench.op_profile import Profiler
 from compiler.stages.bench.probe import graph_flops
+from compiler.stages.bench.scaling import scaling_for_build
 from compiler.stages.export import cached_fp32_export, export_onnx
 from targets.trt_hardware import detect_gpu
 
@@ -134,26 +136,35 @@ def _median_ms(rounds: list[list[float]]) -> float:
     return float(np.median(np.concatenate(rounds)) * 1e3)
 
 
+def warm_up(name: str, predict: Callable, feed: dict[str, np.ndarray], warmup: int, profiler=None) -> None:
+    """The warm-up calls, through the op profiler when one is given (compiler/stages/bench/op_profile.py: it
+    switches its profiler off again before the timed loop)."""
+    if profiler is not None:
+        profiler.warm_up(name, predict, feed, warmup)
+        return
+    for _ in range(warmup):
+        predict(feed)
+
+
 def run_bench(make_predict: Callable[[], Callable], input_names: list[str], cfg, artifact_files: list[Path],
               label: str = "bench", make_baseline: Callable[[], Callable] | None = None,
-              evaluation=None) -> dict[str, Any]:
+              evaluation=None, profiler=None) -> dict[str, Any]:
     """cfg is the `bench` section. make_predict builds the engine's predictor (its load is in the peak).
     make_baseline (optional) builds the same model's fp32 predictor on the same target: both are then timed
     round-robin in this one run and the result carries speedup_vs_fp32 and its spread. evaluation (the
-    evaluation Features) is needed for cfg.shapes == "data"."""
+    evaluation Features) is needed for cfg.shapes == "data". profiler (an op_profile.Profiler) profiles the
+    fp32 engine's warm-up calls and the build in a short loop after the timed one (outside the peak window)."""
     batch = int(cfg.batch_size)
     feed = synthetic_feed(input_names, batch, int(cfg.seq_len), seed=1)
     rounds = max(1, min(int(getattr(cfg, "rounds", 1) or 1), int(cfg.iterations)))
     per_round = max(1, int(cfg.iterations) // rounds)
     with PeakRSS() as mem:
         predict = make_predict()
-        for _ in range(int(cfg.warmup)):
-            predict(feed)
+        warm_up("build", predict, feed, int(cfg.warmup))
     predicts = {"build": predict}
     if make_baseline is not None:
         baseline = make_baseline()
-        for _ in range(int(cfg.warmup)):
-            baseline(feed)
+        warm_up("fp32", baseline, feed, int(cfg.warmup), profiler)
         predicts["fp32"] = baseline
     clock = ratio_clock(int(cfg.threads))
     times = interleaved(predicts, [feed], rounds, per_round)
@@ -172,6 +183,8 @@ def run_bench(make_predict: Callable[[], Callable], input_names: list[str], cfg,
                     "fp32_cpu_ms_p50": _median_ms(times["cpu"]["fp32"])})
     if str(getattr(cfg, "shapes", "fixed")) == "data":
         out["data_shapes"] = bench_data_shapes(predicts, evaluation, cfg)
+    if profiler is not None:
+        profiler.after_timing("build", predict, feed)
     return out
 
 
@@ -204,10 +217,11 @@ def bench_data_shapes(predicts: dict[str, Callable], evaluation, cfg) -> dict[st
     return out
 
 
-def fp32_baseline(target, reference, spec, cache, work_dir: Path):
+def fp32_baseline(target, reference, spec, cache, work_dir: Path, profile_prefix: str | None = None):
     """(make_predict, fp32 ONNX path or None, BaselineKind, why not) for the same model's fp32 engine on the
     build's target: the unmodified reference module lowered the way the build was (ONNX targets: the cached
-    fp32 export)."""
+    fp32 export). profile_prefix: the predictor's onnxruntime profile (Target.predictor). make_predict's own
+    arguments (threads, profile_prefix) default to the bench's."""
     if str(spec.bench.baseline) == "none":
         return None, None, BaselineKind.NONE, "bench.baseline=none"
     if not spec.steps:
@@ -227,18 +241,34 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path):
                                     base_dir / "export.onnx", spec.export)
     engine = target.lower(reference, onnx_path, base_dir)
     threads = int(spec.bench.threads) or None
-    return (lambda: target.predictor(engine, threads=threads)), onnx_path, BaselineKind.FP32_SAME_RUN, None
+    def make_predict(threads: int | None = threads, profile_prefix: str | None = profile_prefix):
+        return target.predictor(engine, threads=threads, profile_prefix=profile_prefix)
+
+    return make_predict, onnx_path, BaselineKind.FP32_SAME_RUN, None
 
 
 def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: Path, onnx_path: Path | None,
                  probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bench stage of a build: the engine timed against its fp32 baseline (same run, round-robin),
-    plus the fraction of the machine's fp32 matrix-product peak (graph FLOPs / latency / probe GFLOP/s)."""
-    make_baseline, fp32_onnx, kind, why = fp32_baseline(target, reference, spec, cache, work_dir)
-    out = run_bench(lambda: target.predictor(engine, threads=int(spec.bench.threads) or None), reference.input_names,
-                    spec.bench, engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}",
-                    make_baseline=make_baseline, evaluation=evaluation)
+    plus the fraction of the machine's fp32 matrix-product peak (graph FLOPs / latency / probe GFLOP/s) and,
+    with bench.profile, where the time goes by op type and the int8 bound (compiler/stages/bench/op_profile.py)."""
+    profiler = None
+    threads = int(spec.bench.threads) or None
+    if spec.bench.profile:
+        profiler = Profiler(runs_torch=not target.capabilities.runs_onnx,
+                            make_profiled=lambda prefix: target.predictor(engine, threads=threads, profile_prefix=prefix))
+    make_baseline, fp32_onnx, kind, why = fp32_baseline(target, reference, spec, cache, work_dir,
+                                                        profiler.prefix("fp32") if profiler else None)
+    out = run_bench(lambda: target.predictor(engine, threads=threads), reference.input_names, spec.bench,
+                    engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}", make_baseline=make_baseline,
+                    evaluation=evaluation, profiler=profiler)
     out["baseline_kind"] = kind  # the fact readers use (compiler/core/report_types.py); "baseline" says it in words
+    if profiler is not None:
+        out["profile"] = profiler.section(probe, out.get("speedup_vs_fp32"), is_fp32=not spec.steps).to_dict()
+    if spec.bench.scaling:
+        fp32 = None if make_baseline is None else (lambda t: make_baseline(t, None))
+        out["scaling"] = scaling_for_build(target, engine, fp32, reference.input_names, spec.bench,
+                                           interleaved).to_dict()
     if why:
         out["baseline"] = f"none: {why}"
     else:
