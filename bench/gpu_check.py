@@ -193,7 +193,7 @@ def run_qcompile(out_dir: Path, recipe: str, target: str, extra: list, timeout_s
     except subprocess.TimeoutExpired:
         rc, tail = 124, [f"timed out after {timeout_s}s"]
     row = {"model": model, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
-    # a build that fails its gate ends as <run_dir>.gate-failed (compiler/stages/rundir.py)
+    # a build that fails its gate ends as <run_dir>.gate-failed (compiler/rundir/lifecycle.py)
     report = next((d / "report.json" for d in (run_dir, run_dir.with_name(run_dir.name + ".gate-failed"))
                    if (d / "report.json").exists()), run_dir / "report.json")
     if report.exists():

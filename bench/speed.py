@@ -80,7 +80,7 @@ def _outputs(report):
 def machine_figures(args, built, rows):
     """The int8 probe on both runtimes at the model's FFN shape, graph FLOPs, and the fraction of the fp32
     peak each ORT variant reaches (thread CPU time, like the probe)."""
-    from compiler.stages.probe import cpu_info, gemm_shape, graph_flops, measure
+    from compiler.stages.bench.probe import cpu_info, gemm_shape, graph_flops, measure
     from compiler.stages.validate import validate
 
     spec = validate(compose([f"model={args.model}", "recipe=fp32", "target=ort", *args.override]))
@@ -222,7 +222,7 @@ def main():
         time_predict(predict, feed, 3, 1)
     clock = ratio_clock(args.threads)
     # round-robin so machine load hits every variant alike; wall clock for latencies, thread CPU time
-    # (one thread) for the ratios (compiler/stages/bench.py says why)
+    # (one thread) for the ratios (compiler/stages/bench/ says why)
     times = interleaved(predicts, [feed], args.rounds, args.iters)
     base = built[0][0]
     rows = []

@@ -14,26 +14,28 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from compiler.stages import doctor
 from compiler import graph as graph_passes
-from compiler.stages.bench import bench_engine, int8_speed_note
-from compiler.stages.check import run_check
-from compiler.stages.data import Dataset, load_data
 from compiler.core.errors import GateError
+from compiler.core.hashing import text_sha256
 from compiler.core.logs import stage_extra
 from compiler.core.status import Status
-from compiler.graph.io import onnx_size_bytes, op_histogram
-from compiler.stages.export import export_onnx
-from compiler.core.hashing import text_sha256
-from compiler.stages.manifest import write_manifest
-from compiler.stages.models import LoadedModel, label_names, load_model, write_predict_files
-from compiler.stages.report import write_report
+from compiler.graph.io import onnx_size_bytes, op_histogram, save_onnx
+from compiler.graph.roles import expand_patterns, is_role_selector
+from compiler.rails import doctor
 from compiler.repair.result import RepairBudgetError
 from compiler.repair.run import repairs_onnx, run_repair
+from compiler.rundir.cache import cached_reference_predict
+from compiler.rundir.manifest import write_manifest
 from compiler.runners.callable import CallableRunner, torch_predictor
-from compiler.graph.roles import expand_patterns, is_role_selector
-from compiler.steps.base import Step, StepContext
+from compiler.stages.bench import bench_engine, int8_speed_note
+from compiler.stages.bench.probe import probe_for_build
+from compiler.stages.check import run_check
+from compiler.stages.data import Dataset, load_data
+from compiler.stages.export import cached_fp32_export, export_onnx
+from compiler.stages.models import LoadedModel, label_names, load_model, write_predict_files
+from compiler.stages.report import write_report
 from compiler.stages.validate import BuildSpec
+from compiler.steps.base import Step, StepContext
 from targets.base import BuildInfo, Engine, get_target
 
 log = logging.getLogger("qcompile")
@@ -116,8 +118,6 @@ def move_onnx(src: Path, dst: Path) -> Path:
     """Move a graph (and its external data, renamed with the graph) to dst."""
     import onnx
 
-    from compiler.graph.io import save_onnx
-
     src, dst = Path(src), Path(dst)
     if src.with_name(src.name + ".data").exists() or any(
             t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(src), load_external_data=False).graph.initializer):
@@ -131,8 +131,6 @@ def reference_runner(reference: LoadedModel, spec=None, feeds=None, cache=None) 
     predict = torch_predictor(reference.module, reference.input_names, reference.output_names)
     if cache is not None and feeds:
         # the fp32 outputs on the evaluation set are the same for every sweep point of one model and data
-        from compiler.stages.cache import cached_reference_predict
-
         predict = cached_reference_predict(reference, spec, feeds, predict, cache)
     return CallableRunner(predict, reference.input_names, reference.output_names, name="fp32-reference")
 
@@ -187,9 +185,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         with stage("export", timings):
             export_cfg = spec.export  # its opset resolved by validation from the steps' min_opset
             if cache is not None and not spec.torch_steps:
-                # the unmodified fp32 export is what sweep points share (compiler/stages/cache.py)
-                from compiler.stages.cache import cached_fp32_export
-
+                # the unmodified fp32 export is what sweep points share (compiler/rundir/cache.py)
                 exported = cached_fp32_export(model, spec, work_dir / "export.onnx", cache)
             else:
                 exported = export_onnx(model.module, model.input_names, model.output_names, work_dir / "export.onnx",
@@ -223,8 +219,6 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         report["notes"] += [str(n) for n in engine.info.get("notes", []) or []]
     if spec.bench.enabled and spec.bench.probe:
         with stage("probe", timings):  # the machine's int8 speed (cached per machine): for the int8_speed rail
-            from compiler.stages.probe import probe_for_build
-
             report["int8_probe"] = probe_for_build(spec, target.capabilities, cache)
     report["doctor"] = doctor.after_lower(engine, onnx_path, target, spec, report)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Union
 
 import numpy as np
 
 from compiler.core.capabilities import TargetCapabilities
+from compiler.core.errors import BuildError
+from compiler.runners.callable import CallableRunner
 
 TARGET_REGISTRY: Dict[str, type["Target"]] = {}
 TARGET_MODULES = ("torch", "ort", "trt")
@@ -64,8 +66,6 @@ class Target:
     def load(self, run_dir: Path, info: dict[str, Any], input_names: list[str], output_names: list[str]) -> Engine:
         """The engine of a finished run directory, from its artifacts and the report's "lower" section (info),
         for `qcompile predict`: the same engine the check stage ran."""
-        from compiler.core.errors import BuildError
-
         raise BuildError(f"target={self.name} cannot load a finished run's engine")
 
     def predictor(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None) -> Predict:
@@ -76,8 +76,6 @@ class Target:
 
     def runner(self, engine: Engine, threads: Optional[int] = None):
         """A Polygraphy runner over the engine, for Comparator."""
-        from compiler.runners.callable import CallableRunner
-
         return CallableRunner(self.predictor(engine, threads), engine.input_names, engine.output_names,
                               name=f"qcompile-{self.name}")
 
@@ -94,6 +92,11 @@ def _load_all() -> None:
 def get_target(name: str):
     _load_all()
     return TARGET_REGISTRY[name]
+
+
+def capabilities_of(target: Union[str, TargetCapabilities]) -> TargetCapabilities:
+    """A target's declared capabilities, from its name (the target's class) or as given."""
+    return target if isinstance(target, TargetCapabilities) else get_target(str(target)).capabilities
 
 
 def target_names() -> List[str]:

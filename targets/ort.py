@@ -12,6 +12,8 @@ from compiler.core.errors import BuildError, RecipeError
 from compiler.graph.io import needs_external_data
 from compiler.runners.sessions import node_placement, ort_session, session_predictor
 from targets.base import Engine, Target
+from targets.profiles import onnx_inputs, profile_shapes, shape_arg
+from targets.trt_hardware import detect_gpu
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,6 @@ class OrtTarget(Target):
     def check_environment(self, recipe) -> None:
         check_providers(list(self.cfg.providers))
         if self.cfg.providers[0] in GPU_PROVIDERS:
-            from targets.trt_hardware import detect_gpu
-
             # onnxruntime-gpu lists CUDA/TensorRT as available on any machine, then falls back to the CPU
             # when the session starts: say so now rather than after export
             if detect_gpu() is None:
@@ -97,8 +97,6 @@ class OrtTarget(Target):
         session reuses the engines the lower session built)."""
         out: Dict[str, Dict] = {}
         if "TensorrtExecutionProvider" in self.cfg.providers:
-            from targets.profiles import onnx_inputs, profile_shapes, shape_arg
-
             profiles = profile_shapes(onnx_inputs(onnx_path), self.cfg.min_shapes, self.cfg.opt_shapes,
                                       self.cfg.max_shapes)
             cache = str(Path(run_dir) / "ort_trt_cache")

@@ -14,13 +14,32 @@ import numpy as np
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
+from compiler.runners.callable import CallableRunner
+from compiler.runners.reference import reference_predictor, unsupported_ops
 from compiler.runners.sessions import cpu_runner_kind, ort_session, session_predictor
 from targets.base import BuildInfo, Engine, Target
 from targets.profiles import WHICH, onnx_inputs, profile_shapes, shape_arg, validate_shape_ranges
-from targets.trt_build import (LAYERS, PLAN, SCRIPT, TIMING_CACHE, build_engine, build_run_dir, gpu_memory_info,
-                               qcompile_args, render_build_script, run_timing_cache, trtexec_args)
-from targets.trt_hardware import (detect_gpu, detect_tensorrt, engine_decision, hardware_problem,
-                                  normalize_build_engine, recipe_precisions)
+from targets.trt_build import (
+    LAYERS,
+    PLAN,
+    SCRIPT,
+    TIMING_CACHE,
+    build_engine,
+    build_run_dir,
+    gpu_memory_info,
+    qcompile_args,
+    render_build_script,
+    run_timing_cache,
+    trtexec_args,
+)
+from targets.trt_hardware import (
+    detect_gpu,
+    detect_tensorrt,
+    engine_decision,
+    hardware_problem,
+    normalize_build_engine,
+    recipe_precisions,
+)
 from targets.trt_layers import graph_quantization, quantization_verdict, summarize_layers
 
 log = logging.getLogger(__name__)
@@ -180,7 +199,6 @@ class TrtTarget(Target):
                 raise BuildError("target.cpu_runner=ort: onnxruntime has no CPU kernels for this graph's FLOAT4E2M1 "
                                  "tensors -- use target.cpu_runner=reference")
             return "ort", "onnxruntime CPU (target.cpu_runner=ort)"
-        from compiler.runners.reference import unsupported_ops
 
         missing = unsupported_ops(onnx_path)
         if missing:
@@ -210,15 +228,11 @@ class TrtTarget(Target):
         if handle["kind"] == "none":
             raise BuildError(f"no engine and no CPU runner for the TensorRT-ready graph: {handle['why']}")
         if handle["kind"] == "reference":
-            from compiler.runners.reference import reference_predictor
-
             return reference_predictor(handle["onnx"])
         return session_predictor(ort_session(handle["onnx"], opt_level="basic", threads=threads,
                                              profile_prefix=profile_prefix), names)
 
     def runner(self, engine: Engine, threads: Optional[int] = None):
-        from compiler.runners.callable import CallableRunner
-
         label = {"tensorrt": "tensorrt-TrtRunner", "reference": "onnx-reference-evaluator"}.get(
             engine.handle["kind"], "onnxruntime-cpu")
         return CallableRunner(self.predictor(engine, threads), engine.input_names, engine.output_names, name=label)

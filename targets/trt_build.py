@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.core.errors import BuildError
+from compiler.core.schema import TargetConfig
 from targets.profiles import onnx_inputs, profile_shapes, shape_arg, validate_shape_ranges
 from targets.trt_layers import graph_quantization, quantization_verdict, summarize_layers
 
@@ -234,8 +235,6 @@ def gpu_memory_info() -> tuple[int, int] | None:
 def build_run_dir(run_dir: Path) -> dict[str, Any]:
     """Build engine.plan for a run directory from its model.onnx and recipe.yaml's target section."""
     from omegaconf import OmegaConf
-
-    from compiler.core.schema import TargetConfig
 
     run_dir = Path(run_dir)
     raw = OmegaConf.load(run_dir / "recipe.yaml")

@@ -11,7 +11,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
+from compiler.core.errors import RecipeError
 from compiler.core.formats import FULL_PRECISION, narrowest_first
+from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,6 @@ def normalize_build_engine(value: Any) -> str:
                "true": "require", "yes": "require", "on": "require", "1": "require", "require": "require",
                "auto": "auto"}
     if text not in aliases:
-        from compiler.core.errors import RecipeError
-
         raise RecipeError("target.build_engine", f"bad value {value!r}",
                           "use auto (build where TensorRT and a GPU are present), require, or false")
     return aliases[text]
@@ -86,8 +86,6 @@ def recipe_precisions(steps: Union[Iterable[Any], Mapping[str, Any], None]) -> L
     precisions()), narrowest first: the registered formats (compiler/core/formats.py), then any other by name. ['fp32']
     when nothing is quantized. ``steps``: Step objects, or a recipe's steps mapping (name -> parameters),
     whose names are looked up in the step registry (an unknown name is validation's to report)."""
-    from compiler.steps.base import STEP_REGISTRY, load_all_steps
-
     found = set()
     if isinstance(steps, Mapping):
         load_all_steps()

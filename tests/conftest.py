@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def _test_cache_dir(tmp_path_factory):
     """Builds in tests (and the CLI subprocesses they start) use a cache of their own, never the
-    user's ~/.cache/qcompile (compiler/stages/cache.py)."""
+    user's ~/.cache/qcompile (compiler/rundir/cache.py)."""
     old = os.environ.get("QCOMPILE_CACHE_DIR")
     os.environ["QCOMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("qcompile-cache"))
     yield

@@ -17,6 +17,9 @@ from compiler.core.errors import BuildError, GateError, InterruptedBuild, Qcompi
 from compiler.core.logs import configure_console, console_for_qcompile_only, log_file, route_library_logs, strip_ansi
 from compiler.core.paths import RECIPES_DIR
 from compiler.core.status import Status, exit_code
+from compiler.rundir import lifecycle
+from compiler.stages.report import task_line
+from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
 SUBCOMMANDS = ("doctor", "summarize", "verify", "rebuild", "capabilities", "predict")
 
@@ -51,11 +54,12 @@ def _outcome(err: Optional[QcompileError] = None, *, code: Optional[int] = None,
 def _objective_names(cfg) -> Tuple[str, ...]:
     """search.objectives as composed (its checked form comes after validation; a recipe that fails before
     that still returns one NaN per name)."""
-    from compiler.core.schema import SearchConfig
-
     try:
         return tuple(str(n) for n in cfg.search.objectives)
     except Exception:
+        # why: core.schema reads every recipe section's YAML defaults when imported (0.4-0.7 s): --help starts without it
+        from compiler.core.schema import SearchConfig
+
         return tuple(SearchConfig().objectives)
 
 
@@ -86,8 +90,6 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from compiler.stages import rundir
-
     route_library_logs()  # Hydra has set up logging by now: libraries' logs to the run's log file only
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -95,23 +97,25 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     configure_console(verbose=verbose, stages=not in_sweep)  # a sweep: one line per job (build_job), not per stage
     try:
-        rundir.begin(run_dir)
+        lifecycle.begin(run_dir)
+        # why: validate imports onnx, polygraphy and every step: --help and --cfg start without them
         from compiler.stages.validate import validate
 
         spec = validate(cfg)
         check_objectives(_objective_names(cfg), HydraConfig.get().sweeper.get("direction"))
     except (RecipeError, BuildError) as e:  # BuildError: a target's check_environment (no GPU, no TensorRT)
-        rundir.discard(run_dir)
+        lifecycle.discard(run_dir)
         line = _print_error(e)
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
             traceback.print_exc()
         return _outcome(e, line=line), None
     except KeyboardInterrupt:  # nothing was built yet: leave nothing behind
-        rundir.discard(run_dir)
+        lifecycle.discard(run_dir)
         err = InterruptedBuild("interrupted before the build started; nothing was written")
         return _outcome(err, line=_print_error(err)), None
+    # why: the pipeline imports torch (+2 s), the cache numpy: --help, --cfg and a recipe error start without them
     from compiler.pipeline import run_build
-    from compiler.stages.cache import open_cache
+    from compiler.rundir.cache import open_cache
 
     try:
         # library output during the build goes to the run's log file (cli.log), the console keeps the stages
@@ -119,16 +123,16 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
             report = run_build(spec, run_dir, cache=open_cache(spec.cache),
                                overrides=list(HydraConfig.get().overrides.task))
     except GateError as e:
-        final = rundir.succeed(run_dir, gate_failed=True)
+        final = lifecycle.succeed(run_dir, gate_failed=True)
         line = _print_error(e)
         print(f"qcompile: report: {final / 'REPORT.md'}", file=sys.stderr)
         return _outcome(e, line=line), final
     except KeyboardInterrupt:
-        final = rundir.fail(run_dir, "interrupted (Ctrl-C) during the build", kind=Status.INTERRUPTED)
+        final = lifecycle.fail(run_dir, "interrupted (Ctrl-C) during the build", kind=Status.INTERRUPTED)
         err = InterruptedBuild(f"interrupted; partial files kept in {final}")
         return _outcome(err, line=_print_error(err)), final
     except QcompileError as e:
-        final = rundir.fail(run_dir, e.message, kind=e.kind)
+        final = lifecycle.fail(run_dir, e.message, kind=e.kind)
         line = _print_error(e)
         print(f"qcompile: failed build kept in {final}", file=sys.stderr)
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
@@ -136,14 +140,14 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
         return _outcome(e, line=line), final
     except Exception as e:  # a bug or an unexpected library error: still never a finished-looking dir
         text = strip_ansi(str(e))  # library error text may be coloured (QcompileError strips its own)
-        final = rundir.fail(run_dir, f"{type(e).__name__}: {text}", kind=Status.INTERNAL_ERROR)
+        final = lifecycle.fail(run_dir, f"{type(e).__name__}: {text}", kind=Status.INTERNAL_ERROR)
         if verbose:  # the traceback, but the error's own exit code (Hydra would make it 1)
             traceback.print_exc()
         line = f"{Status.INTERNAL_ERROR}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
         print(f"qcompile: {line} (rerun with verbose=true or HYDRA_FULL_ERROR=1 for the traceback; dir: {final})",
               file=sys.stderr)
         return _outcome(status=Status.INTERNAL_ERROR, line=line), final
-    final = rundir.succeed(run_dir)
+    final = lifecycle.succeed(run_dir)
     if not in_sweep:  # a sweep's job prints one line instead (build_job)
         print_summary(report, final, skipped=[f"{name} skipped ({name}.enabled=false)" for name in ("check", "bench")
                                               if not getattr(spec, name).enabled])
@@ -152,7 +156,7 @@ def _build(cfg) -> Tuple[Dict[str, Any], Optional[Path]]:
 
 def speedup_text(bench: Dict[str, Any], suffix: str = "") -> Optional[str]:
     """The same-run speed ratio to the fp32 engine with its spread (min..max of the per-round ratios of the
-    interleaved rounds, compiler/stages/bench.py), e.g. "1.42x (rounds 1.38..1.47)"; None without an fp32
+    interleaved rounds, compiler/stages/bench/), e.g. "1.42x (rounds 1.38..1.47)"; None without an fp32
     baseline in the run."""
     if "speedup_vs_fp32" not in bench:
         return None
@@ -196,8 +200,6 @@ def print_summary(report, run_dir: Path, skipped: Sequence[str] = ()) -> None:
     if skipped:
         console.print("; ".join(skipped), markup=False)
     if chk.get("task"):
-        from compiler.stages.report import task_line
-
         console.print(f"task metric: {task_line(chk['task'])}", markup=False)
     budget_note = (report.get("repair") or {}).get("budget_note")
     if budget_note:
@@ -227,9 +229,9 @@ def print_job_line(num: int, build: str, outcome: Dict[str, Any], report: Option
 
 def _key_fix(full_key: str) -> Tuple[str, str]:
     """(what is wrong, what to write instead) for an unknown dotted key: the closest real key of its section."""
+    # why: core.schema reads the recipes' YAML defaults, validate imports onnx and the steps: --help starts without them
     from compiler.core.schema import RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig
     from compiler.stages.validate import _closest, top_level_fix
-    from compiler.steps.base import STEP_REGISTRY, load_all_steps
 
     parts = full_key.split(".")
     unknown = "unknown key"
@@ -357,7 +359,7 @@ def _precheck(argv: List[str]) -> Tuple[Optional[RecipeError], List[str], Option
         return RecipeError("hydra.run.dir", f"{where} already holds a finished run",
                            "choose another hydra.run.dir; finished runs are never overwritten"), argv, None
     if explicit and where.is_dir() and any(where.iterdir()):
-        # the run dir is renamed X.gate-failed / X.FAILED when the build ends there (compiler/stages/rundir.py),
+        # the run dir is renamed X.gate-failed / X.FAILED when the build ends there (compiler/rundir/lifecycle.py),
         # and every file in it is hashed as an artifact: it must hold this build's files only
         return RecipeError("hydra.run.dir", f"{where} exists and is not empty",
                            "name a new or empty directory: a run directory holds one build's files only"), argv, None
@@ -411,6 +413,7 @@ def _hydra_main(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
+        # why: the subcommands load the steps and targets (numpy, polygraphy: +1.6 s measured); --help starts without them
         from compiler.commands import subcommands as commands
 
         try:

@@ -11,8 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from compiler.commands.reproduce import ENGINE_PATTERNS, _matches
 from compiler.core.errors import RecipeError
+from compiler.core.schema import TargetConfig
+from compiler.core.status import FAILED_SUFFIX, GATE_FAILED_SUFFIX, PARTIAL_SUFFIX, Status
 from compiler.core.tasks import task_kind
+from compiler.rundir.manifest import MANIFEST, check_artifacts
+from compiler.stages.data import tokenize
+from compiler.stages.models import PREDICT_FILE
+from compiler.stages.validate import _typed
+from targets.base import get_target, target_names
 
 USAGE = ('qcompile predict <run dir> "a sentence" ... [--file sentences.txt] [--json] [--batch-size N] [--no-verify] '
          '[--allow-gate-failed]')
@@ -42,10 +50,6 @@ def _parser() -> argparse.ArgumentParser:
 def finished_run(path: str, allow_gate_failed: bool = False) -> Path:
     """The run directory, or a RecipeError that says why it cannot be used (exit 2): failed, unfinished, or
     (unless allowed) a build that failed its gate, by its name's suffix or its report's status."""
-    from compiler.core.status import FAILED_SUFFIX, GATE_FAILED_SUFFIX, PARTIAL_SUFFIX, Status
-    from compiler.stages.manifest import MANIFEST
-    from compiler.stages.models import PREDICT_FILE
-
     run_dir = Path(path).expanduser()
     fix = "pass a finished run directory: qcompile predict outputs/<date>/<run> \"a sentence\""
     if not run_dir.is_dir():
@@ -69,9 +73,6 @@ def check_files(run_dir: Path) -> None:
     """Every file predict may load as the build wrote it: each artifact manifest.json lists has its recorded
     sha256 (the check `qcompile verify` makes), and no loadable file was added after the build. A RecipeError
     naming the first file otherwise (exit 2, like predict's other refusals of a run directory)."""
-    from compiler.commands.reproduce import ENGINE_PATTERNS, _matches
-    from compiler.stages.manifest import check_artifacts
-
     status, unlisted = check_artifacts(run_dir)
     bad = [f"{name} is modified (its sha256 differs from the one in manifest.json)" if s == "modified"
            else f"{name} is missing (manifest.json lists it)" for name, s in status.items() if s != "ok"]
@@ -99,10 +100,6 @@ def load_engine(run_dir: Path, spec: dict[str, Any]):
     """(target, engine) of the run: the recipe's target section, the report's lower section, the artifacts."""
     from omegaconf import OmegaConf
 
-    from compiler.core.schema import TargetConfig
-    from compiler.stages.validate import _typed
-    from targets.base import get_target, target_names
-
     recipe = OmegaConf.load(run_dir / "recipe.yaml")
     report = json.loads((run_dir / "report.json").read_text())
     target_cfg = _typed(TargetConfig, recipe.get("target", {}), "target")
@@ -118,9 +115,6 @@ def predict(run_dir: Path, sentences: list[str], batch_size: int | None = None, 
     """The run's outputs for the sentences: {"task", "outputs": name -> array [N, ...], "labels"}. verify=False
     loads files that differ from the run's manifest.json (check_files refuses them otherwise)."""
     from transformers import AutoTokenizer
-
-    from compiler.stages.data import tokenize
-    from compiler.stages.models import PREDICT_FILE
 
     if verify:
         check_files(run_dir)

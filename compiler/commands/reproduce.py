@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from compiler.core.errors import BuildError, GateError, QcompileError, RecipeError
+from compiler.core.paths import RECIPES_DIR
 from compiler.core.status import PARTIAL_SUFFIX, RUN_DIR_SUFFIXES, Status
+from compiler.rundir import lifecycle
+from compiler.rundir.cache import open_cache
+from compiler.rundir.manifest import MANIFEST, check_artifacts, package_versions, read_manifest
+from compiler.rundir.manifest import hardware as here_hardware
 
 log = logging.getLogger("qcompile")
 
@@ -32,8 +37,6 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _run_dir_arg(path: str, command: str) -> Path:
-    from compiler.stages.manifest import MANIFEST
-
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise RecipeError("run_dir", f"{run_dir} is not a directory",
@@ -72,8 +75,6 @@ def verify_run(run_dir: Path, versions: Optional[Dict[str, str]] = None,
                hardware: Optional[Dict[str, Any]] = None) -> VerifyResult:
     """Re-hash every artifact listed in manifest.json; compare versions and hardware with this machine's
     (or with the given ones: tests plant a different machine)."""
-    from compiler.stages.manifest import check_artifacts, hardware as here_hardware, package_versions, read_manifest
-
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     res = VerifyResult(run_dir=str(run_dir))
@@ -209,8 +210,6 @@ def recipe_drift(recorded_cfg, overrides: List[str]) -> List[str]:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from compiler.core.paths import RECIPES_DIR
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(RECIPES_DIR).resolve()), version_base="1.3"):
@@ -237,9 +236,7 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     copy the old export instead of reproducing it) and compare every artifact's sha256."""
     from omegaconf import OmegaConf
 
-    from compiler.stages import rundir
-    from compiler.stages.cache import open_cache
-    from compiler.stages.manifest import read_manifest
+    # why: the pipeline imports torch (+2 s), validate onnx and polygraphy: `qcompile verify` starts without them
     from compiler.pipeline import run_build
     from compiler.stages.validate import validate
 
@@ -262,7 +259,7 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
         raise RecipeError("--out", f"{final} exists already", "choose a new directory: runs are never overwritten")
     staging = final.with_name(final.name + PARTIAL_SUFFIX)
     staging.mkdir(parents=True)
-    rundir.begin(staging)
+    lifecycle.begin(staging)
     if (run_dir / ".hydra").is_dir():  # provenance: the rebuild can be summarized and rebuilt in turn
         shutil.copytree(run_dir / ".hydra", staging / ".hydra")
     cache = open_cache(spec.cache) if use_cache else None
@@ -272,12 +269,12 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     except GateError:
         status = Status.GATE_FAILED
     except QcompileError as e:
-        kept = rundir.fail(staging, e.message, kind=e.kind)
+        kept = lifecycle.fail(staging, e.message, kind=e.kind)
         raise BuildError(f"the rebuild failed: {e.message} (kept in {kept})") from e
     except BaseException as e:
-        rundir.fail(staging, f"{type(e).__name__}: {e}", kind=Status.INTERNAL_ERROR)
+        lifecycle.fail(staging, f"{type(e).__name__}: {e}", kind=Status.INTERNAL_ERROR)
         raise
-    final = rundir.succeed(staging, gate_failed=status == Status.GATE_FAILED)
+    final = lifecycle.succeed(staging, gate_failed=status == Status.GATE_FAILED)
     new = read_manifest(final)
     res = RebuildResult(original=str(run_dir), rebuild=str(final), status=status, overrides=overrides,
                         recipe_drift=drift, artifacts=compare_artifacts(original.get("artifacts", {}),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import List
 
+from compiler.core.errors import RecipeError
+from compiler.core.schema import DoctorConfig
+from compiler.stages.report import _clean
+from compiler.steps.base import STEP_REGISTRY, load_all_steps
+from targets.base import get_target, target_names
+
 
 def capabilities(argv: List[str]) -> int:
     """Print the step x target capability table."""
-    from compiler.steps.base import STEP_REGISTRY, load_all_steps
-    from targets.base import target_names
-
     load_all_steps()
     targets = target_names()
     print("| step | " + " | ".join(targets) + " | calibration | what it does |")
@@ -35,11 +38,9 @@ def doctor(argv: List[str]) -> int:
 
     from omegaconf import OmegaConf
 
-    from compiler.core.errors import RecipeError
-    from compiler.core.schema import DoctorConfig
-    from compiler.stages.doctor import doctor_file, failures, render_table
+    # why: each command loads its own implementation; other commands start without it
+    from compiler.rails.doctor import doctor_file, failures, render_table
     from compiler.stages.validate import _closest, _typed
-    from targets.base import get_target, target_names
 
     paths = [a for a in argv if "=" not in a]
     if len(paths) != 1 or any(a in ("-h", "--help") for a in argv):
@@ -65,7 +66,7 @@ def doctor(argv: List[str]) -> int:
         path = path / "model.onnx"
     if not path.is_file():
         raise RecipeError("path", f"{paths[0]} is not an ONNX file", "give path/to/model.onnx or a run directory")
-    results = doctor_file(path, target=target, config=cfg, providers=providers)
+    results = doctor_file(path, target=get_target(target).capabilities, config=cfg, providers=providers)
     print(f"qcompile doctor: {path} (target={target}, providers={','.join(providers)})")
     print(render_table(results))
     failed = failures(results)
@@ -74,14 +75,13 @@ def doctor(argv: List[str]) -> int:
           f"{sum(r['status'] == 'passed' for r in results)} passed, "
           f"{sum(r['status'] == 'skipped' for r in results)} skipped")
     if json_out:
-        from compiler.stages.report import _clean
-
         Path(json_out).write_text(json.dumps(_clean(results), indent=2, sort_keys=True) + "\n")
     return 1 if failed else 0
 
 
 def summarize(argv: List[str]) -> int:
     """qcompile summarize [<sweep dir>]: summary.md, summary.csv, pareto.png for a multirun directory."""
+    # why: each command loads its own implementation; other commands start without it
     from compiler.commands.sweep import summarize_main
 
     return summarize_main(argv)
@@ -89,6 +89,7 @@ def summarize(argv: List[str]) -> int:
 
 def verify(argv: List[str]) -> int:
     """qcompile verify <run dir> [--strict] [--json]: artifacts vs manifest.json, versions, hardware."""
+    # why: each command loads its own implementation; other commands start without it
     from compiler.commands.reproduce import verify_main
 
     return verify_main(argv)
@@ -96,6 +97,7 @@ def verify(argv: List[str]) -> int:
 
 def rebuild(argv: List[str]) -> int:
     """qcompile rebuild <run dir> [--out DIR] [--use-cache] [--json]: rebuild and compare artifact hashes."""
+    # why: each command loads its own implementation; other commands start without it
     from compiler.commands.reproduce import rebuild_main
 
     return rebuild_main(argv)
@@ -103,6 +105,7 @@ def rebuild(argv: List[str]) -> int:
 
 def predict(argv: list[str]) -> int:
     """qcompile predict <run dir> "a sentence" ... [--file F] [--json]: text through the run's engine."""
+    # why: each command loads its own implementation; other commands start without it
     from compiler.commands.predict import main
 
     return main(argv)

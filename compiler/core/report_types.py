@@ -162,7 +162,7 @@ class DataShapes(Section):
 
 @dataclass(kw_only=True)
 class BenchResult(Section):
-    """The bench stage (compiler/stages/bench.py). speedup_vs_fp32 is the same-run ratio over the fp32 engine
+    """The bench stage (compiler/stages/bench/). speedup_vs_fp32 is the same-run ratio over the fp32 engine
     (baseline_kind fp32_same_run); an fp32 build (baseline_kind self) has none and is 1 by definition."""
 
     latency_ms_p50: float
@@ -189,15 +189,15 @@ class BenchResult(Section):
     speedup_clock: Optional[str] = None
     fp32_latency_ms_p50: Optional[float] = None
     fp32_cpu_ms_p50: Optional[float] = None
-    flops: Optional[Dict[str, Any]] = None  # graph FLOPs (compiler/stages/probe.py), or {"error": ...}
+    flops: Optional[Dict[str, Any]] = None  # graph FLOPs (compiler/stages/bench/probe.py), or {"error": ...}
     fp32_peak_gflops: Optional[float] = None
     fraction_of_fp32_peak: Optional[float] = None
     fp32_fraction_of_fp32_peak: Optional[float] = None
     data_shapes: Optional[DataShapes] = None
     # where the time goes by op type, the fp32 engine's beside it, and the int8 bound (bench.profile;
-    # compiler/stages/op_profile.py BenchProfile.to_dict: build / fp32 OpTable, bound Int8Bound, or skipped)
+    # compiler/stages/bench/op_profile.py BenchProfile.to_dict: build / fp32 OpTable, bound Int8Bound, or skipped)
     profile: Optional[Dict[str, Any]] = None
-    # throughput by batch and threads (bench.scaling, opt-in; compiler/stages/scaling.py ScalingReport.to_dict)
+    # throughput by batch and threads (bench.scaling, opt-in; compiler/stages/bench/scaling.py ScalingReport.to_dict)
     scaling: Optional[Dict[str, Any]] = None
 
     @property
@@ -298,11 +298,11 @@ class Report(Section):
     onnx: Optional[OnnxInfo] = None
     lower: Optional[Dict[str, Any]] = None  # the target's lowering info (targets/*.py)
     placement: Optional[Dict[str, Any]] = None  # the target's placement report
-    int8_probe: Optional[Dict[str, Any]] = None  # the machine's int8 speed (compiler/stages/probe.py)
+    int8_probe: Optional[Dict[str, Any]] = None  # the machine's int8 speed (compiler/stages/bench/probe.py)
     doctor: Optional[List[RailResult]] = None
     check: Optional[CheckResult] = None
     bench: Optional[BenchResult] = None
-    cache: Optional[Dict[str, Any]] = None  # per kind hit | miss | rebuilt (compiler/stages/cache.py)
+    cache: Optional[Dict[str, Any]] = None  # per kind hit | miss | rebuilt (compiler/rundir/cache.py)
 
     @classmethod
     def read(cls, path: Path, partial: bool = False) -> "Report":
@@ -346,6 +346,6 @@ def schema_text() -> str:
 
 
 if __name__ == "__main__":  # python -m compiler.core.report_types > docs/report.schema.json
-    from compiler.core import report_types  # the module by its name (here it runs as __main__)
+    from compiler.core import report_types  # why: the module by its name (here it runs as __main__)
 
     sys.stdout.write(report_types.schema_text())

@@ -174,14 +174,14 @@ class BenchConfig:
     shapes: str
     sort_by_length: bool  # shapes=data: batch sentences of similar length together
     # time an int8 and an fp32 matrix product of the model's shapes on the target's runtime (cached per
-    # machine; compiler/stages/probe.py): int8_gemm_vs_fp32 and CPU flags in the manifest, the int8_speed rail
+    # machine; compiler/stages/bench/probe.py): int8_gemm_vs_fp32 and CPU flags in the manifest, the int8_speed rail
     probe: bool
     # profile the build and its fp32 engine by op type (onnxruntime's profiler / torch.profiler; a few runs,
     # never in the timed loop) and the int8 bound from them and the probe: bench.profile in report.json
-    # (compiler/stages/op_profile.py)
+    # (compiler/stages/bench/op_profile.py)
     profile: bool
     # opt-in: throughput at batch_size and at server_batch x seq_len, from 1 thread to every core, build and
-    # fp32 engine round-robin in this run: bench.scaling in report.json (compiler/stages/scaling.py)
+    # fp32 engine round-robin in this run: bench.scaling in report.json (compiler/stages/bench/scaling.py)
     scaling: bool
     server_batch: int
 
@@ -211,7 +211,7 @@ class TargetConfig:
 @dataclass
 @defaults_from_recipes("doctor")
 class DoctorConfig:
-    """Guard rails run after export and lowering (compiler/stages/doctor.py, compiler/rails/)."""
+    """Guard rails run after export and lowering (compiler/rails/doctor.py, compiler/rails/)."""
 
     enabled: bool  # false: no rail runs (the report says so)
     # Memcpy nodes in ONNX Runtime's optimized graph for the chosen provider: more fails the build
@@ -229,7 +229,7 @@ class DoctorConfig:
 @dataclass
 @defaults_from_recipes("cache")
 class CacheConfig:
-    """The content-addressed cache of fp32 exports and calibration statistics (compiler/stages/cache.py)."""
+    """The content-addressed cache of fp32 exports and calibration statistics (compiler/rundir/cache.py)."""
 
     enabled: bool
     dir: Optional[str]  # None: $QCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/qcompile, else ~/.cache/qcompile

@@ -54,7 +54,7 @@ def exit_code(status: str) -> int:
         return 1
 
 
-# A run directory's name says how it ended: builds write into <name>.partial (compiler/stages/rundir.py)
+# A run directory's name says how it ended: builds write into <name>.partial (compiler/rundir/lifecycle.py)
 # and rename it when they end.
 PARTIAL_SUFFIX = ".partial"
 FAILED_SUFFIX = ".FAILED"

@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import numpy as np
 
 from compiler.core.schema import CONSTANT_PROMOTE_BYTES
+from compiler.graph.io import save_onnx
 
 # Ops folded when every input is a constant. Ops that only build shapes or masks (Shape, Range,
 # ConstantOfShape, Expand, Tile, Where ...) are left alone: folding them cannot help a weight pass and
@@ -207,8 +208,6 @@ def fix_constants(onnx_path: Path, out_path: Path, promote_bytes: int = CONSTANT
     """The export-stage fix-up on a file: fold constant subgraphs, promote Constants >= promote_bytes.
     Writes out_path only when something changed; returns (the graph to continue with, counts)."""
     import onnx
-
-    from compiler.graph.io import save_onnx
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     model, folded = fold_constant_subgraphs(model)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.core.errors import BuildError
+from compiler.core.feeds import synthetic_feed
 from compiler.runners.sessions import cpu_predictor, cpu_runner_kind, needs_reference_runner
 
 __all__ = ["MESSAGE", "check_input_flow", "compare", "feeds_for_graph", "needs_reference_runner", "probe",
@@ -68,8 +69,6 @@ def feeds_for_graph(model, seeds=(1, 2)) -> list[Feed]:
 
 def token_feeds(input_names: list[str], vocab: int = 30522) -> list[Feed]:
     """Two valid tokenized feeds for a qcompile model without a graph (the torch target's module)."""
-    from compiler.core.feeds import synthetic_feed
-
     return [synthetic_feed(input_names, BATCH, SEQ, vocab=vocab, seed=s) for s in (1, 2)]
 
 

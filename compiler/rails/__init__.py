@@ -55,7 +55,7 @@ class RailContext:
     provider_error: Optional[str] = None  # the provider asked for is missing, or the session fell back
     constant_limit: int = CONSTANT_PROMOTE_BYTES  # a Constant node at least this big blocks external data
     proto_limit: int = PROTOBUF_LIMIT
-    # the int8 capability probe of this machine (compiler/stages/probe.py): int8_gemm_vs_fp32, cpu_flags
+    # the int8 capability probe of this machine (compiler/stages/bench/probe.py): int8_gemm_vs_fp32, cpu_flags
     int8_probe: Optional[Dict[str, Any]] = None
     _model: Any = None
 

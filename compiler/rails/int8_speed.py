@@ -1,4 +1,4 @@
-"""Rail 8: int8 compute on a CPU where the int8 probe (compiler/stages/probe.py) measured int8 matrix
+"""Rail 8: int8 compute on a CPU where the int8 probe (compiler/stages/bench/probe.py) measured int8 matrix
 products no faster than fp32 -- the build will be smaller, not faster; say so before anyone benchmarks."""
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ import numpy as np
 from onnx.reference.op_run import OpRun
 from polygraphy.backend.base import BaseRunner
 
+from compiler.core.errors import BuildError
+
 Feed = Dict[str, np.ndarray]
 
 
@@ -44,6 +46,7 @@ class TRT_FP4DynamicQuantize(OpRun):  # noqa: N801 (the op's name in the graph)
     op_domain = "trt"
 
     def _run(self, x, scale, axis=-1, block_size=16, scale_type=None, **_):
+        # why: numerics.nvfp4 imports torch, needed only for TensorRT FP4 ops (doctor and predict start without it)
         from compiler.numerics.nvfp4 import E2M1_MAX, E4M3_MAX, nvfp4_quantize
 
         axis = -1 if axis is None else int(axis)
@@ -63,7 +66,7 @@ class TRT_FP4QDQ(OpRun):  # noqa: N801
     op_domain = "trt"
 
     def _run(self, w, block_size=16, **_):
-        from compiler.numerics.nvfp4 import nvfp4_weight_fake_quant
+        from compiler.numerics.nvfp4 import nvfp4_weight_fake_quant  # why: torch, as above
 
         w = np.asarray(w)
         return (nvfp4_weight_fake_quant(_torch(w), int(block_size or 16)).numpy().astype(w.dtype),)
@@ -139,8 +142,6 @@ class _Predictor:
         model = _load(onnx_path_or_model)
         missing = unsupported_ops(model)
         if missing:
-            from compiler.core.errors import BuildError
-
             raise BuildError(f"the reference runner has no implementation of {', '.join(missing)}")
         init = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in init]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.core.errors import RecipeError
+from compiler.runners.reference import reference_predictor
 
 Feed = dict[str, np.ndarray]
 CPU = "CPUExecutionProvider"
@@ -100,7 +101,7 @@ def session_predictor(sess, output_names: list[str] | None = None) -> Callable[[
         return {n: (np.asarray(o, dtype=np.float32) if np.asarray(o).dtype.kind == "f" else np.asarray(o))
                 for n, o in zip(names, outs)}
 
-    # the bench's op profile (compiler/stages/op_profile.py) ends a profiled session's profiling through this
+    # the bench's op profile (compiler/stages/bench/op_profile.py) ends a profiled session's profiling through this
     predict.end_profiling = sess.end_profiling
     return predict
 
@@ -133,7 +134,5 @@ def cpu_predictor(onnx_path: Path, model=None, kind: str | None = None, threads:
         model = model if model is not None else onnx.load(str(onnx_path), load_external_data=False)
         kind = cpu_runner_kind(model)
     if kind == "reference":
-        from compiler.runners.reference import reference_predictor
-
         return reference_predictor(onnx_path)
     return session_predictor(ort_session(onnx_path, opt_level=opt_level, threads=threads))

@@ -4,15 +4,18 @@ external data when protobuf's 2 GB limit (or the recipe) asks for it."""
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List
-
+from typing import Any, Dict, List
 
 from compiler.core.errors import BuildError, RecipeError
-from compiler.core.schema import DEFAULT_OPSET
+from compiler.core.feeds import synthetic_feed
 from compiler.core.logs import library_output
-from compiler.graph.io import save_onnx
+from compiler.core.schema import DEFAULT_OPSET
+from compiler.graph.io import onnx_files, save_onnx
+from compiler.rundir.cache import Cache
+from compiler.steps.modelopt_dynamo import export_mode
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +24,6 @@ EXPORTERS = ("torchscript", "dynamo")
 
 def example_inputs(input_names: List[str], batch: int = 2, seq: int = 16):
     import torch
-
-    from compiler.core.feeds import synthetic_feed
 
     feed = synthetic_feed(input_names, batch, seq)
     return tuple(torch.from_numpy(feed[n]) for n in input_names)
@@ -60,7 +61,6 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
                     b, s = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=4096)
                     shapes = {n: {0: b, 1: s} for n in input_names}
                     # the wrapper's positional names: input_ids, attention_mask, token_type_ids
-                from compiler.steps.modelopt_dynamo import export_mode
 
                 # modelopt's quantizers need their export mode and a translation of their ops
                 with export_mode(module, _opset(cfg)) as table:
@@ -78,3 +78,32 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
 def _opset(cfg) -> int:
     """The export opset: validation resolves an unset (auto) opset; a config built directly gets the default."""
     return int(cfg.opset) if cfg.opset is not None else DEFAULT_OPSET
+
+
+# ---------------------------------------------------------------- the fp32 export through the run cache
+
+def export_key(model, spec) -> Dict[str, Any]:
+    """Everything that determines the fp32 export: the weights' content hash, the model and export
+    sections, the graph's input/output names (tool versions and qcompile's source are added by Cache)."""
+    return {"weights_sha256": model.weights_sha256, "model": spec.model, "export": spec.export,
+            "input_names": list(model.input_names), "output_names": list(model.output_names)}
+
+
+def cached_fp32_export(model, spec, out_path: Path, cache: Cache) -> Path:
+    """The fp32 export through the cache: sweep points that share model, weights and export settings
+    share one export. Only for an unmodified module (no torch-side step ran): a quantized module's
+    export depends on the whole recipe and is not cached."""
+
+    def build(d: Path) -> None:
+        export_onnx(model.module, model.input_names, model.output_names, d / "export.onnx", spec.export)
+
+    entry = cache.get_or_create("export", export_key(model, spec), build)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    src = entry / "export.onnx"
+    # the external-data file name is written inside the graph, so it keeps its name: <graph>.data
+    if out_path.name != src.name:
+        raise ValueError(f"cached_fp32_export writes {src.name}, not {out_path.name}")
+    for f in onnx_files(src):
+        shutil.copyfile(f, out_path.parent / f.name)  # copyfile: the copy is writable, the entry stays read-only
+    return out_path

@@ -151,14 +151,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {k} | {_fmt(bench[k], 3)} |")
         lines += speed_lines(bench, report.get("int8_probe"))
         lines.append("")
-        if bench.get("profile"):
-            from compiler.stages.op_profile import markdown_lines
+        if bench.get("profile") or bench.get("scaling"):
+            # why: the bench package imports the export stage (torch); the CLI reads this module on --help
+            from compiler.stages.bench import op_profile, scaling
 
-            lines += markdown_lines(bench["profile"]) + [""]
-        if bench.get("scaling"):
-            from compiler.stages import scaling
-
-            lines += scaling.markdown_lines(bench["scaling"]) + [""]
+            if bench.get("profile"):
+                lines += op_profile.markdown_lines(bench["profile"]) + [""]
+            if bench.get("scaling"):
+                lines += scaling.markdown_lines(bench["scaling"]) + [""]
     rails = report.get("doctor")
     if rails:
         lines += ["## Guard rails", "", "| rail | status | details |", "|---|---|---|"]
@@ -176,7 +176,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def speed_lines(bench: dict[str, Any], probe: dict[str, Any] | None) -> list[str]:
     """The same-run ratio to fp32, the fraction of the machine's peak and the data-shape figure, each
-    saying what it measured (compiler/stages/bench.py)."""
+    saying what it measured (compiler/stages/bench/)."""
     lines = []
     if "speedup_vs_fp32" in bench:
         lo, hi = bench["speedup_vs_fp32_spread"]

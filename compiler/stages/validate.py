@@ -13,12 +13,23 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import NotRunnableError, RecipeError
-from compiler.core.schema import (DEFAULT_OPSET, RECIPE_KEYS, SECTIONS, TOP_LEVEL_KEYS, GateConfig, RecipeConfig,
-                                  RepairConfig)
+from compiler.core.schema import (
+    DEFAULT_OPSET,
+    RECIPE_KEYS,
+    SECTIONS,
+    TOP_LEVEL_KEYS,
+    GateConfig,
+    RecipeConfig,
+    RepairConfig,
+)
 from compiler.core.tasks import TASK_KINDS
-from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
+from compiler.graph.roles import bad_selector
 from compiler.repair.budget import repair_min_opset, validate_repair, validate_repair_budget
-
+from compiler.stages.check import validate_gate
+from compiler.stages.data import check_data_files, data_file
+from compiler.stages.models import label_names, model_info
+from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
+from targets.base import get_target, target_names
 
 
 @dataclass
@@ -185,8 +196,6 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
 def check_layer_selectors(key: str, patterns) -> None:
     """A misspelt layer role (`ffn_dwn`) in a layer list would match no module name and silently pick
     nothing: it is an error naming the key."""
-    from compiler.graph.roles import bad_selector
-
     for p in list(patterns or []):
         why = bad_selector(str(p))
         if why:
@@ -195,9 +204,6 @@ def check_layer_selectors(key: str, patterns) -> None:
 
 def validate(cfg: DictConfig) -> BuildSpec:
     """Validate stage: the composed Hydra config -> BuildSpec, or RecipeError."""
-    from compiler.stages.models import model_info
-    from targets.base import get_target, target_names
-
     for key in cfg.keys():
         if key not in TOP_LEVEL_KEYS and key != "hydra":  # hydra: present when composed with return_hydra_config
             dotted = _first_leaf(key, cfg._get_node(key))
@@ -259,10 +265,6 @@ def validate(cfg: DictConfig) -> BuildSpec:
             if cfg.get("export") is None:
                 cfg.export = {}
             cfg.export.opset = opset
-    from compiler.stages.check import validate_gate
-    from compiler.stages.data import check_data_files, data_file
-    from compiler.stages.models import label_names
-
     eval_task = check_data_files(data, need_calibration=any(s.needs_calibration for s in steps),
                                  model_task=model.task, label_names=label_names(model))
     validate_gate(gate, eval_task, str(data_file(data, "evaluation")))

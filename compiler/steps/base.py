@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,9 @@ from typing import (
 )
 
 from compiler.core.capabilities import TargetCapabilities
+from compiler.core.errors import RecipeError
 from compiler.core.formats import FORMATS, FULL_PRECISION, number_format
+from compiler.core.patterns import matches_any
 
 STEP_REGISTRY: dict[str, type[Step]] = {}
 
@@ -57,7 +61,7 @@ class StepContext:
     opset: int = 17  # the export opset (validation resolved it from the steps' min_opset)
     batch_size: int = 8  # data.batch_size: calibration forwards run in batches of this many samples
     report: dict[str, Any] = dataclasses.field(default_factory=dict)  # the step writes its numbers here
-    # compiler.stages.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
+    # compiler.rundir.cache.Cache or None. Contract: cache.get_or_create(kind, key: dict, build(dir: Path) -> None) -> Path
     # returns a directory holding what build() wrote, keyed by the sha256 of kind + key (key must name
     # every input that determines the result); steps that compute reusable calibration data use it.
     cache: Any = None
@@ -142,8 +146,6 @@ class Step:
     def validate(self, info: ModelInfo, target: TargetCapabilities) -> None:
         """The parameters' problems(), then (in subclasses) checks that need the model's shape (not its
         weights) and the target. Raise RecipeError naming the key."""
-        from compiler.core.errors import RecipeError
-
         # a Params class outside StepParams (a plain dataclass) declares no checks
         problems = self.params.problems() if isinstance(self.params, StepParams) else []
         for field_name, what, fix in problems:
@@ -153,8 +155,6 @@ class Step:
         """Checks against the export section; by default that its opset is at least min_opset(target)."""
         need = self.min_opset(target)
         if export_cfg.opset is not None and int(export_cfg.opset) < need:
-            from compiler.core.errors import RecipeError
-
             reason = self.opset_reason or next(
                 (f"{number_format(f).opset_reason} need opset >= {need}" for f in sorted(self.precision)
                  if f in FORMATS and number_format(f).min_opset(target) == need and number_format(f).opset_reason), "")
@@ -169,8 +169,6 @@ class Step:
         exclude pattern (model.exclude) or by the step's own ``exclude`` parameter, if it has one."""
         import torch
 
-        from compiler.core.patterns import matches_any
-
         patterns = list(exclude) + self.own_exclude()
         return [n for n, m in module.named_modules()
                 if n and isinstance(m, torch.nn.Linear) and not matches_any(n, patterns)]
@@ -182,8 +180,6 @@ class Step:
     def with_layer_formats(self, formats: Mapping[str, str | None]) -> Step:
         """A copy of this step that keeps the named layers out (None or "fp32") or gives them another format
         (one of layer_format_choices). Names are module names as layers() returns them."""
-        from compiler.core.errors import RecipeError
-
         out = copy.copy(self)
         out.layer_formats = dict(self.layer_formats)
         for layer, fmt in formats.items():
@@ -219,11 +215,6 @@ def step_names() -> list[str]:
 
 def load_all_steps() -> None:
     """Import every module of compiler.steps so each Step subclass registers itself."""
-    import importlib
-    import pkgutil
-
-    import compiler.steps as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if mod.name not in ("base",):
             importlib.import_module(f"compiler.steps.{mod.name}")

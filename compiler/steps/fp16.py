@@ -15,8 +15,12 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import numpy as np
 
 from compiler.core.capabilities import TargetCapabilities
-from compiler.core.errors import BuildError
+from compiler.core.errors import BuildError, RecipeError
+from compiler.core.feeds import synthetic_feed
+from compiler.graph.io import exceeds_protobuf, infer_shapes, save_onnx
+from compiler.runners.sessions import ort_session
 from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
+from compiler.steps.ort_quant import layer_nodes
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +100,6 @@ def drop_fp16_roundtrips(model) -> int:
     its Mul, Concat and Cos, and a value beyond 65504 became inf between two blocked nodes."""
     import onnx
 
-    from compiler.graph.io import infer_shapes
-
     typed = infer_shapes(model)  # any size: a 2 GB model cannot be serialized for onnx's inference
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
@@ -137,8 +139,6 @@ def float_tensors(model) -> List[str]:
     """Names of the float32 tensors the nodes produce (from onnx shape inference)."""
     import onnx
 
-    from compiler.graph.io import infer_shapes
-
     inferred = infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(inferred.graph.value_info) + list(inferred.graph.output)}
@@ -148,9 +148,6 @@ def float_tensors(model) -> List[str]:
 def overflow_nodes(model, feed: Dict[str, np.ndarray]) -> Set[str]:
     """Nodes whose fp32 inputs or outputs leave the fp16 range on the feed: in fp16 they become inf."""
     import onnx
-
-    from compiler.graph.io import exceeds_protobuf, save_onnx
-    from compiler.runners.sessions import ort_session
 
     probe = copy.deepcopy(model)
     names = float_tensors(probe)
@@ -181,8 +178,6 @@ def overflow_nodes(model, feed: Dict[str, np.ndarray]) -> Set[str]:
 def _run_model(model, feed: Dict[str, np.ndarray]) -> Tuple[Optional[str], Optional[List[np.ndarray]]]:
     import tempfile
 
-    from compiler.graph.io import save_onnx
-
     with tempfile.TemporaryDirectory(prefix="fp16.") as tmp:
         path = save_onnx(model, Path(tmp) / "fp32.onnx", "auto", check=False)
         return _run(path, feed)
@@ -190,8 +185,6 @@ def _run_model(model, feed: Dict[str, np.ndarray]) -> Tuple[Optional[str], Optio
 
 def _run(path: Path, feed: Dict[str, np.ndarray]) -> Tuple[Optional[str], Optional[List[np.ndarray]]]:
     """(error message, None) or (None, outputs) for a graph on the feed with ORT's CPU provider."""
-    from compiler.runners.sessions import ort_session
-
     try:
         sess = ort_session(path)
         return None, sess.run(None, feed)
@@ -222,8 +215,6 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
     blocked and why."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
-
-    from compiler.graph.io import exceeds_protobuf, infer_shapes, save_onnx
 
     error, reference = _run_model(model, feed)
     if error is not None:
@@ -282,8 +273,6 @@ def convert_fp16(model, out_path: Path, feed: Dict[str, np.ndarray], op_block_li
 
 def probe_feed(ctx: StepContext, model, n: int = 2) -> Dict[str, np.ndarray]:
     """A small real input for the load-and-run check: the first calibration samples, else synthetic tokens."""
-    from compiler.core.feeds import synthetic_feed
-
     names = [i.name for i in model.graph.input]
     if ctx.calibration is not None and len(ctx.calibration) and all(k in ctx.calibration.arrays for k in names):
         return {k: np.ascontiguousarray(ctx.calibration.arrays[k][:n]) for k in names}
@@ -306,8 +295,6 @@ class Fp16Step(Step):
                              "blocked_node_names")
 
     def validate(self, info, target: TargetCapabilities) -> None:
-        from compiler.core.errors import RecipeError
-
         super().validate(info, target)
         if target.runs_onnx and self.params.dtype != "float16":
             raise RecipeError(f"{self.key}.dtype", f"{self.params.dtype} is not runnable on target={target.name} "
@@ -330,7 +317,6 @@ class Fp16Step(Step):
         model = onnx.load(str(onnx_path), load_external_data=True)
         feed = probe_feed(ctx, model)
         op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(self.params.block_ops))
-        from compiler.steps.ort_quant import layer_nodes
 
         # a layer kept out by with_layer_formats: every node exported from that module stays fp32
         keep = {n: "layer kept fp32 (layer_formats)" for n in layer_nodes(model, self.kept_layers())}

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from compiler.graph.fp8_qdq import MIN_OPSET
+from compiler.core.schema import ExportConfig
+from compiler.graph.fp8_qdq import MIN_OPSET, lower_trt_fp8
+from compiler.graph.io import save_onnx
 from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep
 
@@ -34,10 +36,6 @@ class Fp8Step(ModeloptStep):
         if ctx.target.trt_custom_ops:
             return onnx_path
         import onnx
-
-        from compiler.core.schema import ExportConfig
-        from compiler.graph.fp8_qdq import lower_trt_fp8
-        from compiler.graph.io import save_onnx
 
         if int(ctx.opset) < MIN_OPSET:  # validation catches this first; a direct caller gets the same words
             self.validate_export(ExportConfig(opset=int(ctx.opset)), ctx.target)

@@ -12,7 +12,10 @@ from typing import ClassVar
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, NotRunnableError, RecipeError
+from compiler.graph.io import save_onnx
 from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
+from compiler.steps.modelopt import _mtq, exclude_patterns, quantize_module
+from compiler.steps.ort_quant import check_ops_match, exclude_nodes, layer_nodes, quietly
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,6 @@ class Int4WeightOnlyStep(Step):
         import onnx
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-        from compiler.graph.io import save_onnx
-        from compiler.steps.ort_quant import check_ops_match, exclude_nodes, layer_nodes, quietly
-
         p = self.params
         model = onnx.load(str(onnx_path), load_external_data=True)
         check_ops_match(model, p.op_types_to_quantize, self.KEY)
@@ -119,8 +119,6 @@ class Int4WeightOnlyStep(Step):
 
     # -- torch: modelopt INT4_BLOCKWISE_WEIGHT_ONLY_CFG ------------------------------------------------------
     def apply_torch(self, model, ctx: StepContext):
-        from compiler.steps.modelopt import _mtq, exclude_patterns, quantize_module
-
         cfg = copy.deepcopy(_mtq().INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
         for entry in cfg["quant_cfg"]:
             if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(entry.get("cfg"), dict):

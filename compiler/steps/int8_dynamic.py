@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.core.capabilities import TargetCapabilities
-from compiler.core.errors import BuildError
+from compiler.core.errors import BuildError, RecipeError
+from compiler.core.patterns import matches_any
+from compiler.graph.io import needs_external_data
 from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
 from compiler.steps.ort_quant import (
     check_ops_match,
@@ -58,8 +60,6 @@ class Int8DynamicStep(Step):
     quantizes_compute = True
 
     def validate(self, info, target: TargetCapabilities) -> None:
-        from compiler.core.errors import RecipeError
-
         super().validate(info, target)
         if not target.runs_onnx and self.params.weight_type != "int8":
             raise RecipeError(f"{self.key}.weight_type", f"{self.params.weight_type} is not runnable on "
@@ -69,8 +69,6 @@ class Int8DynamicStep(Step):
     # -- torch: torch.ao dynamic quantization ----------------------------------------------------------------
     def apply_torch(self, model, ctx: StepContext):
         import torch
-
-        from compiler.core.patterns import matches_any
 
         engines = torch.backends.quantized.supported_engines
         engine = next((e for e in ("x86", "fbgemm", "onednn", "qnnpack") if e in engines), None)
@@ -108,8 +106,6 @@ class Int8DynamicStep(Step):
     def apply_onnx(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        from compiler.graph.io import needs_external_data
 
         p = self.params
         fp32 = onnx.load(str(onnx_path), load_external_data=False)

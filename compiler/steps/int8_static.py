@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from compiler.core.capabilities import TargetCapabilities
-from compiler.core.errors import BuildError
+from compiler.core.errors import BuildError, RecipeError
 from compiler.core.hashing import onnx_sha256
+from compiler.graph.io import needs_external_data
+from compiler.runners.sessions import ort_session
 from compiler.steps.base import (
     CALIBRATION_METHODS,
     ONNX,
@@ -129,8 +131,6 @@ def compute_ranges(onnx_path: Path, features, params: Params, batch_size: int, w
     import onnx
     from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
 
-    from compiler.graph.io import needs_external_data
-
     input_names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
     reader = FeaturesReader(features, input_names, batch_size, label=f"calibration ({params.calibration})")
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="calib.") as tmp:
@@ -202,8 +202,6 @@ class Int8StaticStep(Step):
         return list(self.params.exclude)
 
     def validate(self, info: ModelInfo, target: TargetCapabilities) -> None:
-        from compiler.core.errors import RecipeError
-
         super().validate(info, target)
         if target.symmetric_int8_only and resolved_activation_type(self.params, target) == "uint8":
             raise RecipeError(f"{self.key}.activation_type", f"uint8 activations are not runnable on "
@@ -231,8 +229,6 @@ class Int8StaticStep(Step):
     def apply_onnx(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
         import onnx
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-        from compiler.graph.io import needs_external_data
 
         p = self.params
         report = ctx.report
@@ -305,8 +301,6 @@ class Int8StaticStep(Step):
 def _check_loads(path: Path, activation_type: str, opset: int) -> None:
     """A QDQ graph ORT writes but cannot load (FIELD_NOTES: S8S8 on ModernBERT at opset >= 21) fails here,
     with the fix, instead of as an opaque error at the lower stage."""
-    from compiler.runners.sessions import ort_session
-
     try:
         ort_session(path)
     except Exception as e:

@@ -10,7 +10,10 @@ import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from compiler.core.errors import BuildError
 from compiler.core.formats import FORMATS
+from compiler.graph.io import save_onnx
+from compiler.graph.qdq_weights import fold_weight_quantizers
 from compiler.steps.base import (
     CALIBRATION_METHODS,
     FULL_PRECISION,
@@ -150,8 +153,6 @@ def check_layer_formats(module, layer_formats: Dict[str, str]) -> None:
     the preset's num_bits, or, for "fp32", no enabled quantizer is left under it. A per-layer format that
     matched no quantizer would otherwise go unnoticed, and the repair's map would claim a format the engine
     does not have."""
-    from compiler.core.errors import BuildError
-
     for layer, fmt in sorted(layer_formats.items()):
         sub = module.get_submodule(layer)
         if fmt == FULL_PRECISION:
@@ -181,8 +182,6 @@ def forward_loop(ctx, limit: Optional[int] = None) -> Callable[[Any], None]:
     """modelopt's forward_loop over the recipe's calibration data (ctx.calibration, a Features whose arrays
     are in the model's positional input order), in batches of ctx.batch_size."""
     if ctx.calibration is None or len(ctx.calibration) == 0:
-        from compiler.core.errors import BuildError
-
         raise BuildError("calibration needs data but the build has no calibration samples "
                          "(set data.calibration_samples > 0)")
     batch_size = int(ctx.batch_size)
@@ -286,8 +285,6 @@ def quantize_module(module, quant_cfg: Dict[str, Any], ctx, algorithm: Any = "__
         counts["calibration_samples"] = len(ctx.calibration)
     ctx.report.update(counts)
     if counts["quantized_layers"] == 0:
-        from compiler.core.errors import BuildError
-
         raise BuildError(f"modelopt inserted no enabled quantizer into {counts['linear_layers']} Linear layers "
                          f"(exclude patterns {patterns}); check model.exclude")
     return module
@@ -301,8 +298,6 @@ def _check_something_left(module, patterns: List[str]) -> None:
     excluded = set(excluded_modules(module, patterns))
     linear = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
     if not [n for n in linear if n not in excluded]:
-        from compiler.core.errors import BuildError
-
         raise BuildError(f"exclude patterns {patterns} leave none of the model's {len(linear)} Linear layers "
                          f"to quantize; narrow model.exclude (or the step's exclude)")
 
@@ -412,9 +407,6 @@ def store_int8_weights(onnx_path, out_path, label: str):
     """After export of an int8 modelopt graph: the weights stored as int8 initializers feeding their DQ
     (compiler/graph/qdq_weights) instead of fp32 weights behind a Q/DQ pair."""
     import onnx
-
-    from compiler.graph.io import save_onnx
-    from compiler.graph.qdq_weights import fold_weight_quantizers
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     model, folded = fold_weight_quantizers(model)

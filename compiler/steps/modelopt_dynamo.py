@@ -25,6 +25,8 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from compiler.numerics.nvfp4 import nvfp4_weight_fake_quant
+
 FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
 ONNX_FLOAT8E4M3FN = 17  # TensorProto.FLOAT8E4M3FN: the block-scale type of TRT_FP4DynamicQuantize
@@ -45,8 +47,6 @@ def _define_ops() -> None:
 
         @torch.library.impl("qcompile::fp4_qdq", "cpu")
         def _fp4_qdq(weight, block_size):
-            from compiler.numerics.nvfp4 import nvfp4_weight_fake_quant
-
             return nvfp4_weight_fake_quant(weight, int(block_size))
 
         @torch.library.register_fake("qcompile::fp4_qdq")

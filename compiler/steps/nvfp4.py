@@ -19,7 +19,11 @@ from typing import Dict, List, Tuple
 
 from compiler.core.errors import BuildError
 from compiler.core.formats import number_format
+from compiler.graph.constants import fold_constant_subgraphs, promote_constants
+from compiler.graph.io import save_onnx
+from compiler.numerics.nvfp4 import install_cpu_fallback
 from compiler.steps.base import TORCH, Step, StepContext, StepParams
+from compiler.steps.modelopt import DEFAULT_EXCLUDE, _mtq, quantize_module
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ class NVFP4Params(StepParams):
 
 def nvfp4_config(activations: bool = True) -> Dict:
     """modelopt's NVFP4_DEFAULT_CFG (weights and inputs of every quantizable layer), optionally weights only."""
-    from compiler.steps.modelopt import _mtq
-
     cfg = copy.deepcopy(_mtq().NVFP4_DEFAULT_CFG)
     if not activations:
         cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [{"quantizer_name": "*input_quantizer", "enable": False}]
@@ -69,8 +71,6 @@ def resolve_fp4_weights(model) -> int:
     """Make every TRT_FP4QDQ read an initializer, as NVFP4QuantExporter asserts: an Identity alias of a
     (deduplicated) initializer is bypassed, a Constant is promoted; constant subgraphs were folded by the
     export stage (compiler.graph.constants) already. Returns how many inputs were changed."""
-    from compiler.graph.constants import fold_constant_subgraphs, promote_constants
-
     graph = model.graph
     if not any(n.op_type == "TRT_FP4QDQ" for n in graph.node):
         return 0
@@ -135,9 +135,6 @@ def export_nvfp4_graph(onnx_path: Path, out_path: Path) -> Dict[str, int]:
     DequantizeLinear per weight) on an exported graph, written to out_path."""
     import onnx
 
-    from compiler.graph.io import save_onnx
-    from compiler.steps.modelopt import _mtq
-
     _mtq()  # modelopt's import-time warnings silenced once
     from modelopt.onnx.export import NVFP4QuantExporter
 
@@ -173,14 +170,9 @@ class NVFP4Step(Step):
     layer_format_choices = frozenset(number_format("nvfp4").fallbacks)
 
     def layers(self, module, exclude=()) -> List[str]:
-        from compiler.steps.modelopt import DEFAULT_EXCLUDE
-
         return super().layers(module, list(exclude) or list(DEFAULT_EXCLUDE))
 
     def apply_torch(self, model, ctx: StepContext):
-        from compiler.numerics.nvfp4 import install_cpu_fallback
-        from compiler.steps.modelopt import quantize_module
-
         install_cpu_fallback()
         quantize_module(model, nvfp4_config(bool(self.params.activations)), ctx, layer_formats=self.layer_formats)
         marked = mark_for_trt_export(model)

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 
 from compiler.core.errors import BuildError
+from compiler.core.hashing import onnx_sha256
+from compiler.core.patterns import matches_any
+from compiler.graph.io import needs_external_data
 from compiler.graph.quantized import QDQ_OPS, QUANTIZED_OPS, is_quantized_compute
 
 log = logging.getLogger(__name__)
@@ -108,8 +111,6 @@ def node_module(node) -> str:
 def exclude_nodes(model, patterns: list[str], op_types: list[str] | None = None) -> list[str]:
     """Nodes (of op_types, if given) whose name or module name matches a pattern ('*pooler*',
     '*layer.0.output.dense')."""
-    from compiler.core.patterns import matches_any
-
     if not patterns:
         return []
     return sorted(n.name for n in model.graph.node if n.name and (op_types is None or n.op_type in op_types)
@@ -146,9 +147,6 @@ def preprocess(onnx_path: Path, out_path: Path, report: dict[str, Any], cache=No
     import json
     import shutil
 
-    from compiler.core.hashing import onnx_sha256
-    from compiler.graph.io import needs_external_data
-
     if cache is None or needs_external_data(onnx_path):  # a > 2 GB graph is not copied into the cache
         return _preprocess(onnx_path, out_path, report)
 
@@ -171,8 +169,6 @@ def preprocess(onnx_path: Path, out_path: Path, report: dict[str, Any], cache=No
 
 def _preprocess(onnx_path: Path, out_path: Path, report: dict[str, Any]) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from compiler.graph.io import needs_external_data
 
     # past 2 GB the graph must be written with external data, and onnxruntime only does so when told
     large = {"save_as_external_data": True, "all_tensors_to_one_file": True,

@@ -20,6 +20,7 @@ import torch
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
+from compiler.core.patterns import matches_any
 from compiler.numerics.hadamard import (
     SUPPORTED_BLOCKS,
     OnlineHadamard,
@@ -28,6 +29,7 @@ from compiler.numerics.hadamard import (
     is_power_of_two,
 )
 from compiler.steps.base import TORCH, ModelInfo, Step, StepContext, StepParams
+from compiler.steps.modelopt import DEFAULT_EXCLUDE, exclude_patterns
 
 METHODS = ("hadamard",)
 
@@ -190,9 +192,6 @@ class RotateStep(Step):
 
     def layers(self, module, exclude=()) -> list[str]:
         """The Linear layers it would rotate: those matching `layers`, outside the exclude patterns."""
-        from compiler.core.patterns import matches_any
-        from compiler.steps.modelopt import DEFAULT_EXCLUDE
-
         patterns = list(exclude) or list(DEFAULT_EXCLUDE)
         return [n for n in super().layers(module, patterns) if matches_any(n, self.params.layers)]
 
@@ -214,8 +213,6 @@ class RotateStep(Step):
                                   f"no power-of-two block rotates {what}; remove the rotate step") from None
 
     def apply_torch(self, model, ctx: StepContext):
-        from compiler.steps.modelopt import exclude_patterns
-
         # a layer kept out by with_layer_formats is not rotated: its exact module name joins the exclusions
         done = rotate_linears(model, int(self.params.block_size), exclude_patterns(ctx) + self.kept_layers(),
                               list(self.params.layers), bool(self.params.fuse_attention))

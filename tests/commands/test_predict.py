@@ -229,7 +229,7 @@ def test_predict_no_verify_runs_the_changed_engine(embedding_run, tmp_path, caps
 @pytest.mark.parametrize("how", ["name", "report"])
 def test_predict_refuses_a_gate_failed_run_unless_asked(how, embedding_run, tmp_path, capsys):
     """A gate-failed build is complete but not a passing run: predict names it; --allow-gate-failed runs it."""
-    if how == "name":  # <name>.gate-failed, as every build that fails its gate ends (compiler/stages/rundir.py)
+    if how == "name":  # <name>.gate-failed, as every build that fails its gate ends (compiler/rundir/lifecycle.py)
         run = _copy_run(embedding_run, tmp_path / "run.gate-failed")
     else:  # a run dir renamed by hand: the report still says so
         run = _copy_run(embedding_run, tmp_path / "run")

@@ -66,7 +66,7 @@ def test_verify_detects_a_tampered_artifact(run_copy):
 
 
 def test_verify_reports_other_versions_and_hardware(run_copy):
-    from compiler.stages.manifest import hardware, package_versions
+    from compiler.rundir.manifest import hardware, package_versions
 
     versions = {**package_versions(), "onnxruntime": "1.99.0"}
     here = {**hardware(), "cpu": "Some Other CPU"}
@@ -91,7 +91,7 @@ def _fake_trt_run(run_copy: Path, trt: str, gpu: str, cap: str) -> None:
 
 
 def test_verify_refuses_a_tensorrt_engine_from_another_gpu_or_version(run_copy):
-    from compiler.stages.manifest import hardware, package_versions
+    from compiler.rundir.manifest import hardware, package_versions
 
     _fake_trt_run(run_copy, "10.11.0", "NVIDIA H100 80GB HBM3", "9.0")
     same = verify_run(run_copy, versions={**package_versions(), "tensorrt": "10.11.0"},

@@ -19,7 +19,7 @@ from tests.conftest import FAST, REPO
 # ---------------------------------------------------------------- synthetic sweep directories
 
 def _report(model, recipe, target, status, ms, cos, top1, mb, rss, reason=None, cache=None):
-    # the same-run ratio as compiler/stages/bench.py reports it: none for fp32, which is its own baseline
+    # the same-run ratio as compiler/stages/bench/ reports it: none for fp32, which is its own baseline
     speed = ({"baseline": "none: the build is the fp32 engine itself", "baseline_kind": "self"} if recipe == "fp32" else
              {"speedup_vs_fp32": 9.5 / ms, "baseline": "fp32 engine of the same model on target ort, timed round-robin",
               "baseline_kind": "fp32_same_run"})

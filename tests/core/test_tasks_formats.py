@@ -52,7 +52,7 @@ def throwaway_task():
 
 def test_a_new_task_kind_reaches_validation_metrics_and_the_report(throwaway_task, tmp_path):
     from compiler.pipeline import run_build
-    from compiler.stages.cache import open_cache
+    from compiler.rundir.cache import open_cache
     from compiler.stages.validate import validate
 
     f = tmp_path / "pairs.tsv"

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from compiler.core.schema import DoctorConfig
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, coverage
-from compiler.stages.doctor import capabilities_of
+from targets import capabilities_of
 
 
 def _mlp(tmp_path, gemm: bool = True):

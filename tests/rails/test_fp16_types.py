@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from compiler.core.schema import DoctorConfig
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, fp16_types
-from compiler.stages.doctor import capabilities_of
+from targets import capabilities_of
 
 
 def _rotary_like(tmp_path, broken: bool):

@@ -11,7 +11,7 @@ import torch
 from compiler.core.schema import DoctorConfig
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext
 from compiler.rails import input_dependence as dep
-from compiler.stages.doctor import capabilities_of
+from targets import capabilities_of
 
 
 class Embed(torch.nn.Module):

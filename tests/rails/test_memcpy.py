@@ -9,7 +9,7 @@ from onnx import helper as h
 
 from compiler.core.schema import DoctorConfig
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, memcpy
-from compiler.stages.doctor import capabilities_of
+from targets import capabilities_of
 
 
 def planted_graph(n_from: int, n_to: int, in_subgraph: int = 0):
@@ -85,7 +85,7 @@ def test_real_cpu_session_has_no_memcpy(tmp_path):
     import numpy as np
     from onnx import numpy_helper
 
-    from compiler.stages.doctor import probe_ort
+    from compiler.rails.doctor import probe_ort
 
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Relu", ["m"], ["y"])], "g",

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from compiler.core.schema import DoctorConfig
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext
 from compiler.rails import provider_fallback as pf
-from compiler.stages.doctor import capabilities_of
+from targets import capabilities_of
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 

@@ -9,7 +9,7 @@ from onnx import helper as h
 from compiler.core.schema import DoctorConfig
 from compiler.rails import PASSED, WARNED, RailContext
 from compiler.rails import shape_inference as si
-from compiler.stages.doctor import capabilities_of
+from targets import capabilities_of
 
 
 def _save(tmp_path, nodes, inputs, outputs, value_info=(), name="g.onnx", domains=()):

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from compiler.core.schema import DoctorConfig
 from compiler.rails import FAILED, PASSED, SKIPPED, WARNED, RailContext, size
-from compiler.stages.doctor import capabilities_of
+from targets import capabilities_of
 
 LIMIT = 4000  # stands in for protobuf's 2 GB
 THRESHOLD = 1024  # stands in for export.constant_promote_bytes

@@ -14,8 +14,8 @@ from onnx import numpy_helper as nh
 from compiler.core.schema import DoctorConfig
 from compiler.rails import FAILED, PASSED, SKIPPED, RailContext, applies
 from compiler.rails import trt_explicit_quant as teq
-from compiler.stages import doctor
-from compiler.stages.doctor import capabilities_of
+from compiler.rails import doctor
+from targets import capabilities_of
 
 
 def _graph(nodes, inits, inputs=("x",), opset=21):
@@ -122,7 +122,7 @@ def test_doctor_fails_ort_u8s8_graph_and_passes_qcompile_trt_graph(exported, tmp
     """The defect: onnxruntime's U8S8 Q/DQ graph (uint8 activations, zero point 128ish) got
     "4 passed, 3 skipped" from `qcompile doctor ... target=trt`."""
     u8s8 = _int8_static(exported, tmp_path, "ort")
-    by = {r["rail"]: r for r in doctor.doctor_file(u8s8, target="trt")}
+    by = {r["rail"]: r for r in doctor.doctor_file(u8s8, target=capabilities_of("trt"))}
     r = by["trt_explicit_quant"]
     assert r["status"] == FAILED, r
     assert "QuantizeLinear) breaks TensorRT's Q/DQ type: TensorRT takes int8 or fp8 e4m3" in r["message"]
@@ -130,11 +130,11 @@ def test_doctor_fails_ort_u8s8_graph_and_passes_qcompile_trt_graph(exported, tmp
     assert doctor.failures(list(by.values()))
     # the same recipe lowered for trt (signed, symmetric) passes
     trt_ready = _int8_static(exported, tmp_path, "trt")
-    by = {r["rail"]: r for r in doctor.doctor_file(trt_ready, target="trt")}
+    by = {r["rail"]: r for r in doctor.doctor_file(trt_ready, target=capabilities_of("trt"))}
     assert by["trt_explicit_quant"]["status"] == PASSED, by["trt_explicit_quant"]
     assert by["trt_explicit_quant"]["qdq_nodes"] > 16
     # and the rail is not asked for an ORT target
-    ort_rows = {r["rail"]: r for r in doctor.doctor_file(u8s8, target="ort")}
+    ort_rows = {r["rail"]: r for r in doctor.doctor_file(u8s8, target=capabilities_of("ort"))}
     assert ort_rows["trt_explicit_quant"]["status"] == SKIPPED
     assert "target=ort is not one" in ort_rows["trt_explicit_quant"]["message"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from compiler.stages.bench import data_feeds, ratio_summary, run_bench
 from compiler.stages.data import Features
-from compiler.stages.probe import cpu_info, graph_flops, int8_probe, measure
+from compiler.stages.bench.probe import cpu_info, graph_flops, int8_probe, measure
 
 
 def cfg(**kw):
@@ -124,7 +124,7 @@ def test_probe_measures_both_products(runtime):
 
 
 def test_probe_is_cached_per_machine(tmp_path):
-    from compiler.stages.cache import Cache
+    from compiler.rundir.cache import Cache
 
     cache = Cache(tmp_path, versions={"test": "1"})
     first = int8_probe("ort", (16, 32, 64), 1, cache)

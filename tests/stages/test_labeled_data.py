@@ -198,7 +198,7 @@ def test_classifier_without_labels_is_gated_on_fidelity(tmp_path, caplog):
     from conftest import FAST, compose
 
     from compiler.pipeline import run_build
-    from compiler.stages.cache import open_cache
+    from compiler.rundir.cache import open_cache
     from compiler.stages.validate import validate
 
     spec = validate(compose("model=tiny_distilbert", "model.task=classification", "recipe=int8_static",

@@ -1,4 +1,4 @@
-"""The bench's per-op-type profile (compiler/stages/op_profile.py): its structure and arithmetic on planted
+"""The bench's per-op-type profile (compiler/stages/bench/op_profile.py): its structure and arithmetic on planted
 timings, real onnxruntime and torch profiles of tiny models, a tiny_bert build's report section, and
 bench.profile=false. Never a timing value: only sums, counts, names and the bound's formula."""
 
@@ -13,7 +13,7 @@ from conftest import compose
 
 from compiler.core.errors import RecipeError
 from compiler.stages.bench import run_bench
-from compiler.stages.op_profile import (
+from compiler.stages.bench.op_profile import (
     PROFILE_RUNS,
     OpTable,
     Profiler,
@@ -242,7 +242,7 @@ def test_markdown_table_has_top_ops_other_and_the_bound():
 
 def _build(tmp_path, *overrides):
     from compiler.pipeline import run_build
-    from compiler.stages.cache import open_cache
+    from compiler.rundir.cache import open_cache
     from compiler.stages.validate import validate
 
     spec = validate(compose("model=tiny_bert", "target=ort", f"cache.dir={tmp_path / 'cache'}",
@@ -282,7 +282,7 @@ def test_int8_static_build_reports_its_profile_and_bound(tmp_path):
 
 def test_profile_false_leaves_no_profile_and_scaling_is_opt_in(tmp_path):
     """One cheap build for two bench switches: bench.profile=false, and the opt-in bench.scaling (its
-    structure; compiler/stages/scaling.py's own tests are in test_scaling.py)."""
+    structure; compiler/stages/bench/scaling.py's own tests are in test_scaling.py)."""
     report, run_dir = _build(tmp_path, "recipe=fp32", "bench.profile=false", "check.enabled=false",
                              "bench.scaling=true", "bench.server_batch=2")
     assert "profile" not in report["bench"]

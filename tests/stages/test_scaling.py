@@ -1,4 +1,4 @@
-"""bench.scaling (compiler/stages/scaling.py): which thread counts, the report's structure and its table, on
+"""bench.scaling (compiler/stages/bench/scaling.py): which thread counts, the report's structure and its table, on
 stand-in predictors; never a timing value. A build with bench.scaling=true is in test_op_profile.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from conftest import compose
 
 from compiler.core.errors import RecipeError
 from compiler.stages.bench import interleaved
-from compiler.stages.scaling import markdown_lines, run_scaling, thread_counts
+from compiler.stages.bench.scaling import markdown_lines, run_scaling, thread_counts
 
 
 def test_thread_counts_double_up_to_every_core():

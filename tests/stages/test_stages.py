@@ -14,7 +14,7 @@ from compiler.stages.data import load_data
 from compiler.core.errors import BuildError, RecipeError
 from compiler.graph.io import op_histogram, save_onnx
 from compiler.stages.export import export_onnx
-from compiler.stages.manifest import read_manifest, write_manifest
+from compiler.rundir.manifest import read_manifest, write_manifest
 from compiler.stages.report import render_markdown, write_report
 from compiler.runners.callable import CallableRunner, torch_predictor
 from compiler.core.schema import ExportConfig, GateConfig

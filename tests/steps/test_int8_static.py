@@ -156,7 +156,7 @@ def test_entropy_with_onnxruntimes_default_bins_equals_minmax(exported, tmp_path
 
 
 def test_calibration_ranges_come_from_the_cache_and_any_input_change_misses(exported, tmp_path):
-    from compiler.stages.cache import Cache
+    from compiler.rundir.cache import Cache
     from compiler.stages.data import Features
 
     cache = Cache(tmp_path / "cache", versions={"test": "1"})
@@ -180,7 +180,7 @@ def test_calibration_ranges_come_from_the_cache_and_any_input_change_misses(expo
 
 def test_preprocessed_graph_comes_from_the_cache_with_its_report(exported, tmp_path):
     # quant_pre_process (shape inference + ORT's optimizer) is a pure function of the graph: one run per export
-    from compiler.stages.cache import Cache
+    from compiler.rundir.cache import Cache
 
     cache = Cache(tmp_path / "cache", versions={"test": "1"})
     first, r1 = quantize(exported, "tiny_bert", tmp_path / "a", cache=cache)

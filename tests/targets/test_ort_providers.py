@@ -84,11 +84,11 @@ def test_gpu_provider_without_gpu_fails_at_validation(monkeypatch):
     import targets.trt_hardware as H
 
     monkeypatch.setattr(O, "check_providers", lambda providers: None)
-    monkeypatch.setattr(H, "detect_gpu", lambda: None)
+    monkeypatch.setattr(O, "detect_gpu", lambda: None)  # where targets.ort looks it up
     with pytest.raises(BuildError) as e:
         O.OrtTarget(ort_cfg(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])).check_environment(None)
     assert str(e.value).startswith("target.providers: CUDAExecutionProvider needs an NVIDIA GPU and none was found")
-    monkeypatch.setattr(H, "detect_gpu", lambda: H.GpuInfo("NVIDIA L4", (8, 9), "test"))
+    monkeypatch.setattr(O, "detect_gpu", lambda: H.GpuInfo("NVIDIA L4", (8, 9), "test"))
     O.OrtTarget(ort_cfg(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])).check_environment(None)
 
 

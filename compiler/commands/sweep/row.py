@@ -27,7 +27,7 @@ class Row:
     artifact_mb: Optional[float] = None
     ms_per_sample: Optional[float] = None
     samples_per_s: Optional[float] = None
-    # the build's speed over its fp32 engine timed in the same run (compiler/stages/bench.py): unlike
+    # the build's speed over its fp32 engine timed in the same run (compiler/stages/bench/): unlike
     # ms_per_sample it compares across sweep points run while the machine's load changed
     speedup_vs_fp32: Optional[float] = None
     peak_rss_mb: Optional[float] = None

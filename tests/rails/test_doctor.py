@@ -10,10 +10,11 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from compiler.stages import doctor
+from compiler.rails import doctor
 from compiler.core.errors import BuildError, RecipeError
 from compiler.rails import FAILED, PASSED, RAIL_NAMES, SKIPPED
 from compiler.core.schema import DoctorConfig, ExportConfig, TargetConfig
+from targets import capabilities_of
 from tests.conftest import FAST
 
 
@@ -42,7 +43,7 @@ def baked_onnx(tmp_path_factory):
 
 
 def test_doctor_file_runs_every_rail_in_order(bert_onnx):
-    results = doctor.doctor_file(bert_onnx, target="ort")
+    results = doctor.doctor_file(bert_onnx, target=capabilities_of("ort"))
     assert [r["rail"] for r in results] == list(RAIL_NAMES)
     by = {r["rail"]: r for r in results}
     assert not doctor.failures(results), doctor.render_table(results)
@@ -56,7 +57,7 @@ def test_doctor_file_runs_every_rail_in_order(bert_onnx):
 
 
 def test_doctor_file_trt_target_skips_ort_only_rails(bert_onnx):
-    by = {r["rail"]: r for r in doctor.doctor_file(bert_onnx, target="trt")}
+    by = {r["rail"]: r for r in doctor.doctor_file(bert_onnx, target=capabilities_of("trt"))}
     assert by["memcpy"]["status"] == SKIPPED and by["provider_fallback"]["status"] == SKIPPED
     assert by["coverage"]["status"] == PASSED and by["input_dependence"]["status"] == PASSED
 
@@ -140,8 +141,8 @@ def test_doctor_refuses_a_file_that_is_no_onnx_model_as_a_bad_argument(tmp_path,
 
 
 def _spec(target="ort", **doctor_cfg):
-    return SimpleNamespace(target=TargetConfig(name=target), export=ExportConfig(), doctor=DoctorConfig(**doctor_cfg),
-                           steps=[])
+    return SimpleNamespace(target=TargetConfig(name=target), capabilities=capabilities_of(target), export=ExportConfig(),
+                           doctor=DoctorConfig(**doctor_cfg), steps=[])
 
 
 def test_after_lower_failed_rail_is_a_build_error_naming_it(tiny_bert, bert_onnx, tmp_path):

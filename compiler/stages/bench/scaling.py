@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from compiler.core.feeds import synthetic_feed
+
 # round-robin rounds per (threads, shape): the ratio is a median over rounds x calls; a server batch of
 # 32 x 128 costs ~0.5 s a call for MiniLM on one core, so calls per round stay few
 ROUNDS = 3
@@ -57,8 +59,6 @@ def run_scaling(make_build: Callable[[int], Callable], make_fp32: Callable[[int]
                 calls: dict[tuple[int, int], int] | None = None, warmup: int = 1) -> ScalingReport:
     """make_build(threads) / make_fp32(threads) build a predictor pinned to that many threads; per thread
     count both are timed at each (batch, seq) shape by round_robin (the bench's `interleaved`: ROUNDS rounds)."""
-    from compiler.core.feeds import synthetic_feed
-
     report = ScalingReport(threads=list(threads), shapes=[list(s) for s in shapes])
     one: dict[tuple[int, int], float] = {}
     for t in threads:

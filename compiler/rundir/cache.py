@@ -21,6 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from compiler.core.hashing import file_sha256
+from compiler.rundir.manifest import package_versions
 
 log = logging.getLogger("qcompile")
 
@@ -44,8 +45,6 @@ def tool_versions() -> Dict[str, str]:
     """The installed versions of every package that shapes an artifact (torch, onnx, onnxruntime,
     modelopt, transformers, tensorrt, qcompile ...) plus Python, and the sha256 of qcompile's own source:
     an editable install keeps version 0.1.0 while its code changes."""
-    from compiler.stages.manifest import package_versions
-
     out = dict(package_versions())  # holds qcompile_source_sha256 too
     out["python"] = platform.python_version()
     return out
@@ -228,36 +227,7 @@ def open_cache(cfg) -> Optional[Cache]:
     return Cache(root)
 
 
-# ---------------------------------------------------------------- what qcompile caches
-
-def export_key(model, spec) -> Dict[str, Any]:
-    """Everything that determines the fp32 export: the weights' content hash, the model and export
-    sections, the graph's input/output names (tool versions and qcompile's source are added by Cache)."""
-    return {"weights_sha256": model.weights_sha256, "model": spec.model, "export": spec.export,
-            "input_names": list(model.input_names), "output_names": list(model.output_names)}
-
-
-def cached_fp32_export(model, spec, out_path: Path, cache: Cache) -> Path:
-    """The fp32 export through the cache: sweep points that share model, weights and export settings
-    share one export. Only for an unmodified module (no torch-side step ran): a quantized module's
-    export depends on the whole recipe and is not cached."""
-    from compiler.graph.io import onnx_files
-    from compiler.stages.export import export_onnx
-
-    def build(d: Path) -> None:
-        export_onnx(model.module, model.input_names, model.output_names, d / "export.onnx", spec.export)
-
-    entry = cache.get_or_create("export", export_key(model, spec), build)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    src = entry / "export.onnx"
-    # the external-data file name is written inside the graph, so it keeps its name: <graph>.data
-    if out_path.name != src.name:
-        raise ValueError(f"cached_fp32_export writes {src.name}, not {out_path.name}")
-    for f in onnx_files(src):
-        shutil.copyfile(f, out_path.parent / f.name)  # copyfile: the copy is writable, the entry stays read-only
-    return out_path
-
+# ---------------------------------------------------------------- what qcompile caches (the fp32 export: stages/export.py)
 
 def feeds_sha256(feeds) -> str:
     """Content hash of a list of feeds (names, dtypes, shapes, bytes, order): data, seq_len and batch size."""

@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from compiler.core.feeds import synthetic_feed
 from compiler.core.report_types import BaselineKind
+from compiler.stages.bench.op_profile import Profiler
+from compiler.stages.bench.probe import graph_flops
+from compiler.stages.bench.scaling import scaling_for_build
+from compiler.stages.export import cached_fp32_export, export_onnx
+from targets.trt_hardware import detect_gpu
 
 
 class PeakRSS:
@@ -131,7 +137,7 @@ def _median_ms(rounds: list[list[float]]) -> float:
 
 
 def warm_up(name: str, predict: Callable, feed: dict[str, np.ndarray], warmup: int, profiler=None) -> None:
-    """The warm-up calls, through the op profiler when one is given (compiler/stages/op_profile.py: it
+    """The warm-up calls, through the op profiler when one is given (compiler/stages/bench/op_profile.py: it
     switches its profiler off again before the timed loop)."""
     if profiler is not None:
         profiler.warm_up(name, predict, feed, warmup)
@@ -148,8 +154,6 @@ def run_bench(make_predict: Callable[[], Callable], input_names: list[str], cfg,
     round-robin in this one run and the result carries speedup_vs_fp32 and its spread. evaluation (the
     evaluation Features) is needed for cfg.shapes == "data". profiler (an op_profile.Profiler) profiles the
     fp32 engine's warm-up calls and the build in a short loop after the timed one (outside the peak window)."""
-    from compiler.core.feeds import synthetic_feed
-
     batch = int(cfg.batch_size)
     feed = synthetic_feed(input_names, batch, int(cfg.seq_len), seed=1)
     rounds = max(1, min(int(getattr(cfg, "rounds", 1) or 1), int(cfg.iterations)))
@@ -223,8 +227,6 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path, profile_prefix
     if not spec.steps:
         return None, None, BaselineKind.SELF, "the build is the fp32 engine itself"
     if target.capabilities.gpu:
-        from targets.trt_hardware import detect_gpu
-
         if detect_gpu() is None:
             return (None, None, BaselineKind.NONE,
                     f"target {target.name} times a GPU engine and this machine has no NVIDIA GPU")
@@ -233,12 +235,8 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path, profile_prefix
     onnx_path = None
     if target.needs_onnx:
         if cache is not None:
-            from compiler.stages.cache import cached_fp32_export
-
             onnx_path = cached_fp32_export(reference, spec, base_dir / "export.onnx", cache)
         else:
-            from compiler.stages.export import export_onnx
-
             onnx_path = export_onnx(reference.module, reference.input_names, reference.output_names,
                                     base_dir / "export.onnx", spec.export)
     engine = target.lower(reference, onnx_path, base_dir)
@@ -253,12 +251,10 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
                  probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bench stage of a build: the engine timed against its fp32 baseline (same run, round-robin),
     plus the fraction of the machine's fp32 matrix-product peak (graph FLOPs / latency / probe GFLOP/s) and,
-    with bench.profile, where the time goes by op type and the int8 bound (compiler/stages/op_profile.py)."""
+    with bench.profile, where the time goes by op type and the int8 bound (compiler/stages/bench/op_profile.py)."""
     profiler = None
     threads = int(spec.bench.threads) or None
     if spec.bench.profile:
-        from compiler.stages.op_profile import Profiler
-
         profiler = Profiler(runs_torch=not target.capabilities.runs_onnx,
                             make_profiled=lambda prefix: target.predictor(engine, threads=threads, profile_prefix=prefix))
     make_baseline, fp32_onnx, kind, why = fp32_baseline(target, reference, spec, cache, work_dir,
@@ -270,8 +266,6 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
     if profiler is not None:
         out["profile"] = profiler.section(probe, out.get("speedup_vs_fp32"), is_fp32=not spec.steps).to_dict()
     if spec.bench.scaling:
-        from compiler.stages.scaling import scaling_for_build
-
         fp32 = None if make_baseline is None else (lambda t: make_baseline(t, None))
         out["scaling"] = scaling_for_build(target, engine, fp32, reference.input_names, spec.bench,
                                            interleaved).to_dict()
@@ -281,8 +275,6 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
         out["baseline"] = f"fp32 engine of the same model on target {spec.target.name}, timed round-robin in this run"
     graph = fp32_onnx or onnx_path
     if graph is not None:
-        from compiler.stages.probe import graph_flops
-
         try:
             out["flops"] = graph_flops(Path(graph), int(spec.bench.batch_size), int(spec.bench.seq_len))
         except Exception as e:  # noqa: BLE001 -- shape inference can fail on an exotic graph: the bench still stands

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from compiler.stages import rundir
+from compiler.rundir import lifecycle
 from compiler.core.errors import RecipeError
 from compiler.core.status import PARTIAL_SUFFIX
 from tests.conftest import FAST
@@ -24,16 +24,16 @@ def _staging(tmp_path, name="12-00-00_tiny_bert_fp32_ort"):
 
 def test_success_renames_the_staging_dir(tmp_path):
     d = _staging(tmp_path)
-    rundir.begin(d)
-    assert not (d / rundir.BUILDING_MARKER).exists()  # a .partial name already says "not finished"
-    final = rundir.succeed(d)
+    lifecycle.begin(d)
+    assert not (d / lifecycle.BUILDING_MARKER).exists()  # a .partial name already says "not finished"
+    final = lifecycle.succeed(d)
     assert final == tmp_path / "12-00-00_tiny_bert_fp32_ort" and final.is_dir() and not d.exists()
 
 
 def test_a_finished_name_is_never_reused(tmp_path):
     (tmp_path / "12-00-00_tiny_bert_fp32_ort").mkdir()
     (tmp_path / "12-00-00_tiny_bert_fp32_ort" / "report.json").write_text("{}")
-    final = rundir.succeed(_staging(tmp_path))
+    final = lifecycle.succeed(_staging(tmp_path))
     assert final.name == "12-00-00_tiny_bert_fp32_ort-1"
     assert (tmp_path / "12-00-00_tiny_bert_fp32_ort" / "report.json").read_text() == "{}"
 
@@ -42,7 +42,7 @@ def test_failure_marks_the_dir_and_hides_the_report(tmp_path):
     d = _staging(tmp_path)
     (d / "report.json").write_text("{}")  # written before a late stage failed
     (d / "manifest.json").write_text("{}")
-    final = rundir.fail(d, "export failed: boom", kind="build failed")
+    final = lifecycle.fail(d, "export failed: boom", kind="build failed")
     assert final.name == "12-00-00_tiny_bert_fp32_ort.FAILED"
     assert "# qcompile: build failed" in (final / "FAILED.md").read_text()
     assert "export failed: boom" in (final / "FAILED.md").read_text()
@@ -51,12 +51,12 @@ def test_failure_marks_the_dir_and_hides_the_report(tmp_path):
 
 
 def test_gate_failure_is_marked_in_the_name(tmp_path):
-    assert rundir.succeed(_staging(tmp_path), gate_failed=True).name.endswith(".gate-failed")
+    assert lifecycle.succeed(_staging(tmp_path), gate_failed=True).name.endswith(".gate-failed")
 
 
 def test_recipe_error_discards_the_staging_dir(tmp_path):
     d = _staging(tmp_path)
-    rundir.discard(d)
+    lifecycle.discard(d)
     assert not d.exists()
 
 
@@ -65,12 +65,12 @@ def test_begin_refuses_a_finished_run_and_marks_explicit_dirs(tmp_path):
     done.mkdir()
     (done / "manifest.json").write_text("{}")
     with pytest.raises(RecipeError, match="already holds a finished run"):
-        rundir.begin(done)
+        lifecycle.begin(done)
     explicit = tmp_path / "mine"
     explicit.mkdir()
-    rundir.begin(explicit)  # an explicit name cannot carry .partial: a marker says it is being written
-    assert (explicit / rundir.BUILDING_MARKER).exists()
-    assert rundir.succeed(explicit) == explicit and not (explicit / rundir.BUILDING_MARKER).exists()
+    lifecycle.begin(explicit)  # an explicit name cannot carry .partial: a marker says it is being written
+    assert (explicit / lifecycle.BUILDING_MARKER).exists()
+    assert lifecycle.succeed(explicit) == explicit and not (explicit / lifecycle.BUILDING_MARKER).exists()
 
 
 def test_build_lands_under_outputs_and_is_never_overwritten(qcompile, tmp_path):
@@ -93,7 +93,7 @@ def test_explicit_run_dir_is_used_as_given(qcompile, tmp_path):
     target = tmp_path / "elsewhere" / "my_build"
     r = qcompile(*BASE, *FAST, "bench.enabled=false", "check.enabled=false", f"hydra.run.dir={target}")
     assert r.rc == 0, r
-    assert (target / "report.json").exists() and not (target / rundir.BUILDING_MARKER).exists()
+    assert (target / "report.json").exists() and not (target / lifecycle.BUILDING_MARKER).exists()
     assert json.loads((target / "report.json").read_text())["status"] == "passed"
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("report.json"))
 
@@ -103,15 +103,15 @@ def test_an_explicit_dir_ends_with_the_same_suffixes(tmp_path):
     X.FAILED like a staging dir, so a directory without a suffix is a finished, passing run however named."""
     gate = tmp_path / "gate"
     gate.mkdir()
-    rundir.begin(gate)
+    lifecycle.begin(gate)
     (gate / "report.json").write_text('{"status": "gate failed"}')
-    final = rundir.succeed(gate, gate_failed=True)
+    final = lifecycle.succeed(gate, gate_failed=True)
     assert final == tmp_path / "gate.gate-failed" and not gate.exists()
-    assert (final / "report.json").exists() and not (final / rundir.BUILDING_MARKER).exists()
+    assert (final / "report.json").exists() and not (final / lifecycle.BUILDING_MARKER).exists()
     broken = tmp_path / "broken"
     broken.mkdir()
-    rundir.begin(broken)
-    final = rundir.fail(broken, "export failed: boom")
+    lifecycle.begin(broken)
+    final = lifecycle.fail(broken, "export failed: boom")
     assert final == tmp_path / "broken.FAILED" and not broken.exists()
     assert "export failed: boom" in (final / "FAILED.md").read_text()
 
@@ -123,8 +123,8 @@ def test_recipe_error_leaves_no_explicit_dir_behind(tmp_path):
     (explicit / ".hydra").mkdir(parents=True)
     (explicit / ".hydra" / "config.yaml").write_text("seed: 0\n")
     (explicit / "cli.log").write_text("log\n")
-    rundir.begin(explicit)
-    rundir.discard(explicit)
+    lifecycle.begin(explicit)
+    lifecycle.discard(explicit)
     assert not explicit.exists()
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from compiler.stages.cache import ENTRY_MANIFEST, Cache, cached_fp32_export, canonical_json, export_key, tool_versions
+from compiler.rundir.cache import ENTRY_MANIFEST, Cache, canonical_json, tool_versions
+from compiler.stages.export import cached_fp32_export, export_key
 
 VERSIONS = {"torch": "2.13.0+cpu", "onnx": "1.23.2", "onnxruntime": "1.32.0", "nvidia-modelopt": "0.47.0",
             "qcompile": "0.1.0", "qcompile_source_sha256": "ab" * 32}
@@ -221,7 +222,7 @@ def test_cached_export_equals_a_fresh_export(tmp_path, tiny_bert):
 def test_builds_report_export_hit_and_miss(tmp_path):
     """Two builds with the same model and export settings: the second reuses the export, and its
     model.onnx is byte-identical; the report says which."""
-    from compiler.stages.cache import open_cache
+    from compiler.rundir.cache import open_cache
     from compiler.pipeline import run_build
 
     fast = ["data.calibration_samples=8", "data.evaluation_samples=16", "data.seq_len=32", "bench.iterations=2",
@@ -242,7 +243,7 @@ def test_builds_report_export_hit_and_miss(tmp_path):
 
 
 def test_unwritable_cache_dir_disables_the_cache(tmp_path, caplog):
-    from compiler.stages.cache import open_cache
+    from compiler.rundir.cache import open_cache
     from compiler.core.schema import CacheConfig
 
     blocker = tmp_path / "file"
@@ -259,7 +260,7 @@ class _NoParams:
 def test_export_of_a_torch_quantized_module_is_not_cached(tmp_path):
     """Only the unmodified fp32 export is shared: after a torch-side step the export depends on the
     whole recipe, so it is built every time."""
-    from compiler.stages.cache import open_cache
+    from compiler.rundir.cache import open_cache
     from compiler.pipeline import run_build
     from compiler.steps.base import STEP_REGISTRY, TORCH, Step
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from compiler.core.errors import RecipeError
 from compiler.core.status import FAILED_SUFFIX, GATE_FAILED_SUFFIX, PARTIAL_SUFFIX, Status
 
 BUILDING_MARKER = "BUILDING"  # inside an explicitly named run dir (hydra.run.dir=...) while it builds
@@ -35,13 +36,9 @@ def begin(run_dir: Path) -> None:
     """Refuse to build into a directory that holds a finished run; mark explicit dirs as building."""
     run_dir = Path(run_dir)
     if (run_dir / "report.json").exists() or (run_dir / "manifest.json").exists():
-        from compiler.core.errors import RecipeError
-
         raise RecipeError("hydra.run.dir", f"{run_dir} already holds a finished run",
                           "choose another hydra.run.dir; finished runs are never overwritten")
     if not os.access(run_dir, os.W_OK):
-        from compiler.core.errors import RecipeError
-
         raise RecipeError("hydra.run.dir", f"{run_dir} is not writable", "pass a writable hydra.run.dir=...")
     if not is_staging(run_dir):
         (run_dir / BUILDING_MARKER).write_text("a qcompile build is writing this directory\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from compiler.core.hashing import file_sha256, source_sha256
+from targets.trt_hardware import detect_gpu
 
 TRACKED_PACKAGES = ("qcompile", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "transformers", "polygraphy",
                     "nvidia-modelopt", "hydra-core", "omegaconf", "numpy", "tensorrt", "onnxscript")
@@ -37,7 +38,6 @@ def package_versions() -> Dict[str, str]:
                 continue
     # an editable install keeps its version number while its code changes: the source's hash tells
     # verify / rebuild (and the cache keys) that the code that built a run is not the code here
-
     out["qcompile_source_sha256"] = source_sha256()
     return out
 
@@ -63,8 +63,6 @@ def hardware() -> Dict[str, Any]:
         pass
     if "gpu" not in info:  # a CPU torch next to TensorRT / onnxruntime-gpu: ask nvidia-smi
         try:
-            from targets.trt_hardware import detect_gpu
-
             gpu = detect_gpu()
             if gpu is not None:
                 info["gpu"], info["gpu_capability"] = gpu.name, ".".join(map(str, gpu.capability))

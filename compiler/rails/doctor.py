@@ -1,5 +1,9 @@
-"""Guard rails ("doctor"): run the rails of compiler/rails/ after export and after lowering in every
-build, and on any ONNX file for `qcompile doctor`; a failed rail stops a build with a BuildError."""
+"""Guard rails ("doctor"): run the rails of this package after export and after lowering in every
+build, and on any ONNX file for `qcompile doctor`; a failed rail stops a build with a BuildError.
+
+The doctor lives beside its rails, below targets in the layers: it is given the target's declared
+TargetCapabilities (the build's spec.capabilities, or targets.capabilities_of(name) at the command line)
+and never looks a target up by name itself."""
 
 from __future__ import annotations
 
@@ -10,12 +14,28 @@ from typing import Any, Dict, List, Optional
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
-from compiler.core.schema import CONSTANT_PROMOTE_BYTES
-from compiler.rails import (FAILED, RAIL_NAMES, SKIPPED, WARNED, RailContext, applies, coverage, first_line, fp16_types,
-                            input_dependence, int8_speed, memcpy, not_applicable, provider_fallback, result, shape_inference, size,
-                            trt_explicit_quant)
+from compiler.core.schema import CONSTANT_PROMOTE_BYTES, DoctorConfig
+from compiler.rails import (
+    FAILED,
+    RAIL_NAMES,
+    SKIPPED,
+    WARNED,
+    RailContext,
+    applies,
+    coverage,
+    first_line,
+    fp16_types,
+    input_dependence,
+    int8_speed,
+    memcpy,
+    not_applicable,
+    provider_fallback,
+    result,
+    shape_inference,
+    size,
+    trt_explicit_quant,
+)
 from compiler.runners.sessions import node_placement, ort_session
-from targets.base import get_target
 
 log = logging.getLogger("qcompile")
 
@@ -27,8 +47,6 @@ EXPORT_RAILS = ("shape_inference", "size")  # the ones that judge the freshly ex
 
 
 def default_config():
-    from compiler.core.schema import DoctorConfig
-
     return DoctorConfig()
 
 
@@ -117,7 +135,7 @@ def after_export(onnx_path: Path, spec, report: Dict[str, Any]) -> Path:
     cfg = _config(spec)
     if not cfg.enabled:
         return onnx_path
-    ctx = RailContext(target=capabilities_of(spec.target.name), config=cfg, onnx_path=Path(onnx_path),
+    ctx = RailContext(target=spec.capabilities, config=cfg, onnx_path=Path(onnx_path),
                       exporter=spec.export.exporter, constant_limit=_constant_limit(cfg, spec.export))
     results = run_rails(ctx, EXPORT_RAILS)
     for r in results:
@@ -177,14 +195,9 @@ def _write_doctor_md(report: Dict[str, Any], results: List[Dict[str, Any]]) -> N
 
 # -- on any ONNX file: `qcompile doctor path/to/model.onnx target=ort|trt` ----------------------------
 
-def capabilities_of(target) -> TargetCapabilities:
-    """A target's declared capabilities, from its name (the target's class) or as given."""
-    return target if isinstance(target, TargetCapabilities) else get_target(str(target)).capabilities
-
-
-def doctor_file(onnx_path: Path, target="ort", config=None, providers: Optional[List[str]] = None,
+def doctor_file(onnx_path: Path, target: TargetCapabilities, config=None, providers: Optional[List[str]] = None,
                 quantized: Optional[bool] = None) -> List[Dict[str, Any]]:
-    """Every rail that applies to `target` (a name or its TargetCapabilities) on an ONNX file from anywhere.
+    """Every rail that applies to `target` (its declared capabilities) on an ONNX file from anywhere.
     ORT's optimized graph and placement come from a session on `providers` (default: the CPU) where the
     target runs an ONNX Runtime session."""
     import onnx
@@ -202,11 +215,10 @@ def doctor_file(onnx_path: Path, target="ort", config=None, providers: Optional[
                           "give an ONNX file (a serialized onnx.ModelProto) or a run directory") from None
     providers = list(providers or ["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="qcompile-doctor-") as tmp:
-        caps = capabilities_of(target)
-        ctx = RailContext(target=caps, config=cfg, onnx_path=onnx_path, providers=providers,
+        ctx = RailContext(target=target, config=cfg, onnx_path=onnx_path, providers=providers,
                           quantized=quantized if quantized is not None else cfg.quantized,
                           constant_limit=_constant_limit(cfg))
-        if caps.ort_session:
+        if target.ort_session:
             for k, v in probe_ort(onnx_path, providers, Path(tmp)).items():
                 setattr(ctx, k, v)
         results = run_rails(ctx)
