@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
-from compiler.core.errors import RecipeError
+from compiler.core.errors import RecipeError, did_you_mean
 from compiler.core.report_types import Report
 from compiler.core.status import Status
 
@@ -57,9 +57,7 @@ def check_objectives(names: Sequence[str], directions: Any = None) -> Tuple[str,
         raise RecipeError("search.objectives", "is empty", f"name at least one of {', '.join(OBJECTIVES)}")
     for n in names:
         if n not in OBJECTIVES:
-            from compiler.stages.validate import _closest
-
-            raise RecipeError("search.objectives", f"unknown objective {n!r}", _closest(n, OBJECTIVES))
+            raise RecipeError("search.objectives", f"unknown objective {n!r}", did_you_mean(n, OBJECTIVES))
     if directions is not None:
         dirs = [directions] if isinstance(directions, str) else list(directions)
         if len(dirs) != len(names):

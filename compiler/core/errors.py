@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from compiler.core.logs import strip_ansi
 from compiler.core.status import EXIT_CODES, Status
 
@@ -68,3 +70,9 @@ class InterruptedBuild(QcompileError):
 
     kind = Status.INTERRUPTED
     exit_code = EXIT_CODES[kind]
+
+
+def did_you_mean(word: str, options) -> str:
+    """The fix for an unknown name: the closest of options ("did you mean 'x'?"), else every option."""
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f"did you mean {match[0]!r}?" if match else f"valid: {', '.join(sorted(map(str, options)))}"

@@ -3,6 +3,7 @@ and `qcompile summarize <sweep dir>`, which rewrites them."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from compiler.commands.sweep.plot import plot_pareto
 from compiler.commands.sweep.row import STATUS_ORDER, Row
 from compiler.commands.sweep.runs import JOBS_DIR, _read_json, collect_rows, read_job_records
 from compiler.commands.sweep.tables import render_markdown, write_csv
+from compiler.core.errors import RecipeError
 from compiler.core.status import Status, exit_code
 
 log = logging.getLogger("qcompile")
@@ -123,10 +125,6 @@ def latest_sweep_dir(root: Path = Path("outputs/multirun")) -> Optional[Path]:
 
 
 def summarize_main(argv: Sequence[str]) -> int:
-    import argparse
-
-    from compiler.core.errors import RecipeError
-
     ap = argparse.ArgumentParser(prog="qcompile summarize",
                                  description="Write summary.md, summary.csv and pareto.png for a sweep directory.")
     ap.add_argument("sweep_dir", nargs="?", help="a multirun directory (default: the newest under outputs/multirun)")
