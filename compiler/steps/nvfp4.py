@@ -354,6 +354,17 @@ class NVFP4Step(Step):
     # DequantizeLinear need opset 23)
     layer_format_choices = frozenset(number_format("nvfp4").fallbacks)
 
+    def validate_export(self, export_cfg, target) -> None:
+        super().validate_export(export_cfg, target)
+        if str(self.params.algorithm) != "max" and str(getattr(export_cfg, "exporter", "")) == "dynamo":
+            from compiler.core.errors import RecipeError
+
+            # the dynamo route (compiler/steps/modelopt_dynamo.py) exports every NVFP4 weight as a one-input
+            # fp4_qdq, whose scales modelopt's exporter recomputes by max: the calibrated ones would be lost
+            raise RecipeError(f"{self.key}.algorithm", f"{self.params.algorithm} cannot reach the graph through "
+                              "export.exporter=dynamo (its NVFP4 weights export with max scales)",
+                              "use export.exporter=torchscript, or algorithm=max")
+
     def layers(self, module, exclude=()) -> List[str]:
         from compiler.steps.modelopt import DEFAULT_EXCLUDE
 

@@ -80,6 +80,18 @@ def test_unknown_algorithm_is_refused_with_the_list():
                             "'gptq']")
 
 
+def test_the_dynamo_exporter_is_refused_for_a_calibrated_algorithm():
+    from compiler.core.schema import ExportConfig
+
+    dynamo = ExportConfig(exporter="dynamo", opset=None)
+    NVFP4Step(NVFP4Params()).validate_export(dynamo, caps("trt"))  # max: the dynamo route is fine
+    with pytest.raises(RecipeError) as e:
+        NVFP4Step(NVFP4Params(algorithm="mse")).validate_export(dynamo, caps("trt"))
+    assert str(e.value) == ("recipe.steps.nvfp4.algorithm: mse cannot reach the graph through export.exporter=dynamo "
+                            "(its NVFP4 weights export with max scales) -- use export.exporter=torchscript, or "
+                            "algorithm=max")
+
+
 # ---- the step on a tiny model with a planted outlier column ----------------------------------------------
 
 
