@@ -130,8 +130,9 @@ def fix_weight_scales(module) -> int:
         weight = getattr(sub, "weight", None)
         if not isinstance(wq, TensorQuantizer) or not wq.is_enabled or weight is None:
             continue
-        if tuple(wq.num_bits) != (2, 1) or getattr(wq, "backend", None) == FIXED_SCALES_BACKEND:
-            continue
+        bits = tuple(wq.num_bits) if isinstance(wq.num_bits, (list, tuple)) else wq.num_bits
+        if bits != (2, 1) or getattr(wq, "backend", None) == FIXED_SCALES_BACKEND:
+            continue  # a layer given int8 / fp8 by the layer map keeps its own quantizer
         with torch.no_grad():
             w = weight.detach().float()
             want = wq(weight.detach()).float()

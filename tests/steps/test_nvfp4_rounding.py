@@ -218,3 +218,16 @@ def test_mse_scales_differ_from_max_so_the_carry_matters(quantized):
     w = module.get_submodule(PLANTED_LAYER).weight.detach()
     _, max_s8, _ = nvfp4_quantize(w, w.abs().amax())
     assert (wq._qc_scale_e4m3 != max_s8).float().mean() > 0.1
+
+
+@pytest.mark.parametrize("fallback", ["int8", "fp8"])
+def test_layers_given_a_fallback_format_keep_their_quantizer(tiny_bert, tiny_data, fallback):
+    """The repair's per-layer map (with_layer_formats) with a calibrated algorithm: the fallback layer keeps its
+    int8 / fp8 quantizer, the other 11 get their calibrated NVFP4 scales."""
+    layer = "inner.encoder.layer.0.attention.self.query"
+    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, calibration=tiny_data.calibration,
+                      exclude=model_exclude(tiny_bert))
+    step = NVFP4Step(NVFP4Params(algorithm="four_over_six")).with_layer_formats({layer: fallback})
+    module = step.apply_torch(copy.deepcopy(tiny_bert.module), ctx)
+    assert ctx.report["fixed_scale_weights"] == 11
+    assert module.get_submodule(layer).weight_quantizer.backend is None
