@@ -74,12 +74,13 @@ class Int4WeightOnlyStep(Step):
     def validate(self, info, target: TargetCapabilities) -> None:
         super().validate(info, target)
         p = self.params
+        # target-dependent: a hole in a sweep's matrix (NotRunnableError), not a broken recipe
         if not target.runs_onnx and p.algorithm not in TORCH_ALGORITHMS:
-            raise RecipeError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target={target.name} "
+            raise NotRunnableError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target={target.name} "
                               "(an onnxruntime MatMulNBits algorithm)",
                               f"use one of {list(TORCH_ALGORITHMS)} or target=ort")
         if self.runs_on.get(target.name) == ONNX and p.algorithm not in ORT_ALGORITHMS:
-            raise RecipeError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target={target.name} "
+            raise NotRunnableError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target={target.name} "
                               "(a modelopt calibration, torch side only)",
                               f"use one of {list(ORT_ALGORITHMS)} or target=torch")
         if not target.runs_onnx and not p.is_symmetric:
