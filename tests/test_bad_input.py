@@ -116,6 +116,27 @@ def test_step_the_target_cannot_run(qcompile):
     assert_clean_error(r, 2, f"recipe.steps.{step}: {step} is not runnable on target={target} -- use target=")
 
 
+ROUNDING_ERRORS = [
+    ("nvfp4: unknown algorithm", ["recipe=nvfp4", "target=torch", "recipe.steps.nvfp4.algorithm=awq"],
+     "recipe.steps.nvfp4.algorithm: nvfp4 has no calibration algorithm 'awq' -- use one of ['max', 'awq_lite', "),
+    ("nvfp4: an int4 algorithm", ["recipe=nvfp4", "target=trt", "recipe.steps.nvfp4.algorithm=hqq"],
+     "recipe.steps.nvfp4.algorithm: nvfp4 has no calibration algorithm 'hqq' -- use one of ['max', 'awq_lite', "),
+    ("int4 on ort: a torch-side algorithm", ["recipe=int4_weight_only", "target=ort",
+                                             "recipe.steps.int4_weight_only.algorithm=awq_lite"],
+     "recipe.steps.int4_weight_only.algorithm: awq_lite is not runnable on target=ort (a modelopt calibration, torch "
+     "side only) -- use one of ['rtn', 'hqq'] or target=torch"),
+    ("fp8: a block-format algorithm", ["recipe=fp8", "target=ort", "recipe.steps.fp8.algorithm=awq_lite"],
+     "recipe.steps.fp8.algorithm: fp8 has no calibration algorithm 'awq_lite' -- use one of ['max', 'mse']"),
+]
+
+
+@pytest.mark.parametrize("case,args,text", ROUNDING_ERRORS, ids=[c[0] for c in ROUNDING_ERRORS])
+def test_calibration_algorithm_the_step_cannot_run(qcompile, tmp_path, case, args, text):
+    r = qcompile("model=tiny_bert", *args, timeout=300)
+    assert_clean_error(r, 2, text)
+    assert leftovers(tmp_path) == [], "a recipe error must leave no run directory"
+
+
 def test_block_size_not_dividing_the_hidden_size(qcompile):
     r = qcompile("model=tiny_bert", "recipe=fp32", "+recipe.steps.rotate.block_size=64", "+model.tiny.hidden_size=96",
                  "+model.tiny.intermediate_size=384", timeout=300)

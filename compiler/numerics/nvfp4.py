@@ -132,6 +132,68 @@ def nvfp4_weight_fake_quant(w: torch.Tensor, block_size: int = 16) -> torch.Tens
     return (y[..., : w.shape[-1]] if pad else y).to(w.dtype)
 
 
+def nvfp4_static_scales(block_amax: torch.Tensor, global_amax=None, fp8_max: float = E4M3_MAX
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale_e4m3, global_scale) of modelopt's static NVFP4 weight quantizer (per-block amax chosen by a
+    calibration: mse, four_over_six, local_hessian), computed as its kernels do
+    (kernels/quantization/gemm/fp4_kernel.compute_fp4_scales + tensor_quant._fp8_eager): the block scale
+    amax / 6 is fake-quantized to e4m3 against amax_s = global_amax * (448 / fp8_max) / 6, i.e.
+    block scale = e4m3((amax / 6) * (448 / amax_s)) * (1 / (448 / amax_s)). fp8_max is 448, or 256 for
+    four_over_six (which leaves the e4m3 scales room to pick max 4 instead of 6 per block)."""
+    amax = block_amax.detach().float()
+    g = amax.amax() if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32).detach()
+    amax_s = (g.float() * (E4M3_MAX / fp8_max) / E2M1_MAX).reshape(())
+    safe = torch.where(amax_s <= 1.0 / (1 << 24), torch.ones_like(amax_s), amax_s)
+    scale = E4M3_MAX / safe
+    s8 = ((amax / E2M1_MAX) * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return s8, 1 / scale
+
+
+def nvfp4_fake_quant_with_scales(x: torch.Tensor, scale_e4m3: torch.Tensor, global_scale,
+                                 block_size: int = 16) -> torch.Tensor:
+    """Quantize-dequantize x (last axis in blocks) with given per-block e4m3 scales and global scale, as
+    TensorRT's two DequantizeLinear compute it from FP4 values; a zero block scale gives a zero block (the
+    static Triton kernel's rule). Same shape and dtype as x."""
+    blocks, pad = _blocks(x.float(), block_size)
+    unscale = (scale_e4m3.float().reshape(blocks.shape[:-1]) * torch.as_tensor(global_scale, dtype=torch.float32)
+               ).unsqueeze(-1)
+    safe = torch.where(unscale > 0, unscale, torch.ones_like(unscale))
+    q = torch.sign(blocks) * round_to_e2m1(blocks.abs() / safe)
+    y = torch.where(unscale > 0, q * unscale, torch.zeros_like(q)).reshape(*blocks.shape[:-2], -1)
+    return (y[..., : x.shape[-1]] if pad else y).to(x.dtype)
+
+
+def nvfp4_static_fake_quant(x: torch.Tensor, block_amax: torch.Tensor, global_amax=None,
+                            fp8_max: float = E4M3_MAX) -> torch.Tensor:
+    """CPU stand-in for modelopt's Triton `static_blockwise_fp4_fake_quant`: x (..., 16-blocks on the last
+    axis, one amax per block) with the scales of nvfp4_static_scales."""
+    n_blocks = block_amax.numel()
+    block = x.numel() // n_blocks
+    s8, gs = nvfp4_static_scales(block_amax.reshape(-1), global_amax, fp8_max)
+    flat = x.reshape(n_blocks, block)
+    return nvfp4_fake_quant_with_scales(flat, s8, gs, block).reshape(x.shape)
+
+
+class FixedScaleFP4QDQ(torch.autograd.Function):
+    """A weight's NVFP4 quantize-dequantize with scales fixed by a calibration (forward), exported as
+    trt::TRT_FP4QDQ(weight, scale_e4m3, global_scale) -- the node modelopt's NVFP4 exporter turns into FP4
+    weights + two DequantizeLinear, with the two extra inputs carrying the chosen scales to
+    compiler.steps.nvfp4.export_nvfp4_graph (modelopt's exporter alone recomputes max scales from the weight,
+    which drops what awq_clip / mse / four_over_six / local_hessian chose). Straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale_e4m3, global_scale, block_size: int = 16):
+        return nvfp4_fake_quant_with_scales(x, scale_e4m3, global_scale, int(block_size))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+    @staticmethod
+    def symbolic(g, x, scale_e4m3, global_scale, block_size: int = 16):
+        return g.op("trt::TRT_FP4QDQ", x, scale_e4m3, global_scale, block_size_i=int(block_size))
+
+
 # --- the patch into modelopt -------------------------------------------------------------------------
 
 _LOCK = threading.Lock()
@@ -167,3 +229,24 @@ def install_cpu_fallback() -> None:
 
         tensor_quant.dynamic_block_quantize_op = dynamic_block_quantize_op
         _ORIGINAL = original
+        _install_static_fallback(tensor_quant)
+
+
+def _install_static_fallback(tensor_quant) -> None:
+    """Static NVFP4 (per-block amax chosen by modelopt's mse / four_over_six / local_hessian calibrations) is a
+    Triton kernel only in modelopt 0.47 ("static_blockwise_fp4_fake_quant requires triton"); the
+    autograd Function's forward is looked up at call time, so CPU tensors are routed to
+    nvfp4_static_fake_quant and everything else to the original forward."""
+    fn = tensor_quant.StaticBlockwiseFP4FakeQuantFunction
+    original = fn.forward
+
+    def forward(ctx, x, amax, global_amax=None, quantize_block_scales=True, fp8_max_for_normalization=E4M3_MAX,
+                out_dtype=None, pass_through_bwd=False):
+        if x.is_cuda or not quantize_block_scales:
+            return original(ctx, x, amax, global_amax, quantize_block_scales, fp8_max_for_normalization,
+                            out_dtype, pass_through_bwd)
+        tensor_quant._save_for_backward_if_needed(ctx, pass_through_bwd, x, amax)
+        y = nvfp4_static_fake_quant(x, amax, global_amax, float(fp8_max_for_normalization))
+        return y.to(out_dtype or x.dtype)
+
+    fn.forward = staticmethod(forward)

@@ -13,11 +13,26 @@ from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep
 
 
+# How the weights' per-tensor scales are chosen (modelopt calibration algorithms that apply to e4m3 per-tensor
+# weights; its AWQ / local_hessian / four_over_six are block-format calibrations, not offered here):
+#   max  each weight's max (FP8_DEFAULT_CFG's, the default)
+#   mse  the weight's amax searched among 0.25x..4x of its max to minimize its squared error (MseCalibConfig)
+ALGORITHMS = {"max": "max", "mse": {"method": "mse"}}
+
+
 @dataclass
 class Params(StepParams):
-    """exclude: module-name patterns (fnmatch) kept in full precision, on top of model.exclude."""
+    """exclude: module-name patterns (fnmatch) kept in full precision, on top of model.exclude.
+    algorithm: how the weight scales are calibrated (ALGORITHMS)."""
 
     exclude: List[str] = field(default_factory=list)
+    algorithm: str = "max"
+
+    def problems(self):
+        if self.algorithm not in ALGORITHMS:
+            return [("algorithm", f"fp8 has no calibration algorithm {self.algorithm!r}",
+                     f"use one of {list(ALGORITHMS)}")]
+        return []
 
 
 class Fp8Step(ModeloptStep):
@@ -29,6 +44,10 @@ class Fp8Step(ModeloptStep):
     # ONNX graph without TensorRT's trt:: ops gets standard float8 Q/DQ (opset 19); TensorRT reads its own FP8
     # ops at any opset
     precision = frozenset({"fp8"})
+
+    def algorithm(self):
+        algo = str(self.params.algorithm)
+        return "__keep__" if algo == "max" else dict(ALGORITHMS[algo])  # max: the preset's, as before
 
     def after_export(self, onnx_path, out_path, ctx):
         """Where the target cannot run TensorRT's FP8 custom ops: lowered to standard float8 Q/DQ with fp8

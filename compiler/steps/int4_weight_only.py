@@ -22,13 +22,24 @@ log = logging.getLogger(__name__)
 # onnxruntime's algorithms that need nothing beyond onnxruntime and torch: "rtn" is its DEFAULT blockwise
 # quantizer (round to nearest per block; its own "RTN" config goes through neural-compressor, not a
 # dependency here), "hqq" is Half-Quadratic Quantization (optimizes scale and zero point per block)
-ALGORITHMS = ("rtn", "hqq")
+ORT_ALGORITHMS = ("rtn", "hqq")
+# target=torch: modelopt's calibration algorithms on its INT4 block quantizer (INT4_BLOCKWISE_WEIGHT_ONLY_CFG's
+# weights, INT4_AWQ_CFG's algorithms); "rtn" is its max calibration (round to nearest with each block's max).
+# The data-driven ones (all but rtn) read the calibration data.
+#   awq_lite  per-input-channel scales searched on the activations, folded into the weights (AWQ)
+#   awq_clip  each block's clipping range searched to minimize the layer output error
+#   awq_full  awq_lite then awq_clip
+#   mse       each block's amax searched (0.25x..4x of its max) to minimize the weight's squared error
+#   gptq      weights rounded column by column, the error spread over the rest (second-order, GPTQ)
+TORCH_ALGORITHMS = {"rtn": "max", "awq_lite": {"method": "awq_lite"}, "awq_clip": {"method": "awq_clip"},
+                    "awq_full": {"method": "awq_full"}, "mse": {"method": "mse"}, "gptq": {"method": "gptq"}}
+ALGORITHMS = tuple(dict.fromkeys(ORT_ALGORITHMS + tuple(TORCH_ALGORITHMS)))
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
 
 
 @dataclass
 class Params(StepParams):
-    algorithm: str = "rtn"  # rtn | hqq (ort); torch runs rtn (modelopt's max calibration per block)
+    algorithm: str = "rtn"  # ort: rtn | hqq; torch: rtn | awq_lite | awq_clip | awq_full | mse | gptq
     block_size: int = 32  # weights per scale along the input dimension (power of two, >= 16)
     is_symmetric: bool = False  # rtn: zero point 0 (hqq is always asymmetric)
     # MatMulNBits' compute precision on the CPU; None: onnxruntime's default (fp32). 4 = int8 compute
@@ -66,9 +77,15 @@ class Int4WeightOnlyStep(Step):
     def validate(self, info, target: TargetCapabilities) -> None:
         super().validate(info, target)
         p = self.params
-        if not target.runs_onnx and p.algorithm != "rtn":
-            raise RecipeError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target={target.name} "
-                              "(modelopt's int4 weight-only is round-to-nearest)", "use algorithm=rtn or target=ort")
+        # target-dependent: a hole in a sweep's matrix (NotRunnableError), not a broken recipe
+        if not target.runs_onnx and p.algorithm not in TORCH_ALGORITHMS:
+            raise NotRunnableError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target={target.name} "
+                              "(an onnxruntime MatMulNBits algorithm)",
+                              f"use one of {list(TORCH_ALGORITHMS)} or target=ort")
+        if self.runs_on.get(target.name) == ONNX and p.algorithm not in ORT_ALGORITHMS:
+            raise NotRunnableError(f"{self.KEY}.algorithm", f"{p.algorithm} is not runnable on target={target.name} "
+                              "(a modelopt calibration, torch side only)",
+                              f"use one of {list(ORT_ALGORITHMS)} or target=torch")
         if not target.runs_onnx and not p.is_symmetric:
             # modelopt's int4 blocks are symmetric (scale = amax / 7, no zero point); running them for an
             # asymmetric recipe measured MiniLM at cosine 0.960 where the ort build it stands for gave 0.976
@@ -78,6 +95,11 @@ class Int4WeightOnlyStep(Step):
         if not target.runs_onnx and p.accuracy_level is not None:
             raise RecipeError(f"{self.KEY}.accuracy_level", f"is an onnxruntime MatMulNBits option, not runnable on "
                               f"target={target.name}", "use accuracy_level=null or target=ort")
+
+    def __init__(self, params):
+        super().__init__(params)
+        # rtn / hqq read no data; modelopt's other calibrations (torch) read the calibration set
+        self.needs_calibration = str(params.algorithm) not in ORT_ALGORITHMS
 
     def own_exclude(self) -> list[str]:
         return list(self.params.exclude or [])
@@ -123,7 +145,11 @@ class Int4WeightOnlyStep(Step):
         for entry in cfg["quant_cfg"]:
             if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(entry.get("cfg"), dict):
                 entry["cfg"] = {**entry["cfg"], "block_sizes": {-1: int(self.params.block_size), "type": "static"}}
-        quantize_module(model, cfg, ctx, exclude=exclude_patterns(ctx) + list(self.params.exclude or []))
+        algorithm = str(self.params.algorithm)
+        quantize_module(model, cfg, ctx, algorithm=copy.deepcopy(TORCH_ALGORITHMS[algorithm]),
+                        exclude=exclude_patterns(ctx) + list(self.params.exclude or []))
         ctx.report.update({"backend": "modelopt INT4_BLOCKWISE_WEIGHT_ONLY_CFG (fake-quant)",
                            "block_size": int(self.params.block_size)})
+        if algorithm != "rtn":  # the default build's report keeps its keys
+            ctx.report["algorithm"] = algorithm
         return model

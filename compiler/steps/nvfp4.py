@@ -15,13 +15,21 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from compiler.core.errors import BuildError
+from compiler.core.errors import BuildError, RecipeError
 from compiler.core.formats import number_format
 from compiler.graph.constants import fold_constant_subgraphs, promote_constants
 from compiler.graph.io import save_onnx
-from compiler.numerics.nvfp4 import install_cpu_fallback
+from compiler.numerics.nvfp4 import (
+    E2M1_MAX,
+    E4M3_MAX,
+    FixedScaleFP4QDQ,
+    install_cpu_fallback,
+    nvfp4_fake_quant_with_scales,
+    nvfp4_quantize,
+    nvfp4_static_scales,
+)
 from compiler.steps.base import TORCH, Step, StepContext, StepParams
 from compiler.steps.modelopt import DEFAULT_EXCLUDE, _mtq, quantize_module
 
@@ -30,25 +38,128 @@ log = logging.getLogger(__name__)
 NVFP4_BLOCK = 16  # fixed by the format (TensorRT's FP4 kernels and modelopt's exporter)
 
 
+# The weight-rounding calibrations, by the name a recipe gives (`algorithm:`), each modelopt 0.47's own preset:
+# its weight quantizer (dynamic or static per-block scales) and its calibration algorithm. The input quantizers
+# are the step's (W4A4 dynamic, or off with activations: false) whatever the preset.
+#   max            NVFP4_DEFAULT_CFG: block scales from each block's max (today's default)
+#   awq_lite       NVFP4_AWQ_LITE_CFG: per-input-channel scales searched on the calibration activations (AWQ),
+#                  folded into the weights and a Mul in front of the input quantizer
+#   awq_clip       NVFP4_AWQ_CLIP_CFG: the weight's clipping range searched to minimize the layer output error
+#   awq_full       NVFP4_AWQ_FULL_CFG: awq_lite then awq_clip
+#   mse            NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG: each block's e4m3 scale chosen among all 128 to minimize
+#                  the weight's squared error
+#   four_over_six  NVFP4_FOUR_OVER_SIX_CFG: each block scaled to max 4 or 6, whichever errs less
+#   local_hessian  NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG: the mse sweep weighted by the block's input Hessian
+#                  (output error instead of weight error)
+#   gptq           NVFP4_DEFAULT_CFG's quantizers with modelopt's GPTQ algorithm (GPTQCalibConfig; it has no
+#                  NVFP4 preset): layer by layer, weights rounded column by column with the rounding error
+#                  spread over the columns not yet rounded (second-order, from the inputs' Hessian)
+# All of them run on the CPU through compiler.numerics.nvfp4.install_cpu_fallback (the dynamic and the static
+# block kernels are CUDA / Triton only in modelopt 0.47); fix_weight_scales carries their result into the graph.
+ALGORITHMS: Dict[str, Tuple[str, Optional[Dict]]] = {
+    "max": ("NVFP4_DEFAULT_CFG", None),
+    "awq_lite": ("NVFP4_AWQ_LITE_CFG", None),
+    "awq_clip": ("NVFP4_AWQ_CLIP_CFG", None),
+    "awq_full": ("NVFP4_AWQ_FULL_CFG", None),
+    "mse": ("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", None),
+    "four_over_six": ("NVFP4_FOUR_OVER_SIX_CFG", None),
+    "local_hessian": ("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", None),
+    "gptq": ("NVFP4_DEFAULT_CFG", {"method": "gptq"}),
+}
+
+
 @dataclass
 class NVFP4Params(StepParams):
     block_size: int = NVFP4_BLOCK
     # quantize the Linear inputs too (W4A4, dynamic per-block scales at run time); false: weights only
     activations: bool = True
+    # how the weights' scales are chosen (ALGORITHMS); max keeps the build of before this parameter existed
+    algorithm: str = "max"
 
     def problems(self) -> List[Tuple[str, str, str]]:
+        out = []
         if self.block_size != NVFP4_BLOCK:
-            return [("block_size", f"NVFP4 uses blocks of {NVFP4_BLOCK} values (got {self.block_size})",
-                     f"set block_size: {NVFP4_BLOCK}")]
-        return []
+            out.append(("block_size", f"NVFP4 uses blocks of {NVFP4_BLOCK} values (got {self.block_size})",
+                        f"set block_size: {NVFP4_BLOCK}"))
+        if self.algorithm not in ALGORITHMS:
+            out.append(("algorithm", f"nvfp4 has no calibration algorithm {self.algorithm!r}",
+                        f"use one of {list(ALGORITHMS)}"))
+        return out
 
 
-def nvfp4_config(activations: bool = True) -> Dict:
-    """modelopt's NVFP4_DEFAULT_CFG (weights and inputs of every quantizable layer), optionally weights only."""
-    cfg = copy.deepcopy(_mtq().NVFP4_DEFAULT_CFG)
+def nvfp4_config(activations: bool = True, algorithm: str = "max") -> Dict:
+    """modelopt's NVFP4 preset for a calibration algorithm (ALGORITHMS; weights and inputs of every quantizable
+    layer), optionally weights only."""
+    preset, override = ALGORITHMS[algorithm]
+    cfg = copy.deepcopy(getattr(_mtq(), preset))
+    if override is not None:
+        cfg["algorithm"] = copy.deepcopy(override)
     if not activations:
         cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [{"quantizer_name": "*input_quantizer", "enable": False}]
     return cfg
+
+
+FIXED_SCALES_BACKEND = "qcompile_nvfp4_fixed_scales"
+
+
+def _fixed_scales_entrypoint(inputs, quantizer):
+    return FixedScaleFP4QDQ.apply(inputs, quantizer._qc_scale_e4m3, quantizer._qc_global_scale, NVFP4_BLOCK)
+
+
+def fix_weight_scales(module) -> int:
+    """Make every enabled NVFP4 weight quantizer's calibrated rounding part of the model, for export.
+
+    modelopt's NVFP4 ONNX path recomputes max scales from the weight (NVFP4QuantExporter.compute_scales) and
+    its static per-block quantizer has no ONNX export, so what awq_clip / mse / four_over_six / local_hessian
+    chose (and the clipped global amax of awq) would be lost in the graph. For each weight this computes the
+    scales the torch fake-quant uses (compiler.numerics.nvfp4, the same numbers as modelopt's kernels), checks
+    that they reproduce the calibrated quantizer's output exactly, stores the rounded weight in the Linear and
+    replaces the quantizer by a modelopt TensorQuantizer on a registered backend (FixedScaleFP4QDQ) holding
+    those scales as buffers: its forward gives the same numbers, its export is trt::TRT_FP4QDQ(weight, scales,
+    global scale), which export_nvfp4_graph hands to modelopt's exporter. Returns how many weights."""
+    import torch
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer as tq
+    from modelopt.torch.quantization.utils.numeric_utils import fp8_max_for_normalization
+
+    if not tq.is_registered_quant_backend(FIXED_SCALES_BACKEND):
+        tq.register_quant_backend(FIXED_SCALES_BACKEND, _fixed_scales_entrypoint)
+    n = 0
+    for name, sub in list(module.named_modules()):
+        wq = getattr(sub, "weight_quantizer", None)
+        weight = getattr(sub, "weight", None)
+        if not isinstance(wq, TensorQuantizer) or not wq.is_enabled or weight is None:
+            continue
+        bits = tuple(wq.num_bits) if isinstance(wq.num_bits, (list, tuple)) else wq.num_bits
+        if bits != (2, 1) or getattr(wq, "backend", None) == FIXED_SCALES_BACKEND:
+            continue  # a layer given int8 / fp8 by the layer map keeps its own quantizer
+        with torch.no_grad():
+            w = weight.detach().float()
+            want = wq(weight.detach()).float()
+            amax = wq.amax
+            if amax is not None and amax.numel() > 1:  # static: one amax per block, chosen by the calibration
+                s8, gs = nvfp4_static_scales(amax.reshape(-1), getattr(wq, "global_amax", None),
+                                             fp8_max_for_normalization(wq))
+                s8 = s8.reshape(*w.shape[:-1], -1)
+            else:  # dynamic blocks under a (possibly clipped) global amax
+                _, s8, gs = nvfp4_quantize(w, amax, NVFP4_BLOCK)
+            got = nvfp4_fake_quant_with_scales(w, s8, gs, NVFP4_BLOCK)
+            if not torch.equal(got, want):
+                diff = float((got - want).abs().max())
+                raise BuildError(f"nvfp4: the scales recomputed for {name} do not reproduce its calibrated "
+                                 f"fake-quant (max difference {diff:.3g}); cannot export them")
+            weight.data.copy_(got.to(weight.dtype))
+            fixed = TensorQuantizer()
+            fixed.set_from_attribute_config({"num_bits": (2, 1), "backend": FIXED_SCALES_BACKEND,
+                                             "block_sizes": {-1: NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)}})
+            fixed.register_buffer("_amax", torch.as_tensor(gs * E2M1_MAX * E4M3_MAX, dtype=torch.float32))
+            fixed.register_buffer("_qc_scale_e4m3", s8.float().contiguous())
+            fixed.register_buffer("_qc_global_scale", torch.as_tensor(gs, dtype=torch.float32).reshape(()))
+            fixed.disable_calib()
+            fixed.enable_quant()
+            sub.weight_quantizer = fixed
+            n += 1
+    return n
 
 
 def mark_for_trt_export(module) -> int:
@@ -100,6 +211,65 @@ def resolve_fp4_weights(model) -> int:
     return changed
 
 
+def take_carried_scales(model) -> Dict[str, Tuple]:
+    """The scales a calibration chose, carried by TRT_FP4QDQ(weight, scale_e4m3, global_scale) nodes
+    (compiler.numerics.nvfp4.FixedScaleFP4QDQ): {node output: (per-block e4m3 scales, global scale)}. The two
+    extra inputs are removed from the nodes (and their tensors from the graph when nothing else reads them),
+    leaving the one-input node modelopt's exporter expects."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    qdq = [n for n in graph.node if n.op_type == "TRT_FP4QDQ" and len(n.input) == 3]
+    if not qdq:
+        return {}
+    consts = {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    extra = {x for n in qdq for x in n.input[1:] if x in consts}
+    if extra:
+        promote_constants(model, min_bytes=1 << 62, names=extra)
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    out, names = {}, set()
+    for node in qdq:
+        for i in (1, 2):  # an Identity alias of a deduplicated initializer
+            prod = producers.get(node.input[i])
+            if prod is not None and prod.op_type == "Identity" and prod.input[0] in inits:
+                node.input[i] = prod.input[0]
+        missing = [x for x in node.input[1:] if x not in inits]
+        if missing:
+            raise BuildError(f"nvfp4 export: the calibrated scales of {node.input[0]} are computed in the graph, "
+                             f"not stored (first: {missing[0]})")
+        s8 = numpy_helper.to_array(inits[node.input[1]]).astype("float32")
+        gs = numpy_helper.to_array(inits[node.input[2]]).astype("float32").reshape(())
+        out[node.output[0]] = (s8, gs)
+        names.update(node.input[1:])
+        del node.input[1:]
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name in names and t.name not in used]:
+        graph.initializer.remove(t)
+    return out
+
+
+def set_carried_scales(model, carried: Dict[str, Tuple]) -> None:
+    """Replace the max scales NVFP4QuantExporter.compute_scales stored on each TRT_FP4QDQ node (attributes
+    _sw_f32_per_tensor, _sw_f32_per_block) by the carried ones; compress_weights then casts the weight
+    with them (the block scales are e4m3 values already, so its e4m3 cast keeps them; a zero block scale
+    becomes 2**-9 there, harmless because the stored weight of that block is zero)."""
+    for node in model.graph.node:
+        if node.op_type != "TRT_FP4QDQ" or node.output[0] not in carried:
+            continue
+        s8, gs = carried[node.output[0]]
+        for attr in node.attribute:
+            if attr.name == "_sw_f32_per_tensor":
+                del attr.floats[:]
+                attr.floats.extend([float(gs)])
+            elif attr.name == "_sw_f32_per_block":
+                del attr.floats[:]
+                attr.floats.extend(s8.reshape(-1).tolist())
+            elif attr.name == "_sw_f32_per_block_shape":
+                del attr.ints[:]
+                attr.ints.extend(list(s8.shape))
+
+
 def keep_fp32_activations(model) -> int:
     """modelopt's NVFP4 post-processing casts both inputs of every FP4 MatMul to fp16/bf16 because it
     assumes an fp16/bf16 graph (_get_precision_dtype defaults to Half); qcompile exports fp32 graphs, where
@@ -145,14 +315,23 @@ def export_nvfp4_graph(onnx_path: Path, out_path: Path) -> Dict[str, int]:
         raise BuildError("nvfp4 export: the exported graph has no trt::TRT_FP4QDQ weight node "
                          "(the quantizers were not marked for TensorRT export)")
     resolve_fp4_weights(model)
+    carried = take_carried_scales(model)
     logging.getLogger("modelopt").setLevel(logging.WARNING)
-    model = NVFP4QuantExporter.process_model(model)
+    # NVFP4QuantExporter.process_model's four phases, with the calibrated scales put in after compute_scales
+    model = NVFP4QuantExporter.pre_process(model)
+    model = NVFP4QuantExporter.compute_scales(model)
+    set_carried_scales(model, carried)
+    model = NVFP4QuantExporter.compress_weights(model)
+    model = NVFP4QuantExporter.post_process(model)
     casts = keep_fp32_activations(model)
     left = sum(n.op_type == "TRT_FP4QDQ" for n in model.graph.node)
     if left:
         raise BuildError(f"nvfp4 export: {left} trt::TRT_FP4QDQ node(s) left after modelopt's post-processing")
     save_onnx(model, out_path, "auto", check=True)
-    return {"fp4_weights": n_qdq, "fp4_dynamic_activations": n_dyn, "fp16_casts_removed": casts}
+    counts = {"fp4_weights": n_qdq, "fp4_dynamic_activations": n_dyn, "fp16_casts_removed": casts}
+    if carried:
+        counts["fp4_calibrated_scales"] = len(carried)
+    return counts
 
 
 class NVFP4Step(Step):
@@ -169,15 +348,29 @@ class NVFP4Step(Step):
     # DequantizeLinear need opset 23)
     layer_format_choices = frozenset(number_format("nvfp4").fallbacks)
 
+    def validate_export(self, export_cfg, target) -> None:
+        super().validate_export(export_cfg, target)
+        if str(self.params.algorithm) != "max" and str(getattr(export_cfg, "exporter", "")) == "dynamo":
+            # the dynamo route (compiler/steps/modelopt_dynamo.py) exports every NVFP4 weight as a one-input
+            # fp4_qdq, whose scales modelopt's exporter recomputes by max: the calibrated ones would be lost
+            raise RecipeError(f"{self.key}.algorithm", f"{self.params.algorithm} cannot reach the graph through "
+                              "export.exporter=dynamo (its NVFP4 weights export with max scales)",
+                              "use export.exporter=torchscript, or algorithm=max")
+
     def layers(self, module, exclude=()) -> List[str]:
         return super().layers(module, list(exclude) or list(DEFAULT_EXCLUDE))
 
     def apply_torch(self, model, ctx: StepContext):
         install_cpu_fallback()
-        quantize_module(model, nvfp4_config(bool(self.params.activations)), ctx, layer_formats=self.layer_formats)
+        algorithm = str(self.params.algorithm)
+        quantize_module(model, nvfp4_config(bool(self.params.activations), algorithm), ctx,
+                        layer_formats=self.layer_formats)
+        fixed = fix_weight_scales(model) if algorithm != "max" else 0
         marked = mark_for_trt_export(model)
         ctx.report.update({"format": "nvfp4", "block_size": NVFP4_BLOCK, "scale_format": "e4m3",
                            "activations": bool(self.params.activations), "trt_export_quantizers": marked})
+        if algorithm != "max":  # the default build's report keeps its keys
+            ctx.report.update({"algorithm": algorithm, "preset": ALGORITHMS[algorithm][0], "fixed_scale_weights": fixed})
         return model
 
     def after_export(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
