@@ -70,14 +70,18 @@ def _register_trt_schemas() -> None:
         "TRT_FP8QuantizeLinear": (["x", "scale"], ["y"], []),
         "TRT_FP8DequantizeLinear": (["x", "scale"], ["y"], []),
         "TRT_FP4DynamicQuantize": (["x", "scale"], ["y", "y_scale"], ["axis", "block_size", "scale_type"]),
-        "TRT_FP4QDQ": (["x"], ["y"], ["block_size"]),
+        # the one-input form modelopt's exporter reads, or with the calibrated scales (scale_e4m3, global_scale)
+        # a calibrated nvfp4 algorithm's torchscript export writes before export_nvfp4_graph takes them out
+        # (compiler/steps/nvfp4.py): the schema is process-wide, so it must accept both
+        "TRT_FP4QDQ": (["x", "scale_e4m3?", "global_scale?"], ["y"], ["block_size"]),
     }
     for name, (ins, outs, attrs) in specs.items():
         if onnx.defs.has(name, "trt"):
             continue
         onnx.defs.register_schema(OpSchema(
             name, "trt", 1, "TensorRT op written by modelopt's ONNX export (qcompile: dynamo translation)",
-            inputs=[P(n, f"T{i}") for i, n in enumerate(ins)],
+            inputs=[P(n.rstrip("?"), f"T{i}", "", param_option=OpSchema.FormalParameterOption.Optional)
+                    if n.endswith("?") else P(n, f"T{i}") for i, n in enumerate(ins)],
             outputs=[P(n, f"O{i}") for i, n in enumerate(outs)],
             type_constraints=[(f"T{i}", any_tensor, "") for i in range(len(ins))]
             + [(f"O{i}", any_tensor, "") for i in range(len(outs))],
