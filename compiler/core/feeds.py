@@ -14,8 +14,9 @@ def synthetic_feed(input_names: List[str], batch: int, seq: int, vocab: int = 30
     feed = {}
     for name in input_names:
         if name == "input_ids":
-            ids = rng.integers(1000, min(vocab, 30000), size=(batch, seq), dtype=np.int64)
-            ids[:, 0], ids[:, -1] = 101, 102
+            # ids 1000..30000 as before for a BERT-size vocabulary; a small one draws below its size
+            ids = rng.integers(1000 if vocab > 2000 else 1, min(vocab, 30000), size=(batch, seq), dtype=np.int64)
+            ids[:, 0], ids[:, -1] = 101 % vocab, 102 % vocab
             feed[name] = ids
         elif name == "attention_mask":
             feed[name] = np.ones((batch, seq), dtype=np.int64)

@@ -26,7 +26,7 @@ ONNX_TO_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int3
 Feed = dict[str, np.ndarray]
 
 
-def _vocab_size(model, input_name: str) -> int | None:
+def graph_vocab(model, input_name: str) -> int | None:
     """Rows of the embedding table an integer input indexes (Gather(table, input)), if any."""
     inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
@@ -61,7 +61,7 @@ def feeds_for_graph(model, seeds=(1, 2)) -> list[Feed]:
             elif "type" in lname or "segment" in lname or "position" in lname:
                 feed[vi.name] = np.zeros(dims, dtype=dtype)
             else:
-                high = _vocab_size(model, vi.name) or 100
+                high = graph_vocab(model, vi.name) or 100
                 feed[vi.name] = rng.integers(1, max(high, 2), size=dims).astype(dtype)
         feeds.append(feed)
     return feeds

@@ -279,11 +279,26 @@ def find_roles(module, args: Sequence, kwargs: Mapping | None = None) -> LayerRo
     return classify(trace_dataflow(module, args, kwargs))
 
 
-def example_inputs(input_names: Sequence[str], seq: int = 8):
-    """A small valid positional feed (batch 2, ``seq`` tokens, one padded position) for a roles trace."""
+def vocab_rows(module) -> int:
+    """How many token ids a model's input_ids may hold: the rows of its word-embedding table (transformers'
+    get_input_embeddings on the model or the one it wraps), else of its largest embedding table."""
     import torch
 
-    ids = torch.tensor([[101] + [2000 + i for i in range(seq - 2)] + [102]] * 2, dtype=torch.long)
+    for m in module.modules():
+        get = getattr(m, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        if isinstance(emb, torch.nn.Embedding):
+            return int(emb.num_embeddings)
+    return max((m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding)), default=30522)
+
+
+def example_inputs(input_names: Sequence[str], seq: int = 8, vocab: int = 30522):
+    """A small valid positional feed (batch 2, ``seq`` tokens, one padded position) for a roles trace or an
+    export; token ids wrap below ``vocab`` (vocab_rows), so a model with a small vocabulary runs it too."""
+    import torch
+
+    ids = torch.tensor([[t % vocab for t in [101] + [2000 + i for i in range(seq - 2)] + [102]]] * 2,
+                       dtype=torch.long)
     mask = torch.ones_like(ids)
     mask[1, -1] = 0
     feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}

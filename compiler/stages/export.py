@@ -14,6 +14,7 @@ from compiler.core.feeds import synthetic_feed
 from compiler.core.logs import library_output
 from compiler.core.schema import DEFAULT_OPSET
 from compiler.graph.io import onnx_files, save_onnx
+from compiler.graph.roles import vocab_rows
 from compiler.rundir.cache import Cache
 from compiler.steps.modelopt_dynamo import export_mode
 
@@ -22,10 +23,10 @@ log = logging.getLogger(__name__)
 EXPORTERS = ("torchscript", "dynamo")
 
 
-def example_inputs(input_names: List[str], batch: int = 2, seq: int = 16):
+def example_inputs(input_names: List[str], batch: int = 2, seq: int = 16, vocab: int = 30522):
     import torch
 
-    feed = synthetic_feed(input_names, batch, seq)
+    feed = synthetic_feed(input_names, batch, seq, vocab=vocab)
     return tuple(torch.from_numpy(feed[n]) for n in input_names)
 
 
@@ -38,7 +39,7 @@ def export_onnx(module, input_names: List[str], output_names: List[str], out_pat
         raise RecipeError("export.exporter", f"unknown exporter {cfg.exporter!r}", f"use one of {list(EXPORTERS)}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    args = example_inputs(input_names)
+    args = example_inputs(input_names, vocab=vocab_rows(module))
     dyn: Dict[str, Dict[int, str]] = {}
     if cfg.dynamic_axes:
         dyn = {n: {0: "batch", 1: "seq"} for n in input_names}

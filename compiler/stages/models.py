@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 from compiler.core.hashing import file_sha256
 from compiler.core.errors import BuildError, RecipeError
 from compiler.core.tasks import task_kind
-from compiler.graph.roles import LayerRoles, example_inputs, find_roles
+from compiler.graph.roles import LayerRoles, example_inputs, find_roles, vocab_rows
 from compiler.steps.base import ModelInfo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
@@ -301,7 +301,7 @@ def load_model(cfg) -> LoadedModel:
         output_names=output_names_for(cfg.task), task=cfg.task,
         weights_sha256=state_dict_sha256(module), source=source,
         labels=logit_labels(cfg, hf_module.config),
-        roles=find_roles(module, example_inputs(input_names)),
+        roles=find_roles(module, example_inputs(input_names, vocab=vocab_rows(module))),
     )
 
 

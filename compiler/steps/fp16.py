@@ -17,6 +17,7 @@ import numpy as np
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
 from compiler.core.feeds import synthetic_feed
+from compiler.graph.input_flow import graph_vocab
 from compiler.graph.io import exceeds_protobuf, infer_shapes, save_onnx
 from compiler.runners.sessions import ort_session
 from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
@@ -276,7 +277,7 @@ def probe_feed(ctx: StepContext, model, n: int = 2) -> Dict[str, np.ndarray]:
     names = [i.name for i in model.graph.input]
     if ctx.calibration is not None and len(ctx.calibration) and all(k in ctx.calibration.arrays for k in names):
         return {k: np.ascontiguousarray(ctx.calibration.arrays[k][:n]) for k in names}
-    return synthetic_feed(names, n, 16)
+    return synthetic_feed(names, n, 16, vocab=graph_vocab(model, "input_ids") or 30522)
 
 
 # ---------------------------------------------------------------------------------------------------------------

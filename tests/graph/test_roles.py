@@ -95,3 +95,30 @@ def test_gated_ffn_and_sdpa():
     roles = find_roles(Block(), [torch.randn(1, 4, 8)])
     assert roles.role == {"a": "attention_qkv", "b": "attention_qkv", "c": "attention_qkv", "d": "attention_output",
                           "gate": "ffn_up", "up": "ffn_up", "down": "ffn_down"}
+
+
+def test_a_model_with_a_small_vocabulary_gets_token_ids_it_has():
+    """A model whose vocabulary is smaller than BERT's (an ELECTRA saved with 1,000 tokens) failed at load with
+    IndexError: the roles trace, the export and the bench fed ids 1000-30000. Every synthetic feed now draws
+    below the model's embedding rows; a BERT-size vocabulary keeps the ids it had (so builds keep their bytes)."""
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from compiler.core.feeds import synthetic_feed
+    from compiler.graph.roles import example_inputs, find_roles, vocab_rows
+
+    torch.manual_seed(0)
+    small = BertModel(BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)).eval()
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    assert vocab_rows(small) == 500
+    assert int(example_inputs(names, vocab=500)[0].max()) < 500
+    assert int(synthetic_feed(names, 4, 64, vocab=500, seed=1)["input_ids"].max()) < 500
+    roles = find_roles(small, example_inputs(names, vocab=vocab_rows(small)))
+    assert roles.names("ffn_up") and roles.names("attention_qkv")
+    # a BERT-size vocabulary: the same ids as before the change
+    ids = synthetic_feed(["input_ids"], 2, 8, seed=1)["input_ids"]
+    assert ids[0, 0] == 101 and ids[0, -1] == 102 and ids[:, 1:-1].min() >= 1000
+    assert [int(t) for t in example_inputs(names)[0][0]] == [101, 2000, 2001, 2002, 2003, 2004, 2005, 102]
+    assert np.all(synthetic_feed(["input_ids"], 2, 8, vocab=30522, seed=1)["input_ids"] == ids)

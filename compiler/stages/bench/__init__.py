@@ -15,6 +15,7 @@ import numpy as np
 
 from compiler.core.feeds import synthetic_feed
 from compiler.core.report_types import BaselineKind
+from compiler.graph.roles import vocab_rows
 from compiler.stages.bench.op_profile import Profiler
 from compiler.stages.bench.probe import graph_flops
 from compiler.stages.bench.scaling import scaling_for_build
@@ -148,14 +149,14 @@ def warm_up(name: str, predict: Callable, feed: dict[str, np.ndarray], warmup: i
 
 def run_bench(make_predict: Callable[[], Callable], input_names: list[str], cfg, artifact_files: list[Path],
               label: str = "bench", make_baseline: Callable[[], Callable] | None = None,
-              evaluation=None, profiler=None) -> dict[str, Any]:
+              evaluation=None, profiler=None, vocab: int = 30522) -> dict[str, Any]:
     """cfg is the `bench` section. make_predict builds the engine's predictor (its load is in the peak).
     make_baseline (optional) builds the same model's fp32 predictor on the same target: both are then timed
     round-robin in this one run and the result carries speedup_vs_fp32 and its spread. evaluation (the
     evaluation Features) is needed for cfg.shapes == "data". profiler (an op_profile.Profiler) profiles the
     fp32 engine's warm-up calls and the build in a short loop after the timed one (outside the peak window)."""
     batch = int(cfg.batch_size)
-    feed = synthetic_feed(input_names, batch, int(cfg.seq_len), seed=1)
+    feed = synthetic_feed(input_names, batch, int(cfg.seq_len), vocab=vocab, seed=1)
     rounds = max(1, min(int(getattr(cfg, "rounds", 1) or 1), int(cfg.iterations)))
     per_round = max(1, int(cfg.iterations) // rounds)
     with PeakRSS() as mem:
@@ -261,14 +262,14 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
                                                         profiler.prefix("fp32") if profiler else None)
     out = run_bench(lambda: target.predictor(engine, threads=threads), reference.input_names, spec.bench,
                     engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}", make_baseline=make_baseline,
-                    evaluation=evaluation, profiler=profiler)
+                    evaluation=evaluation, profiler=profiler, vocab=vocab_rows(reference.module))
     out["baseline_kind"] = kind  # the fact readers use (compiler/core/report_types.py); "baseline" says it in words
     if profiler is not None:
         out["profile"] = profiler.section(probe, out.get("speedup_vs_fp32"), is_fp32=not spec.steps).to_dict()
     if spec.bench.scaling:
         fp32 = None if make_baseline is None else (lambda t: make_baseline(t, None))
         out["scaling"] = scaling_for_build(target, engine, fp32, reference.input_names, spec.bench,
-                                           interleaved).to_dict()
+                                           interleaved, vocab=vocab_rows(reference.module)).to_dict()
     if why:
         out["baseline"] = f"none: {why}"
     else:

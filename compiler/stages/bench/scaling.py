@@ -56,7 +56,7 @@ class ScalingReport:
 
 def run_scaling(make_build: Callable[[int], Callable], make_fp32: Callable[[int], Callable] | None,
                 input_names: list[str], shapes: list[tuple[int, int]], threads: list[int], round_robin: Callable,
-                calls: dict[tuple[int, int], int] | None = None, warmup: int = 1) -> ScalingReport:
+                calls: dict[tuple[int, int], int] | None = None, warmup: int = 1, vocab: int = 30522) -> ScalingReport:
     """make_build(threads) / make_fp32(threads) build a predictor pinned to that many threads; per thread
     count both are timed at each (batch, seq) shape by round_robin (the bench's `interleaved`: ROUNDS rounds)."""
     report = ScalingReport(threads=list(threads), shapes=[list(s) for s in shapes])
@@ -66,7 +66,7 @@ def run_scaling(make_build: Callable[[int], Callable], make_fp32: Callable[[int]
         if make_fp32 is not None:
             predicts["fp32"] = make_fp32(t)
         for batch, seq in shapes:
-            feed = synthetic_feed(input_names, batch, seq, seed=1)
+            feed = synthetic_feed(input_names, batch, seq, vocab=vocab, seed=1)
             for p in predicts.values():
                 for _ in range(warmup):
                     p(feed)
@@ -84,13 +84,13 @@ def run_scaling(make_build: Callable[[int], Callable], make_fp32: Callable[[int]
 
 
 def scaling_for_build(target, engine, make_fp32: Callable[[int], Callable] | None, input_names: list[str],
-                      cfg, round_robin: Callable) -> ScalingReport:
+                      cfg, round_robin: Callable, vocab: int = 30522) -> ScalingReport:
     """bench.scaling for a build: the bench shape and the server batch (bench.server_batch x bench.seq_len),
     1..every core (os.cpu_count). make_fp32(threads): the fp32 baseline's predictor (None: no baseline)."""
     shapes = list(dict.fromkeys([(int(cfg.batch_size), int(cfg.seq_len)), (int(cfg.server_batch), int(cfg.seq_len))]))
     calls = {shapes[0]: max(2, int(cfg.iterations) // ROUNDS)}
     out = run_scaling(lambda t: target.predictor(engine, threads=t), make_fp32, input_names, shapes,
-                      thread_counts(os.cpu_count()), round_robin, calls)
+                      thread_counts(os.cpu_count()), round_robin, calls, vocab=vocab)
     if not target.capabilities.runs_onnx:  # torch's thread count is process-wide: back to the bench's
         target.predictor(engine, threads=int(cfg.threads) or None)
     return out
