@@ -327,7 +327,15 @@ class Report(Section):
 
 def _from_unversioned(d: Dict[str, Any]) -> Dict[str, Any]:
     """A report written before schema_version existed (qcompile up to 245eea2): the same layout, but the kind of
-    its speed baseline was only said in words. This one migration reads those words; nothing else may."""
+    its speed baseline was only said in words (this one migration reads those words; nothing else may), and the
+    repair's budget sat under `max_drop` (now under its recipe key: max_fidelity_drop for the fidelity metrics
+    the old search could budget, else max_task_drop)."""
+    repair = d.get("repair")
+    if isinstance(repair, dict) and "max_drop" in repair:
+        fidelity = repair.get("metric") in ("embedding_cosine_mean", "label_agreement")
+        repair = {k: v for k, v in repair.items() if k != "max_drop"}
+        repair["max_fidelity_drop" if fidelity else "max_task_drop"] = d["repair"]["max_drop"]
+        d = {**d, "repair": repair}
     bench = d.get("bench")
     if isinstance(bench, dict) and "baseline_kind" not in bench and isinstance(bench.get("baseline"), str):
         words = bench["baseline"]

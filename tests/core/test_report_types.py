@@ -87,3 +87,15 @@ def test_a_report_from_before_schema_version_reads_its_baseline_kind():
     new = {"schema_version": 1, "status": "passed",
            "bench": {"baseline": "none: the build is the fp32 engine itself", "baseline_kind": "none"}}
     assert not Report.from_dict(new, partial=True).bench.is_fp32_self
+
+
+def test_a_report_from_before_schema_version_reads_its_repair_budget():
+    """The old repair section kept its budget under max_drop; it reads under the key that now names it."""
+    def old(metric):
+        return {"status": "passed", "repair": {"metric": metric, "max_drop": 0.01, "met": True,
+                                               "fallback_layers": 2, "layers": {"a": "fp8", "b": "fp8"}}}
+
+    cos = Report.from_dict(old("embedding_cosine_mean"), partial=True).repair
+    assert (cos.max_fidelity_drop, cos.max_task_drop, cos.budget) == (0.01, None, 0.01) and not cos.extra
+    task = Report.from_dict(old("retrieval accuracy_at_1"), partial=True).repair
+    assert (task.max_task_drop, task.max_fidelity_drop, task.budget) == (0.01, None, 0.01)
