@@ -187,3 +187,13 @@ def test_four_bit_is_read_from_the_declared_formats():
     # an int8 step whose layers were given fp8 by a map is still 8-bit; nvfp4 with fp8 layers still 4-bit
     assert narrow_steps([int8.with_layer_formats({"x": "fp8"})]) == []
     assert narrow_steps([nvfp4.with_layer_formats({"x": "fp8"})])
+
+
+def test_bad_switch_value_is_a_recipe_error():
+    from compiler.core.errors import RecipeError
+    from compiler.stages.validate import validate
+    from tests.conftest import compose
+
+    with pytest.raises(RecipeError) as e:
+        validate(compose("model=tiny_bert", "recipe=nvfp4", "target=torch", "check.loss_sources=maybe"))
+    assert "check.loss_sources: bad value 'maybe' -- expected bool" in str(e.value), str(e.value)
