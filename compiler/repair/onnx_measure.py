@@ -31,7 +31,6 @@ from compiler.core.hashing import onnx_sha256
 from compiler.repair.search import split
 from compiler.repair.torch_measure import batch_outputs
 from compiler.runners.sessions import ort_session
-from compiler.steps.base import ACTIVATIONS
 from compiler.steps.ort_quant import LINEAR_OP_TYPES, QUANTIZED_LINEAR_OP_TYPES, node_module, qdq_fed
 
 # apply_steps(fp32 graph, steps, directory to write in) -> the quantized graph's path
@@ -100,10 +99,8 @@ class OnnxMeasurer:
         self.fp32_onnx = Path(fp32_onnx)
         self.steps = list(steps)
         self.apply_steps = apply_steps
-        # static Q/DQ (every quantizing step calibrated) and weight-only steps (int4 MatMulNBits: fp32 activations)
-        # run unpadded batches; dynamic int8 keeps the padding
-        self.trim = all(s.needs_calibration or ACTIVATIONS not in s.quantized_operands()
-                        for s in self.steps if s.quantizes_compute)
+        # static Q/DQ (every quantizing step calibrated) runs unpadded batches; dynamic int8 keeps the padding
+        self.trim = all(s.needs_calibration for s in self.steps if s.quantizes_compute)
         self.feeds = ranking_feeds(data, rows, batch_size, trim=self.trim)
         order = list(data.evaluation.arrays)
         self.fp32_inputs = order
