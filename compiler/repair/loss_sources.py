@@ -7,10 +7,10 @@ A build is 4-bit when a quantizing step produces a format narrower than 8 bits (
 compiler/core/formats.py: nvfp4, int4); no other build runs this. Loss = 1 - the repair's fidelity metric for the
 model's task (compiler/repair/metric.py fidelity_metric: mean embedding cosine to fp32 for embedders, label
 agreement for classifiers) on the check's rows. Each row is one quantization of the fp32 model and one forward of
-those rows, on the side where the 4-bit steps run: torch fake-quant (the repair's torch measurer's feeds, folded
-weights: torch_measure.py) or the quantized exported graph in onnxruntime (onnx_measure.OnnxMeasurer). The table is
-content-addressed in the cache (compiler/rundir/cache.py), like the repair's sensitivity: a second build with the
-same inputs reads it without a forward."""
+the check's own batches, on the side where the 4-bit steps run: torch fake-quant (folded weights, as the repair's
+torch measurer: torch_measure.py) or the quantized exported graph in onnxruntime (onnx_measure.OnnxMeasurer), so its
+"both" row is the build's own number. The table is content-addressed in the cache (compiler/rundir/cache.py), like
+the repair's sensitivity: a second build with the same inputs reads it without a forward."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 
 from compiler.core.hashing import onnx_sha256
@@ -33,7 +34,7 @@ from compiler.graph.roles import BLOCK_ROLES
 from compiler.repair.metric import fidelity_metric, primary_rows
 from compiler.repair.modules import fold_weights
 from compiler.repair.onnx_measure import OnnxMeasurer
-from compiler.repair.torch_measure import _ranking_feeds, _ranking_order, batch_outputs
+from compiler.repair.torch_measure import batch_outputs
 from compiler.steps.base import ACTIVATIONS, ONNX, TORCH, WEIGHTS, StepContext
 
 log = logging.getLogger("qcompile")
@@ -123,17 +124,24 @@ def reading(rows: dict[str, dict], roles: dict[str, dict], algorithm: str | None
     return f"{first} By role, {name} costs most ({loss_text(loss)} with only its {n} layers quantized{nxt})."
 
 
-class _TorchRows:
-    """The primary output's rows of the steps applied to a copy of the fp32 module: the repair torch measurer's
-    feeds (the check's rows, length-sorted without padding, torch_measure._ranking_feeds) and folded weights."""
+def check_batches(data, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """The check's own batches: every evaluation row, padded, in row order (compiler/pipeline.py's check stage).
+    The table runs these, not the repair's length-sorted unpadded ones: other batch shapes change the float
+    rounding a little, and under 4-bit rounding a few values then land in another bin (MiniLM nvfp4: mean
+    embedding cosine 8.7e-6 off the check's), so its "both" row would not be the build's own number."""
+    return list(data.evaluation.batches(batch_size))
 
-    measured_on = "torch fake-quant, folded weights, length-sorted batches without padding"
+
+class _TorchRows:
+    """The primary output's rows of the steps applied to a copy of the fp32 module (folded weights, as the
+    repair's torch measurer does: torch_measure.py), on the check's batches."""
+
+    measured_on = "torch fake-quant (folded weights) on the check's batches"
 
     def __init__(self, model, data, batch_size: int, apply: Callable[[Any, list], Any]):
         self.model, self.apply = model, apply
-        n = len(data.evaluation)
-        self.feeds = _ranking_feeds(data, n, batch_size)
-        self.unsort = np.argsort(_ranking_order(data, n), kind="stable")
+        self.feeds = [[torch.from_numpy(np.ascontiguousarray(v)) for v in b.values()]
+                      for b in check_batches(data, batch_size)]
         self.primary = model.output_names[task_kind(model.task).primary_index]
         self.forwards = 0
         self.reference = self._rows(model.module)
@@ -141,7 +149,7 @@ class _TorchRows:
     def _rows(self, module) -> np.ndarray:
         self.forwards += 1
         out = batch_outputs(module, self.feeds, self.model.output_names, {self.primary})
-        return primary_rows(out, self.primary, self.unsort)
+        return primary_rows(out, self.primary, None)
 
     def __call__(self, steps) -> np.ndarray:
         module = self.apply(copy.deepcopy(self.model.module), list(steps))
@@ -151,21 +159,26 @@ class _TorchRows:
 
 class _OnnxRows:
     """The primary output's rows of the steps applied to the fp32 exported graph, run by onnxruntime on the
-    check's rows (the repair's OnnxMeasurer, its steps set per row)."""
+    check's batches (the repair's OnnxMeasurer, its steps set per row)."""
 
     def __init__(self, model, reference_module, exported: Path, steps, apply_onnx, data, batch_size: int,
                  work_dir: Path, opt_level: str):
-        self.measurer = OnnxMeasurer(model, reference_module, exported, steps, apply_onnx, data, len(data.evaluation),
-                                     batch_size, work_dir, "fp32", opt_level)
+        # ranking rows 0: the measurer's own ranking feeds go unused, outputs() gets the check's batches
+        self.measurer = OnnxMeasurer(model, reference_module, exported, steps, apply_onnx, data, 0, batch_size,
+                                     work_dir, "fp32", opt_level)
+        self.feeds = check_batches(data, batch_size)
         self.primary = model.output_names[task_kind(model.task).primary_index]
-        self.reference = primary_rows(self.measurer.reference_batches, self.primary, None)
-        self.measured_on = f"onnxruntime CPU ({opt_level}) on the quantized exported graph"
+        order = list(data.evaluation.arrays)
+        torch_feeds = [[torch.from_numpy(np.ascontiguousarray(f[k])) for k in order] for f in self.feeds]
+        self.reference = primary_rows(batch_outputs(reference_module, torch_feeds, model.output_names,
+                                                    {self.primary}), self.primary, None)
+        self.measured_on = f"onnxruntime CPU ({opt_level}) on the quantized exported graph, the check's batches"
         self.forwards = 1
 
     def __call__(self, steps) -> np.ndarray:
         self.measurer.steps = list(steps)
         self.forwards += 1
-        out = self.measurer.outputs([], wanted=[self.primary])
+        out = self.measurer.outputs([], feeds=self.feeds, wanted=[self.primary])
         return primary_rows(out, self.primary, None)
 
 
