@@ -175,8 +175,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-LOSS_ROW_LABELS = {"weights_only": "weights only", "activations_only": "activations only",
-                   "both": "weights and activations (the build)"}
+LOSS_ROW_LABELS = {"weights_only": "4-bit weights only", "activations_only": "4-bit activations only",
+                   "both": "the build: everything it quantizes"}
 
 
 def loss_sources_lines(ls: dict[str, Any] | None) -> list[str]:
@@ -202,7 +202,7 @@ def loss_sources_lines(ls: dict[str, Any] | None) -> list[str]:
     operands = ls.get("operands") or {}
     for key in [k for k in LOSS_ROW_LABELS if k in operands] + [k for k in operands if k not in LOSS_ROW_LABELS]:
         r = operands[key]
-        lines.append(f"| 4-bit {LOSS_ROW_LABELS.get(key, key)} | {r.get('layers') or ''} {cells(r)}")
+        lines.append(f"| {LOSS_ROW_LABELS.get(key, key)} | {r.get('layers') or ''} {cells(r)}")
     roles = ls.get("roles") or {}  # largest loss first, a role without quantized layers last
     for role in sorted(roles, key=lambda k: (roles[k].get("loss") is None, -(roles[k].get("loss") or 0.0), k)):
         r = roles[role]

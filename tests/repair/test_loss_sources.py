@@ -56,7 +56,7 @@ def test_both_row_is_the_builds_own_fidelity_drop(nvfp4_run):
         assert r["loss"] > 0 and r.get("not_applicable") is None
     md = (run / "REPORT.md").read_text()
     assert "## Where the 4-bit loss comes from" in md
-    assert f"| 4-bit weights and activations (the build) | 12 | {loss_text(both['loss'])} | 100% |" in md
+    assert f"| the build: everything it quantizes | 12 | {loss_text(both['loss'])} | 100% |" in md
     assert ls["reading"] in md
 
 
