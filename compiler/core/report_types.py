@@ -279,6 +279,41 @@ class RepairSection(Section):
 
 
 @dataclass(kw_only=True)
+class LossRow(Section):
+    """One row of the loss-sources table: the fidelity metric with only what the row names quantized, and its
+    loss (1 - metric); both null with not_applicable saying why (an int4 weight-only build's activations)."""
+
+    metric: Optional[float]
+    loss: Optional[float]
+    layers: int  # quantized layers in the row
+    not_applicable: Optional[str] = None
+
+
+def loss_text(v: float) -> str:
+    """A loss for people: 4 decimals, or 3 significant digits below 0.001 (a tiny model's 4-bit loss)."""
+    return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+
+
+@dataclass(kw_only=True)
+class LossSources(Section):
+    """Where a 4-bit build's loss comes from (check.loss_sources; compiler/repair/loss_sources.py): operands rows
+    weights_only / activations_only / both, roles rows attention_qkv / attention_output / ffn_up / ffn_down (only
+    that role's layers quantized), and one reading of them for people. skipped: why a 4-bit build has no table."""
+
+    skipped: Optional[str] = None
+    metric: Optional[str] = None  # the fidelity metric (embedding_cosine_mean | label_agreement); loss = 1 - it
+    rows: Optional[int] = None  # evaluation rows measured (the check's)
+    measured_on: Optional[str] = None
+    algorithm: Optional[str] = None  # the 4-bit step's weight-rounding algorithm, where it has one
+    operands: Optional[Dict[str, LossRow]] = None
+    roles: Optional[Dict[str, LossRow]] = None
+    reading: Optional[str] = None
+    forwards: Optional[int] = None  # forwards this build ran for the table (0: read from the cache)
+    cached: Optional[bool] = None
+    seconds: Optional[float] = None
+
+
+@dataclass(kw_only=True)
 class Report(Section):
     """report.json: everything one build measured. Sections a build did not run are absent."""
 
@@ -301,6 +336,7 @@ class Report(Section):
     int8_probe: Optional[Dict[str, Any]] = None  # the machine's int8 speed (compiler/stages/bench/probe.py)
     doctor: Optional[List[RailResult]] = None
     check: Optional[CheckResult] = None
+    loss_sources: Optional[LossSources] = None  # 4-bit builds with check.loss_sources (compiler/repair/loss_sources.py)
     bench: Optional[BenchResult] = None
     cache: Optional[Dict[str, Any]] = None  # per kind hit | miss | rebuilt (compiler/rundir/cache.py)
 

@@ -154,6 +154,7 @@ class GateConfig:
 class CheckConfig:
     enabled: bool
     samples: Optional[int]  # None: every evaluation sample
+    loss_sources: bool  # 4-bit builds: the loss by operand and by layer role (compiler/repair/loss_sources.py)
 
 
 @dataclass

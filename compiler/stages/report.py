@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
-from compiler.core.report_types import SCHEMA_PATH, Report
+from compiler.core.report_types import SCHEMA_PATH, Report, loss_text
 
 # set (tests/conftest.py does, for every build the tests run, subprocesses included): each report.json written
 # is checked against docs/report.schema.json, so a key no type declares fails the test that wrote it
@@ -142,6 +142,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["### Gate failures", ""] + [f"- {f}" for f in chk["gate_failures"]] + [""]
         else:
             lines += ["Gate: passed.", ""]
+    lines += loss_sources_lines(report.get("loss_sources"))
     bench = report.get("bench")
     if bench:
         lines += ["## Bench", "", "| metric | value |", "|---|---|"]
@@ -172,6 +173,41 @@ def render_markdown(report: dict[str, Any]) -> str:
     if lower:
         lines += ["## Lowering", "", "```json", json.dumps(_clean(lower), indent=2, sort_keys=True)[:4000], "```", ""]
     return "\n".join(lines)
+
+
+LOSS_ROW_LABELS = {"weights_only": "4-bit weights only", "activations_only": "4-bit activations only",
+                   "both": "the build: everything it quantizes"}
+
+
+def loss_sources_lines(ls: dict[str, Any] | None) -> list[str]:
+    """The "Where the 4-bit loss comes from" table (report.json loss_sources, compiler/repair/loss_sources.py)."""
+    if not ls:
+        return []
+    lines = ["## Where the 4-bit loss comes from", ""]
+    if ls.get("skipped"):
+        return lines + [f"Not measured: {ls['skipped']}.", ""]
+    metric = ls.get("metric")
+    how = "read from the cache" if ls.get("cached") else f"{ls.get('forwards')} forwards"
+    lines += [f"Loss = 1 - {metric} against fp32 on the {ls.get('rows')} evaluation rows ({ls.get('measured_on')}; "
+              f"{how}). Each row quantizes only what it names; everything else stays fp32.", "",
+              "| quantized | layers | loss | share of the build's loss |", "|---|---|---|---|"]
+    both = (ls.get("operands") or {}).get("both", {}).get("loss")
+
+    def cells(r):
+        if r.get("loss") is None:
+            return f"| n/a ({r.get('not_applicable')}) | |"
+        share = f"{r['loss'] / both:.0%}" if both else ""
+        return f"| {loss_text(r['loss'])} | {share} |"
+
+    operands = ls.get("operands") or {}
+    for key in [k for k in LOSS_ROW_LABELS if k in operands] + [k for k in operands if k not in LOSS_ROW_LABELS]:
+        r = operands[key]
+        lines.append(f"| {LOSS_ROW_LABELS.get(key, key)} | {r.get('layers') or ''} {cells(r)}")
+    roles = ls.get("roles") or {}  # largest loss first, a role without quantized layers last
+    for role in sorted(roles, key=lambda k: (roles[k].get("loss") is None, -(roles[k].get("loss") or 0.0), k)):
+        r = roles[role]
+        lines.append(f"| only the {role} layers | {r.get('layers') or ''} {cells(r)}")
+    return lines + ["", str(ls.get("reading", "")), ""]
 
 
 def speed_lines(bench: dict[str, Any], probe: dict[str, Any] | None) -> list[str]:

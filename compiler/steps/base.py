@@ -28,6 +28,10 @@ ONNX = "onnx"  # on the exported ONNX graph, after export
 # A layer given FULL_PRECISION (or None) through Step.with_layer_formats is kept out of the step; the
 # formats themselves (bits, opsets, fallbacks) are declared in compiler/core/formats.py.
 
+# What of a Linear layer a quantizing step quantizes (Step.quantized_operands, Step.with_operands):
+WEIGHTS = "weights"
+ACTIVATIONS = "activations"  # the layer's input
+
 # How a calibrating step picks activation ranges from its data, for every step (modelopt and onnxruntime
 # each map these names to their own calibrators):
 #   minmax     -> the largest |x| seen
@@ -92,6 +96,8 @@ class Step:
       ``validate_export(export_cfg, target)`` raises when an explicitly set export.opset is below it.
     - ``must_precede_quantizers``: it rewrites weights or activations that a quantizing step then quantizes, so
       it must come before every step with quantizes_compute (validation rejects the other order).
+    - ``operands`` / ``quantized_operands()``: what of its layers it quantizes (WEIGHTS, ACTIVATIONS);
+      ``with_operands(weights, activations)``: a configured copy quantizing only those (None where it cannot).
     - ``kept_fp32_report_keys``: the keys of its step report that list what it kept in full precision (the fp16
       rail shows them).
     - ``layers(module, exclude)``: the Linear modules it would touch on this model; ``with_layer_formats({name:
@@ -110,6 +116,8 @@ class Step:
     quantizes_compute: ClassVar[bool] = False
     must_precede_quantizers: ClassVar[bool] = False
     kept_fp32_report_keys: ClassVar[tuple[str, ...]] = ()
+    # what of its layers a quantizing step quantizes: WEIGHTS and / or ACTIVATIONS (the Linear inputs)
+    operands: ClassVar[frozenset[str]] = frozenset()
     # formats with_layer_formats accepts besides keeping a layer out ("fp32")
     layer_format_choices: ClassVar[frozenset[str]] = frozenset()
     # why the step needs min_opset, for the error when an explicit export.opset is below it
@@ -190,6 +198,17 @@ class Step:
                                   f"use one of {ok}")
             out.layer_formats[str(layer)] = fmt
         return out
+
+    def quantized_operands(self) -> frozenset[str]:
+        """What of its layers this configured step quantizes (WEIGHTS, ACTIVATIONS); empty when it quantizes
+        nothing."""
+        return frozenset(self.operands) if self.quantizes_compute else frozenset()
+
+    def with_operands(self, weights: bool, activations: bool) -> Step | None:
+        """A configured copy that quantizes only the named operands of its layers, the other kept in full
+        precision; None where the step cannot (by default it can only do what it already does)."""
+        want = {o for o, on in ((WEIGHTS, weights), (ACTIVATIONS, activations)) if on}
+        return self if want == set(self.quantized_operands()) else None
 
     def kept_layers(self) -> list[str]:
         """The layers with_layer_formats kept out of this step (full precision)."""

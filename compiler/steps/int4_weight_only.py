@@ -13,7 +13,7 @@ from typing import ClassVar
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, NotRunnableError, RecipeError
 from compiler.graph.io import save_onnx
-from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
+from compiler.steps.base import ONNX, TORCH, WEIGHTS, Step, StepContext, StepParams
 from compiler.steps.modelopt import _mtq, exclude_patterns, quantize_module
 from compiler.steps.ort_quant import check_ops_match, exclude_nodes, layer_nodes, quietly
 
@@ -73,6 +73,7 @@ class Int4WeightOnlyStep(Step):
 
     precision = frozenset({"int4"})
     quantizes_compute = True  # MatMulNBits replaces the MatMuls (weights quantized; activations stay fp32)
+    operands = frozenset({WEIGHTS})
 
     def validate(self, info, target: TargetCapabilities) -> None:
         super().validate(info, target)
@@ -146,8 +147,10 @@ class Int4WeightOnlyStep(Step):
             if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(entry.get("cfg"), dict):
                 entry["cfg"] = {**entry["cfg"], "block_sizes": {-1: int(self.params.block_size), "type": "static"}}
         algorithm = str(self.params.algorithm)
+        # layer_formats: the layers with_layer_formats kept out (fp32) stay out here too, as on the ort side
         quantize_module(model, cfg, ctx, algorithm=copy.deepcopy(TORCH_ALGORITHMS[algorithm]),
-                        exclude=exclude_patterns(ctx) + list(self.params.exclude or []))
+                        exclude=exclude_patterns(ctx) + list(self.params.exclude or []),
+                        layer_formats=self.layer_formats or None)
         ctx.report.update({"backend": "modelopt INT4_BLOCKWISE_WEIGHT_ONLY_CFG (fake-quant)",
                            "block_size": int(self.params.block_size)})
         if algorithm != "rtn":  # the default build's report keeps its keys

@@ -14,7 +14,7 @@ from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
 from compiler.core.patterns import matches_any
 from compiler.graph.io import needs_external_data
-from compiler.steps.base import ONNX, TORCH, Step, StepContext, StepParams
+from compiler.steps.base import ACTIVATIONS, ONNX, TORCH, WEIGHTS, Step, StepContext, StepParams
 from compiler.steps.ort_quant import (
     check_ops_match,
     exclude_nodes,
@@ -58,6 +58,7 @@ class Int8DynamicStep(Step):
 
     precision = frozenset({"int8"})
     quantizes_compute = True
+    operands = frozenset({WEIGHTS, ACTIVATIONS})  # activations scaled per run from their values
 
     def validate(self, info, target: TargetCapabilities) -> None:
         super().validate(info, target)

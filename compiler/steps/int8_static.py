@@ -15,9 +15,11 @@ from compiler.core.hashing import onnx_sha256
 from compiler.graph.io import needs_external_data
 from compiler.runners.sessions import ort_session
 from compiler.steps.base import (
+    ACTIVATIONS,
     CALIBRATION_METHODS,
     ONNX,
     TORCH,
+    WEIGHTS,
     ModelInfo,
     Step,
     StepContext,
@@ -197,6 +199,7 @@ class Int8StaticStep(Step):
 
     precision = frozenset({"int8"})
     quantizes_compute = True
+    operands = frozenset({WEIGHTS, ACTIVATIONS})
 
     def own_exclude(self) -> list[str]:
         return list(self.params.exclude)

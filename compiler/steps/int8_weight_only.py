@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compiler.steps.base import StepParams
+from compiler.steps.base import WEIGHTS, StepParams
 from compiler.steps.modelopt import ModeloptStep
 
 
@@ -23,4 +23,5 @@ class Int8WeightOnlyStep(ModeloptStep):
     # weight amax comes from the weights themselves: no calibration data is read
     needs_calibration = False
     precision = frozenset({"int8"})
+    operands = frozenset({WEIGHTS})
     summary = "int8 weights per channel, fp32 activations (modelopt weight-only), exported as DQ-only weights"

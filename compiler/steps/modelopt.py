@@ -17,7 +17,9 @@ from compiler.graph.qdq_weights import fold_weight_quantizers
 from compiler.steps.base import (
     CALIBRATION_METHODS,
     FULL_PRECISION,
+    ACTIVATIONS,
     TORCH,
+    WEIGHTS,
     Step,
     StepContext,
 )
@@ -366,6 +368,7 @@ class ModeloptStep(Step):
     runs_on = {"torch": TORCH, "ort": TORCH, "trt": TORCH}
     needs_calibration = True
     quantizes_compute = True
+    operands = frozenset({WEIGHTS, ACTIVATIONS})  # W8A8 presets; int8_weight_only declares weights only
     # a layer may be kept out or given another modelopt preset (int8 W8A8 or fp8) in place of the step's own
     layer_format_choices = frozenset(f for f in PRESETS if f in FORMATS)  # the presets that are number formats
     FORMAT = ""  # a PRESETS key

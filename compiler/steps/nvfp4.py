@@ -12,6 +12,7 @@ checked on the CPU with compiler.runners.reference), not target=ort.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from compiler.numerics.nvfp4 import (
     nvfp4_quantize,
     nvfp4_static_scales,
 )
-from compiler.steps.base import TORCH, Step, StepContext, StepParams
+from compiler.steps.base import ACTIVATIONS, TORCH, WEIGHTS, Step, StepContext, StepParams
 from compiler.steps.modelopt import DEFAULT_EXCLUDE, _mtq, quantize_module
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,17 @@ class NVFP4Params(StepParams):
         return out
 
 
-def nvfp4_config(activations: bool = True, algorithm: str = "max") -> Dict:
+def nvfp4_config(activations: bool = True, algorithm: str = "max", weights: bool = True) -> Dict:
     """modelopt's NVFP4 preset for a calibration algorithm (ALGORITHMS; weights and inputs of every quantizable
-    layer), optionally weights only."""
+    layer), optionally weights only or (weights=False) inputs only."""
     preset, override = ALGORITHMS[algorithm]
     cfg = copy.deepcopy(getattr(_mtq(), preset))
     if override is not None:
         cfg["algorithm"] = copy.deepcopy(override)
     if not activations:
         cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [{"quantizer_name": "*input_quantizer", "enable": False}]
+    if not weights:
+        cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [{"quantizer_name": "*weight_quantizer", "enable": False}]
     return cfg
 
 
@@ -347,6 +350,24 @@ class NVFP4Step(Step):
     # int8, modelopt presets); min_opset and its reason come from the format too (FLOAT4E2M1 and blocked
     # DequantizeLinear need opset 23)
     layer_format_choices = frozenset(number_format("nvfp4").fallbacks)
+    # weights off: only with_operands makes such a copy (the loss-sources table's activation-only row)
+    quantize_weights = True
+
+    def quantized_operands(self):
+        return frozenset({WEIGHTS} if self.quantize_weights else set()) | (
+            {ACTIVATIONS} if bool(self.params.activations) else set())
+
+    def with_operands(self, weights: bool, activations: bool):
+        """Weights only: activations=False, the step's algorithm. Inputs only: the weights kept fp32 and max
+        calibration of the inputs' global scales (the algorithms choose weight scales: with fp32 weights there
+        is nothing for them to choose)."""
+        if activations and not bool(self.params.activations) or not (weights or activations):
+            return None
+        out = copy.copy(self)
+        out.params = dataclasses.replace(self.params, activations=bool(activations),
+                                         algorithm=self.params.algorithm if weights else "max")
+        out.quantize_weights = bool(weights)
+        return out
 
     def validate_export(self, export_cfg, target) -> None:
         super().validate_export(export_cfg, target)
@@ -363,7 +384,7 @@ class NVFP4Step(Step):
     def apply_torch(self, model, ctx: StepContext):
         install_cpu_fallback()
         algorithm = str(self.params.algorithm)
-        quantize_module(model, nvfp4_config(bool(self.params.activations), algorithm), ctx,
+        quantize_module(model, nvfp4_config(bool(self.params.activations), algorithm, self.quantize_weights), ctx,
                         layer_formats=self.layer_formats)
         fixed = fix_weight_scales(model) if algorithm != "max" else 0
         marked = mark_for_trt_export(model)
