@@ -6,6 +6,9 @@ fp32 matrix-product peak; optionally times full builds of this tree against a gi
     python bench/speed.py                                   # MiniLM: torch fp32, ORT fp32, int8_static, int4
     python bench/speed.py --model tiny_bert --variants fp32:torch int8_static:ort --rounds 3
     python bench/speed.py --build-times main --readme       # + full-build wall times, docs/speed.md block rewritten
+    python bench/speed.py --variants fp32:ort int8_static:ort \
+        "old=int8_static:ort:recipe.steps.int8_static.fuse_bias=false|target.disabled_optimizers=[]"
+                                                            # a variant: [label=]recipe:target[:override|override]
 """
 
 from __future__ import annotations
@@ -27,7 +30,22 @@ sys.path.insert(0, str(REPO))
 from readme_block import compose, write_block  # noqa: E402  (bench/, the script's own folder)
 
 
-def build(model, recipe, target, out_dir: Path, extra):
+TARGETS: dict[str, str] = {}  # variant label -> target
+RECIPES: dict[str, str] = {}  # variant label -> recipe
+
+
+def parse_variant(text: str) -> tuple[str, str, str, list[str]]:
+    """'[label=]recipe:target[:override|override]' -> (label, recipe, target, overrides); the label defaults
+    to recipe:target, so the same recipe can be timed under different overrides in one run."""
+    label, _, spec = text.partition("=") if "=" in text.split(":")[0] else ("", "", text)
+    parts = spec.split(":", 2)
+    if len(parts) < 2:
+        raise SystemExit(f"--variants: {text!r} is not [label=]recipe:target[:override|override]")
+    overrides = [o for o in parts[2].split("|") if o] if len(parts) == 3 else []
+    return label or f"{parts[0]}:{parts[1]}", parts[0], parts[1], overrides
+
+
+def build(model, recipe, target, out_dir: Path, extra, label: str | None = None):
     """A real qcompile build (bench stage off: we time below, interleaved), and its predictor."""
     from compiler.core.errors import GateError
     from compiler.pipeline import run_build
@@ -38,7 +56,7 @@ def build(model, recipe, target, out_dir: Path, extra):
 
     cfg = compose([f"model={model}", f"recipe={recipe}", f"target={target}", "bench.enabled=false", *extra])
     spec = validate(cfg)
-    run_dir = out_dir / f"{recipe}_{target}"
+    run_dir = out_dir / (label or f"{recipe}_{target}").replace(":", "_").replace("/", "_")
     run_dir.mkdir(parents=True)
     try:
         report = run_build(spec, run_dir)
@@ -87,13 +105,13 @@ def machine_figures(args, built, rows):
     shape = gemm_shape(spec.model_info, args.batch, args.seq)
     probes = {rt: measure(rt, *shape, threads=args.threads) for rt in ("ort", "torch")}
     out = {"cpu": cpu_info(), "probe": probes}
-    onnx_runs = [(v, rep) for v, rep, _, _ in built if v.endswith(":ort")]
+    onnx_runs = [(v, rep) for v, rep, _, _ in built if TARGETS[v] == "ort"]
     if onnx_runs:
-        fp32 = next((rep for v, rep in onnx_runs if v.startswith("fp32:")), onnx_runs[0][1])
+        fp32 = next((rep for v, rep in onnx_runs if RECIPES[v] == "fp32"), onnx_runs[0][1])
         gflop = graph_flops(Path(fp32["build"]["run_dir"]) / "model.onnx", args.batch, args.seq)["gflop"]
         out["gflop"] = gflop
         for row in rows:
-            runtime = "ort" if row["variant"].endswith(":ort") else "torch"
+            runtime = TARGETS[row["variant"]]
             row["fraction_of_peak"] = gflop / (row["cpu_ms"] / 1e3) / probes[runtime]["fp32_gflops"]
     return out
 
@@ -209,10 +227,11 @@ def main():
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = REPO / "outputs" / "bench" / f"{stamp}_{args.model}"
     built = []
-    for v in args.variants:
-        recipe, target = v.split(":")
-        print(f"building {args.model} {recipe} on {target} ...", flush=True)
-        report, make_predict, size = build(args.model, recipe, target, out_dir, args.override)
+    for text in args.variants:
+        v, recipe, target, overrides = parse_variant(text)
+        TARGETS[v], RECIPES[v] = target, recipe
+        print(f"building {args.model} {v} ...", flush=True)
+        report, make_predict, size = build(args.model, recipe, target, out_dir, [*args.override, *overrides], v)
         predict = make_predict(args.threads)
         built.append((v, report, predict, size))
 
