@@ -116,6 +116,46 @@ def machine_figures(args, built, rows):
     return out
 
 
+def peak_regressions(rows, minimum: float) -> list[str]:
+    """The ORT fp32 rows whose fraction of the probe's fp32 peak is below minimum (issue 20: ORT fp32 ran at
+    0.88 of it; below 0.85 is a regression of the fp32 path, e.g. a lost fusion), one line each."""
+    return [f"{r['variant']}: {r['fraction_of_peak']:.2f} of the probe's fp32 peak, below {minimum:.2f}"
+            for r in rows if RECIPES.get(r["variant"]) == "fp32" and TARGETS.get(r["variant"]) == "ort"
+            and r.get("fraction_of_peak") is not None and r["fraction_of_peak"] < minimum]
+
+
+def scaling_rows(makers: dict, input_names: list[str], base: str, batches: list[int], seq: int,
+                 threads: list[int], vocab: int = 30522) -> list[dict]:
+    """Throughput of every variant at each batch x seq and thread count, the variants round-robin in one run
+    (compiler/stages/bench/scaling.py's shapes and rounds). One thread: ratios in thread CPU time; more: wall
+    clock (this thread's CPU time would miss the workers). samples/s always from the wall clock."""
+    from compiler.core.feeds import synthetic_feed
+    from compiler.stages.bench import interleaved, ratio_clock
+    from compiler.stages.bench.scaling import ROUNDS, SERVER_CALLS
+
+    out = []
+    for t in threads:
+        predicts = {v: make(t) for v, make in makers.items()}
+        for batch in batches:
+            feed = synthetic_feed(input_names, batch, seq, vocab=vocab, seed=1)
+            for p in predicts.values():
+                p(feed)
+            calls = SERVER_CALLS if batch > 1 else 10
+            times = interleaved(predicts, [feed], ROUNDS, calls)
+            clock = ratio_clock(t)
+            med = {c: {v: float(np.median(np.concatenate(times[c][v]))) for v in predicts} for c in ("wall", "cpu")}
+            for v in predicts:
+                out.append({"variant": v, "threads": t, "batch": batch, "seq": seq,
+                            "samples_per_s": batch / med["wall"][v], "speedup": med[clock][base] / med[clock][v],
+                            "clock": clock})
+            print(f"  scaling: {t} thread(s), batch {batch}: " + ", ".join(
+                f"{v} {batch / med['wall'][v]:.1f}/s" for v in predicts), flush=True)
+    for r in out:
+        one = next(o for o in out if o["variant"] == r["variant"] and o["batch"] == r["batch"] and o["threads"] == 1)
+        r["scaling_vs_1_thread"] = r["samples_per_s"] / one["samples_per_s"]
+    return out
+
+
 def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -181,6 +221,23 @@ def render(args, rows, base, clock_name, extra, builds):
         lines.append(f"| {r['variant']} | {r['p50_ms']:.1f} | {r['cpu_ms']:.1f} | {r['speedup']:.2f}x "
                      f"({r['spread'][0]:.2f}..{r['spread'][1]:.2f}) | {frac} | {r['artifact_mb']:.1f} | "
                      f"{r['smaller']:.2f}x | {cos} | {r['top1_agreement'] if r['top1_agreement'] is not None else ''} |")
+    if extra.get("scaling"):
+        sc = extra["scaling"]
+        cols = [(r["threads"], r["batch"]) for r in sc if r["variant"] == base]
+        lines += ["", (f"**Throughput by batch and threads** (same run, variants round-robin, "
+                       f"{ROUNDS_NOTE}): samples/s (x `{base}`; scaling over one thread):"), "",
+                  "| variant | " + " | ".join(f"{t} thr, batch {b}" for t, b in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for v in dict.fromkeys(r["variant"] for r in sc):
+            cells = []
+            for t, b in cols:
+                r = next(x for x in sc if x["variant"] == v and x["threads"] == t and x["batch"] == b)
+                cells.append(f"{r['samples_per_s']:.1f} ({r['speedup']:.2f}x; {r['scaling_vs_1_thread']:.2f})")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    if extra.get("peak_regressions") is not None:
+        regress = extra["peak_regressions"]
+        lines += ["", (f"**ORT fp32 regression check** (fraction of the probe's fp32 peak >= {args.min_fp32_peak:.2f}): "
+                       + ("REGRESSION: " + "; ".join(regress) if regress else "passes"))]
     if builds:
         lines += ["", (f"**Full builds** (`python -m compiler {' '.join(builds['args'])}`, load + quantize + export + "
                   f"check + bench), `{builds['ref']}` (before) vs this tree (after), interleaved, wall seconds:"), "",
@@ -192,6 +249,7 @@ def render(args, rows, base, clock_name, extra, builds):
     return "\n".join(lines)
 
 
+ROUNDS_NOTE = ("3 rounds; 1 thread: ratio in thread CPU time, more threads: wall clock; samples/s wall clock")
 PAGE = "docs/speed.md"  # the page holding the marked block (it lived in README.md before)
 BEGIN, END = "<!-- speed:begin (bench/speed.py --readme) -->", "<!-- speed:end -->"
 
@@ -213,6 +271,11 @@ def main():
     ap.add_argument("--build-args", nargs="*", default=["model=minilm", "recipe=int8_static", "target=ort"])
     ap.add_argument("--readme", action="store_true", help="rewrite the speed block of docs/speed.md with the result")
     ap.add_argument("--note", default="", help="a line for docs/speed.md (e.g. the machine's load during the run)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="also throughput at --batch and --server-batch, 1 thread to every core, all variants round-robin")
+    ap.add_argument("--server-batch", type=int, default=32)
+    ap.add_argument("--min-fp32-peak", type=float, default=0.85,
+                    help="ORT fp32 below this fraction of the probe's fp32 peak is a regression: exit 1 (0: no check)")
     args = ap.parse_args()
 
     from compiler.core.feeds import synthetic_feed
@@ -227,12 +290,14 @@ def main():
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = REPO / "outputs" / "bench" / f"{stamp}_{args.model}"
     built = []
+    makers = {}
     for text in args.variants:
         v, recipe, target, overrides = parse_variant(text)
         TARGETS[v], RECIPES[v] = target, recipe
         print(f"building {args.model} {v} ...", flush=True)
         report, make_predict, size = build(args.model, recipe, target, out_dir, [*args.override, *overrides], v)
         predict = make_predict(args.threads)
+        makers[v] = make_predict
         built.append((v, report, predict, size))
 
     feed = synthetic_feed(_inputs(built[0][1]), args.batch, args.seq, seed=1)
@@ -258,6 +323,14 @@ def main():
                      "smaller": base_size / size, "embedding_cosine": task.get("embedding_cosine_mean"),
                      "top1_agreement": task.get("top1_agreement")})
     extra = machine_figures(args, built, rows)
+    if args.min_fp32_peak:
+        extra["peak_regressions"] = peak_regressions(rows, args.min_fp32_peak)
+    if args.scaling:
+        from compiler.stages.bench.scaling import thread_counts
+
+        extra["scaling"] = scaling_rows(makers, _inputs(built[0][1]), base,
+                                        list(dict.fromkeys([args.batch, args.server_batch])), args.seq,
+                                        thread_counts(os.cpu_count()))
     builds = time_builds(args) if args.build_times else None
     text = render(args, rows, base, CLOCK_NAMES[clock], extra, builds)
     print(text)
@@ -268,6 +341,9 @@ def main():
     print(f"\nwritten: {out_dir / 'speed.md'}")
     if args.readme:
         write_block(PAGE, text, BEGIN, END, "speed section")
+    if extra.get("peak_regressions"):
+        print("ORT fp32 regression: " + "; ".join(extra["peak_regressions"]), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
