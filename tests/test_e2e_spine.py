@@ -96,7 +96,7 @@ def check_run(run_dir, model, recipe, target):
         # ort the attention products stay fp32 and every quantized MatMul is fused with its bias
         assert step["quantized"] == step["total"] - 1 - step.get("activation_products_fp32", 0)
         assert step["total"] > 0 and step["embedding_gathers_quantized"] >= 1
-        assert ops["QuantizeLinear"] > 0 and 0 < ops["MatMulIntegerToFloat"] <= step["quantized"]
+        assert ops["QuantizeLinear"] > 0 and 0 < ops["com.microsoft::MatMulIntegerToFloat"] <= step["quantized"]
     elif recipe == "int8_static":
         assert step["delegated_to"].startswith("int8 (modelopt W8A8")
         assert step["quantized_layers"] > 0
