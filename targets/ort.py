@@ -53,7 +53,8 @@ def provider_list(providers: List[str], provider_options: Optional[Dict[str, Dic
 
 def create_session(model_path: Path, providers: List[str], opt_level: str = "all", threads: Optional[int] = None,
                    optimized_path: Optional[Path] = None, record_placement: bool = False,
-                   provider_options: Optional[Dict[str, Dict]] = None, profile_prefix: Optional[str] = None):
+                   provider_options: Optional[Dict[str, Dict]] = None, profile_prefix: Optional[str] = None,
+                   disabled_optimizers: Optional[List[str]] = None):
     """InferenceSession that fails loudly when the first requested provider is not the one in use."""
     check_providers(list(providers))
     # past 2 GB ORT can save the optimized graph only with its tensors beside it
@@ -61,7 +62,7 @@ def create_session(model_path: Path, providers: List[str], opt_level: str = "all
     try:
         sess = ort_session(model_path, provider_list(list(providers), provider_options), opt_level, threads,
                            optimized_path, record_placement, optimized_external_data=external,
-                           profile_prefix=profile_prefix)
+                           profile_prefix=profile_prefix, disabled_optimizers=list(disabled_optimizers or ()))
     except Exception as e:
         raise BuildError(f"onnxruntime cannot load {Path(model_path).name}: {str(e).splitlines()[0]}") from e
     used = sess.get_providers()
@@ -122,7 +123,8 @@ class OrtTarget(Target):
         optimized = None if compiling else Path(run_dir) / "engine.ort.onnx"
         save_level = "extended" if self.cfg.graph_optimization == "all" else self.cfg.graph_optimization
         sess = create_session(onnx_path, providers, save_level, threads=1, optimized_path=optimized,
-                              record_placement=True, provider_options=options)
+                              record_placement=True, provider_options=options,
+                              disabled_optimizers=list(self.cfg.disabled_optimizers))
         placement = node_placement(sess)
         used = sess.get_providers()
         del sess
@@ -130,7 +132,7 @@ class OrtTarget(Target):
         files = [artifact] + ([artifact.with_name(artifact.name + ".data")]
                               if artifact.with_name(artifact.name + ".data").exists() else [])
         info = {"providers": providers, "session_providers": used, "graph_optimization": self.cfg.graph_optimization,
-                "placement": placement}
+                "disabled_optimizers": list(self.cfg.disabled_optimizers), "placement": placement}
         if options:
             info["provider_options"] = options
         return Engine(target=self.name, path=None if compiling else optimized, handle=Path(onnx_path),
@@ -146,7 +148,8 @@ class OrtTarget(Target):
 
     def session(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
         return create_session(engine.handle, list(self.cfg.providers), self.cfg.graph_optimization, threads,
-                              provider_options=engine.info.get("provider_options"), profile_prefix=profile_prefix)
+                              provider_options=engine.info.get("provider_options"), profile_prefix=profile_prefix,
+                              disabled_optimizers=list(self.cfg.disabled_optimizers))
 
     def predictor(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
         return session_predictor(self.session(engine, threads, profile_prefix), engine.output_names)

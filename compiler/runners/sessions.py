@@ -52,15 +52,19 @@ def session_options(opt_level: str = "all", threads: int | None = None, optimize
 def ort_session(model: str | Path | bytes, providers: Sequence = (CPU,), opt_level: str = "all",
                 threads: int | None = None, optimized_path: Path | None = None,
                 record_placement: bool = False, optimized_external_data: bool = False,
-                profile_prefix: str | None = None):
+                profile_prefix: str | None = None, disabled_optimizers: Sequence[str] = ()):
     """An InferenceSession on a path or serialized model bytes; errors propagate unchanged (callers word
     them for their own context). optimized_external_data: the saved optimized graph keeps its tensors in
-    <optimized_path>.data (needed past protobuf's 2 GB). profile_prefix: onnxruntime's profiler on."""
+    <optimized_path>.data (needed past protobuf's 2 GB). profile_prefix: onnxruntime's profiler on.
+    disabled_optimizers: onnxruntime graph transformers left out by name (target.disabled_optimizers)."""
     import onnxruntime as ort
 
     so = session_options(opt_level, threads, optimized_path, record_placement, optimized_external_data,
                          profile_prefix)
     src = model if isinstance(model, bytes) else str(model)
+    if disabled_optimizers:
+        return ort.InferenceSession(src, sess_options=so, providers=list(providers),
+                                    disabled_optimizers=list(disabled_optimizers))
     return ort.InferenceSession(src, sess_options=so, providers=list(providers))
 
 

@@ -13,6 +13,7 @@ from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError, RecipeError
 from compiler.core.hashing import onnx_sha256
 from compiler.graph.io import needs_external_data
+from compiler.graph.qdq_ort import activation_products, float_consumers_read_float, fuse_matmul_bias
 from compiler.runners.sessions import ort_session
 from compiler.steps.base import (
     ACTIVATIONS,
@@ -79,6 +80,22 @@ class Params(StepParams):
     # cosine 0.938 with, 0.989 without. ORT (MatMulIntegerToFloat) and TensorRT need Q/DQ on inputs only.
     quantize_outputs: bool = False
     preprocess: bool = True  # onnxruntime's quant_pre_process (shape inference + basic optimizations)
+    # The next three apply where onnxruntime runs the graph (target=ort); a TensorRT graph keeps ORT's
+    # quantizer output. Measured on MiniLM (docs/speed.md, "int8_static on ORT"; /work/notes/int8speed.md),
+    # one thread, same run, thread CPU time, ratio to ORT fp32, load 8-10 on 2 cores:
+    #   quantizer output as before                                 1.30-1.45x   cosine 0.9906
+    #   + float ops read the float tensor (keep_float_path)        (alone: same speed)  0.9943
+    #   + attention products fp32 (quantize_activation_products)   (alone: +5%)  0.9945
+    #   + bias Add fused into MatMulIntegerToFloat (fuse_bias)     1.52-1.67x (int8_dynamic 1.51-1.71x)
+    # Q/DQ on the attention products (query x key, probabilities x value) costs more than their int8 kernels
+    # save at seq 128: each needs a QuantizeLinear per operand, the softmax scale Mul no longer fuses
+    # (FusedMatMul) and one of the two requantizes (QLinearMatMul).
+    quantize_activation_products: bool = False
+    # float consumers of a quantized tensor (residual Adds, SkipLayerNormalization, Shape) read the float
+    # tensor, not its Q/DQ copy (compiler/graph/qdq_ort.py: float_consumers_read_float)
+    keep_float_path: bool = True
+    # MatMul + bias Add -> one MatMulIntegerToFloat with its bias (onnxruntime's contrib op; fuse_matmul_bias)
+    fuse_bias: bool = True
 
     def problems(self) -> list[tuple[str, str, str]]:
         """(field, what is wrong, what would work) for each bad value (compiler.steps.base.StepParams)."""
@@ -270,6 +287,9 @@ class Int8StaticStep(Step):
         excluded = sorted(set(exclude_nodes(prepared, ctx.exclude, linear)) | set(exclude_nodes(prepared, p.exclude))
                           | set(layer_nodes(prepared, self.kept_layers(), linear)))
         skipped = activation_gathers(prepared) if "Gather" in op_types else []
+        ort_graph = bool(ctx.target.ort_session)
+        products = [] if p.quantize_activation_products or not ort_graph else activation_products(prepared)
+        skipped = sorted(set(skipped) | set(products))
         quietly(quantize_static, str(graph), str(out_path), calibration_data_reader=None,
                  quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                  per_channel=bool(p.per_channel), reduce_range=bool(p.reduce_range),
@@ -279,6 +299,12 @@ class Int8StaticStep(Step):
                  calibration_cache_path=str(cache_path), use_external_data_format=needs_external_data(graph))
 
         quantized = onnx.load(str(out_path), load_external_data=False)
+        if ort_graph and (p.keep_float_path or p.fuse_bias):
+            passes = _ort_passes(out_path, p)
+            report["ort_graph_passes"] = passes
+            quantized = onnx.load(str(out_path), load_external_data=False)
+        if products:
+            report["activation_products_fp32"] = len(products)
         coverage = quantized_coverage(prepared, quantized, linear)
         gathers = quantized_gathers(quantized)
         if coverage["quantized"] == 0 and gathers == 0:
@@ -299,6 +325,22 @@ class Int8StaticStep(Step):
         if ctx.target.ort_session:
             _check_loads(out_path, act, ctx.opset)
         return Path(out_path)
+
+
+def _ort_passes(path: Path, p: Params) -> dict[str, int]:
+    """The graph passes of compiler/graph/qdq_ort.py on the quantized graph at path, in place."""
+    import onnx
+
+    from compiler.graph.io import save_onnx
+
+    model = onnx.load(str(path))
+    done = {}
+    if p.keep_float_path:
+        done["float_inputs_rewired"] = float_consumers_read_float(model)
+    if p.fuse_bias:
+        done["matmuls_fused_with_bias"] = fuse_matmul_bias(model)
+    save_onnx(model, Path(path), "auto" if needs_external_data(Path(path)) else "never")
+    return done
 
 
 def _check_loads(path: Path, activation_type: str, opset: int) -> None:

@@ -45,10 +45,14 @@ def producers(path: Path):
     return g, {o: n for n in g.node for o in n.output}
 
 
+# onnxruntime.quantization's own QDQ output, without the ORT graph passes (compiler/graph/qdq_ort.py)
+QUANTIZER_ONLY = {"quantize_activation_products": True, "keep_float_path": False, "fuse_bias": False}
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_embeddings_close_to_fp32_and_every_linear_quantized(exported, name, tmp_path):
     model, data, fp32 = exported[name]
-    out, report = quantize(exported, name, tmp_path)
+    out, report = quantize(exported, name, tmp_path, **QUANTIZER_ONLY)
     feeds = list(data.evaluation.batches(8))
     cos = mean_cosine(run(out, feeds), run(fp32, feeds))
     # measured at seq 32, 16 calibration sentences: tiny_bert 0.99991, tiny_modernbert 0.99996 (minilm:
@@ -72,6 +76,44 @@ def test_embeddings_close_to_fp32_and_every_linear_quantized(exported, name, tmp
     assert any(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weight_dq)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_ort_graph_passes_keep_the_numbers_and_leave_no_float_only_qdq(exported, name, tmp_path):
+    """The defaults on target=ort: attention products fp32, float ops read float tensors, every quantized
+    MatMul fused with its bias into MatMulIntegerToFloat; outputs equal the quantizer-only graph's within
+    the rounding the residual no longer gets."""
+    from compiler.graph.qdq_ort import float_consumers_read_float, qdq_fed_only_float
+
+    model, data, fp32 = exported[name]
+    out, report = quantize(exported, name, tmp_path / "passes")
+    # the same quantization (attention products fp32 too), without the two graph passes
+    plain, _ = quantize(exported, name, tmp_path / "plain", keep_float_path=False, fuse_bias=False)
+    feeds = list(data.evaluation.batches(8))
+    got, ref = run(out, feeds), run(plain, feeds)
+    assert mean_cosine(got, run(fp32, feeds)) > 0.9995
+    assert mean_cosine(got, ref) > 0.9999 and np.max(np.abs(got - ref)) < 0.02
+    linear = {"tiny_bert": 16, "tiny_modernbert": 12}[name]
+    assert report["activation_products_fp32"] == 4  # 2 layers x (QK^T, PV)
+    assert report["total"] == linear and report["quantized"] == linear - 4
+    g = onnx.load(str(out)).graph
+    fused = [n for n in g.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == linear - 4 == report["ort_graph_passes"]["matmuls_fused_with_bias"]
+    assert report["ort_graph_passes"]["float_inputs_rewired"] > 0
+    # MatMuls left: the attention products, in float; no bias Add behind a fused MatMul
+    assert sum(n.op_type == "MatMul" for n in g.node) == 4
+    assert all(len(n.input) == 7 and n.input[6] for n in fused) if name == "tiny_bert" else True
+    assert qdq_fed_only_float(onnx.load(str(out))) == []
+    # nothing left to rewire; in the quantizer's own graph the residual path read LayerNorm outputs' Q/DQ copy
+    assert float_consumers_read_float(onnx.load(str(out))) == 0
+    assert float_consumers_read_float(onnx.load(str(plain))) == report["ort_graph_passes"]["float_inputs_rewired"]
+
+
+def test_trt_graph_gets_no_ort_passes(exported, tmp_path):
+    out, report = quantize(exported, "tiny_bert", tmp_path, target="trt")
+    g = onnx.load(str(out)).graph
+    assert "ort_graph_passes" not in report and "activation_products_fp32" not in report
+    assert not any(n.domain == "com.microsoft" for n in g.node) and report["quantized"] == 16
+
+
 def test_zero_matched_ops_is_a_build_error(exported, tmp_path):
     with pytest.raises(BuildError) as e:
         quantize(exported, "tiny_bert", tmp_path, op_types_to_quantize=["Conv"])
@@ -88,7 +130,7 @@ def test_everything_excluded_is_a_build_error_not_a_silent_fp32_graph(exported, 
 def test_exclude_patterns_use_module_names(exported, tmp_path):
     # the same pattern as a torch-side exclude: inner.encoder.layer.0.output.dense <- /inner/encoder/layer.0/...
     out, report = quantize(exported, "tiny_bert", tmp_path, model_exclude=["*pooler*"],
-                           exclude=["*encoder.layer.0.output.dense"])
+                           exclude=["*encoder.layer.0.output.dense"], **QUANTIZER_ONLY)
     assert report["quantized"] == 15 and report["total"] == 16
     g, prod = producers(out)
     (ffn_down,) = [n for n in g.node if n.name == "/inner/encoder/layer.0/output/dense/MatMul"]
@@ -101,7 +143,7 @@ def test_gather_stores_embedding_tables_int8(exported, tmp_path):
     out, report = quantize(exported, "tiny_bert", tmp_path, model_exclude=["*embeddings*"],
                            op_types_to_quantize=["MatMul", "Gemm", "Gather"])
     assert report["embedding_gathers_quantized"] == 3  # word, position, token type
-    assert report["quantized"] == 16
+    assert report["quantized"] == 12  # the 4 attention products stay fp32 on ort
     # the word table (30522 x 64) dominates: int8 storage makes the graph > 3x smaller
     assert out.stat().st_size * 3 < fp32.stat().st_size
     feeds = list(data.evaluation.batches(8))

@@ -134,3 +134,33 @@ def test_gpu_providers_end_to_end(qcompile, providers):
     report = json.loads((run / "report.json").read_text())
     assert report["lower"]["session_providers"][0] == providers[0]
     assert report["check"]["fidelity"]["embedding_cosine_mean"] > 0.999
+
+
+def test_disabled_optimizers_leave_skiplayernorm_unfused(tmp_path):
+    """target.disabled_optimizers reaches onnxruntime: Add + LayerNormalization stays two nodes with the
+    default [SkipLayerNormFusion] and becomes SkipLayerNormalization with []; the numbers agree."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = 8
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"]),
+         helper.make_node("LayerNormalization", ["s", "g", "be"], ["y"], axis=-1, epsilon=1e-5)], "add_ln",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, hidden]) for n in "ab"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, hidden])],
+        initializer=[numpy_helper.from_array(np.linspace(0.5, 1.5, hidden, dtype=np.float32), "g"),
+                     numpy_helper.from_array(np.zeros(hidden, np.float32), "be")])
+    path = tmp_path / "add_ln.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    rng = np.random.default_rng(0)
+    feed = {n: rng.standard_normal((1, 4, hidden)).astype(np.float32) for n in "ab"}
+    assert ort_cfg().disabled_optimizers == ["SkipLayerNormFusion"]
+    got = {}
+    for label, disabled in (("default", ort_cfg().disabled_optimizers), ("none", [])):
+        saved = tmp_path / f"{label}.opt.onnx"
+        sess = O.create_session(path, ["CPUExecutionProvider"], "extended", threads=1, optimized_path=saved,
+                                disabled_optimizers=disabled)
+        got[label] = ([n.op_type for n in onnx.load(str(saved)).graph.node], sess.run(["y"], feed)[0])
+    assert got["default"][0] == ["Add", "LayerNormalization"]
+    assert got["none"][0] == ["SkipLayerNormalization"]
+    np.testing.assert_allclose(got["default"][1], got["none"][1], atol=1e-5)
