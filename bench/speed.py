@@ -6,6 +6,8 @@ fp32 matrix-product peak; optionally times full builds of this tree against a gi
     python bench/speed.py                                   # MiniLM: torch fp32, ORT fp32, int8_static, int4
     python bench/speed.py --model tiny_bert --variants fp32:torch int8_static:ort --rounds 3
     python bench/speed.py --build-times main --readme       # + full-build wall times, docs/speed.md block rewritten
+    python bench/speed.py --variants fp32:torch int8_dynamic:torch fp32:torch:target.compile=true \
+        int8_dynamic:torch:target.compile=true             # a variant's third part: its own overrides (comma-separated)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def build(model, recipe, target, out_dir: Path, extra):
 
     cfg = compose([f"model={model}", f"recipe={recipe}", f"target={target}", "bench.enabled=false", *extra])
     spec = validate(cfg)
-    run_dir = out_dir / f"{recipe}_{target}"
+    run_dir = out_dir / "_".join([recipe, target] + [e.replace("=", "-") for e in extra if e.startswith("target.")])
     run_dir.mkdir(parents=True)
     try:
         report = run_build(spec, run_dir)
@@ -47,6 +49,11 @@ def build(model, recipe, target, out_dir: Path, extra):
         report = json.loads((run_dir / "report.json").read_text())
 
     def make_predict(threads):
+        if target == "torch" and (run_dir / "engine.pt2").is_file():
+            # the run's exported program as `qcompile predict` loads it (fp32 too: the same kind of graph)
+            tgt = get_target("torch")(spec.target)
+            eng = tgt.load(run_dir, report.get("lower") or {}, _inputs(report), _outputs(report))
+            return tgt.predictor(eng, threads=threads)
         if target == "torch" and not spec.steps:
             import torch
 
@@ -61,7 +68,9 @@ def build(model, recipe, target, out_dir: Path, extra):
         raise SystemExit(f"bench/speed.py times torch fp32 and ORT builds; {recipe}:{target} is not supported here")
 
     size = report.get("onnx", {}).get("bytes")
-    if size is None:  # torch: the weights file the model was loaded from
+    if size is None and (run_dir / "engine.pt2").is_file():  # torch: its exported program (graph + weights)
+        size = (run_dir / "engine.pt2").stat().st_size
+    if size is None:  # torch without a program: the weights file the model was loaded from
         files = report["model"].get("weight_files", "")
         size = sum((Path(report["model"]["path"]) / f).stat().st_size for f in files.split(",") if f)
         size = size or 4 * report["model"]["parameters"]  # tiny models have no file: fp32 parameter bytes
@@ -210,9 +219,10 @@ def main():
     out_dir = REPO / "outputs" / "bench" / f"{stamp}_{args.model}"
     built = []
     for v in args.variants:
-        recipe, target = v.split(":")
-        print(f"building {args.model} {recipe} on {target} ...", flush=True)
-        report, make_predict, size = build(args.model, recipe, target, out_dir, args.override)
+        recipe, target, *own = v.split(":")
+        print(f"building {args.model} {recipe} on {target} {' '.join(own)}...", flush=True)
+        overrides = [o for part in own for o in part.split(",") if o]
+        report, make_predict, size = build(args.model, recipe, target, out_dir, args.override + overrides)
         predict = make_predict(args.threads)
         built.append((v, report, predict, size))
 

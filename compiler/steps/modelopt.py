@@ -21,7 +21,7 @@ from compiler.steps.base import (
     Step,
     StepContext,
 )
-from compiler.steps.torchao_kernels import NoKernel, TorchKernel, apply_kernel, fake_quant_report
+from compiler.steps.torchao_kernels import NoKernel, TorchKernel, apply_kernel, fake_quant_report, torchao_modules
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ PRESETS = {
 
 
 def _mtq():
+    torchao_modules()  # modelopt imports torchao where installed; first quietly (its CUDA extensions' load errors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # modelopt warns that transformers 5.x is untested; measured fine
         import modelopt.torch.quantization as mtq
