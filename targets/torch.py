@@ -3,7 +3,6 @@ directory (engine.pt2), so `qcompile predict` loads it without the build."""
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +15,6 @@ from compiler.runners.callable import torch_predictor
 from compiler.steps.torchao_kernels import module_kernels, torchao_modules
 from targets.base import Engine, Target
 
-log = logging.getLogger(__name__)
 
 PROGRAM = "engine.pt2"  # torch.export.save of the lowered module: graph + weights (torchao tensors included)
 STATE_DICT = "engine.pt"  # where the module does not export: its state dict, which only a rebuild can load

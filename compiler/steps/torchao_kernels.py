@@ -15,7 +15,6 @@ from typing import Any
 
 from compiler.core.errors import BuildError
 
-log = logging.getLogger(__name__)
 
 # what a step's report says in its "kernels" key (and report.json's lower.kernels.mode for the whole module)
 REAL = "real"  # torchao tensor subclasses: the quantized format is stored and run by integer kernels
