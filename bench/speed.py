@@ -9,6 +9,8 @@ fp32 matrix-product peak; optionally times full builds of this tree against a gi
     python bench/speed.py --variants fp32:ort int8_static:ort \
         "old=int8_static:ort:recipe.steps.int8_static.fuse_bias=false|target.disabled_optimizers=[]"
                                                             # a variant: [label=]recipe:target[:override|override]
+    python bench/speed.py --variants fp32:torch int8_dynamic:torch fp32:torch:target.compile=true \
+        int8_dynamic:torch:target.compile=true          # torch: eager and torch.compile'd programs
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def build(model, recipe, target, out_dir: Path, extra, label: str | None = None)
         report = json.loads((run_dir / "report.json").read_text())
 
     def make_predict(threads):
+        if target == "torch" and (run_dir / "engine.pt2").is_file():
+            # the run's exported program as `qcompile predict` loads it (fp32 too: the same kind of graph)
+            tgt = get_target("torch")(spec.target)
+            eng = tgt.load(run_dir, report.get("lower") or {}, _inputs(report), _outputs(report))
+            return tgt.predictor(eng, threads=threads)
         if target == "torch" and not spec.steps:
             import torch
 
@@ -79,7 +86,9 @@ def build(model, recipe, target, out_dir: Path, extra, label: str | None = None)
         raise SystemExit(f"bench/speed.py times torch fp32 and ORT builds; {recipe}:{target} is not supported here")
 
     size = report.get("onnx", {}).get("bytes")
-    if size is None:  # torch: the weights file the model was loaded from
+    if size is None and (run_dir / "engine.pt2").is_file():  # torch: its exported program (graph + weights)
+        size = (run_dir / "engine.pt2").stat().st_size
+    if size is None:  # torch without a program: the weights file the model was loaded from
         files = report["model"].get("weight_files", "")
         size = sum((Path(report["model"]["path"]) / f).stat().st_size for f in files.split(",") if f)
         size = size or 4 * report["model"]["parameters"]  # tiny models have no file: fp32 parameter bytes

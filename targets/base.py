@@ -31,6 +31,9 @@ class Engine:
     output_names: List[str] = field(default_factory=list)
     info: Dict[str, Any] = field(default_factory=dict)  # goes into report.json under "lower"
     files: List[Path] = field(default_factory=list)  # every file of the artifact (for size and hashes)
+    # target=torch: the lowered nn.Module, whose layers the rails inspect, when the handle that runs is its exported
+    # graph (None: the handle is the module, or there is no module)
+    module: Any = None
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,23 @@
-"""The torch target: runs the (possibly quantized) torch module itself, eagerly."""
+"""The torch target: runs the (possibly quantized) torch module itself, as a torch.export program saved in the run
+directory (engine.pt2), so `qcompile predict` loads it without the build."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
+from compiler.core.feeds import synthetic_feed
+from compiler.graph.roles import vocab_rows
 from compiler.runners.callable import torch_predictor
+from compiler.steps.torchao_kernels import module_kernels, torchao_modules
 from targets.base import Engine, Target
+
+
+PROGRAM = "engine.pt2"  # torch.export.save of the lowered module: graph + weights (torchao tensors included)
+STATE_DICT = "engine.pt"  # where the module does not export: its state dict, which only a rebuild can load
 
 
 class TorchTarget(Target):
@@ -16,7 +25,7 @@ class TorchTarget(Target):
     needs_onnx = False
     capabilities = TargetCapabilities("torch", runs_onnx=False, ort_session=False, trt_custom_ops=False,
                                       symmetric_int8_only=False, gpu=False)
-    summary = "the torch module itself (modelopt fake-quant or torch int8 kernels), eager"
+    summary = "the torch module itself (torchao int8 kernels, or modelopt fake-quant where torchao has none), exported"
 
     def check_environment(self, recipe) -> None:
         import torch
@@ -28,20 +37,49 @@ class TorchTarget(Target):
     def lower(self, model, onnx_path: Optional[Path], run_dir: Path, build_info=None) -> Engine:
         import torch
 
-        module = model.module.to(self.cfg.device)
-        path = Path(run_dir) / "engine.pt"
-        # the state dict is the artifact: packed int8 weights for dynamic int8, fake-quant amax for modelopt
-        torch.save(module.state_dict(), path)
-        return Engine(target=self.name, path=path, handle=module, input_names=list(model.input_names),
-                      output_names=list(model.output_names), files=[path],
-                      info={"device": self.cfg.device, "torch": torch.__version__})
+        module = model.module.to(self.cfg.device).eval()
+        info: dict[str, Any] = {"device": self.cfg.device, "torch": torch.__version__,
+                                "kernels": module_kernels(module), "compiled": bool(self.cfg.compile)}
+        if info["kernels"]["real_layers"]:
+            info["torchao"] = _torchao_version()
+        program, why = export_program(module, list(model.input_names), self.cfg.device)
+        if program is not None:
+            path = Path(run_dir) / PROGRAM
+            torch.export.save(program, str(path))
+            handle = program.module()  # what predict loads: check and bench run the same graph
+            info["artifact"] = "exported_program"
+        else:
+            # modelopt's fake-quant quantizers branch on their tensors' values, which torch.export cannot trace
+            path = Path(run_dir) / STATE_DICT
+            torch.save(module.state_dict(), path)
+            handle = module
+            info["artifact"] = "state_dict"
+            info["notes"] = [f"target=torch kept {STATE_DICT} (a state dict only a rebuild can load): torch.export "
+                             f"failed on the quantized module ({why}); `qcompile predict` cannot run this run"]
+        if self.cfg.compile:
+            handle = compiled(handle)
+        return Engine(target=self.name, path=path, handle=handle, input_names=list(model.input_names),
+                      output_names=list(model.output_names), files=[path], info=info, module=module)
 
     def load(self, run_dir: Path, info, input_names, output_names) -> Engine:
-        # engine.pt is a state dict: its module is the recipe's quantized model, which only the build makes
-        raise BuildError("a target=torch run keeps engine.pt, the state dict of the quantized torch module, and no "
-                         "graph: running it means rebuilding that module from the recipe (`qcompile rebuild "
-                         f"{run_dir}` does). `qcompile predict` runs the engines of target=ort and target=trt runs; "
-                         "build with target=ort for a directory that deploys on its own")
+        import torch
+
+        path = Path(run_dir) / PROGRAM
+        if not path.is_file():
+            raise BuildError(f"{run_dir} keeps {STATE_DICT}, the state dict of its quantized torch module, and no "
+                             f"exported program ({PROGRAM}): torch.export could not trace that module (modelopt "
+                             f"fake-quant), so running it means rebuilding it (`qcompile rebuild {run_dir}` does). "
+                             "`qcompile predict` runs target=torch runs that wrote engine.pt2, and ort / trt runs")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if (info or {}).get("torchao"):
+                _torchao_version()  # registers torchao's ops and tensor classes (unpickling would import it too)
+            handle = torch.export.load(str(path)).module()
+        handle = handle.to(self.cfg.device)
+        if self.cfg.compile:
+            handle = compiled(handle)
+        return Engine(target=self.name, path=path, handle=handle, input_names=list(input_names),
+                      output_names=list(output_names), files=[path], info=dict(info or {}))
 
     def predictor(self, engine: Engine, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
         import torch
@@ -53,5 +91,39 @@ class TorchTarget(Target):
     def placement(self, engine: Engine):
         import collections
 
+        import torch
+
         devices = collections.Counter(str(p.device) for p in engine.handle.parameters())
+        if not devices:  # an exported program's module may hold its weights as buffers
+            devices = collections.Counter(str(b.device) for b in engine.handle.buffers() if isinstance(b, torch.Tensor))
         return {"parameters_by_device": dict(devices)}
+
+
+def export_program(module, input_names: list[str], device: str):
+    """(torch.export ExportedProgram of the module with dynamic batch and sequence, None) or (None, why it failed)."""
+    import torch
+
+    feed = synthetic_feed(input_names, 2, 16, vocab=vocab_rows(module))
+    args = tuple(torch.from_numpy(feed[n]).to(device) for n in input_names)
+    dim = torch.export.Dim.DYNAMIC  # the ranges come from the model (e.g. seq <= max_position_embeddings)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(module, args, dynamic_shapes={n: {0: dim, 1: dim} for n in input_names}), ""
+    except Exception as e:  # noqa: BLE001 -- any tracing failure means: keep the state dict, say why
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return None, f"{type(e).__name__}: {first[:200]}"
+
+
+def compiled(module):
+    """torch.compile (inductor) with frozen weights: constants folded, torchao's activation quantization fused."""
+    import torch
+
+    return torch.compile(module, options={"freezing": True})
+
+
+def _torchao_version() -> str:
+    torchao_modules()  # quietly: its CUDA extensions log that they cannot load on a CPU machine
+    import torchao
+
+    return str(torchao.__version__)

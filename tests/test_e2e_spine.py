@@ -64,14 +64,17 @@ def test_build(sweep, model, recipe, target):
 
 def check_run(run_dir, model, recipe, target):
     assert run_dir.name.endswith(f"_{model}_{recipe}_{target}"), run_dir.name  # finished: not .partial/.FAILED
+    report = json.loads((run_dir / "report.json").read_text())
     files = ["report.json", "REPORT.md", "manifest.json", "recipe.yaml"]
-    files += ["model.onnx", "engine.ort.onnx"] if target == "ort" else ["engine.pt"]
+    # target=torch: the exported program, except where modelopt's fake-quant (int8_static here) does not trace
+    files += (["model.onnx", "engine.ort.onnx"] if target == "ort" else
+              ["engine.pt"] if recipe == "int8_static" else ["engine.pt2"])
     for name in files:
         assert (run_dir / name).is_file(), name
     if target == "torch":
         assert not (run_dir / "model.onnx").exists()
+        assert report["lower"]["artifact"] == ("state_dict" if recipe == "int8_static" else "exported_program")
 
-    report = json.loads((run_dir / "report.json").read_text())
     resolved = OmegaConf.load(run_dir / "recipe.yaml")
     assert resolved.recipe.name == recipe
     gate = resolved.recipe.gate
@@ -100,10 +103,12 @@ def check_run(run_dir, model, recipe, target):
     elif recipe == "int8_static":
         assert step["delegated_to"].startswith("int8 (modelopt W8A8")
         assert step["quantized_layers"] > 0
+        assert step["kernels"] == report["lower"]["kernels"]["mode"] == "fake_quant"
     elif recipe == "int8_dynamic" and target == "ort":
         assert ops["MatMulInteger"] == step["quantized"] > 0
     elif recipe == "int8_dynamic":
-        assert step["quantized"] > 0 and step["backend"].startswith("torch.ao dynamic int8")
+        assert step["quantized"] > 0 and step["backend"] == "torchao Int8DynamicActivationInt8WeightConfig"
+        assert step["kernels"] == report["lower"]["kernels"]["mode"] == "real"
     elif recipe == "fp16" and target == "ort":
         assert step["attempts"] >= 1
         if model == "tiny_modernbert":  # the rotary angle subgraph, kept fp32

@@ -278,6 +278,42 @@ class RepairSection(Section):
         return self.max_task_drop if self.max_task_drop is not None else self.max_fidelity_drop
 
 
+class KernelMode(str, Enum):
+    """What runs the quantized Linear layers of a target=torch engine (lower.kernels.mode)."""
+
+    REAL = "real"  # torchao tensor subclasses: the format is stored and multiplied by integer kernels
+    FAKE_QUANT = "fake_quant"  # modelopt quantize-dequantize around fp32 products: the numerics, not the speed
+    MIXED = "mixed"  # some layers each way (steps with and without a torchao kernel in one recipe)
+    NONE = "none"  # no quantized Linear layer (fp32, fp16, rotate only)
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+@dataclass(kw_only=True)
+class Kernels(Section):
+    """target=torch: counted on the lowered module; reasons: per step that stayed fake-quant, why (its declared
+    NoKernel, compiler/steps/torchao_kernels.py)."""
+
+    mode: KernelMode
+    real_layers: int
+    fake_quant_layers: int
+    reasons: Optional[Dict[str, str]] = None
+
+
+@dataclass(kw_only=True)
+class LowerInfo(Section):
+    """The target's lowering info. OPEN: each target (targets/*.py) adds its own keys; the torch target's kernels
+    and artifact are typed here."""
+
+    OPEN = True
+    kernels: Optional[Kernels] = None
+    # target=torch: "exported_program" (engine.pt2, torch.export: `qcompile predict` loads it) or "state_dict"
+    # (engine.pt, where torch.export cannot trace the module: only a rebuild runs it)
+    artifact: Optional[str] = None
+    compiled: Optional[bool] = None  # target=torch: torch.compile ran over the program (target.compile)
+
+
 @dataclass(kw_only=True)
 class LossRow(Section):
     """One row of the loss-sources table: the fidelity metric with only what the row names quantized, and its
@@ -331,7 +367,7 @@ class Report(Section):
     export: Optional[Dict[str, Any]] = None  # the graph fix-ups after export (compiler/graph)
     doctor_export: Optional[List[RailResult]] = None
     onnx: Optional[OnnxInfo] = None
-    lower: Optional[Dict[str, Any]] = None  # the target's lowering info (targets/*.py)
+    lower: Optional[LowerInfo] = None  # the target's lowering info (targets/*.py)
     placement: Optional[Dict[str, Any]] = None  # the target's placement report
     int8_probe: Optional[Dict[str, Any]] = None  # the machine's int8 speed (compiler/stages/bench/probe.py)
     doctor: Optional[List[RailResult]] = None

@@ -212,6 +212,10 @@ class TargetConfig:
     # ORT: per execution provider options, e.g. {TensorrtExecutionProvider: {trt_fp16_enable: false}}
     provider_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"  # torch target: "cpu" or "cuda"
+    # torch target: run the exported program through torch.compile (inductor) in check, bench and predict. It fuses
+    # torchao's per-call activation quantization into the int8 products (eager, that Python-level work costs more
+    # than the int8 product saves on a CPU); compiling MiniLM takes minutes on 2 cores, once per process
+    compile: bool = False
 
 
 @dataclass

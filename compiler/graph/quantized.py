@@ -61,9 +61,17 @@ def is_dequantize(op_type: str) -> bool:
 # -- torch modules ---------------------------------------------------------------------------------------------
 
 def is_torch_quantized(module) -> bool:
-    """A torch.ao quantized Linear / Conv (static or dynamic): its arithmetic is integer."""
+    """A torch.ao quantized Linear / Conv (static or dynamic), or a layer whose weight is a torchao quantized
+    tensor (its linear runs torchao's kernels)."""
     cls = type(module)
-    return ".quantized." in f"{cls.__module__}." and cls.__name__ in ("Linear", "Conv1d", "Conv2d")
+    return (".quantized." in f"{cls.__module__}." and cls.__name__ in ("Linear", "Conv1d", "Conv2d")
+            or torchao_weight(module) is not None)
+
+
+def torchao_weight(module):
+    """The module's weight when it is a torchao tensor subclass (torchao.quantization.quantize_ put it there)."""
+    w = getattr(module, "weight", None)
+    return w if w is not None and type(w).__module__.startswith("torchao.") else None
 
 
 def enabled_quantizers(module) -> list:
@@ -78,11 +86,14 @@ def is_quantized_module(module) -> bool:
 
 
 def computes_in_int8(module) -> bool:
-    """The layer multiplies 8-bit integers: a torch.ao quantized Linear, or modelopt input and weight quantizers
-    both on at 8 bits (W8A8)."""
+    """The layer multiplies 8-bit integers: a torch.ao quantized Linear, a torchao int8 weight that quantizes its
+    activations, or modelopt input and weight quantizers both on at 8 bits (W8A8)."""
     cls = type(module)
     if cls.__module__.startswith("torch.ao.nn.quantized") and cls.__name__ == "Linear":
         return True
+    w = torchao_weight(module)
+    if w is not None:  # torchao: int8 weights with activation quantization (not weight-only) multiply in int8
+        return getattr(w, "act_quant_kwargs", None) is not None and str(getattr(w, "qdata", None).dtype) == "torch.int8"
     iq, wq = getattr(module, "input_quantizer", None), getattr(module, "weight_quantizer", None)
     if iq is None or wq is None:
         return False

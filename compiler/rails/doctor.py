@@ -163,7 +163,7 @@ def after_lower(engine, onnx_path, target, spec, report) -> List[Dict[str, Any]]
                       input_names=list(engine.input_names), constant_limit=_constant_limit(cfg, spec.export),
                       int8_probe=report.get("int8_probe"))
     if not caps.runs_onnx:  # the torch module itself is the engine
-        ctx.module = engine.handle
+        ctx.module = engine.module if engine.module is not None else engine.handle
         ctx.providers = [str(getattr(spec.target, "device", "cpu"))]
     if caps.ort_session and engine.path is not None and Path(engine.path).exists():
         ctx.optimized_path = Path(engine.path)  # the ort target saved ORT's optimized graph

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+from compiler.graph.quantized import torchao_weight
 from compiler.steps.modelopt import _mtq
 
 # block outputs kept for reuse between probes (BlockCache): MiniLM, 128 unpadded sentences, ~40 MB per map
@@ -32,10 +33,11 @@ def _set(module, name: str, new) -> None:
 
 
 def _is_quantized(sub) -> bool:
-    """Whether a layer module (possibly wrapped, e.g. by a rotation) has an enabled quantizer, or is torch's
-    dynamic int8 Linear (int8_dynamic on torch: packed int8 weights, no modelopt quantizer)."""
+    """Whether a layer module (possibly wrapped, e.g. by a rotation) has an enabled quantizer, is torch's dynamic
+    int8 Linear, or holds a torchao quantized weight (int8_dynamic / int8_weight_only on torch: no modelopt
+    quantizer)."""
     for m in sub.modules():
-        if isinstance(m, DynamicInt8Linear):
+        if isinstance(m, DynamicInt8Linear) or torchao_weight(m) is not None:
             return True
         for attr in ("weight_quantizer", "input_quantizer"):
             q = getattr(m, attr, None)

@@ -14,7 +14,7 @@ from compiler.core.hashing import file_sha256, source_sha256
 from targets.trt_hardware import detect_gpu
 
 TRACKED_PACKAGES = ("qcompile", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "transformers", "polygraphy",
-                    "nvidia-modelopt", "hydra-core", "omegaconf", "numpy", "tensorrt", "onnxscript")
+                    "nvidia-modelopt", "torchao", "hydra-core", "omegaconf", "numpy", "tensorrt", "onnxscript")
 MANIFEST = "manifest.json"
 # not artifacts: the run's own records (written after or around the manifest), Hydra's job log, the
 # BUILDING marker of explicitly named run dirs, and what `qcompile rebuild` adds (rebuild.json)

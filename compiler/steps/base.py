@@ -100,6 +100,9 @@ class Step:
       ``with_operands(weights, activations)``: a configured copy quantizing only those (None where it cannot).
     - ``kept_fp32_report_keys``: the keys of its step report that list what it kept in full precision (the fp16
       rail shows them).
+    - ``torch_kernel()``: on target=torch (the module is the engine), the torchao config that runs its format with
+      real kernels (compiler/steps/torchao_kernels.TorchKernel), or a NoKernel saying why none exists there (the
+      step then runs as modelopt fake-quant); None for a step that quantizes nothing.
     - ``layers(module, exclude)``: the Linear modules it would touch on this model; ``with_layer_formats({name:
       None | "fp32" | "fp8" ...})``: a configured copy that keeps named layers out (None / "fp32") or gives
       them another format from ``layer_format_choices``. This is the hook per-layer mixed precision calls.
@@ -170,6 +173,10 @@ class Step:
             raise RecipeError("export.opset", f"{export_cfg.opset} is too old for {self.name} on "
                               f"target={target.name}{why}",
                               f"pass export.opset={need} (or higher), or leave export.opset unset (auto)")
+
+    def torch_kernel(self):
+        """TorchKernel | NoKernel | None (see the class docstring): declared by each quantizing step."""
+        return None
 
     # -- per-layer hooks -------------------------------------------------------------------------------------
     def layers(self, module, exclude: Sequence[str] = ()) -> list[str]:

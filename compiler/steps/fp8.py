@@ -11,6 +11,7 @@ from compiler.graph.fp8_qdq import MIN_OPSET, lower_trt_fp8
 from compiler.graph.io import save_onnx
 from compiler.steps.base import StepParams
 from compiler.steps.modelopt import ModeloptStep
+from compiler.steps.torchao_kernels import NoKernel
 
 
 # How the weights' per-tensor scales are chosen (modelopt calibration algorithms that apply to e4m3 per-tensor
@@ -44,6 +45,11 @@ class Fp8Step(ModeloptStep):
     # ONNX graph without TensorRT's trt:: ops gets standard float8 Q/DQ (opset 19); TensorRT reads its own FP8
     # ops at any opset
     precision = frozenset({"fp8"})
+
+    def torch_kernel(self) -> NoKernel:
+        return NoKernel("fp8: torchao's float8 kernels (Float8DynamicActivationFloat8WeightConfig) run on CUDA GPUs "
+                        "with compute capability >= 8.9 only, and qcompile does not lower to them yet; there is no "
+                        "CPU float8 matrix product")
 
     def algorithm(self):
         algo = str(self.params.algorithm)

@@ -16,6 +16,7 @@ from compiler.graph.io import save_onnx
 from compiler.steps.base import ONNX, TORCH, WEIGHTS, Step, StepContext, StepParams
 from compiler.steps.modelopt import _mtq, exclude_patterns, quantize_module
 from compiler.steps.ort_quant import check_ops_match, exclude_nodes, layer_nodes, quietly
+from compiler.steps.torchao_kernels import NoKernel, fake_quant_report
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,11 @@ class Int4WeightOnlyStep(Step):
         return save_onnx(out, out_path, "auto")
 
     # -- torch: modelopt INT4_BLOCKWISE_WEIGHT_ONLY_CFG ------------------------------------------------------
+    def torch_kernel(self) -> NoKernel:
+        return NoKernel("int4 weight-only: torchao 0.18's int4 kernels are CUDA (Int4WeightOnlyConfig: tinygemm, "
+                        "mslk); its x86 CPU int4 tensor is a prototype (PrototypeInt4WeightOnlyConfig) with "
+                        "asymmetric blocks, not this step's symmetric ones or its calibrations")
+
     def apply_torch(self, model, ctx: StepContext):
         cfg = copy.deepcopy(_mtq().INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
         for entry in cfg["quant_cfg"]:
@@ -155,4 +161,6 @@ class Int4WeightOnlyStep(Step):
                            "block_size": int(self.params.block_size)})
         if algorithm != "rtn":  # the default build's report keeps its keys
             ctx.report["algorithm"] = algorithm
+        if not ctx.target.runs_onnx:
+            ctx.report.update(fake_quant_report(self.torch_kernel().reason))
         return model

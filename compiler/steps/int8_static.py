@@ -27,6 +27,7 @@ from compiler.steps.base import (
     StepParams,
 )
 from compiler.steps.modelopt import (
+    CALIBRATED_STATIC_REASON,
     exclude_patterns,
     quantize_module,
     store_int8_weights,
@@ -44,6 +45,7 @@ from compiler.steps.ort_quant import (
     quantized_gathers,
     quietly,
 )
+from compiler.steps.torchao_kernels import NoKernel, fake_quant_report
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +242,12 @@ class Int8StaticStep(Step):
                               layer_formats=self.layer_formats)
         # the report names the numerics as before: the `int8` step's (modelopt W8A8, INT8_DEFAULT_CFG)
         ctx.report.setdefault("delegated_to", f"int8 (modelopt W8A8, calibration={p.calibration})")
+        if not ctx.target.runs_onnx:
+            ctx.report.update(fake_quant_report(self.torch_kernel().reason))
         return out
+
+    def torch_kernel(self) -> NoKernel:
+        return NoKernel(CALIBRATED_STATIC_REASON)
 
     def after_export(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:
         return store_int8_weights(onnx_path, out_path, self.name)

@@ -23,6 +23,7 @@ from compiler.steps.base import (
     Step,
     StepContext,
 )
+from compiler.steps.torchao_kernels import NoKernel, TorchKernel, apply_kernel, fake_quant_report, torchao_modules
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ PRESETS = {
 
 
 def _mtq():
+    torchao_modules()  # modelopt imports torchao where installed; first quietly (its CUDA extensions' load errors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # modelopt warns that transformers 5.x is untested; measured fine
         import modelopt.torch.quantization as mtq
@@ -361,6 +363,12 @@ def enabled_quantizers(module) -> Dict[str, Dict[str, bool]]:
 # this with its name, Params and preset; a class without ``name`` is not registered as a step.
 
 
+# why a calibrated static W8A8 step stays fake-quant on target=torch (int8, int8_static, int8_smoothquant)
+CALIBRATED_STATIC_REASON = ("calibrated static int8: torchao 0.18 has Int8StaticActivationInt8WeightConfig (one "
+                            "activation scale per layer) but no calibration of it, and qcompile does not yet hand "
+                            "modelopt's calibrated ranges to it")
+
+
 class ModeloptStep(Step):
     """Base of the torch-side modelopt steps. Subclasses set name, Params, summary, FORMAT and may
     override algorithm() / calibration()."""
@@ -394,13 +402,29 @@ class ModeloptStep(Step):
         empty) and the step's own exclude patterns."""
         return super().layers(module, list(exclude) or list(DEFAULT_EXCLUDE))
 
+    def torch_kernel(self):
+        # the default of a calibrated W8A8 step (int8, int8_smoothquant); int8_weight_only and fp8 declare their own
+        return NoKernel(CALIBRATED_STATIC_REASON)
+
     def apply_torch(self, model, ctx):
         import torch
 
         torch.manual_seed(ctx.seed)
-        return quantize_module(model, self.FORMAT, ctx, algorithm=self.algorithm(),
-                               calibration=self.calibration(), percentile=self.percentile(),
-                               exclude=self.exclude(ctx), layer_formats=self.layer_formats)
+        kernel = self.torch_kernel()
+        if not ctx.target.runs_onnx:  # the torch module is the engine: real kernels where torchao has them
+            if isinstance(kernel, TorchKernel) and not set(self.layer_formats.values()) - {FULL_PRECISION}:
+                layers = [n for n in self.layers(model, ctx.exclude) if n not in set(self.kept_layers())]
+                ctx.report.update(apply_kernel(model, kernel, layers, self.key))
+                return model
+            if isinstance(kernel, TorchKernel):
+                kernel = NoKernel("a repair map gives single layers another format (layer_formats), which only "
+                                  "modelopt's per-layer quantizers carry")
+        out = quantize_module(model, self.FORMAT, ctx, algorithm=self.algorithm(),
+                              calibration=self.calibration(), percentile=self.percentile(),
+                              exclude=self.exclude(ctx), layer_formats=self.layer_formats)
+        if not ctx.target.runs_onnx and isinstance(kernel, NoKernel):
+            ctx.report.update(fake_quant_report(kernel.reason))
+        return out
 
     def after_export(self, onnx_path, out_path, ctx):
         return store_int8_weights(onnx_path, out_path, self.name)

@@ -33,6 +33,7 @@ from compiler.numerics.nvfp4 import (
 )
 from compiler.steps.base import ACTIVATIONS, TORCH, WEIGHTS, Step, StepContext, StepParams
 from compiler.steps.modelopt import DEFAULT_EXCLUDE, _mtq, quantize_module
+from compiler.steps.torchao_kernels import NoKernel, fake_quant_report
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +382,10 @@ class NVFP4Step(Step):
     def layers(self, module, exclude=()) -> List[str]:
         return super().layers(module, list(exclude) or list(DEFAULT_EXCLUDE))
 
+    def torch_kernel(self) -> NoKernel:
+        return NoKernel("nvfp4: torchao 0.18's NVFP4 tensor runs on Blackwell GPUs (sm100) only; there is no CPU "
+                        "4-bit float matrix product")
+
     def apply_torch(self, model, ctx: StepContext):
         install_cpu_fallback()
         algorithm = str(self.params.algorithm)
@@ -392,6 +397,8 @@ class NVFP4Step(Step):
                            "activations": bool(self.params.activations), "trt_export_quantizers": marked})
         if algorithm != "max":  # the default build's report keeps its keys
             ctx.report.update({"algorithm": algorithm, "preset": ALGORITHMS[algorithm][0], "fixed_scale_weights": fixed})
+        if not ctx.target.runs_onnx:
+            ctx.report.update(fake_quant_report(self.torch_kernel().reason))
         return model
 
     def after_export(self, onnx_path: Path, out_path: Path, ctx: StepContext) -> Path:

@@ -213,7 +213,7 @@ def test_real_parallel_multirun_writes_the_summary(qcompile, tmp_path):
         assert float(row["samples_per_s"]) == report["bench"]["samples_per_s"] > 0
         assert float(row["peak_rss_mb"]) == report["bench"]["peak_rss_mb"] > 50
         assert float(row["embedding_cosine"]) == report["check"]["fidelity"]["embedding_cosine_mean"]
-        engine = {"torch": ["engine.pt"], "ort": ["engine.ort.onnx"]}[row["target"]]
+        engine = {"torch": ["engine.pt2"], "ort": ["engine.ort.onnx"]}[row["target"]]
         assert float(row["artifact_mb"]) == pytest.approx(sum((run / e).stat().st_size for e in engine) / 1e6)
     by = {(r["recipe"], r["target"]): r for r in rows}
     assert float(by["fp32", "ort"]["embedding_cosine"]) > 0.99999

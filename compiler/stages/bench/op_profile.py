@@ -31,7 +31,8 @@ TOP_OPS = 8  # rows of REPORT.md's table (the rest is one "other" row)
 
 # torch: the calls that are one nn.Linear each (fp32 / int8 kernels); a Linear's site is its call order
 TORCH_FLOAT_PRODUCTS = frozenset({"aten::linear"})
-TORCH_INT8_PRODUCTS = frozenset({"quantized::linear_dynamic", "quantized::linear"})
+# (torch.ao's Linear kernels; torchao's int8 x int8 product inside each quantized Linear, target=torch's int8_dynamic)
+TORCH_INT8_PRODUCTS = frozenset({"quantized::linear_dynamic", "quantized::linear", "aten::_int_mm"})
 _FUSION_SUFFIX = re.compile(r"/[A-Za-z0-9]*Fusion/?$")
 
 
