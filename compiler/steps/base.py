@@ -65,6 +65,15 @@ class StepContext:
     # returns a directory holding what build() wrote, keyed by the sha256 of kind + key (key must name
     # every input that determines the result); steps that compute reusable calibration data use it.
     cache: Any = None
+    # for a step that trains (Step.trains): the fp32 module before any step ran (the teacher), the training
+    # sentences (compiler.stages.data.Features of data.train_file or the built-in unlabeled corpus, never the
+    # evaluation rows), the held-out evaluation features it reports its fidelity on, the model's task
+    # (model.task: a compiler.core.tasks kind name) and the run directory its plots go to
+    teacher: Any = None
+    train: Any = None
+    evaluation: Any = None
+    task: str = "embedding"
+    run_dir: Path | None = None
 
 
 class StepParams:
@@ -92,6 +101,11 @@ class Step:
       ``validate_export(export_cfg, target)`` raises when an explicitly set export.opset is below it.
     - ``must_precede_quantizers``: it rewrites weights or activations that a quantizing step then quantizes, so
       it must come before every step with quantizes_compute (validation rejects the other order).
+    - ``trainable_fake_quant``: its torch-side output is modelopt fake-quant (TensorQuantizers in the module),
+      which a training step (distill) can train through a straight-through estimator.
+    - ``must_follow_quantizers``: it changes what a quantizing step made, so a step with quantizes_compute and
+      trainable_fake_quant, run on the torch side of the target, must come before it (validation checks).
+    - ``trains``: it trains the model (reads the teacher and the training text of StepContext).
     - ``kept_fp32_report_keys``: the keys of its step report that list what it kept in full precision (the fp16
       rail shows them).
     - ``layers(module, exclude)``: the Linear modules it would touch on this model; ``with_layer_formats({name:
@@ -109,6 +123,9 @@ class Step:
     precision: ClassVar[frozenset[str]] = frozenset()
     quantizes_compute: ClassVar[bool] = False
     must_precede_quantizers: ClassVar[bool] = False
+    trainable_fake_quant: ClassVar[bool] = False
+    must_follow_quantizers: ClassVar[bool] = False
+    trains: ClassVar[bool] = False
     kept_fp32_report_keys: ClassVar[tuple[str, ...]] = ()
     # formats with_layer_formats accepts besides keeping a layer out ("fp32")
     layer_format_choices: ClassVar[frozenset[str]] = frozenset()

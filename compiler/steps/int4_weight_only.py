@@ -72,6 +72,7 @@ class Int4WeightOnlyStep(Step):
     KEY = "recipe.steps.int4_weight_only"
 
     precision = frozenset({"int4"})
+    trainable_fake_quant = True  # its torch side: modelopt TensorQuantizers (distill trains them)
     quantizes_compute = True  # MatMulNBits replaces the MatMuls (weights quantized; activations stay fp32)
 
     def validate(self, info, target: TargetCapabilities) -> None:

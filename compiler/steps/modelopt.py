@@ -365,6 +365,7 @@ class ModeloptStep(Step):
 
     runs_on = {"torch": TORCH, "ort": TORCH, "trt": TORCH}
     needs_calibration = True
+    trainable_fake_quant = True  # its torch side: modelopt TensorQuantizers (distill trains them)
     quantizes_compute = True
     # a layer may be kept out or given another modelopt preset (int8 W8A8 or fp8) in place of the step's own
     layer_format_choices = frozenset(f for f in PRESETS if f in FORMATS)  # the presets that are number formats
