@@ -363,12 +363,12 @@ def train(student, teacher, features, kind, p: DistillParams, seed: int, params:
                 loss.backward()
                 opt.step()
                 sched.step()
-                history["loss"].append(float(loss))
+                history["loss"].append(float(loss.detach()))
                 history["hidden"].append(hidden)
                 history["task"].append(task)
-                progress.update(bar, advance=1, loss=f"{float(loss):.4g}")
+                progress.update(bar, advance=1, loss=f"{history['loss'][-1]:.4g}")
                 if step % 25 == 0 or step == steps - 1:
-                    log.info("[distill] step %d/%d loss %.5g (hidden %.4g, task %.4g)", step + 1, steps, float(loss),
+                    log.info("[distill] step %d/%d loss %.5g (hidden %.4g, task %.4g)", step + 1, steps, history["loss"][-1],
                              hidden, task)
     finally:
         s_cap.close()
