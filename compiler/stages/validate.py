@@ -214,7 +214,7 @@ def check_follows_quantizer(step: Step, before: List[Step], names: List[str], ta
                           f"{later[0]} quantizes)", "write steps: {" + ", ".join(f"{k}: ..." for k in order) + "}")
     if quant:
         raise NotRunnableError(key, f"{step.name} trains torch fake-quant, but {quant[0].name} runs on the ONNX graph "
-                               f"on target={target.name}", f"use target=torch, or a torch-side quantizing step")
+                               f"on target={target.name}", "use target=torch, or a torch-side quantizing step")
     fit = sorted(n for n, c in STEP_REGISTRY.items() if c.quantizes_compute and c.trainable_fake_quant
                  and c.runs_on.get(target.name) == TORCH)
     raise RecipeError(key, f"{step.name} needs a quantizing step before it (it trains the fake-quantized model "
