@@ -193,3 +193,35 @@ def test_order_and_onnx_side_quantizers_are_refused():
     with pytest.raises(NotRunnableError) as e:
         _validate({"int8_static": {}, "distill": {}}, "ort")
     assert "int8_static runs on the ONNX graph on target=ort" in str(e.value)
+
+
+def test_an_interrupted_training_leaves_no_cache_entry_and_a_rerun_trains_clean(quantized, planted, tiny_bert,
+                                                                              train_data, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of training: the cache keeps no entry (it writes one in a single rename when the
+    training is complete), so the rerun trains from the start (a miss), never from a half-written state."""
+    from compiler.rundir.cache import Cache
+
+    cache = Cache(tmp_path / "cache")
+    real = distill_mod.train
+
+    def interrupted(student, *a, **k):
+        real(student, *a, **{**k})  # a few steps really change the student's weights first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_mod, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _distill(quantized, planted, tiny_bert, train_data, cache=cache, max_steps=3)
+    assert not [p for p in (tmp_path / "cache" / "distill").iterdir()], "an interrupted training left cache files"
+    monkeypatch.setattr(distill_mod, "train", real)
+    _, report = _distill(quantized, planted, tiny_bert, train_data, cache=cache, max_steps=3)
+    assert report["cached"] is False and report["steps"] == 3
+
+
+def test_a_labeled_train_file_gives_its_text_column(tiny_bert):
+    from compiler.core.paths import BUILTIN_DATA_DIR
+    from compiler.stages.data import load_train
+
+    cfg = data_cfg(seq_len=16, train_file=str(BUILTIN_DATA_DIR / "sentiment.tsv"))
+    feats, info = load_train(cfg, tiny_bert.tokenizer, tiny_bert.input_names, evaluation_texts=[])
+    rows = (BUILTIN_DATA_DIR / "sentiment.tsv").read_text().splitlines()[1:]
+    assert feats.texts == [r.split("\t")[0] for r in rows] and info["sentences"] == len(rows)
