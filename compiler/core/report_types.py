@@ -294,7 +294,7 @@ class DistillInfo(Section):
     """What the distill step trained (compiler/steps/distill.py), and the fidelity to fp32 on the held-out
     evaluation rows before and after it."""
 
-    train: str  # weights | lora
+    train: str  # scales | weights | lora
     sentences: int
     steps: int
     seconds: float  # of the training (the cached entry's, when cached)

@@ -192,6 +192,7 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
             raise RecipeError(key, f"torch-side step {name} comes after ONNX-side step {seen_onnx}",
                               f"put {name} before {seen_onnx} in recipe.steps")
         step.validate(info, target)
+        step.validate_after(steps, target)
         steps.append(step)
     gate = _typed(GateConfig, recipe_node.get("gate") if recipe_node is not None else None, "recipe.gate")
     return steps, gate

@@ -168,6 +168,9 @@ class Step:
         for field_name, what, fix in problems:
             raise RecipeError(f"{self.key}.{field_name}", what, fix)
 
+    def validate_after(self, before: Sequence[Step], target: TargetCapabilities) -> None:
+        """Checks against the steps before this one in the recipe (default: none). Raise RecipeError."""
+
     def validate_export(self, export_cfg, target: TargetCapabilities) -> None:
         """Checks against the export section; by default that its opset is at least min_opset(target)."""
         need = self.min_opset(target)

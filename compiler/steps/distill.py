@@ -3,6 +3,8 @@
 (layer-wise) plus the task output (embedding cosine for an embedder, the softmax KL for a classifier, as
 compiler.core.tasks says the model's outputs are read). What it trains (`train`):
 
+- ``scales``: only the NVFP4 weights' per-block e4m3 scales (learned-step-size, LSQ: the rounding of values and
+  of the e4m3 scale passed straight through), the weights fixed; the cheapest, NVIDIA's "scale only" QAD;
 - ``weights``: every quantized Linear's weight and bias, through the quantizers' straight-through estimator;
 - ``lora``: low-rank adapters on those weights (W + B @ A in front of the weight quantizer), folded into the
   weights before export, plus the biases.
@@ -32,14 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from compiler.core.errors import BuildError
+from compiler.core.errors import BuildError, RecipeError
 from compiler.core.tasks import task_kind
 from compiler.steps.base import TORCH, Step, StepContext, StepParams
 from compiler.steps.nvfp4 import FIXED_SCALES_BACKEND, fix_weight_scales, mark_for_trt_export
 
 log = logging.getLogger(__name__)
 
-TRAIN_MODES = ("weights", "lora")
+TRAIN_MODES = ("scales", "weights", "lora")
+SCALES_FORMATS = ("nvfp4",)  # the formats whose scales train=scales learns
 CACHE_KIND = "distill"
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
@@ -47,7 +50,7 @@ HISTORY_FILE = "history.json"
 
 @dataclass
 class DistillParams(StepParams):
-    train: str = "weights"  # weights (straight-through estimator) | lora (adapters folded before export)
+    train: str = "weights"  # scales (NVFP4 block scales only) | weights (straight-through) | lora (adapters, folded)
     max_steps: int = 200  # optimizer steps (batches); training stops at whichever bound comes first
     max_minutes: float = 10.0  # wall-clock bound; stopping on it makes the result depend on the machine's speed
     lr: float = 1e-4  # AdamW, linear warmup then cosine decay to 0 at max_steps
@@ -118,6 +121,49 @@ def _lora_quantizer(quantizer, out_features: int, in_features: int, rank: int, g
     return LoRAWeight()
 
 
+def _learned_scales(quantizer):
+    """An NVFP4 fixed-scale weight quantizer (compiler.steps.nvfp4.fix_weight_scales) whose per-block e4m3 scales
+    are a parameter: y = clamp_round(w / (e4m3(s) * gs)) * e4m3(s) * gs, the e2m1 rounding and the e4m3 rounding
+    of s passed straight through (LSQ). Library gap: modelopt's LSQ (StaticBlockScaleQuantizer.enable_lsq) needs
+    a static per-block quantizer, which the dynamic (max) and GPTQ NVFP4 weights are not, and its per-block amax
+    is not the e4m3 scale the exported graph stores."""
+    import torch
+
+    from compiler.numerics.nvfp4 import E2M1_MAX, round_to_e2m1, to_e4m3
+
+    class LearnedScaleFP4(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quantizer = quantizer
+            # learned in log space (lr is a relative step, whatever the block's scale); starts at the fixed scales
+            self.register_buffer("start", quantizer._qc_scale_e4m3.detach().clone().float())
+            self.log_scale = torch.nn.Parameter(torch.zeros_like(self.start))
+            self.register_buffer("global_scale", quantizer._qc_global_scale.detach().clone().float())
+
+        @property
+        def scale(self):
+            return self.start * torch.exp(self.log_scale)
+
+        def e4m3_scale(self):
+            s = self.scale
+            return s + (to_e4m3(s) - s).detach()
+
+        def forward(self, w):
+            blocks = w.float().reshape(*self.scale.shape, -1)
+            unscale = (self.e4m3_scale() * self.global_scale).unsqueeze(-1)
+            safe = torch.where(unscale > 0, unscale, torch.ones_like(unscale))
+            x = (blocks / safe).clamp(-E2M1_MAX, E2M1_MAX)
+            q = x + (torch.sign(x) * round_to_e2m1(x.abs()) - x).detach()
+            y = torch.where(unscale > 0, q * unscale, torch.zeros_like(q))
+            return y.reshape(w.shape).to(w.dtype)
+
+        def fold(self):
+            with torch.no_grad():
+                self.quantizer._qc_scale_e4m3.copy_(to_e4m3(self.scale))
+
+    return LearnedScaleFP4()
+
+
 def prepare(module, layers: List[str], p: DistillParams, seed: int) -> List[Any]:
     """Make the trained tensors trainable (and only those); train=lora puts the adapters in. Returns them."""
     import torch
@@ -128,6 +174,13 @@ def prepare(module, layers: List[str], p: DistillParams, seed: int) -> List[Any]
     params = []
     for name in layers:
         sub = module.get_submodule(name)
+        if p.train == "scales":
+            wq = sub.weight_quantizer
+            if getattr(wq, "backend", None) != FIXED_SCALES_BACKEND:
+                continue  # not NVFP4 (a layer the layer map gave fp8 / int8): its scales stay calibrated
+            sub.weight_quantizer = _learned_scales(wq)
+            params.append(sub.weight_quantizer.log_scale)
+            continue
         if p.train == "lora":
             out_f, in_f = sub.weight.shape
             sub.weight_quantizer = _lora_quantizer(sub.weight_quantizer, out_f, in_f, int(p.lora_rank), gen)
@@ -147,11 +200,14 @@ def merge(module, layers: List[str]) -> None:
 
     for name in layers:
         sub = module.get_submodule(name)
-        lora = sub.weight_quantizer
-        if hasattr(lora, "delta") and hasattr(lora, "quantizer"):
+        wrapper = sub.weight_quantizer
+        if hasattr(wrapper, "delta") and hasattr(wrapper, "quantizer"):  # lora
             with torch.no_grad():
-                sub.weight.add_(lora.delta())
-            sub.weight_quantizer = lora.quantizer
+                sub.weight.add_(wrapper.delta())
+            sub.weight_quantizer = wrapper.quantizer
+        elif hasattr(wrapper, "fold") and hasattr(wrapper, "quantizer"):  # learned scales
+            wrapper.fold()
+            sub.weight_quantizer = wrapper.quantizer
     for prm in module.parameters():
         prm.requires_grad_(False)
 
@@ -161,6 +217,9 @@ def trained_state(module, layers: List[str]) -> Dict[str, Any]:
     out = {}
     for name in layers:
         sub = module.get_submodule(name)
+        scale = getattr(sub.weight_quantizer, "_qc_scale_e4m3", None)
+        if scale is not None:
+            out[f"{name}.weight_quantizer._qc_scale_e4m3"] = scale.detach().clone()
         out[f"{name}.weight"] = sub.weight.detach().clone()
         if getattr(sub, "bias", None) is not None:
             out[f"{name}.bias"] = sub.bias.detach().clone()
@@ -413,6 +472,13 @@ class DistillStep(Step):
     must_follow_quantizers = True
     trains = True
 
+    def validate_after(self, before, target) -> None:
+        if self.params.train == "scales" and not any(set(SCALES_FORMATS) & set(s.precisions()) for s in before):
+            made = sorted({f for s in before for f in s.precisions()})
+            raise RecipeError(f"{self.key}.train", f"scales learns {' / '.join(SCALES_FORMATS)} block scales; the "
+                              f"steps before distill make {', '.join(made) or 'no quantized format'}",
+                              "use train=weights or train=lora")
+
     def apply_torch(self, model, ctx: StepContext):
         import torch
 
@@ -424,6 +490,18 @@ class DistillStep(Step):
         layers = trained_layers(model)
         if not layers:
             raise BuildError("distill: no Linear layer has a modelopt weight quantizer (nothing to train)")
+        if p.train == "scales":
+            # the learned scales start from the fixed ones: a dynamic (max) NVFP4 weight gets its max scales fixed
+            # (fix_weight_scales), its float weight kept (the scales are learned against it, rounded at the end)
+            keep = {n: module_weight.detach().clone() for n, module_weight in
+                    ((n, model.get_submodule(n).weight) for n in layers)}
+            if fix_weight_scales(model):
+                mark_for_trt_export(model)
+                load_state(model, {f"{n}.weight": w for n, w in keep.items()})
+            if not any(getattr(model.get_submodule(n).weight_quantizer, "backend", None) == FIXED_SCALES_BACKEND
+                       for n in layers):
+                raise BuildError(f"{self.key}.train: scales learns NVFP4 block scales; no layer is NVFP4 here "
+                                 "(use train=weights or lora)")
         blocks = blocks_of(model) if p.hidden_weight > 0 else []
         _, before = fidelity(model, ctx.teacher, ctx.evaluation, kind, ctx.batch_size) if ctx.evaluation is not None \
             else (None, None)
