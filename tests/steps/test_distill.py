@@ -51,7 +51,7 @@ def quantized(planted, tiny_bert, train_data):
 def _distill(quantized, planted, tiny_bert, data, cache=None, **params):
     ctx = StepContext(target=caps("trt"), model_info=tiny_bert.info, teacher=planted, train=data.train,
                       evaluation=data.evaluation, cache=cache)
-    p = DistillParams(**{"max_steps": STEPS, "lr": 3e-3, "batch_size": 8, **params})
+    p = DistillParams(**{"max_steps": STEPS, "lr": 1e-3, "batch_size": 8, **params})
     return DistillStep(p).apply_torch(copy.deepcopy(quantized), ctx), ctx.report
 
 
@@ -73,11 +73,11 @@ def _weights(module):
 
 
 def test_distillation_lowers_the_fidelity_loss(distilled, quantized, planted, tiny_bert, train_data):
-    """Measured (50 steps, lr 3e-3, batch 8, 623 training sentences, 32 held-out sentences): 1 - embedding cosine
-    2.08e-4 without distillation, 0.95e-4 with it (x0.46). Bound: x0.6."""
+    """Measured (50 steps, lr 1e-3, batch 8, the 1,799 built-in training sentences, 32 held-out sentences): 1 -
+    embedding cosine 2.08e-4 without distillation, 0.54e-4 with it (x0.26). Bound: x0.5."""
     module, report = distilled
     before, after = 1 - _cosine(quantized, planted, tiny_bert, train_data), 1 - _cosine(module, planted, tiny_bert, train_data)
-    assert after < 0.6 * before, (before, after)
+    assert after < 0.5 * before, (before, after)
     assert report["fidelity_before"] == pytest.approx(1 - before, abs=1e-6)
     assert report["fidelity_after"] == pytest.approx(1 - after, abs=1e-6)
     assert report["steps"] == STEPS and report["stopped"] == "max_steps" and report["sentences"] == len(train_data.train)
@@ -146,9 +146,9 @@ def _check_graph(module, tiny_bert, train_data, tmp_path):
 
 
 def test_lora_folds_into_the_weights_and_lowers_the_loss(quantized, planted, tiny_bert, train_data):
-    """Measured: 1 - cosine 2.08e-4 -> 1.22e-4 (x0.59) in 50 steps. Bound: x0.8. After folding, the layers hold their
-    own quantizers again (no adapter left in the module)."""
-    module, report = _distill(quantized, planted, tiny_bert, train_data, train="lora")
+    """Measured: 1 - cosine 2.08e-4 -> 1.16e-4 (x0.56) in 50 steps at lr 3e-3. Bound: x0.8. After folding, the layers
+    hold their own quantizers again (no adapter left in the module)."""
+    module, report = _distill(quantized, planted, tiny_bert, train_data, train="lora", lr=3e-3)
     before, after = 1 - report["fidelity_before"], 1 - report["fidelity_after"]
     assert after < 0.8 * before, (before, after)
     assert not any(hasattr(m, "delta") for m in module.modules())
@@ -156,12 +156,12 @@ def test_lora_folds_into_the_weights_and_lowers_the_loss(quantized, planted, tin
 
 
 def test_learned_scales_lower_the_loss_and_reach_the_graph(quantized, planted, tiny_bert, train_data, tmp_path):
-    """train=scales (NVFP4 block scales only, log-space LSQ, lr 1e-2). Measured: 1 - cosine 2.08e-4 -> 0.66e-4
-    (x0.32) in 50 steps. Bound: x0.5. The weights' values stay on the grid of the scales the training chose, and
+    """train=scales (NVFP4 block scales only, log-space LSQ, lr 5e-3). Measured: 1 - cosine 2.08e-4 -> 0.96e-4
+    (x0.46) in 50 steps. Bound: x0.65. The weights' values stay on the grid of the scales the training chose, and
     the graph carries those scales (it equals the torch fake-quant)."""
-    module, report = _distill(quantized, planted, tiny_bert, train_data, train="scales", lr=1e-2)
+    module, report = _distill(quantized, planted, tiny_bert, train_data, train="scales", lr=5e-3)
     before, after = 1 - report["fidelity_before"], 1 - report["fidelity_after"]
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.65 * before, (before, after)
     from compiler.numerics.nvfp4 import nvfp4_fake_quant_with_scales, nvfp4_quantize
 
     moved = 0
