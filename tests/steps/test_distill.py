@@ -258,3 +258,23 @@ def test_a_labeled_train_file_gives_its_text_column(tiny_bert):
     feats, info = load_train(cfg, tiny_bert.tokenizer, tiny_bert.input_names, evaluation_texts=[])
     rows = (BUILTIN_DATA_DIR / "sentiment.tsv").read_text().splitlines()[1:]
     assert feats.texts == [r.split("\t")[0] for r in rows] and info["sentences"] == len(rows)
+
+
+def test_a_classifier_is_matched_on_its_softmax_and_an_embedder_on_its_cosine():
+    """The task term comes from compiler.core.tasks: KL of the softmax for a kind whose output is logits
+    (modelopt's LogitsDistillationLoss), 1 - cosine for one whose outputs a cosine compares."""
+    from compiler.core.tasks import task_kind
+    from compiler.steps.distill import Loss
+
+    p = DistillParams(hidden_weight=0.0, output_weight=1.0)
+    t = torch.tensor([[2.0, -1.0], [0.5, 0.25]])
+    s = torch.tensor([[1.0, 0.0], [0.5, 0.25]])
+    kl_loss = Loss(task_kind("classification"), p, [])
+    total, _, task = kl_loss((s,), (t,), {}, {}, None)
+    pt, ls = torch.softmax(t, -1), torch.log_softmax(s, -1)
+    want = float((pt * (torch.log(pt) - ls)).sum() / pt.numel())  # kl_div reduction "mean": over all elements
+    assert task == pytest.approx(want, rel=1e-5) and float(total) == pytest.approx(want, rel=1e-5)
+    assert kl_loss((t,), (t,), {}, {}, None)[2] == pytest.approx(0.0, abs=1e-7)
+    emb = Loss(task_kind("embedding"), p, [])
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    assert emb((None, e1), (None, e2), {}, {}, None)[2] == pytest.approx(1 - 2 ** -0.5, rel=1e-6)
