@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -530,11 +531,10 @@ class DistillStep(Step):
             if cached:
                 load_state(model, torch.load(entry / STATE_FILE, weights_only=True))
             history = json.loads((entry / HISTORY_FILE).read_text())
-        else:
-            tmp = Path(ctx.work_dir or ".") / "distill"
-            tmp.mkdir(parents=True, exist_ok=True)
-            build(tmp)
-            history = json.loads((tmp / HISTORY_FILE).read_text())
+        else:  # no cache (cache.enabled=false): the same files, in a directory that goes away
+            with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
+                build(Path(tmp))
+                history = json.loads((Path(tmp) / HISTORY_FILE).read_text())
         rounded = finalize(model)
         model.eval()
         metric, after = fidelity(model, ctx.teacher, ctx.evaluation, kind, ctx.batch_size) if ctx.evaluation is not None \
