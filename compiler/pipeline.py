@@ -53,12 +53,17 @@ def stage(name: str, timings: Dict[str, float]):
     log.info("[%s] done in %.1fs", name, timings[name], extra=stage_extra(name, timings[name]))
 
 
-def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None, roles=None) -> StepContext:
-    """What a step may read: the target's capabilities, the data, the resolved opset and batch size."""
+def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None, roles=None, teacher=None,
+                 run_dir: Optional[Path] = None) -> StepContext:
+    """What a step may read: the target's capabilities, the data, the resolved opset and batch size; a step that
+    trains also the fp32 teacher, the training text, the held-out evaluation rows and the run directory."""
     return StepContext(target=spec.capabilities, model_info=spec.model_info,
                        calibration=data.calibration if data is not None else None, work_dir=work_dir,
                        seed=spec.seed, exclude=expand_patterns(spec.model.exclude, roles),  # may name roles (`head`)
-                       opset=int(spec.export.opset), batch_size=int(spec.data.batch_size), cache=cache)
+                       opset=int(spec.export.opset), batch_size=int(spec.data.batch_size), cache=cache,
+                       teacher=teacher, train=data.train if data is not None else None,
+                       evaluation=data.evaluation if data is not None else None, task=str(spec.model.task),
+                       run_dir=run_dir)
 
 
 def resolve_roles(steps: list[Step], roles) -> list[Step]:
@@ -93,11 +98,12 @@ def repair_stage(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: Pa
 
 
 def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir: Path,
-                   step_reports: Dict[str, Any], cache=None) -> LoadedModel:
-    """Quantize stage (torch side): the recipe's torch steps in order, on a copy of the module."""
+                   step_reports: Dict[str, Any], cache=None, teacher=None, run_dir: Optional[Path] = None) -> LoadedModel:
+    """Quantize stage (torch side): the recipe's torch steps in order, on a copy of the module. teacher: the fp32
+    module a training step (distill) matches."""
     module = model.module
     for step in spec.torch_steps:
-        ctx = step_context(spec, data, work_dir, cache, model.roles)
+        ctx = step_context(spec, data, work_dir, cache, model.roles, teacher if step.trains else None, run_dir)
         module = step.apply_torch(module, ctx)
         step_reports[step.name] = {"where": "torch", **ctx.report}
     return LoadedModel(**{**model.__dict__, "module": module})
@@ -159,7 +165,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         model = load_model(spec.model)
         data = load_data(spec.data, model.tokenizer, model.input_names, need_calibration=spec.needs_calibration,
                          label_names=label_names(spec.model), evaluation_limit=spec.check.samples,
-                         model_task=spec.model.task)
+                         model_task=spec.model.task, need_train=spec.needs_training_text)
         reference = LoadedModel(**{**model.__dict__, "module": copy.deepcopy(model.module)})
         write_predict_files(model, run_dir, int(spec.data.seq_len))  # `qcompile predict` needs only the run dir
     spec = dataclasses.replace(spec, steps=resolve_roles(spec.steps, model.roles))
@@ -178,8 +184,14 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
             recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
             (run_dir / "recipe.yaml").write_text(recipe_yaml)  # now holds recipe.repair.layers: rebuilds replay it
 
+    if data.train_info is not None:
+        report["data"]["train"] = data.train_info
     with stage("quantize-torch", timings):
-        model = quantize_torch(model, spec, data, work_dir, report["steps"], cache)
+        model = quantize_torch(model, spec, data, work_dir, report["steps"], cache, reference.module, run_dir)
+        for step in spec.torch_steps:  # a training step's numbers are a typed section of their own
+            if step.trains:
+                report["distill"] = {k: v for k, v in report["steps"].pop(step.name).items() if k != "where"}
+                report["steps"][step.name] = {"where": "torch", "report": "distill"}
 
     onnx_path: Optional[Path] = None
     if target.needs_onnx:

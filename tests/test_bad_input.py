@@ -137,6 +137,46 @@ def test_calibration_algorithm_the_step_cannot_run(qcompile, tmp_path, case, arg
     assert leftovers(tmp_path) == [], "a recipe error must leave no run directory"
 
 
+DISTILL_ERRORS = [
+    ("distill without a quantizing step", ["recipe=fp32", "target=torch", "+recipe.steps.distill={}"],
+     "recipe.steps.distill: distill needs a quantizing step before it (it trains the fake-quantized model against "
+     "the fp32 one); the recipe has none -- put one of "),
+    ("distill before the quantizing step", ["recipe=fp32", "target=trt", "+recipe.steps.distill={}",
+                                            "+recipe.steps.nvfp4={}"],
+     "recipe.steps: distill must come after nvfp4 (it trains the model nvfp4 quantizes) -- write steps: "
+     "{nvfp4: ..., distill: ...}"),
+    ("distill after an ONNX-side quantizer", ["recipe=int8_static", "target=ort", "+recipe.steps.distill={}"],
+     "recipe.steps.distill: distill trains torch fake-quant, but int8_static runs on the ONNX graph on target=ort -- "
+     "use target=torch, or a torch-side quantizing step"),
+    ("max_minutes <= 0", ["recipe=nvfp4_distill", "target=torch", "recipe.steps.distill.max_minutes=0"],
+     "recipe.steps.distill.max_minutes: must be > 0, got 0.0 -- set max_minutes to a positive number of minutes"),
+    ("max_steps <= 0", ["recipe=nvfp4_distill", "target=torch", "recipe.steps.distill.max_steps=-1"],
+     "recipe.steps.distill.max_steps: must be > 0, got -1 -- set max_steps to a positive number, e.g. 200"),
+    ("an empty train file", ["recipe=nvfp4_distill", "target=torch", "data.train_file=empty.txt"],
+     "data.train_file: empty.txt holds no sentences -- give a UTF-8 text file with one sentence per line"),
+    ("the train file is the evaluation file", ["recipe=nvfp4_distill", "target=torch", "data.train_file=eval.txt",
+                                               "data.evaluation_file=eval.txt"],
+     "data.train_file: eval.txt is the evaluation file; distill would train on the rows the check measures -- give "
+     "other text (one sentence a line), or leave data.train_file unset for the built-in corpus"),
+    ("a copy of the evaluation file", ["recipe=nvfp4_distill", "target=torch", "data.train_file=copy.txt",
+                                       "data.evaluation_file=eval.txt"],
+     "data.train_file: copy.txt has the same rows as the evaluation file eval.txt; distill would train on the rows "
+     "the check measures"),
+]
+
+
+@pytest.mark.parametrize("case,args,text", DISTILL_ERRORS, ids=[c[0] for c in DISTILL_ERRORS])
+def test_distill_bad_input(qcompile, tmp_path, case, args, text):
+    """issue 19 part 3: each refused before any weights load, one line, exit 2, no run directory."""
+    (tmp_path / "empty.txt").write_text("\n\n")
+    rows = "".join(f"A sentence number {i} for the check.\n" for i in range(16))
+    (tmp_path / "eval.txt").write_text(rows)
+    (tmp_path / "copy.txt").write_text(rows)
+    r = qcompile("model=tiny_bert", *args, timeout=300)
+    assert_clean_error(r, 2, text)
+    assert leftovers(tmp_path) == [], "a recipe error must leave no run directory"
+
+
 def test_block_size_not_dividing_the_hidden_size(qcompile):
     r = qcompile("model=tiny_bert", "recipe=fp32", "+recipe.steps.rotate.block_size=64", "+model.tiny.hidden_size=96",
                  "+model.tiny.intermediate_size=384", timeout=300)

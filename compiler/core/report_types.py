@@ -56,6 +56,16 @@ class ModelInfo(Section):
 
 
 @dataclass(kw_only=True)
+class TrainData(Section):
+    """The training text of a step that trains (distill): data.train_file or the built-in unlabeled corpus."""
+
+    file: str
+    sha256: str
+    sentences: int  # after the evaluation rows were taken out
+    dropped_evaluation_rows: int  # sentences of the file that are evaluation rows (never trained on)
+
+
+@dataclass(kw_only=True)
 class DataInfo(Section):
     """The calibration and evaluation data."""
 
@@ -64,6 +74,7 @@ class DataInfo(Section):
     seq_len: int
     files: Dict[str, str]
     evaluation_task: Optional[str]  # the gold labels' task; null: plain text
+    train: Optional[TrainData] = None  # only when a step trains
 
 
 @dataclass(kw_only=True)
@@ -350,6 +361,29 @@ class LossSources(Section):
 
 
 @dataclass(kw_only=True)
+class DistillInfo(Section):
+    """What the distill step trained (compiler/steps/distill.py), and the fidelity to fp32 on the held-out
+    evaluation rows before and after it."""
+
+    train: str  # scales | weights | lora
+    sentences: int
+    steps: int
+    seconds: float  # of the training (the cached entry's, when cached)
+    stopped: str  # max_steps | max_minutes
+    cached: bool  # the trained state came from the cache (no training in this build)
+    loss_first: Optional[float]
+    loss_last: Optional[float]
+    trained_layers: int
+    hidden_blocks: int  # blocks whose hidden states the loss matched
+    nvfp4_weights_rounded: int
+    fidelity_metric: Optional[str]  # embedding_cosine_mean | label_agreement
+    fidelity_before: Optional[float]
+    fidelity_after: Optional[float]
+    plot: Optional[str]  # distill.png in the run directory; null without matplotlib
+    seed: int
+
+
+@dataclass(kw_only=True)
 class Report(Section):
     """report.json: everything one build measured. Sections a build did not run are absent."""
 
@@ -364,6 +398,7 @@ class Report(Section):
     timings_s: Dict[str, float]
     notes: List[str]
     repair: Optional[RepairSection] = None  # the repair search or replayed map (compiler/repair/)
+    distill: Optional[DistillInfo] = None  # quantization-aware distillation (a recipe with the distill step)
     export: Optional[Dict[str, Any]] = None  # the graph fix-ups after export (compiler/graph)
     doctor_export: Optional[List[RailResult]] = None
     onnx: Optional[OnnxInfo] = None

@@ -78,6 +78,9 @@ class DataConfig:
     name: str
     calibration_file: Optional[str]  # None: the sentences shipped with qcompile
     evaluation_file: Optional[str]
+    # the unlabeled text a training step (distill) reads: one sentence a line, or a labeled file's text
+    # column(s); None: the built-in unlabeled corpus (compiler/datasets/unlabeled.txt). Never the evaluation file.
+    train_file: Optional[str]
     calibration_samples: int
     evaluation_samples: int
     seq_len: int

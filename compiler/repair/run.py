@@ -100,7 +100,10 @@ def search_map(spec, model, data, work_dir: Path, context: Context, cache=None, 
     """The sensitivity and the search on one side's measurer: the budgeted metric first, every gate threshold
     a condition the map must also meet."""
     rep = spec.repair
-    side_steps = list(spec.onnx_steps if exported is not None else spec.torch_steps)
+    # a training step (distill) is left out of the search: it would train twice per build (the quantized and the
+    # fallback model the measurer swaps layers between); it trains once, on the map the search chose, so the
+    # searched metric is the post-training one's lower bound
+    side_steps = [s for s in (spec.onnx_steps if exported is not None else spec.torch_steps) if not s.trains]
     quant = [s for s in side_steps if s.quantizes_compute]
     if not quant:
         raise BuildError("repair: the recipe has no quantizing step to search over on "

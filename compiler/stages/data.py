@@ -61,6 +61,9 @@ class Dataset:
     files_sha256: dict[str, str]
     # gold labels scored on evaluation's rows (None: plain text, fidelity only)
     evaluation_labels: TaskLabels | None = None
+    # the training text of a step that trains (distill), never the evaluation rows; None when none trains
+    train: Features | None = None
+    train_info: dict | None = None
 
 
 @dataclass
@@ -361,6 +364,53 @@ def check_columns(cfg) -> None:
                           "give a .tsv data.evaluation_file (or data.format=tsv), or remove data.columns")
 
 
+# distill's training text when data.train_file is unset (compiler/datasets/README.md says where it comes from)
+BUILTIN_TRAIN = "unlabeled.txt"
+
+
+def train_file(cfg) -> Path:
+    given = getattr(cfg, "train_file", None)
+    return Path(given).expanduser() if given else BUILTIN_DIR / BUILTIN_TRAIN
+
+
+def read_train_rows(cfg) -> Rows:
+    """data.train_file read by extension (one sentence a line, or a labeled .tsv / .jsonl whose text columns
+    are taken); its labels are never read."""
+    return read_rows(train_file(cfg), "auto", "data.train_file")
+
+
+def check_train_file(cfg, model_task: str = EMBEDDING.name) -> None:
+    """Validate-time: the training text exists, holds sentences, and is not the evaluation file (a student
+    trained on the rows the check measures would report a fidelity it does not have)."""
+    path, evaluation = train_file(cfg), data_file(cfg, "evaluation")
+    same = "is the evaluation file"
+    if path.resolve() != evaluation.resolve():
+        rows = read_train_rows(cfg)
+        if not rows.texts():
+            raise RecipeError("data.train_file", f"{path} holds no sentences",
+                              "give a UTF-8 text file with one sentence per line (or a labeled file with a text column)")
+        ev = read_data_file(cfg, "evaluation", model_task)
+        if rows.digest != ev.digest:
+            return
+        same = f"has the same rows as the evaluation file {evaluation}"
+    raise RecipeError("data.train_file", f"{path} {same}; distill would train on the rows the check measures",
+                      "give other text (one sentence a line), or leave data.train_file unset for the built-in corpus")
+
+
+def load_train(cfg, tokenizer, input_names: list[str], evaluation_texts: list[str]) -> tuple[Features, dict]:
+    """The training sentences tokenized at data.seq_len, without any sentence that is also an evaluation row;
+    and what was read (for the report)."""
+    rows = read_train_rows(cfg)
+    held_out = set(evaluation_texts)
+    texts = rows.texts()
+    kept = [t for t in texts if t not in held_out]
+    if not kept:
+        raise BuildError(f"data.train_file: every sentence of {train_file(cfg)} is an evaluation row")
+    info = {"file": str(train_file(cfg)), "sha256": rows.digest, "sentences": len(kept),
+            "dropped_evaluation_rows": len(texts) - len(kept)}
+    return tokenize(tokenizer, kept, int(cfg.seq_len), input_names), info
+
+
 def tokenize(tokenizer, texts: list[str], seq_len: int, input_names: list[str]) -> Features:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
     arrays = {}
@@ -376,7 +426,7 @@ def tokenize(tokenizer, texts: list[str], seq_len: int, input_names: list[str]) 
 
 def load_data(cfg, tokenizer, input_names: list[str], need_calibration: bool = True,
               label_names: dict[int, str] | None = None, evaluation_limit: int | None = None,
-              model_task: str = EMBEDDING.name) -> Dataset:
+              model_task: str = EMBEDDING.name, need_train: bool = False) -> Dataset:
     """Load stage for data. cfg is the `data` section; label_names the model's id2label (classifiers);
     evaluation_limit (check.samples) takes fewer evaluation examples than data.evaluation_samples."""
     say_what_labels_would_add(cfg, model_task)
@@ -403,5 +453,11 @@ def load_data(cfg, tokenizer, input_names: list[str], need_calibration: bool = T
             if not chosen:
                 raise BuildError(f"data.evaluation_samples: {n} example(s) of {path} make no complete pair")
         feats[role] = tokenize(tokenizer, chosen, int(cfg.seq_len), input_names)
+    train, train_info = None, None
+    if need_train:
+        # every evaluation row of the file is held out, not only the evaluation_samples the check runs
+        held_out = read_data_file(cfg, "evaluation", model_task).texts()
+        train, train_info = load_train(cfg, tokenizer, input_names, held_out)
+        files["train"], hashes["train"] = train_info["file"], train_info["sha256"]
     return Dataset(calibration=feats["calibration"], evaluation=feats["evaluation"], files=files,
-                   files_sha256=hashes, evaluation_labels=labels)
+                   files_sha256=hashes, evaluation_labels=labels, train=train, train_info=train_info)

@@ -26,7 +26,7 @@ from compiler.core.tasks import TASK_KINDS
 from compiler.graph.roles import bad_selector
 from compiler.repair.budget import repair_min_opset, validate_repair, validate_repair_budget
 from compiler.stages.check import validate_gate
-from compiler.stages.data import check_data_files, data_file
+from compiler.stages.data import check_data_files, check_train_file, data_file
 from compiler.stages.models import label_names, model_info
 from compiler.steps.base import ONNX, STEP_REGISTRY, TORCH, ModelInfo, Step, load_all_steps
 from targets.base import get_target, target_names
@@ -64,6 +64,10 @@ class BuildSpec:
     @property
     def needs_calibration(self) -> bool:
         return any(s.needs_calibration for s in self.steps)
+
+    @property
+    def needs_training_text(self) -> bool:
+        return any(s.trains for s in self.steps)
 
 
 _closest = did_you_mean  # the name the command line's key fixes import
@@ -179,6 +183,8 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
             raise RecipeError("recipe.steps", f"{name} must come before {quantizer.name} (it changes the weights "
                               f"{quantizer.name} quantizes)",
                               "write steps: {" + ", ".join(f"{k}: ..." for k in order) + "}")
+        if cls.must_follow_quantizers:
+            check_follows_quantizer(step, steps, list(steps_node.keys()), target)
         stage = cls.runs_on[target.name]
         if stage == ONNX:
             seen_onnx = name
@@ -186,9 +192,35 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
             raise RecipeError(key, f"torch-side step {name} comes after ONNX-side step {seen_onnx}",
                               f"put {name} before {seen_onnx} in recipe.steps")
         step.validate(info, target)
+        step.validate_after(steps, target)
         steps.append(step)
     gate = _typed(GateConfig, recipe_node.get("gate") if recipe_node is not None else None, "recipe.gate")
     return steps, gate
+
+
+def check_follows_quantizer(step: Step, before: List[Step], names: List[str], target: TargetCapabilities) -> None:
+    """A step that trains what a quantizing step made (distill) needs one before it whose torch-side output is
+    trainable fake-quant on this target."""
+    key = f"recipe.steps.{step.name}"
+    quant = [s for s in before if s.quantizes_compute]
+    trainable = [s for s in quant if s.trainable_fake_quant and s.stage_for(target.name) == TORCH]
+    if trainable:
+        return
+    later = [n for n in names[names.index(step.name) + 1:]
+             if n in STEP_REGISTRY and STEP_REGISTRY[n].quantizes_compute]
+    others = [n for n in names if n != step.name]
+    if later:
+        order = [n for n in others if n not in later] + later + [step.name]
+        raise RecipeError("recipe.steps", f"{step.name} must come after {later[0]} (it trains the model "
+                          f"{later[0]} quantizes)", "write steps: {" + ", ".join(f"{k}: ..." for k in order) + "}")
+    if quant:
+        raise NotRunnableError(key, f"{step.name} trains torch fake-quant, but {quant[0].name} runs on the ONNX graph "
+                               f"on target={target.name}", "use target=torch, or a torch-side quantizing step")
+    fit = sorted(n for n, c in STEP_REGISTRY.items() if c.quantizes_compute and c.trainable_fake_quant
+                 and c.runs_on.get(target.name) == TORCH)
+    raise RecipeError(key, f"{step.name} needs a quantizing step before it (it trains the fake-quantized model "
+                      "against the fp32 one); the recipe has none",
+                      f"put one of {fit} before {step.name}, e.g. steps: {{nvfp4: {{}}, {step.name}: {{}}}}")
 
 
 def check_layer_selectors(key: str, patterns) -> None:
@@ -265,6 +297,8 @@ def validate(cfg: DictConfig) -> BuildSpec:
             cfg.export.opset = opset
     eval_task = check_data_files(data, need_calibration=any(s.needs_calibration for s in steps),
                                  model_task=model.task, label_names=label_names(model))
+    if any(s.trains for s in steps):
+        check_train_file(data, model.task)
     validate_gate(gate, eval_task, str(data_file(data, "evaluation")))
     validate_repair_budget(repair, gate, model.task, eval_task, str(data_file(data, "evaluation")))
     tgt = get_target(target.name)(target)

@@ -69,6 +69,15 @@ class StepContext:
     # returns a directory holding what build() wrote, keyed by the sha256 of kind + key (key must name
     # every input that determines the result); steps that compute reusable calibration data use it.
     cache: Any = None
+    # for a step that trains (Step.trains): the fp32 module before any step ran (the teacher), the training
+    # sentences (compiler.stages.data.Features of data.train_file or the built-in unlabeled corpus, never the
+    # evaluation rows), the held-out evaluation features it reports its fidelity on, the model's task
+    # (model.task: a compiler.core.tasks kind name) and the run directory its plots go to
+    teacher: Any = None
+    train: Any = None
+    evaluation: Any = None
+    task: str = "embedding"
+    run_dir: Path | None = None
 
 
 class StepParams:
@@ -98,6 +107,11 @@ class Step:
       it must come before every step with quantizes_compute (validation rejects the other order).
     - ``operands`` / ``quantized_operands()``: what of its layers it quantizes (WEIGHTS, ACTIVATIONS);
       ``with_operands(weights, activations)``: a configured copy quantizing only those (None where it cannot).
+    - ``trainable_fake_quant``: its torch-side output is modelopt fake-quant (TensorQuantizers in the module),
+      which a training step (distill) can train through a straight-through estimator.
+    - ``must_follow_quantizers``: it changes what a quantizing step made, so a step with quantizes_compute and
+      trainable_fake_quant, run on the torch side of the target, must come before it (validation checks).
+    - ``trains``: it trains the model (reads the teacher and the training text of StepContext).
     - ``kept_fp32_report_keys``: the keys of its step report that list what it kept in full precision (the fp16
       rail shows them).
     - ``torch_kernel()``: on target=torch (the module is the engine), the torchao config that runs its format with
@@ -118,6 +132,9 @@ class Step:
     precision: ClassVar[frozenset[str]] = frozenset()
     quantizes_compute: ClassVar[bool] = False
     must_precede_quantizers: ClassVar[bool] = False
+    trainable_fake_quant: ClassVar[bool] = False
+    must_follow_quantizers: ClassVar[bool] = False
+    trains: ClassVar[bool] = False
     kept_fp32_report_keys: ClassVar[tuple[str, ...]] = ()
     # what of its layers a quantizing step quantizes: WEIGHTS and / or ACTIVATIONS (the Linear inputs)
     operands: ClassVar[frozenset[str]] = frozenset()
@@ -161,6 +178,9 @@ class Step:
         problems = self.params.problems() if isinstance(self.params, StepParams) else []
         for field_name, what, fix in problems:
             raise RecipeError(f"{self.key}.{field_name}", what, fix)
+
+    def validate_after(self, before: Sequence[Step], target: TargetCapabilities) -> None:
+        """Checks against the steps before this one in the recipe (default: none). Raise RecipeError."""
 
     def validate_export(self, export_cfg, target: TargetCapabilities) -> None:
         """Checks against the export section; by default that its opset is at least min_opset(target)."""

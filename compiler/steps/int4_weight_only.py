@@ -73,6 +73,7 @@ class Int4WeightOnlyStep(Step):
     KEY = "recipe.steps.int4_weight_only"
 
     precision = frozenset({"int4"})
+    trainable_fake_quant = True  # its torch side: modelopt TensorQuantizers (distill trains them)
     quantizes_compute = True  # MatMulNBits replaces the MatMuls (weights quantized; activations stay fp32)
     operands = frozenset({WEIGHTS})
 

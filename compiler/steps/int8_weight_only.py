@@ -26,7 +26,7 @@ class Int8WeightOnlyStep(ModeloptStep):
     needs_calibration = False
     precision = frozenset({"int8"})
     operands = frozenset({WEIGHTS})
-    summary = "int8 weights per channel, fp32 activations (modelopt weight-only), exported as DQ-only weights"
+    summary = "int8 weights per channel, fp32 activations (modelopt weight-only; torchao int8 weights on torch), exported as DQ-only weights"
 
     def torch_kernel(self) -> TorchKernel:
         # the same numerics as modelopt's (symmetric, per output channel, max / 127); the weight stays int8 in memory

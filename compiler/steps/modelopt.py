@@ -375,6 +375,7 @@ class ModeloptStep(Step):
 
     runs_on = {"torch": TORCH, "ort": TORCH, "trt": TORCH}
     needs_calibration = True
+    trainable_fake_quant = True  # its torch side: modelopt TensorQuantizers (distill trains them)
     quantizes_compute = True
     operands = frozenset({WEIGHTS, ACTIVATIONS})  # W8A8 presets; int8_weight_only declares weights only
     # a layer may be kept out or given another modelopt preset (int8 W8A8 or fp8) in place of the step's own

@@ -346,6 +346,7 @@ class NVFP4Step(Step):
     needs_calibration = True
     summary = "modelopt NVFP4 (e2m1, block 16, e4m3 scales) W4A4 on Linear layers; TensorRT NVFP4 ONNX export"
     precision = frozenset({"nvfp4"})
+    trainable_fake_quant = True  # its torch side: modelopt TensorQuantizers (distill trains them)
     quantizes_compute = True
     # the fallback formats of mixed NVFP4 engines (compiler/core/formats.py: a sensitive layer kept at fp8 or
     # int8, modelopt presets); min_opset and its reason come from the format too (FLOAT4E2M1 and blocked

@@ -306,13 +306,14 @@ def test_formats_preset_sweeps_every_recipe_on_torch_and_ort():
     from compiler.core.paths import RECIPES_DIR
 
     params = _compose("+sweep=formats").hydra.sweeper.params
-    assert params["recipe"] == "glob(*,exclude=[nvfp4_gptq,int4_awq])" and params["target"] == "torch,ort"
-    # the excluded recipes are calibrated-rounding variants of formats the sweep covers, nothing else
-    for name in ("nvfp4_gptq", "int4_awq"):
+    excluded = ("nvfp4_gptq", "int4_awq", "nvfp4_distill", "int4_awq_distill")
+    assert params["recipe"] == f"glob(*,exclude=[{','.join(excluded)}])" and params["target"] == "torch,ort"
+    # the excluded recipes are calibrated-rounding or distilled variants of formats the sweep covers, nothing else
+    for name in excluded:
         steps = OmegaConf.load(Path(RECIPES_DIR) / "recipe" / f"{name}.yaml").steps
-        assert any(str(s.get("algorithm", "max")) not in ("max", "rtn") for s in steps.values()), name
-    recipes = sorted(p.stem for p in (Path(RECIPES_DIR) / "recipe").glob("*.yaml")
-                     if p.stem not in ("nvfp4_gptq", "int4_awq"))
+        assert "distill" in steps or any(str(s.get("algorithm", "max")) not in ("max", "rtn")
+                                         for s in steps.values()), name
+    recipes = sorted(p.stem for p in (Path(RECIPES_DIR) / "recipe").glob("*.yaml") if p.stem not in excluded)
     assert "fp32" in recipes
     outcomes = {}
     for recipe in recipes:
