@@ -15,7 +15,6 @@ import numpy as np
 
 from compiler.core.feeds import synthetic_feed
 from compiler.core.report_types import BaselineKind
-from compiler.graph.roles import vocab_rows
 from compiler.stages.bench.op_profile import Profiler
 from compiler.stages.bench.probe import graph_flops
 from compiler.stages.bench.scaling import scaling_for_build
@@ -262,14 +261,14 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
                                                         profiler.prefix("fp32") if profiler else None)
     out = run_bench(lambda: target.predictor(engine, threads=threads), reference.input_names, spec.bench,
                     engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}", make_baseline=make_baseline,
-                    evaluation=evaluation, profiler=profiler, vocab=vocab_rows(reference.module))
+                    evaluation=evaluation, profiler=profiler, vocab=reference.vocab)
     out["baseline_kind"] = kind  # the fact readers use (compiler/core/report_types.py); "baseline" says it in words
     if profiler is not None:
         out["profile"] = profiler.section(probe, out.get("speedup_vs_fp32"), is_fp32=not spec.steps).to_dict()
     if spec.bench.scaling:
         fp32 = None if make_baseline is None else (lambda t: make_baseline(t, None))
         out["scaling"] = scaling_for_build(target, engine, fp32, reference.input_names, spec.bench,
-                                           interleaved, vocab=vocab_rows(reference.module)).to_dict()
+                                           interleaved, vocab=reference.vocab).to_dict()
     if why:
         out["baseline"] = f"none: {why}"
     else:
