@@ -323,6 +323,8 @@ def test_warm_build_copies_the_onnx_step_and_never_loads_the_module(tmp_path, mo
     one, two = reports[0], reports[1]
     assert one["cache"]["onnx_step"] == "miss" and two["cache"]["onnx_step"] == "hit"
     assert one["cache"]["model_facts"] == "miss" and two["cache"]["model_facts"] == "hit"
+    assert one["cache"]["graph_flops"] == "miss" and two["cache"]["graph_flops"] == "hit"
+    assert two["bench"]["flops"] == one["bench"]["flops"] and one["bench"]["flops"]["gflop"] > 0
     assert (tmp_path / "one" / "model.onnx").read_bytes() == (tmp_path / "two" / "model.onnx").read_bytes()
     assert two["steps"]["int8_static"] == {**one["steps"]["int8_static"], "calibration_cache": "hit"}
     assert two["model"] == one["model"] and two["check"]["fidelity"] == one["check"]["fidelity"]
