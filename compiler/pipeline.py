@@ -25,7 +25,7 @@ from compiler.rails import doctor
 from compiler.repair import loss_sources
 from compiler.repair.result import RepairBudgetError
 from compiler.repair.run import repairs_onnx, run_repair
-from compiler.rundir.cache import cached_reference_predict
+from compiler.rundir.cache import cached_onnx_step, cached_reference_predict
 from compiler.rundir.manifest import write_manifest
 from compiler.runners.callable import CallableRunner, torch_predictor
 from compiler.stages.bench import bench_engine, int8_speed_note
@@ -47,10 +47,12 @@ def stage(name: str, timings: Dict[str, float]):
     """Times a stage. Its start goes to cli.log; its end is the one line the console shows for it
     (compiler.core.logs.ConsoleHandler draws records that carry stage_extra)."""
     log.info("[%s] ...", name)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     yield
     timings[name] = round(time.perf_counter() - t0, 3)
-    log.info("[%s] done in %.1fs", name, timings[name], extra=stage_extra(name, timings[name]))
+    # the CPU seconds beside the wall ones: on shared cores the wall clock carries other processes' load
+    log.info("[%s] done in %.1fs (%.1fs CPU)", name, timings[name], time.process_time() - cpu0,
+             extra=stage_extra(name, timings[name]))
 
 
 def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None, roles=None, teacher=None,
@@ -101,6 +103,8 @@ def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir:
                    step_reports: Dict[str, Any], cache=None, teacher=None, run_dir: Optional[Path] = None) -> LoadedModel:
     """Quantize stage (torch side): the recipe's torch steps in order, on a copy of the module. teacher: the fp32
     module a training step (distill) matches."""
+    if not spec.torch_steps:
+        return model  # nothing to do: a module not loaded yet stays unloaded
     module = model.module
     for step in spec.torch_steps:
         ctx = step_context(spec, data, work_dir, cache, model.roles, teacher if step.trains else None, run_dir)
@@ -116,7 +120,10 @@ def quantize_onnx(onnx_path: Path, spec: BuildSpec, data: Dataset, work_dir: Pat
     for i, step in enumerate(spec.onnx_steps):
         ctx = step_context(spec, data, work_dir, cache, roles)
         out = work_dir / f"{i:02d}_{step.name}.onnx"
-        current = step.apply_onnx(current, out, ctx)
+        if cache is not None:  # a warm build copies the step's graph from the cache (compiler/rundir/cache.py)
+            current = cached_onnx_step(step, current, out, ctx, cache)
+        else:
+            current = step.apply_onnx(current, out, ctx)
         step_reports[step.name] = {"where": "onnx", **ctx.report}
     return current
 
@@ -135,7 +142,9 @@ def move_onnx(src: Path, dst: Path) -> Path:
 
 
 def reference_runner(reference: LoadedModel, spec=None, feeds=None, cache=None) -> CallableRunner:
-    predict = torch_predictor(reference.module, reference.input_names, reference.output_names)
+    def predict(feed):  # reads reference.module on the first feed the cache does not answer (it may load then)
+        return torch_predictor(reference.module, reference.input_names, reference.output_names)(feed)
+
     if cache is not None and feeds:
         # the fp32 outputs on the evaluation set are the same for every sweep point of one model and data
         predict = cached_reference_predict(reference, spec, feeds, predict, cache)
@@ -151,6 +160,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     work_dir = run_dir / "work"
     work_dir.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
+    log.info("build starts after %.1fs CPU (imports, Hydra composition, validation)", time.process_time())
     target = get_target(spec.target.name)(spec.target)
     recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
     (run_dir / "recipe.yaml").write_text(recipe_yaml)
@@ -161,16 +171,24 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     }
     torch.manual_seed(spec.seed)
 
+    # a build that runs the module only through its ONNX export (no torch-side step, an ONNX target, no torch-side
+    # repair) reads the module's facts from the cache and loads the module only when a cache entry misses
+    lazy = (cache is not None and not spec.torch_steps and target.needs_onnx
+            and not (spec.repair is not None and (spec.repair.enabled or spec.repair.layers) and not repairs_onnx(spec)))
     with stage("load", timings):
-        model = load_model(spec.model)
+        model = load_model(spec.model, cache=cache if lazy else None)
         data = load_data(spec.data, model.tokenizer, model.input_names, need_calibration=spec.needs_calibration,
                          label_names=label_names(spec.model), evaluation_limit=spec.check.samples,
                          model_task=spec.model.task, need_train=spec.needs_training_text)
-        reference = LoadedModel(**{**model.__dict__, "module": copy.deepcopy(model.module)})
+        if model.module_loaded:
+            reference = LoadedModel(**{**model.__dict__, "module": copy.deepcopy(model.module)})
+        else:  # no torch-side step will change model.module: the reference copies it when first used
+            reference = LoadedModel(**{**model.__dict__, "module": None,
+                                       "load_module": lambda: copy.deepcopy(model.module)})
         write_predict_files(model, run_dir, int(spec.data.seq_len))  # `qcompile predict` needs only the run dir
     spec = dataclasses.replace(spec, steps=resolve_roles(spec.steps, model.roles))
     report["model"] = {"name": model.name, "architecture": model.info.architecture, "hidden_size": model.info.hidden_size,
-                       "parameters": int(sum(p.numel() for p in reference.module.parameters())),
+                       "parameters": model.parameters,
                        "weights_sha256": model.weights_sha256, **model.source}
     if model.roles is not None:  # how many Linear layers of each role the dataflow found (compiler/graph/roles.py)
         report["model"]["layer_roles"] = {r: len(model.roles.names(r)) for r in sorted(set(model.roles.role.values()))}

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from compiler.core.hashing import file_sha256
+from compiler.core.hashing import file_sha256, onnx_sha256
 from compiler.rundir.manifest import package_versions
 
 log = logging.getLogger("qcompile")
@@ -267,3 +267,56 @@ def cached_reference_predict(model, spec, feeds, predict: Callable, cache: Cache
             return {n: z[n] for n in z.files}
 
     return replay
+
+
+def onnx_step_key(step, onnx_path: Path, out_path: Path, ctx) -> Dict[str, Any]:
+    """Everything that determines what an ONNX-side step writes (compiler.steps.base.Step.apply_onnx): the
+    input graph's bytes, the step and its parameters (with the per-layer formats a repair gave it), the output
+    file's name (an external-data file is named after it inside the graph) and every StepContext field a step
+    may read except work_dir and report. The step's code is in the key through qcompile's source hash."""
+    return {"step": step.name, "params": step.params, "layer_formats": dict(step.layer_formats),
+            "graph_sha256": onnx_sha256(onnx_path), "out_name": Path(out_path).name,
+            "target": ctx.target, "model_info": ctx.model_info,
+            "calibration_sha256": ctx.calibration.sha256() if ctx.calibration is not None else None,
+            "calibration_samples": len(ctx.calibration) if ctx.calibration is not None else 0,
+            "seed": int(ctx.seed), "exclude": list(ctx.exclude), "opset": int(ctx.opset),
+            "batch_size": int(ctx.batch_size)}
+
+
+STEP_REPORT = "step_report.json"
+
+
+def _report_value(o: Any) -> Any:
+    """json.dumps default for a step's report: numpy scalars as numbers, anything else as its text (report.json
+    writes them the same way)."""
+    return o.item() if isinstance(o, np.generic) else str(o)
+
+
+def cached_onnx_step(step, onnx_path: Path, out_path: Path, ctx, cache: Cache) -> Path:
+    """step.apply_onnx through the cache: a warm build (the same graph, recipe, data and tool versions) copies
+    the step's graph and its report out of the entry instead of running the step again (quantize_static
+    re-quantizes every weight even when its calibration ranges come from the cache: about 4 s of a MiniLM
+    build). The bytes are those the step wrote, so model.onnx is the same file either way."""
+    out_path = Path(out_path)
+    built = []
+
+    def build(d: Path) -> None:
+        done = Path(step.apply_onnx(onnx_path, d / out_path.name, ctx))
+        if done != d / out_path.name:  # a step that returned another file (e.g. its input, unchanged)
+            for suffix in ("", ".data"):
+                if done.with_name(done.name + suffix).is_file():
+                    shutil.copyfile(done.with_name(done.name + suffix), d / (out_path.name + suffix))
+        (d / STEP_REPORT).write_text(json.dumps(ctx.report, sort_keys=True, default=_report_value) + "\n")
+        built.append(True)
+
+    entry = cache.get_or_create("onnx_step", onnx_step_key(step, onnx_path, out_path, ctx), build)
+    if not built:  # a hit: the step did not run in this build, its report comes from the entry
+        stored = json.loads((entry / STEP_REPORT).read_text())
+        # the entry answered for the whole step: the caches the step consulted when it ran answer as hits now
+        ctx.report.clear()
+        ctx.report.update({k: ("hit" if k.endswith("_cache") and v == "miss" else v) for k, v in stored.items()})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for f in sorted(entry.iterdir()):  # the graph and whatever the step wrote beside it (external data)
+        if f.is_file() and f.name != STEP_REPORT:
+            shutil.copyfile(f, out_path.parent / f.name)  # copyfile: the copy is writable, the entry stays read-only
+    return out_path

@@ -34,7 +34,9 @@ def session_options(opt_level: str = "all", threads: int | None = None, optimize
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # never spinning, pinned or not: an idle worker thread that spins burns a core another build (a sweep's
+    # other job) or the session's own next op needs; the check's sessions run on onnxruntime's default threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
         if optimized_external_data:

@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from compiler.core.hashing import file_sha256
 from compiler.core.errors import BuildError, RecipeError
@@ -39,7 +39,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 @dataclass
 class LoadedModel:
     name: str
-    module: "object"  # torch.nn.Module: (input_ids, attention_mask[, token_type_ids]) -> outputs
+    # torch.nn.Module: (input_ids, attention_mask[, token_type_ids]) -> outputs. None with load_module given: the
+    # module loads on first use (a warm build whose export and reference outputs come from the cache never loads it)
+    module: "object" = field(repr=False)
     tokenizer: "object"
     info: ModelInfo
     input_names: List[str]
@@ -50,6 +52,25 @@ class LoadedModel:
     labels: list[str] | None = None  # a classifier's label names, by logit index (config id2label)
     # the role of every Linear (attention_qkv, ffn_down, head ...), read from the dataflow of one forward
     roles: LayerRoles | None = None
+    vocab: int = 30522  # the rows of the word-embedding table (compiler.graph.roles.vocab_rows)
+    parameters: int = 0  # the module's parameter count
+    load_module: Optional[Callable[[], object]] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.module is None and self.load_module is not None:
+            del self.module  # __getattr__ loads it when first read
+
+    def __getattr__(self, name: str):
+        # only called for an attribute not set: `module` of a model whose facts came from the cache
+        loader = self.__dict__.get("load_module")
+        if name != "module" or loader is None:
+            raise AttributeError(name)
+        self.__dict__["module"] = loader()
+        return self.__dict__["module"]
+
+    @property
+    def module_loaded(self) -> bool:
+        return "module" in self.__dict__
 
 
 def package_model_dir(package: str) -> Path:
@@ -183,12 +204,17 @@ def _load_tokenizer(cfg, model_dir: Optional[Path]):
     return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint files of a model directory, in load order."""
+    weights = [model_dir / f for f in WEIGHT_FILES if (model_dir / f).is_file()]
+    return weights + sorted(model_dir.glob("model-*.safetensors"))
+
+
 def _load_hf_module(cfg, model_dir: Path):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    weights = [model_dir / f for f in WEIGHT_FILES if (model_dir / f).is_file()]
-    weights += sorted(model_dir.glob("model-*.safetensors"))
+    weights = weight_files(model_dir)
     if not weights:
         raise BuildError(f"model.path: {model_dir} has no weights (looked for {', '.join(WEIGHT_FILES)}); "
                          "save the model with save_pretrained() into that directory")
@@ -274,34 +300,77 @@ def output_names_for(task: str) -> List[str]:
     return list(task_kind(task).outputs)
 
 
-def load_model(cfg) -> LoadedModel:
-    """Load stage. cfg is the `model` section of the recipe."""
+def _load_wrapped(cfg, model_dir: Optional[Path]):
+    """(the wrapped module, the transformers module, its input names) as load_model gives them."""
     import torch
 
     torch.set_grad_enabled(False)
+    hf_module = _build_tiny_module(cfg) if model_dir is None else _load_hf_module(cfg, model_dir)[0]
+    input_names = ["input_ids", "attention_mask"]
+    if getattr(hf_module.config, "type_vocab_size", 0):
+        input_names.append("token_type_ids")
+    return wrap_for_export(hf_module, cfg.task, input_names), hf_module, input_names
+
+
+def _module_facts(cfg, module, hf_module, input_names: List[str]) -> Dict[str, Any]:
+    """What a build reads of the loaded module besides running it, as JSON (the model_facts cache entry)."""
+    vocab = vocab_rows(module)
+    roles = find_roles(module, example_inputs(input_names, vocab=vocab))
+    return {"input_names": list(input_names), "weights_sha256": state_dict_sha256(module), "vocab": int(vocab),
+            "parameters": int(sum(p.numel() for p in module.parameters())),
+            "labels": logit_labels(cfg, hf_module.config), "roles": {"role": roles.role, "index": roles.index}}
+
+
+def load_model(cfg, cache=None) -> LoadedModel:
+    """Load stage. cfg is the `model` section of the recipe. With a cache (compiler.rundir.cache.Cache) the
+    module's facts (content hash, input names, layer roles, vocabulary, parameter count, labels) come from a
+    model_facts entry keyed by the weight files' bytes, the config and the model section, and the module itself
+    loads on first use: a warm ONNX build whose export and reference outputs are cached never imports
+    transformers' modeling code (about 5 s of CPU on MiniLM). Without one it loads now."""
+    import torch
+
+    torch.set_grad_enabled(False)  # for the whole build, as before the module loaded lazily
     info = model_info(cfg)
     model_dir = resolve_model_dir(cfg)
     source: Dict[str, str] = {"source": cfg.source}
     if model_dir is None:
-        hf_module = _build_tiny_module(cfg)
         source["config"] = json.dumps(dict(cfg.tiny or {}), sort_keys=True)
         source["architecture"] = info.architecture
     else:
-        hf_module, weights = _load_hf_module(cfg, model_dir)
+        weights = weight_files(model_dir)
+        if not weights:
+            raise BuildError(f"model.path: {model_dir} has no weights (looked for {', '.join(WEIGHT_FILES)}); "
+                             "save the model with save_pretrained() into that directory")
         source["path"] = str(model_dir)
         source["weight_files"] = ",".join(w.name for w in weights)
         source["weights_file_sha256"] = ",".join(file_sha256(w) for w in weights)
     tokenizer = _load_tokenizer(cfg, model_dir)
-    input_names = ["input_ids", "attention_mask"]
-    if getattr(hf_module.config, "type_vocab_size", 0):
-        input_names.append("token_type_ids")
-    module = wrap_for_export(hf_module, cfg.task, input_names)
+    loaded: Dict[str, Any] = {}
+
+    def load() -> object:
+        if "module" not in loaded:
+            loaded["module"], loaded["hf"], loaded["input_names"] = _load_wrapped(cfg, model_dir)
+        return loaded["module"]
+
+    if cache is None:
+        load()
+        facts = _module_facts(cfg, loaded["module"], loaded["hf"], loaded["input_names"])
+    else:
+        key = {"model": cfg, "source": source,
+               "config_sha256": file_sha256(model_dir / "config.json") if model_dir is not None else None}
+
+        def build(d: Path) -> None:
+            load()
+            facts = _module_facts(cfg, loaded["module"], loaded["hf"], loaded["input_names"])
+            (d / "facts.json").write_text(json.dumps(facts) + "\n")  # unsorted: the roles keep forward order
+
+        facts = json.loads((Path(cache.get_or_create("model_facts", key, build)) / "facts.json").read_text())
     return LoadedModel(
-        name=cfg.name, module=module, tokenizer=tokenizer, info=info, input_names=input_names,
-        output_names=output_names_for(cfg.task), task=cfg.task,
-        weights_sha256=state_dict_sha256(module), source=source,
-        labels=logit_labels(cfg, hf_module.config),
-        roles=find_roles(module, example_inputs(input_names, vocab=vocab_rows(module))),
+        name=cfg.name, module=loaded.get("module"), tokenizer=tokenizer, info=info,
+        input_names=list(facts["input_names"]), output_names=output_names_for(cfg.task), task=cfg.task,
+        weights_sha256=facts["weights_sha256"], source=source, labels=facts["labels"],
+        roles=LayerRoles(role=dict(facts["roles"]["role"]), index={k: int(v) for k, v in facts["roles"]["index"].items()}),
+        vocab=int(facts["vocab"]), parameters=int(facts["parameters"]), load_module=load,
     )
 
 

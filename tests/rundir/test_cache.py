@@ -284,3 +284,67 @@ def test_export_of_a_torch_quantized_module_is_not_cached(tmp_path):
         STEP_REGISTRY.pop("_test_torch_noop", None)
     assert "export" not in report["cache"] and [e for e in report["cache"]["entries"] if e["kind"] == "export"] == []
     assert not (tmp_path / "cache" / "export").exists()
+
+
+def test_warm_build_copies_the_onnx_step_and_never_loads_the_module(tmp_path, monkeypatch):
+    """The warm default build: a second build of the same recipe takes the quantized graph from the cache (the
+    step does not run again) and the module's facts from the cache (the torch module never loads: no export,
+    reference output or step needs it); model.onnx and the step's report are those of the first build. A
+    different step parameter runs the step again."""
+    from compiler.pipeline import run_build
+    from compiler.rundir.cache import open_cache
+    from compiler.stages import models
+    from compiler.steps.int8_static import Int8StaticStep
+
+    calls = {"apply_onnx": 0, "load": 0}
+    apply_onnx, load_wrapped = Int8StaticStep.apply_onnx, models._load_wrapped
+
+    def counted_apply(self, *a, **k):
+        calls["apply_onnx"] += 1
+        return apply_onnx(self, *a, **k)
+
+    def counted_load(*a, **k):
+        calls["load"] += 1
+        return load_wrapped(*a, **k)
+
+    monkeypatch.setattr(Int8StaticStep, "apply_onnx", counted_apply)
+    monkeypatch.setattr(models, "_load_wrapped", counted_load)
+    fast = ["recipe=int8_static", "data.calibration_samples=8", "data.evaluation_samples=16", "data.seq_len=32",
+            "bench.iterations=2", "bench.warmup=1", "bench.seq_len=32", "bench.rounds=1", "bench.profile=false"]
+    reports, seen = [], []
+    for name, extra in (("one", []), ("two", []), ("three", ["recipe.steps.int8_static.per_channel=false"])):
+        spec = _spec(tmp_path / "cache", *fast, *extra)
+        (tmp_path / name).mkdir()
+        reports.append(run_build(spec, tmp_path / name, cache=open_cache(spec.cache)))
+        seen.append(dict(calls))
+    assert seen[0] == {"apply_onnx": 1, "load": 1}  # cold: the step ran, the module loaded once (export + reference)
+    assert seen[1] == seen[0]  # warm: neither ran again
+    assert seen[2]["apply_onnx"] == 2 and seen[2]["load"] == 1  # another parameter: the step runs, the module stays
+    one, two = reports[0], reports[1]
+    assert one["cache"]["onnx_step"] == "miss" and two["cache"]["onnx_step"] == "hit"
+    assert one["cache"]["model_facts"] == "miss" and two["cache"]["model_facts"] == "hit"
+    assert one["cache"]["graph_flops"] == "miss" and two["cache"]["graph_flops"] == "hit"
+    assert two["bench"]["flops"] == one["bench"]["flops"] and one["bench"]["flops"]["gflop"] > 0
+    assert (tmp_path / "one" / "model.onnx").read_bytes() == (tmp_path / "two" / "model.onnx").read_bytes()
+    assert two["steps"]["int8_static"] == {**one["steps"]["int8_static"], "calibration_cache": "hit"}
+    assert two["model"] == one["model"] and two["check"]["fidelity"] == one["check"]["fidelity"]
+
+
+def test_model_facts_from_the_cache_equal_a_loaded_model(tmp_path, tiny_bert):
+    """load_model with a cache: the facts a build reads (content hash, input names, roles in forward order,
+    vocabulary, parameters) equal those of an eager load, and the module loads on first use with the same
+    weights."""
+    from compiler.stages.models import load_model, state_dict_sha256
+    from tests.conftest import model_cfg
+
+    cache = Cache(tmp_path)
+    first = load_model(model_cfg("tiny_bert"), cache=cache)  # miss: loads the module to read its facts
+    lazy = load_model(model_cfg("tiny_bert"), cache=cache)
+    assert [e["result"] for e in cache.events] == ["miss", "hit"]
+    assert first.module_loaded and not lazy.module_loaded
+    for f in ("weights_sha256", "input_names", "output_names", "vocab", "parameters", "labels"):
+        assert getattr(lazy, f) == getattr(tiny_bert, f), f
+    assert list(lazy.roles.role.items()) == list(tiny_bert.roles.role.items())
+    assert lazy.roles.index == tiny_bert.roles.index
+    assert lazy.parameters == sum(p.numel() for p in tiny_bert.module.parameters())
+    assert state_dict_sha256(lazy.module) == tiny_bert.weights_sha256 and lazy.module_loaded

@@ -1,5 +1,6 @@
 """The spine's stage functions on a tiny model: data, export, check, bench, report, manifest."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -127,6 +128,42 @@ def test_check_passes_identical_and_fails_perturbed(tiny_bert, tiny_data):
     assert not res["passed"]
     assert res["gate_failures"][0].startswith("output last_hidden_state: cosine 0.")
     assert "< 0.98" in res["gate_failures"][0]
+
+
+def test_check_skips_only_polygraphy_hidden_stats_log(tiny_bert, tiny_data, monkeypatch):
+    """The check skips Polygraphy's statistics log while it is hidden: its numbers are those of a check that
+    formats them (the statistics come from the compare results), the log function is called by Polygraphy and
+    is Polygraphy's own again afterwards."""
+    from polygraphy.comparator import util as comp_util
+
+    from compiler.stages import check
+
+    predict = torch_predictor(tiny_bert.module, tiny_bert.input_names, tiny_bert.output_names)
+    feeds = list(tiny_data.evaluation.batches(8))
+    rng = np.random.default_rng(0)
+    noise = {}
+
+    def noisy(feed):  # the same noise on every call: both checks compare the same outputs
+        out = predict(feed)
+        key = feed["input_ids"].tobytes()
+        noise.setdefault(key, rng.normal(0, 0.01, out["last_hidden_state"].shape))
+        out["last_hidden_state"] = out["last_hidden_state"] + noise[key]
+        return out
+
+    def runners():
+        return (CallableRunner(predict, tiny_bert.input_names, tiny_bert.output_names, name="ref"),
+                CallableRunner(noisy, tiny_bert.input_names, tiny_bert.output_names, name="noisy"))
+
+    original = comp_util.log_output_stats
+    skipped = run_check(*runners(), feeds, "embedding", GateConfig())
+    assert comp_util.log_output_stats is original
+    formatted = []
+    monkeypatch.setattr(check, "_unlogged_output_stats", contextlib.nullcontext)
+    monkeypatch.setattr(comp_util, "log_output_stats", lambda *a, **k: formatted.append(original(*a, **k)))
+    logged = run_check(*runners(), feeds, "embedding", GateConfig())
+    assert formatted  # Polygraphy does call it: without the skip it formats the statistics
+    assert skipped["per_output"] == logged["per_output"] and skipped["fidelity"] == logged["fidelity"]
+    assert skipped["per_output"]["last_hidden_state"]["max_absdiff"] > 0
 
 
 def test_gate_failure_messages_name_metric_and_shortfall():

@@ -4,6 +4,7 @@ on the same target timed round-robin in the same run (a ratio survives machine l
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from compiler.core.feeds import synthetic_feed
+from compiler.core.hashing import onnx_sha256
 from compiler.core.report_types import BaselineKind
-from compiler.graph.roles import vocab_rows
 from compiler.stages.bench.op_profile import Profiler
 from compiler.stages.bench.probe import graph_flops
 from compiler.stages.bench.scaling import scaling_for_build
@@ -248,6 +249,20 @@ def fp32_baseline(target, reference, spec, cache, work_dir: Path, profile_prefix
     return make_predict, onnx_path, BaselineKind.FP32_SAME_RUN, None
 
 
+def cached_graph_flops(graph: Path, batch: int, seq: int, cache=None) -> dict[str, Any]:
+    """graph_flops through the cache, keyed by the graph's bytes and the shape: a warm build counts the same fp32
+    export again otherwise (onnxruntime's symbolic shape inference over the whole graph, about 0.7 s on MiniLM)."""
+    if cache is None:
+        return graph_flops(graph, batch, seq)
+
+    def build(d: Path) -> None:
+        (d / "flops.json").write_text(json.dumps(graph_flops(graph, batch, seq), sort_keys=True) + "\n")
+
+    entry = cache.get_or_create("graph_flops", {"graph_sha256": onnx_sha256(graph), "batch": int(batch),
+                                                "seq": int(seq)}, build)
+    return json.loads((Path(entry) / "flops.json").read_text())
+
+
 def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: Path, onnx_path: Path | None,
                  probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bench stage of a build: the engine timed against its fp32 baseline (same run, round-robin),
@@ -262,14 +277,14 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
                                                         profiler.prefix("fp32") if profiler else None)
     out = run_bench(lambda: target.predictor(engine, threads=threads), reference.input_names, spec.bench,
                     engine.files, label=f"bench {spec.recipe_name}/{spec.target.name}", make_baseline=make_baseline,
-                    evaluation=evaluation, profiler=profiler, vocab=vocab_rows(reference.module))
+                    evaluation=evaluation, profiler=profiler, vocab=reference.vocab)
     out["baseline_kind"] = kind  # the fact readers use (compiler/core/report_types.py); "baseline" says it in words
     if profiler is not None:
         out["profile"] = profiler.section(probe, out.get("speedup_vs_fp32"), is_fp32=not spec.steps).to_dict()
     if spec.bench.scaling:
         fp32 = None if make_baseline is None else (lambda t: make_baseline(t, None))
         out["scaling"] = scaling_for_build(target, engine, fp32, reference.input_names, spec.bench,
-                                           interleaved, vocab=vocab_rows(reference.module)).to_dict()
+                                           interleaved, vocab=reference.vocab).to_dict()
     if why:
         out["baseline"] = f"none: {why}"
     else:
@@ -277,7 +292,7 @@ def bench_engine(target, engine, reference, spec, evaluation, cache, work_dir: P
     graph = fp32_onnx or onnx_path
     if graph is not None:
         try:
-            out["flops"] = graph_flops(Path(graph), int(spec.bench.batch_size), int(spec.bench.seq_len))
+            out["flops"] = cached_graph_flops(Path(graph), int(spec.bench.batch_size), int(spec.bench.seq_len), cache)
         except Exception as e:  # noqa: BLE001 -- shape inference can fail on an exotic graph: the bench still stands
             out["flops"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     peak = (probe or {}).get("fp32_gflops")
