@@ -121,12 +121,14 @@ def prepare(work: Path, wheel: Path | None) -> tuple[Path, Path, Path]:
     return model_dir, train_tsv, eval_tsv
 
 
-def build_args(model_dir: Path, train: Path, evaluation: Path, recipe: str, target: str,
+def build_args(model_dir: Path, train: Path | None, calibration: Path, evaluation: Path, recipe: str, target: str,
                extra: list[str]) -> list[str]:
+    """train None: the distillation trains on the built-in unlabeled corpus instead of the 140 training rows."""
     return ["model=hf", f"model.path={model_dir}", "model.task=classification", f"recipe={recipe}",
-            f"target={target}", f"data.calibration_file={train}", f"data.evaluation_file={evaluation}",
-            f"data.train_file={train}", "data.calibration_samples=64", "data.evaluation_samples=1000",
-            f"data.seq_len={SEQ_LEN}", f"bench.seq_len={SEQ_LEN}", "bench.enabled=false", *extra]
+            f"target={target}", f"data.calibration_file={calibration}", f"data.evaluation_file={evaluation}",
+            *([f"data.train_file={train}"] if train is not None else []), "data.calibration_samples=64",
+            "data.evaluation_samples=1000", f"data.seq_len={SEQ_LEN}", f"bench.seq_len={SEQ_LEN}",
+            "bench.enabled=false", *extra]
 
 
 def main() -> None:
@@ -135,7 +137,10 @@ def main() -> None:
     ap.add_argument("--wheel", default=None, help="a gensim-4.4.0 wheel on disk")
     ap.add_argument("--target", default="torch")
     ap.add_argument("--recipes", nargs="+", default=["nvfp4", "nvfp4_distill"])
+    ap.add_argument("--train-text", choices=["rows", "builtin"], default="rows",
+                    help="what the distillation trains on: the 140 training rows' text, or the built-in corpus")
     ap.add_argument("--json", default=None, help="also write the summaries here")
+    ap.add_argument("overrides", nargs="*", help="more key=value overrides for every build")
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="classifier-distill-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -144,7 +149,8 @@ def main() -> None:
     out = {}
     for recipe in a.recipes:
         cwd = Path(tempfile.mkdtemp(prefix=f"build-{recipe}-", dir=work))
-        out[recipe] = summary(run(cwd, build_args(model_dir, train, evaluation, recipe, a.target, []), cache))
+        out[recipe] = summary(run(cwd, build_args(model_dir, train if a.train_text == "rows" else None, train,
+                                                 evaluation, recipe, a.target, a.overrides), cache))
     print(f"\nMiniLM fine-tuned on 140 Pang & Lee sentences (seed 0), target={a.target}, 356 evaluation rows "
           "(60 held-out Pang & Lee + 296 sentiment.tsv), no fallback\n")
     print("| recipe | exit | label agreement | accuracy fp32 -> target | drop (95% interval) | build s |")

@@ -205,7 +205,9 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
     if data.train_info is not None:
         report["data"]["train"] = data.train_info
     with stage("quantize-torch", timings):
-        model = quantize_torch(model, spec, data, work_dir, report["steps"], cache, reference.module, run_dir)
+        # the fp32 teacher only for a step that trains: reading reference.module loads a lazily loaded module
+        teacher = reference.module if any(step.trains for step in spec.torch_steps) else None
+        model = quantize_torch(model, spec, data, work_dir, report["steps"], cache, teacher, run_dir)
         for step in spec.torch_steps:  # a training step's numbers are a typed section of their own
             if step.trains:
                 report["distill"] = {k: v for k, v in report["steps"].pop(step.name).items() if k != "where"}

@@ -201,7 +201,10 @@ def measure_table(spec, model, data, work_dir: Path, context: Context, exported:
                   ) -> dict[str, Any]:
     """The table, measured: one quantization and one forward per distinct row (plus the fp32 reference)."""
     side = side_of(spec)
-    side_steps = [s for s in spec.steps if s.stage_for(spec.target.name) == side]
+    # a training step (distill) is left out: it would train once per row, and it needs the teacher and the
+    # training text; the rows are then the post-training quantization's, and the reading says so
+    side_steps = [s for s in spec.steps if s.stage_for(spec.target.name) == side and not s.trains]
+    trained = [s.name for s in spec.steps if s.trains]
     batch = int(spec.data.batch_size)
     if side == TORCH:
         def apply(module, steps):
@@ -252,7 +255,9 @@ def measure_table(spec, model, data, work_dir: Path, context: Context, exported:
                       if getattr(s.params, "algorithm", None) is not None), None)
     return {"metric": name, "rows": len(data.evaluation), "measured_on": rows_of.measured_on,
             "algorithm": algorithm, "operands": {k: operands[k] for k in OPERAND_ROWS}, "roles": roles,
-            "reading": reading(operands, roles, algorithm), "forwards": rows_of.forwards}
+            "reading": reading(operands, roles, algorithm) + (
+                f" Measured before {', '.join(trained)}: the rows quantize without the training, the check measures"
+                " the trained model." if trained else ""), "forwards": rows_of.forwards}
 
 
 def run_loss_sources(spec, model, data, work_dir: Path, context: Context, cache=None,

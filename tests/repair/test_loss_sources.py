@@ -197,3 +197,26 @@ def test_bad_switch_value_is_a_recipe_error():
     with pytest.raises(RecipeError) as e:
         validate(compose("model=tiny_bert", "recipe=nvfp4", "target=torch", "check.loss_sources=maybe"))
     assert "check.loss_sources: bad value 'maybe' -- expected bool" in str(e.value), str(e.value)
+
+
+def test_a_distilled_build_measures_its_table_before_the_training(planted_output, nvfp4_run, tmp_path):
+    """recipe=nvfp4_distill: the table leaves the training step out (it would train once per row and needs the
+    teacher): its rows are the post-training quantization's, the same as plain nvfp4 (max rounding here) on the same
+    rows, while the check measures the trained model; the reading says so."""
+    _, plain = nvfp4_run
+    run = finished_run(tmp_path, "model=hf", f"model.path={planted_output}", *FAST, "bench.enabled=false",
+                       "recipe=nvfp4_distill", "target=torch", "recipe.steps.nvfp4.algorithm=max",
+                       "recipe.steps.distill.max_steps=20", "recipe.steps.distill.lr=1e-3",
+                       "recipe.steps.distill.batch_size=8")
+    report, before = _report(run), _report(plain)["loss_sources"]
+    ls = report["loss_sources"]
+    assert ls["operands"]["both"]["metric"] == pytest.approx(before["operands"]["both"]["metric"], abs=1e-9)
+    assert {k: r["loss"] for k, r in ls["roles"].items()} == pytest.approx(
+        {k: r["loss"] for k, r in before["roles"].items()}, abs=1e-9)
+    # the check measures the trained model: not the table's "both" row
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] != pytest.approx(ls["operands"]["both"]["metric"],
+                                                                                abs=1e-9)
+    assert report["distill"]["fidelity_before"] == pytest.approx(ls["operands"]["both"]["metric"], abs=1e-3)
+    assert ls["reading"].endswith("Measured before distill: the rows quantize without the training, the check "
+                                  "measures the trained model.")
+    assert report["distill"]["steps"] == 20
