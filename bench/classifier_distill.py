@@ -4,8 +4,8 @@ NVFP4 is below 0.97, keeps >= 0.99 of its labels with recipe nvfp4_distill and n
 The labeled set is real: the 200 movie-review sentences of Pang & Lee's polarity data as gensim 4.4.0 ships
 them (gensim/test/test_data/pang_lee_polarity.cor, 100 positive / 100 negative). The script reads that one
 file out of the gensim wheel (`pip download gensim==4.4.0 --no-deps`; gensim is neither imported nor installed).
-140 rows (70 / 70, seeded) fine-tune all-MiniLM-L6-v2 whole; the evaluation rows are the other 60 plus the 296
-rows of qcompile's own sentiment.tsv (a second domain, also labeled), 356 in all. The distillation trains on
+140 rows (70 / 70, seeded) fine-tune all-MiniLM-L6-v2 whole; the evaluation rows are the other 60 plus the 696
+rows of qcompile's own sentiment.tsv (a second domain, also labeled), 756 in all. The distillation trains on
 the 140 training sentences' text only (data.train_file), never on an evaluation row.
 
     python bench/classifier_distill.py                      # fine-tunes (~2 min), then nvfp4 and nvfp4_distill
@@ -151,8 +151,8 @@ def main() -> None:
         cwd = Path(tempfile.mkdtemp(prefix=f"build-{recipe}-", dir=work))
         out[recipe] = summary(run(cwd, build_args(model_dir, train if a.train_text == "rows" else None, train,
                                                  evaluation, recipe, a.target, a.overrides), cache))
-    print(f"\nMiniLM fine-tuned on 140 Pang & Lee sentences (seed 0), target={a.target}, 356 evaluation rows "
-          "(60 held-out Pang & Lee + 296 sentiment.tsv), no fallback\n")
+    print(f"\nMiniLM fine-tuned on 140 Pang & Lee sentences (seed 0), target={a.target}, 756 evaluation rows "
+          "(60 held-out Pang & Lee + 696 sentiment.tsv), no fallback\n")
     print("| recipe | exit | label agreement | accuracy fp32 -> target | drop (95% interval) | build s |")
     print("|---|---|---|---|---|---|")
     for recipe, s in out.items():
