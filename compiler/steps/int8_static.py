@@ -346,7 +346,8 @@ def _ort_passes(path: Path, p: Params) -> dict[str, int]:
         done["float_inputs_rewired"] = float_consumers_read_float(model)
     if p.fuse_bias:
         done["matmuls_fused_with_bias"] = fuse_matmul_bias(model)
-    save_onnx(model, Path(path), "auto" if needs_external_data(Path(path)) else "never")
+    # a graph that kept its tensors in a .data file keeps them there (as quantize_static wrote it), whatever its size
+    save_onnx(model, Path(path), "always" if needs_external_data(Path(path)) else "never")
     return done
 
 
