@@ -196,6 +196,9 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
         raise RecipeError(key, f"{fmt} layers are not runnable on target={target.name} at export.opset="
                           f"{explicit_opset} ({number_format(fmt).opset_reason} needs opset {need})",
                           f"set export.opset={need} (or leave it unset), or use fallback=fp32")
+    for i, s in enumerate(steps):
+        if s.trains:  # the pipeline trains before the repair: the step says what of it the map can keep
+            s.validate_with_repair("recipe.repair.enabled" if rep.enabled else "recipe.repair.layers", steps[:i])
     onnx_side = [s.name for s in quant if s.stage_for(target.name) != TORCH]
     torch_side = [s.name for s in quant if s.stage_for(target.name) == TORCH]
     if rep.enabled and onnx_side and torch_side:

@@ -100,9 +100,9 @@ def search_map(spec, model, data, work_dir: Path, context: Context, cache=None, 
     """The sensitivity and the search on one side's measurer: the budgeted metric first, every gate threshold
     a condition the map must also meet."""
     rep = spec.repair
-    # a training step (distill) is left out of the search: it would train twice per build (the quantized and the
-    # fallback model the measurer swaps layers between); it trains once, on the map the search chose, so the
-    # searched metric is the post-training one's lower bound
+    # a training step (distill) is not in the search: the pipeline trains first, with every layer in the 4-bit
+    # format, and hands the search the trained weights (model) and the fp32 module (reference_module); training per
+    # measured model would train twice per build (the quantized and the fallback model the measurer swaps between)
     side_steps = [s for s in (spec.onnx_steps if exported is not None else spec.torch_steps) if not s.trains]
     quant = [s for s in side_steps if s.quantizes_compute]
     if not quant:
@@ -129,7 +129,7 @@ def search_map(spec, model, data, work_dir: Path, context: Context, cache=None, 
                 module = step.apply_torch(module, context(work_dir))
             return module
 
-        measurer = TorchMeasurer(model, side_steps, rep.fallback, apply, data, rows, batch)
+        measurer = TorchMeasurer(model, side_steps, rep.fallback, apply, data, rows, batch, reference_module)
     primary_output = model.output_names[task_kind(model.task).primary_index]
     score = scorer(spec, model, labels, measurer, primary_output)
     metric = score.metric

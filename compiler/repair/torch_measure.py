@@ -158,7 +158,8 @@ class TorchMeasurer:
     measured_on = "torch fake-quant, folded weights, length-sorted batches without padding"
 
     def __init__(self, model, steps: Sequence[Any], fallback: str, apply_steps: Callable[[Any, list[Any]], Any],
-                 data, rows: int, batch_size: int):
+                 data, rows: int, batch_size: int, reference_module=None):
+        # reference_module: the fp32 module the outputs are compared with, when model holds other (trained) weights
         self.model = model
         a = apply_steps(copy.deepcopy(model.module), list(steps))
         order = model.roles.role if model.roles is not None else {}
@@ -179,7 +180,8 @@ class TorchMeasurer:
         self.feeds = _ranking_feeds(data, rows, batch_size)
         # the feeds run length-sorted; outputs go back to row order (pairs and gold labels are by row)
         self.unsort = np.argsort(_ranking_order(data, rows), kind="stable")
-        self.reference_batches = batch_outputs(model.module, self.feeds, model.output_names)
+        self.reference_batches = batch_outputs(model.module if reference_module is None else reference_module,
+                                               self.feeds, model.output_names)
         self.mixed = MixedModel(a, b, self.names, cache_bytes=BLOCK_CACHE_BYTES)
         self.measure: Measure | None = None
 

@@ -111,7 +111,9 @@ class Step:
       which a training step (distill) can train through a straight-through estimator.
     - ``must_follow_quantizers``: it changes what a quantizing step made, so a step with quantizes_compute and
       trainable_fake_quant, run on the torch side of the target, must come before it (validation checks).
-    - ``trains``: it trains the model (reads the teacher and the training text of StepContext).
+    - ``trains``: it trains the model (reads the teacher and the training text of StepContext); it then also has
+      ``train_only(module, ctx)``: the training without rounding the trained weights onto the quantized grid
+      (what a repair after training reads, compiler/pipeline.py train_before_repair).
     - ``kept_fp32_report_keys``: the keys of its step report that list what it kept in full precision (the fp16
       rail shows them).
     - ``torch_kernel()``: on target=torch (the module is the engine), the torchao config that runs its format with
@@ -181,6 +183,16 @@ class Step:
 
     def validate_after(self, before: Sequence[Step], target: TargetCapabilities) -> None:
         """Checks against the steps before this one in the recipe (default: none). Raise RecipeError."""
+
+    def validate_with_repair(self, repair_key: str, before: Sequence[Step]) -> None:
+        """A step that trains: checks that what it trains survives a repair after it (the steps before it in
+        `before`; default: none). Raise RecipeError."""
+
+    def scales_follow_trained_weights(self) -> bool:
+        """A quantizing step: whether running it again on weights a training step moved reproduces the quantizer
+        the training saw (scales computed from the weight itself, as NVFP4's max); False where a calibration fixed
+        them for the untrained weights. A repair after training re-runs the step on the trained weights."""
+        return False
 
     def validate_export(self, export_cfg, target: TargetCapabilities) -> None:
         """Checks against the export section; by default that its opset is at least min_opset(target)."""

@@ -480,7 +480,43 @@ class DistillStep(Step):
                               f"steps before distill make {', '.join(made) or 'no quantized format'}",
                               "use train=weights or train=lora")
 
+    def validate_with_repair(self, repair_key: str, before) -> None:
+        # the repair re-runs the quantizing steps on the trained float weights (compiler/pipeline.py
+        # train_before_repair): what it recalibrates must be what the training saw
+        if self.params.train == "scales":
+            raise RecipeError(f"{self.key}.train", "train=scales learns the 4-bit block scales of every layer, which "
+                              f"a repair ({repair_key}) recalibrates on the layers it keeps in 4 bits",
+                              "use train=weights or train=lora with repair, or turn repair off")
+        for step in before:
+            if step.quantizes_compute and not step.scales_follow_trained_weights():
+                algorithm = getattr(step.params, "algorithm", None)
+                raise RecipeError(f"{step.key}.algorithm" if algorithm else repair_key,
+                                  f"a repair ({repair_key}) after {self.name} re-quantizes the trained weights, and "
+                                  f"{step.name}{f' algorithm={algorithm}' if algorithm else ''} calibrated its weight "
+                                  "scales for the untrained ones (measured: a second rounding that undoes the training)",
+                                  "use a quantizing step whose scales follow the weights (nvfp4 algorithm=max), or "
+                                  "turn repair off")
+
     def apply_torch(self, model, ctx: StepContext):
+        model = self.train_only(model, ctx)
+        # the rounding computes what the fake-quant forward did (fix_weight_scales checks it exactly): the held-out
+        # fidelity train_only measured is the rounded model's
+        ctx.report["nvfp4_weights_rounded"] = finalize(model)
+        model.eval()
+        metric, before, after = (ctx.report[k] for k in ("fidelity_metric", "fidelity_before", "fidelity_after"))
+        if before is not None and after is not None and after < before:
+            # measured once: nvfp4_distill on a repaired map (11 FP8 layers) diverged at lr 5e-4 (loss 0.10 -> 0.38)
+            log.warning("[distill] the held-out %s fell %.4f -> %.4f: the training made the model worse (loss %.4g -> "
+                        "%.4g); try a lower recipe.steps.distill.lr", metric, before, after,
+                        ctx.report["loss_first"], ctx.report["loss_last"])
+        log.info("[distill] %s: %d steps on %d sentences (%s), %s %.4f -> %.4f%s", self.params.train,
+                 ctx.report["steps"], ctx.report["sentences"], ctx.report["stopped"], metric,
+                 before or float("nan"), after or float("nan"), " (cached)" if ctx.report["cached"] else "")
+        return model
+
+    def train_only(self, model, ctx: StepContext):
+        """The training, without rounding the trained weights onto the 4-bit grid (apply_torch does that next): the
+        pipeline's repair reads these float weights, to search and build its layer map on the trained model."""
         import torch
 
         p = self.params
@@ -504,8 +540,8 @@ class DistillStep(Step):
                 raise BuildError(f"{self.key}.train: scales learns NVFP4 block scales; no layer is NVFP4 here "
                                  "(use train=weights or lora)")
         blocks = blocks_of(model) if p.hidden_weight > 0 else []
-        _, before = fidelity(model, ctx.teacher, ctx.evaluation, kind, ctx.batch_size) if ctx.evaluation is not None \
-            else (None, None)
+        metric, before = fidelity(model, ctx.teacher, ctx.evaluation, kind, ctx.batch_size) \
+            if ctx.evaluation is not None else (None, None)
         key = {"student_sha256": state_sha256(model), "teacher_sha256": state_sha256(ctx.teacher),
                "train_sha256": ctx.train.sha256(), "params": dataclasses.asdict(p), "seed": seed, "task": kind.name,
                "layers": layers, "blocks": blocks}
@@ -535,9 +571,8 @@ class DistillStep(Step):
             with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
                 build(Path(tmp))
                 history = json.loads((Path(tmp) / HISTORY_FILE).read_text())
-        rounded = finalize(model)
         model.eval()
-        metric, after = fidelity(model, ctx.teacher, ctx.evaluation, kind, ctx.batch_size) if ctx.evaluation is not None \
+        _, after = fidelity(model, ctx.teacher, ctx.evaluation, kind, ctx.batch_size) if ctx.evaluation is not None \
             else (None, None)
         png = plot(Path(ctx.run_dir) / "distill.png", history) if ctx.run_dir is not None else None
         ctx.report.update({
@@ -545,16 +580,8 @@ class DistillStep(Step):
             "seconds": float(history["seconds"]), "stopped": history["stopped"], "cached": cached,
             "loss_first": history["loss"][0] if history["loss"] else None,
             "loss_last": history["loss"][-1] if history["loss"] else None,
-            "trained_layers": len(layers), "hidden_blocks": len(blocks), "nvfp4_weights_rounded": rounded,
+            "trained_layers": len(layers), "hidden_blocks": len(blocks), "nvfp4_weights_rounded": 0,
             "fidelity_metric": metric, "fidelity_before": before, "fidelity_after": after, "plot": png,
             "seed": seed,
         })
-        if before is not None and after is not None and after < before:
-            # measured once: nvfp4_distill on a repaired map (11 FP8 layers) diverged at lr 5e-4 (loss 0.10 -> 0.38)
-            log.warning("[distill] the held-out %s fell %.4f -> %.4f: the training made the model worse (loss %.4g -> "
-                        "%.4g); try a lower recipe.steps.distill.lr", metric, before, after,
-                        history["loss"][0], history["loss"][-1])
-        log.info("[distill] %s: %d steps on %d sentences (%s), %s %.4f -> %.4f%s", p.train, history["steps"],
-                 len(ctx.train), history["stopped"], metric, before or float("nan"), after or float("nan"),
-                 " (cached)" if cached else "")
         return model

@@ -355,6 +355,9 @@ class NVFP4Step(Step):
     # weights off: only with_operands makes such a copy (the loss-sources table's activation-only row)
     quantize_weights = True
 
+    def scales_follow_trained_weights(self) -> bool:
+        return self.params.algorithm == "max"  # dynamic block scales: each block's own max, at every forward
+
     def quantized_operands(self):
         return frozenset({WEIGHTS} if self.quantize_weights else set()) | (
             {ACTIVATIONS} if bool(self.params.activations) else set())

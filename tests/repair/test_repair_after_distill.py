@@ -1,0 +1,79 @@
+"""Repair with a training step (recipe nvfp4_distill + recipe.repair): the pipeline trains first, with every layer
+NVFP4, and the search measures and the build quantizes the trained weights (compiler/pipeline.py
+train_before_repair). On the tiny BERT with a PLANTED sensitive layer the trained model meets a budget with no layer
+in FP8 that the post-training model meets only with the planted layer in FP8; the build measures what the search
+measured; the manifest keeps the fp32 weights' hash; a rebuild replays the map and the cached training byte for
+byte. Repair after a training whose quantizer scales a second calibration would change is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import FAST, PLANTED_LAYER, finished_run, run_cli
+
+# measured (32 sentences, seq 32, nvfp4 max W4A4, repair ranking on all 32 rows), embedding cosine to fp32:
+#   post-training:               all NVFP4 0.999041, the planted layer in FP8 0.999609
+#   after 20 steps of distill:   all NVFP4 0.999212, the planted layer in FP8 0.999665
+# a drop budget of 8.5e-4 (cosine >= 0.99915) lies between the two all-NVFP4 numbers
+BUDGET = 8.5e-4
+ARGS = [*FAST, "bench.enabled=false", "target=torch", "check.loss_sources=false",
+        "recipe.repair.enabled=true", "recipe.repair.metric=fidelity", f"recipe.repair.max_fidelity_drop={BUDGET}",
+        "recipe.repair.fallback=fp8", "recipe.repair.ranking_samples=1000",
+        # a random-init tiny model's top-1 token agreement is not what this test is about
+        "recipe.gate.min_top1_agreement=0"]
+
+
+@pytest.fixture(scope="module")
+def builds(planted_dir, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("repair_distill")
+    model = ["model=hf", f"model.path={planted_dir}"]
+    distilled = finished_run(cwd, *model, "recipe=nvfp4_distill", "recipe.steps.distill.max_steps=20", *ARGS)
+    post_training = finished_run(tmp_path_factory.mktemp("repair_ptq"), *model, "recipe=nvfp4", *ARGS)
+    return cwd, distilled, post_training
+
+
+def _search(run):
+    return json.loads((run / "sensitivity.json").read_text())
+
+
+def test_the_search_measures_the_trained_model_and_needs_fewer_layers(builds):
+    _, distilled, post_training = builds
+    trained, plain = _search(distilled), _search(post_training)
+    assert plain["chosen"] == [PLANTED_LAYER]  # the post-training model needs its planted layer in FP8
+    assert trained["chosen"] == []  # the trained one meets the budget all NVFP4
+    assert trained["search"][0]["metric"] > plain["search"][0]["metric"] + 1e-4
+    report = json.loads((distilled / "report.json").read_text())
+    assert report["status"] == "passed" and report["repair"]["fallback_layers"] == 0
+    # the build quantizes the trained weights as the search did: the check measures the search's number
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] == pytest.approx(trained["search"][0]["metric"], abs=1e-6)
+    d = report["distill"]
+    assert d["steps"] == 20 and d["cached"] is False and d["fidelity_after"] > d["fidelity_before"]
+    assert report["steps"]["distill"] == {"where": "torch", "report": "distill"}
+    assert "distill" in report["timings_s"] and "repair" in report["timings_s"]
+    assert (distilled / "distill.png").stat().st_size > 1000
+
+
+def test_the_manifest_keeps_the_fp32_weights_hash(builds):
+    _, distilled, post_training = builds
+    inputs = [json.loads((run / "manifest.json").read_text())["inputs"]["weights_sha256"] for run in builds[1:]]
+    report = json.loads((distilled / "report.json").read_text())
+    assert inputs[0] == inputs[1] == report["model"]["weights_sha256"]
+
+
+def test_rebuild_replays_the_map_on_the_cached_training(builds):
+    cwd, distilled, _ = builds
+    res = run_cli(cwd, "rebuild", str(distilled))
+    assert res.rc == 0, res
+
+
+@pytest.mark.parametrize("override,text", [
+    ("recipe.steps.nvfp4.algorithm=local_hessian", "recipe.steps.nvfp4.algorithm: a repair (recipe.repair.enabled) "
+     "after distill re-quantizes the trained weights, and nvfp4 algorithm=local_hessian calibrated its weight scales"),
+    ("recipe.steps.distill.train=scales", "recipe.steps.distill.train: train=scales learns the 4-bit block scales"),
+])
+def test_a_training_a_second_calibration_would_undo_is_refused(planted_dir, tmp_path, override, text):
+    res = run_cli(tmp_path, "model=hf", f"model.path={planted_dir}", "recipe=nvfp4_distill", *ARGS, override)
+    assert res.rc == 2 and text in res.stderr, res.stderr
+    assert "Loading weights" not in res.stderr
