@@ -120,6 +120,7 @@ def test_report_records_the_fusion(qcompile, recipe, order, applied_to, fused_in
     if applied_to == "quantized graph":
         assert "Attention" not in tf["fused"] and "com.microsoft::Attention" not in report["onnx"]["ops"]
     assert report["check"]["passed"]
+    assert f"Transformer fusion (bert, on the {applied_to}, num_heads 4, hidden 64" in (run / "REPORT.md").read_text()
     assert report["check"]["fidelity"]["embedding_cosine_mean"] >= 0.999
 
 
