@@ -13,7 +13,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from compiler.core.errors import NotRunnableError, RecipeError, did_you_mean
 from compiler.core.hashing import onnx_sha256
@@ -41,6 +41,7 @@ FUSIONS: Dict[str, tuple] = {
 
 
 def enabled(export_cfg) -> bool:
+    """Whether the export section asks for a fusion (the pipeline then applies it; validation checked it runs)."""
     return str(getattr(export_cfg, "transformer_fusion", "none")) != "none"
 
 
@@ -141,7 +142,7 @@ def _fuse(src: Path, dst: Path, key: Dict[str, Any]) -> Dict[str, Any]:
             "nodes_after": int(sum(after.values()))}
 
 
-def fused_op_types(onnx_path: Path) -> Optional[Dict[str, int]]:
+def fused_op_types(onnx_path: Path) -> Dict[str, int]:
     """The fused op types a graph holds (FUSIONS' op types, by count): what a test or a reader checks."""
     import onnx
 
