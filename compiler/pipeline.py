@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from compiler import graph as graph_passes
+from compiler.graph import transformer_fusion
 from compiler.core.errors import GateError
 from compiler.core.hashing import text_sha256
 from compiler.core.logs import stage_extra
@@ -257,6 +258,11 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                 report["steps"][name] = {"where": "torch", "report": "distill"}
 
     onnx_path: Optional[Path] = None
+    # where export.transformer_fusion applies: the fp32 export, or the graph the ONNX-side steps quantized
+    fuse_at = None
+    if transformer_fusion.enabled(spec.export):
+        fuse_at = ("quantized" if spec.onnx_steps and spec.export.transformer_fusion_order == "after_quantize"
+                   else "export")
     if target.needs_onnx:
         with stage("export", timings):
             export_cfg = spec.export  # its opset resolved by validation from the steps' min_opset
@@ -272,6 +278,9 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                 exported = step.after_export(exported, work_dir / f"export_{i:02d}_{step.name}.onnx", ctx)
                 if ctx.report:  # what the step's graph pass did (e.g. weights folded, custom ops lowered)
                     report["steps"].setdefault(step.name, {})["after_export"] = dict(ctx.report)
+            if fuse_at == "export":  # onnxruntime's transformer fusions on the fp32 graph (export.transformer_fusion)
+                exported, report["transformer_fusion"] = transformer_fusion.fuse(
+                    exported, work_dir / "export_fused.onnx", spec.export, spec.model_info, "fp32 export", cache)
             graph_passes.check_input_flow(exported, model.input_names, report)
             exported = doctor.after_export(exported, spec, report)
         if repairs_onnx(spec):  # ONNX-side steps: the search quantizes and runs the exported graph
@@ -282,6 +291,9 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                 (run_dir / "recipe.yaml").write_text(recipe_yaml)  # holds recipe.repair.layers: rebuilds replay it
         with stage("quantize-onnx", timings):
             final = quantize_onnx(exported, spec, data, work_dir, report["steps"], cache, model.roles)
+            if fuse_at == "quantized":
+                final, report["transformer_fusion"] = transformer_fusion.fuse(
+                    final, work_dir / "quantized_fused.onnx", spec.export, spec.model_info, "quantized graph", cache)
             onnx_path = move_onnx(final, run_dir / "model.onnx")
         report["onnx"] = {"path": "model.onnx", "bytes": onnx_size_bytes(onnx_path), "ops": op_histogram(onnx_path),
                           "opset": int(export_cfg.opset), "exporter": spec.export.exporter}

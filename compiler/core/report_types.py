@@ -244,6 +244,23 @@ class OnnxInfo(Section):
 
 
 @dataclass(kw_only=True)
+class TransformerFusionInfo(Section):
+    """export.transformer_fusion: onnxruntime's transformer optimizer on the graph (compiler/graph/transformer_fusion.py)."""
+
+    mode: str  # "bert"
+    order: str  # export.transformer_fusion_order as set
+    applied_to: str  # "fp32 export" | "quantized graph" (a recipe without ONNX-side steps: always the export)
+    model_type: str  # the optimizer's model_type
+    num_heads: int  # from the model's config
+    hidden_size: int
+    off: List[str]  # fused op types left out (export.transformer_fusion_off)
+    fused: Dict[str, int]  # fused nodes it wrote, per op type (Attention, BiasGelu, ...)
+    nodes_before: int
+    nodes_after: int
+    seconds: float  # the optimizer's time (a cached result keeps the first build's)
+
+
+@dataclass(kw_only=True)
 class RepairProbe(Section):
     """One point of the repair search's path (compiler/repair/result.py Probe.as_dict)."""
 
@@ -400,6 +417,7 @@ class Report(Section):
     repair: Optional[RepairSection] = None  # the repair search or replayed map (compiler/repair/)
     distill: Optional[DistillInfo] = None  # quantization-aware distillation (a recipe with the distill step)
     export: Optional[Dict[str, Any]] = None  # the graph fix-ups after export (compiler/graph)
+    transformer_fusion: Optional[TransformerFusionInfo] = None  # export.transformer_fusion other than none
     doctor_export: Optional[List[RailResult]] = None
     onnx: Optional[OnnxInfo] = None
     lower: Optional[LowerInfo] = None  # the target's lowering info (targets/*.py)

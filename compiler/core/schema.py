@@ -111,6 +111,10 @@ class ExportConfig:
     dynamic_axes: bool
     external_data: str  # "auto" (only past protobuf's 2 GB), "always", "never"
     constant_promote_bytes: int
+    # onnxruntime's transformer optimizer on the exported graph (compiler/graph/transformer_fusion.py): "none" | "bert"
+    transformer_fusion: str
+    transformer_fusion_off: List[str]  # fused op types it leaves out (Attention, SkipLayerNormalization, ...)
+    transformer_fusion_order: str  # "before_quantize" (the fp32 export) | "after_quantize" (the quantized graph)
 
 
 # Constants at least this big are promoted to initializers after export and, left as Constant nodes,

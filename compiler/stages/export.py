@@ -3,6 +3,7 @@ external data when protobuf's 2 GB limit (or the recipe) asks for it."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -86,7 +87,9 @@ def _opset(cfg) -> int:
 def export_key(model, spec) -> Dict[str, Any]:
     """Everything that determines the fp32 export: the weights' content hash, the model and export
     sections, the graph's input/output names (tool versions and qcompile's source are added by Cache)."""
-    return {"weights_sha256": model.weights_sha256, "model": spec.model, "export": spec.export,
+    # the transformer fusion keys apply to the exported graph (compiler/graph/transformer_fusion.py), not the export
+    export = {k: v for k, v in dataclasses.asdict(spec.export).items() if not k.startswith("transformer_fusion")}
+    return {"weights_sha256": model.weights_sha256, "model": spec.model, "export": export,
             "input_names": list(model.input_names), "output_names": list(model.output_names)}
 
 

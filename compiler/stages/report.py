@@ -121,6 +121,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                                 if k not in ("where",) and not isinstance(v, (dict, list)))
             lines.append(f"| {name} | {info.get('where', '')} | {details} |")
         lines.append("")
+    tf = report.get("transformer_fusion")
+    if tf:  # export.transformer_fusion (compiler/graph/transformer_fusion.py)
+        fused = ", ".join(f"{op} x{n}" for op, n in (tf.get("fused") or {}).items()) or "nothing"
+        lines += [f"Transformer fusion ({tf.get('mode')}, on the {tf.get('applied_to')}, num_heads "
+                  f"{tf.get('num_heads')}, hidden {tf.get('hidden_size')}, left out: "
+                  f"{', '.join(tf.get('off') or []) or 'none'}): fused {fused}.", ""]
     chk = report.get("check")
     if chk:
         gate = report.get("gate", {})

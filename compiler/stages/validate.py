@@ -24,6 +24,7 @@ from compiler.core.schema import (
 )
 from compiler.core.tasks import TASK_KINDS
 from compiler.graph.roles import bad_selector
+from compiler.graph.transformer_fusion import check_fusion
 from compiler.repair.budget import repair_min_opset, validate_repair, validate_repair_budget
 from compiler.stages.check import validate_gate
 from compiler.stages.data import check_data_files, check_train_file, data_file
@@ -270,6 +271,7 @@ def validate(cfg: DictConfig) -> BuildSpec:
                           "use auto, always or never")
     check_layer_selectors("model.exclude", model.exclude)
     info = model_info(model)  # reads config.json only
+    check_fusion(typed["export"], info, capabilities)
     if info.max_positions:
         for key, seq in (("data.seq_len", data.seq_len), ("bench.seq_len", typed["bench"].seq_len)):
             if seq > info.max_positions:

@@ -108,7 +108,10 @@ class Int8DynamicStep(Step):
         quietly(quantize_dynamic, str(graph), str(out_path), op_types_to_quantize=list(p.op_types_to_quantize),
                  per_channel=bool(p.per_channel), reduce_range=bool(p.reduce_range),
                  weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[p.weight_type],
-                 nodes_to_exclude=excluded, use_external_data_format=needs_external_data(graph))
+                 nodes_to_exclude=excluded, use_external_data_format=needs_external_data(graph),
+                 # fp32 where shape inference gives no type: the outputs of onnxruntime contrib ops
+                 # (export.transformer_fusion's Attention, EmbedLayerNormalization) that onnx cannot infer
+                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         quantized = onnx.load(str(out_path), load_external_data=False)
         coverage = quantized_coverage(prepared, quantized, p.op_types_to_quantize)
         if coverage["quantized"] == 0:
