@@ -155,10 +155,11 @@ def reference_runner(reference: LoadedModel, spec=None, feeds=None, cache=None) 
 def train_before_repair(spec: BuildSpec, model: LoadedModel, reference: LoadedModel, data: Dataset, work_dir: Path,
                         cache, run_dir: Path) -> tuple[LoadedModel, BuildSpec, Dict[str, Any]]:
     """Repair with a step that trains (distill): the training runs first, with every layer in the recipe's 4-bit
-    format; the repair then searches, and the build quantizes, the trained float weights (the training step leaves
-    the rest of the build). Why this order: distilling the map a post-training search chose (11 FP8 layers on
-    MiniLM) measured worse than searching the distilled model (docs/accuracy.md). Returns the model holding the
-    trained weights, the spec without its training steps, and each training step's report section."""
+    format; the repair then searches, and the build quantizes, the trained float weights in the layers that stay
+    4-bit and the fp32 weights in the layers the map keeps wider (keep_reference_weights); the training step leaves
+    the rest of the build. Why this order: distilling the map a post-training search chose (11 FP8 layers on MiniLM)
+    diverged (docs/accuracy.md). Returns the model holding the trained weights, the spec without its training
+    steps, and each training step's report section."""
     import torch
 
     module = copy.deepcopy(model.module)
@@ -183,6 +184,19 @@ def train_before_repair(spec: BuildSpec, model: LoadedModel, reference: LoadedMo
     model = LoadedModel(**{**model.__dict__, "module": trained, "weights_sha256": state_sha256(trained)})
     spec = dataclasses.replace(spec, steps=[s for s in spec.steps if not s.trains])
     return model, spec, sections
+
+
+def keep_reference_weights(module, reference, layer_map) -> None:
+    """The Linear layers a repair map keeps out of the 4-bit format get the fp32 model's weights and bias (after
+    train_before_repair: the trained ones compensate 4-bit rounding the layer no longer has)."""
+    import torch
+
+    with torch.no_grad():
+        for name in layer_map:
+            mine, theirs = module.get_submodule(name), reference.get_submodule(name)
+            mine.weight.copy_(theirs.weight)
+            if getattr(mine, "bias", None) is not None:
+                mine.bias.copy_(theirs.bias)
 
 
 def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -239,6 +253,8 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         with stage("repair", timings):
             spec, repair_md = repair_stage(spec, model, data, run_dir, work_dir, report, cache,
                                            reference_module=reference.module if trained_first else None)
+        if trained_first is not None:  # the layers the map keeps wider take the fp32 model's weights back
+            keep_reference_weights(model.module, reference.module, spec.raw.recipe.repair.get("layers") or {})
             recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
             (run_dir / "recipe.yaml").write_text(recipe_yaml)  # now holds recipe.repair.layers: rebuilds replay it
 
