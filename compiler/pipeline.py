@@ -253,10 +253,10 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
         with stage("repair", timings):
             spec, repair_md = repair_stage(spec, model, data, run_dir, work_dir, report, cache,
                                            reference_module=reference.module if trained_first else None)
-        if trained_first is not None:  # the layers the map keeps wider take the fp32 model's weights back
-            keep_reference_weights(model.module, reference.module, spec.raw.recipe.repair.get("layers") or {})
             recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
             (run_dir / "recipe.yaml").write_text(recipe_yaml)  # now holds recipe.repair.layers: rebuilds replay it
+        if trained_first is not None:  # the layers the map keeps wider take the fp32 model's weights back
+            keep_reference_weights(model.module, reference.module, spec.raw.recipe.repair.get("layers") or {})
 
     if data.train_info is not None:
         report["data"]["train"] = data.train_info
