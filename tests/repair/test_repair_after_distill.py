@@ -59,7 +59,7 @@ def test_a_layer_the_map_keeps_in_fp8_gets_the_fp32_weights_back(planted_dir, tm
     """Measured: after 20 steps, one layer in FP8 with its fp32 weights 0.999689 (with its trained weights 0.999665);
     a budget of 3.5e-4 needs one layer. The build measures what the search measured only if that layer is given
     the fp32 model's weights back (keep_reference_weights), as the search's fallback model had them."""
-    args = [a for a in ARGS if not a.startswith("recipe.repair.max_fidelity_drop")]
+    args = [a for a in ARGS if not a.startswith(("recipe.repair.max_fidelity_drop", "check.loss_sources"))]
     run = finished_run(tmp_path, "model=hf", f"model.path={planted_dir}", "recipe=nvfp4_distill",
                        "recipe.steps.distill.max_steps=20", *args, "recipe.repair.max_fidelity_drop=3.5e-4")
     search = _search(run)
@@ -70,6 +70,8 @@ def test_a_layer_the_map_keeps_in_fp8_gets_the_fp32_weights_back(planted_dir, tm
     # (measured 1.2e-6 apart); without the fp32 weights back the build measured 0.999665
     assert report["check"]["fidelity"]["embedding_cosine_mean"] == pytest.approx(one["metric"], abs=1e-5)
     assert one["metric"] > 0.99968  # above the 0.999665 the trained weights give that layer in FP8
+    # the loss table quantizes without the training that ran before the repair, and says so
+    assert "Measured before distill" in report["loss_sources"]["reading"]
 
 
 def test_the_manifest_keeps_the_fp32_weights_hash(builds):
