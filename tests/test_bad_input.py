@@ -296,8 +296,12 @@ def test_ctrl_c_in_the_middle_of_a_build(tmp_path):
     sentences = "".join(f"sentence number {i} for the interrupted build.\n" for i in range(40)).encode()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = (tmp_path / "stdout.txt").open("w")
+    # a terminal's Ctrl-C reaches a process whose SIGINT has its default disposition; a child inherits an ignored
+    # SIGINT (SIG_IGN survives exec, and Python then installs no KeyboardInterrupt handler), so the child gets the
+    # default whatever this test process's disposition is
     proc = subprocess.Popen([sys.executable, "-m", "compiler", *BASE, *FAST, f"data.evaluation_file={fifo}"],
-                            cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+                            cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     try:
         fd = _wait_for_reader(fifo, proc, deadline)  # validation's read
