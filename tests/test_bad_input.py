@@ -70,6 +70,9 @@ RECIPE_ERRORS = [
      "data.calibration_sample: unknown key -- did you mean 'calibration_samples'?"),
     ("misspelled key (+)", ["+data.calibration_sample=8"],
      "data.calibration_sample: unknown key -- did you mean 'calibration_samples'?"),
+    ("a step parameter the recipe file does not set", ["recipe=int8_static", "recipe.steps.int8_static.reduce_range=true"],
+     "recipe.steps.int8_static.reduce_range: not in the composed recipe -- to add it, write "
+     "+recipe.steps.int8_static.reduce_range=..."),
     ("misspelled top-level key", ["sed=3"], "sed: unknown key -- did you mean 'seed'?"),
     ("wrong type", ["data.seq_len=abc"], "data.seq_len: bad value 'abc' -- expected int"),
     ("wrong type (bool)", ["check.enabled=maybe"], "check.enabled: bad value 'maybe' -- expected bool"),

@@ -248,8 +248,10 @@ def _key_fix(full_key: str) -> Tuple[str, str]:
             load_all_steps()
             if parts[2] not in STEP_REGISTRY:
                 return "unknown step", _closest(parts[2], STEP_REGISTRY)
-            if len(parts) == 4:
-                return unknown, _closest(parts[3], STEP_REGISTRY[parts[2]].Params.__dataclass_fields__)
+            fields = STEP_REGISTRY[parts[2]].Params.__dataclass_fields__
+            if len(parts) == 4 and parts[3] not in fields:
+                return unknown, _closest(parts[3], fields)
+            # a real parameter the recipe file does not set (or a step it does not list): Hydra needs `+`
     return "not in the composed recipe", f"to add it, write +{full_key}=..."
 
 
