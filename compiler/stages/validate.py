@@ -172,6 +172,8 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
             typed = _typed(cls.Params, params, key)
         else:
             raise RecipeError(key, f"parameters must be a mapping, got {params!r}", "write {} for the defaults")
+        for field_name in LAYER_LIST_FIELDS:  # layer lists may name roles; a misspelt role is an error
+            check_layer_selectors(f"{key}.{field_name}", getattr(typed, field_name, None))
         step = cls(typed)
         if target.name not in cls.runs_on:
             ok = sorted(cls.runs_on)
@@ -192,6 +194,7 @@ def validate_steps(recipe_node, target: TargetCapabilities, info: ModelInfo) -> 
         elif seen_onnx:
             raise RecipeError(key, f"torch-side step {name} comes after ONNX-side step {seen_onnx}",
                               f"put {name} before {seen_onnx} in recipe.steps")
+        step = step.for_target(target)
         step.validate(info, target)
         step.validate_after(steps, target)
         steps.append(step)
@@ -222,6 +225,9 @@ def check_follows_quantizer(step: Step, before: List[Step], names: List[str], ta
     raise RecipeError(key, f"{step.name} needs a quantizing step before it (it trains the fake-quantized model "
                       "against the fp32 one); the recipe has none",
                       f"put one of {fit} before {step.name}, e.g. steps: {{nvfp4: {{}}, {step.name}: {{}}}}")
+
+
+LAYER_LIST_FIELDS = ("exclude", "exclude_on_ort", "layers")  # step parameters that list layers (names or roles)
 
 
 def check_layer_selectors(key: str, patterns) -> None:
@@ -281,9 +287,6 @@ def validate(cfg: DictConfig) -> BuildSpec:
     if recipe_node is None:
         raise RecipeError("recipe", "no recipe selected", "pass recipe=<name>")
     steps, gate = validate_steps(recipe_node, capabilities, info)
-    for step in steps:  # layer lists may name roles; a misspelt role is an error
-        for field_name in ("exclude", "layers"):
-            check_layer_selectors(f"recipe.steps.{step.name}.{field_name}", getattr(step.params, field_name, None))
     for step in steps:  # checks against the export settings: an explicit opset below a step's min_opset
         step.validate_export(typed["export"], capabilities)
     repair = _typed(RepairConfig, recipe_node.get("repair"), "recipe.repair")

@@ -224,6 +224,12 @@ class Step:
         """The step's own exclude patterns (its `exclude` parameter, where it has one)."""
         return []
 
+    def for_target(self, target: TargetCapabilities) -> Step:
+        """The step as it runs on ``target``: a step with target-specific parameters (int8_static's
+        exclude_on_ort) returns a copy with them resolved, so every later stage reads one set. Called once, at
+        validation."""
+        return self
+
     def with_layer_formats(self, formats: Mapping[str, str | None]) -> Step:
         """A copy of this step that keeps the named layers out (None or "fp32") or gives them another format
         (one of layer_format_choices). Names are module names as layers() returns them."""

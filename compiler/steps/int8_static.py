@@ -3,6 +3,8 @@ on the recipe's calibration data (on target=torch it hands over to the modelopt 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -70,6 +72,11 @@ class Params(StepParams):
     # module-name (or node-name) patterns kept fp32 on top of model.exclude, e.g. "*layer.0.output.dense";
     # model.exclude applies to the linear ops only (its "*embeddings*" is about compute, not table storage)
     exclude: list[str] = field(default_factory=list)
+    # target=ort: the patterns kept fp32 there instead of `exclude` (None: `exclude` on every target). Where
+    # onnxruntime runs the graph its passes keep the residual path float (keep_float_path), which holds accuracy
+    # without the exclude a TensorRT graph or modelopt's W8A8 need; a layer kept fp32 there is an fp32 MatMul
+    # in an int8 graph (MiniLM's ffn_down[0]: 8% of the batch-1 time, docs/speed.md)
+    exclude_on_ort: list[str] | None = None
     # histogram bins for entropy / percentile; None: 512 for entropy, 2048 for percentile. ORT's own entropy
     # default (128 bins, 128 quantized bins) leaves one candidate threshold, i.e. MinMax. Entropy's search costs
     # ~bins^2: on 2 cores 2048 bins took ~60 s for a 2-layer model's 32 tensors, 512 bins ~6 s.
@@ -223,6 +230,14 @@ class Int8StaticStep(Step):
     def own_exclude(self) -> list[str]:
         return list(self.params.exclude)
 
+    def for_target(self, target: TargetCapabilities) -> Int8StaticStep:
+        """On an onnxruntime session target, exclude_on_ort (where set) replaces exclude."""
+        if not target.ort_session or self.params.exclude_on_ort is None:
+            return self
+        out = copy.copy(self)
+        out.params = dataclasses.replace(self.params, exclude=list(self.params.exclude_on_ort))
+        return out
+
     def validate(self, info: ModelInfo, target: TargetCapabilities) -> None:
         super().validate(info, target)
         if target.symmetric_int8_only and resolved_activation_type(self.params, target) == "uint8":
@@ -327,6 +342,8 @@ class Int8StaticStep(Step):
                        **coverage})
         if excluded and len(excluded) <= 40:
             report["excluded_node_names"] = excluded
+        if ort_graph and p.exclude_on_ort is not None:
+            report["exclude_from"] = "exclude_on_ort"  # the target=ort patterns replaced `exclude`
         if p.calibration != "minmax":
             report["calibration_options"] = calibrator_options(p)
         if ctx.target.ort_session:

@@ -315,3 +315,53 @@ def test_torch_target_quantizes_with_modelopt_close_to_fp32(tiny_bert, tiny_data
     # modelopt W8A8 on tiny_bert measured 0.99999+ (FIELD_NOTES: 0.9997 incl. ORT); 0.999 bounds it with margin
     assert mean_cosine(got, ref) > 0.999
     assert not np.allclose(got, ref, atol=1e-7)  # it did quantize
+
+
+@pytest.mark.parametrize("target,kept", [("ort", []), ("trt", ["ffn_down[0]"]), ("torch", ["ffn_down[0]"])])
+def test_exclude_on_ort_replaces_exclude_only_where_onnxruntime_runs_the_graph(target, kept):
+    (step,), _ = _validate({"int8_static": {"exclude": ["ffn_down[0]"], "exclude_on_ort": []}}, target=target)
+    assert step.params.exclude == kept
+    (step,), _ = _validate({"int8_static": {"exclude": ["ffn_down[0]"]}}, target=target)  # unset: exclude everywhere
+    assert step.params.exclude == ["ffn_down[0]"]
+
+
+def test_exclude_on_ort_quantizes_the_layer_exclude_keeps_fp32(exported, tmp_path):
+    """The ORT graph of a step resolved for target=ort quantizes the layer `exclude` names; the trt graph keeps it
+    fp32, and the report says which list applied."""
+    params = {"exclude": ["*encoder.layer.0.output.dense"], "exclude_on_ort": []}
+    outs = {}
+    for target in ("ort", "trt"):
+        (step,), _ = _validate({"int8_static": params}, target=target)
+        model, data, fp32 = exported["tiny_bert"]
+        ctx = StepContext(target=caps(target), model_info=model.info, calibration=data.calibration,
+                          work_dir=tmp_path / target, exclude=["*pooler*"])
+        outs[target] = (step.apply_onnx(fp32, tmp_path / f"{target}.onnx", ctx), ctx.report)
+    (_, ort_report), (_, trt_report) = outs["ort"], outs["trt"]
+    # ort: 12 linears (its 4 attention products stay fp32, quantize_activation_products), none excluded;
+    # trt: 16 MatMuls less the excluded one
+    assert ort_report["quantized"] == 12 and ort_report["excluded_nodes"] == 0
+    assert ort_report["exclude_from"] == "exclude_on_ort"
+    assert trt_report["quantized"] == 15 and "exclude_from" not in trt_report
+    assert "/inner/encoder/layer.0/output/dense/MatMul" in trt_report["excluded_node_names"]
+
+
+def test_a_misspelt_role_in_exclude_on_ort_names_that_key():
+    with pytest.raises(RecipeError) as e:
+        _validate({"int8_static": {"exclude_on_ort": ["ffn_dwn[0]"]}}, target="torch")
+    assert e.value.key == "recipe.steps.int8_static.exclude_on_ort"
+    assert "'ffn_dwn[0]' is not a layer role" in str(e.value)
+
+
+@pytest.mark.parametrize("name,node", [("tiny_bert", "/inner/encoder/layer.0/output/dense/MatMul"),
+                                       ("tiny_modernbert", "/inner/layers.0/mlp/Wo/MatMul")])
+def test_a_role_in_exclude_keeps_that_layers_node_fp32_on_each_family(exported, name, node, tmp_path):
+    """`exclude: [ffn_down[0]]` (the recipe's trt/torch list) resolved by the model's roles, as the pipeline does
+    (resolve_roles), keeps the first block's FFN down-projection node fp32 and no other."""
+    from compiler.pipeline import resolve_roles
+
+    model, data, fp32 = exported[name]
+    (step,), _ = _validate({"int8_static": {"exclude": ["ffn_down[0]"], "exclude_on_ort": []}}, target="trt")
+    (step,) = resolve_roles([step], model.roles)
+    ctx = StepContext(target=caps("trt"), model_info=model.info, calibration=data.calibration, work_dir=tmp_path)
+    step.apply_onnx(fp32, tmp_path / "q.onnx", ctx)
+    assert [n for n in ctx.report["excluded_node_names"] if n.endswith("MatMul")] == [node]
