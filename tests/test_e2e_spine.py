@@ -95,9 +95,10 @@ def check_run(run_dir, model, recipe, target):
     assert step["where"] == ("torch" if target == "torch" else "onnx")
     ops = report["onnx"]["ops"] if target == "ort" else {}
     if recipe == "int8_static" and target == "ort":
-        # the recipe keeps the first block's FFN down projection fp32, found by its role on every family; on
-        # ort the attention products stay fp32 and every quantized MatMul is fused with its bias
-        assert step["quantized"] == step["total"] - 1 - step.get("activation_products_fp32", 0)
+        # on ort the recipe keeps no Linear fp32 (exclude_on_ort: []; trt and torch keep the first FFN down
+        # projection), the attention products stay fp32 and every quantized MatMul is fused with its bias
+        assert step["exclude_from"] == "exclude_on_ort" and step["excluded_nodes"] == 0
+        assert step["quantized"] == step["total"] - step.get("activation_products_fp32", 0)
         assert step["total"] > 0 and step["embedding_gathers_quantized"] >= 1
         assert ops["QuantizeLinear"] > 0 and 0 < ops["com.microsoft::MatMulIntegerToFloat"] <= step["quantized"]
     elif recipe == "int8_static":
