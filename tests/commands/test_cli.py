@@ -52,3 +52,17 @@ def test_build_with_check_and_bench_off_says_what_was_skipped(qcompile):
     assert "check skipped (check.enabled=false); bench skipped (bench.enabled=false)" in res.stdout, res
     assert "metric" not in res.stdout and "value" not in res.stdout  # no empty metrics table
     assert "qcompile tiny_bert / fp32 / ort: passed" in res.stdout
+
+
+def test_importing_compiler_main_runs_nothing(monkeypatch):
+    """`python -m compiler` runs the CLI; importing compiler.__main__ (a tool walking the package) does not."""
+    import importlib
+    import sys
+
+    import compiler.commands.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda *a, **k: calls.append(a))
+    monkeypatch.delitem(sys.modules, "compiler.__main__", raising=False)
+    importlib.import_module("compiler.__main__")
+    assert calls == []
