@@ -309,7 +309,7 @@ class RepairSection(Section):
 class KernelMode(str, Enum):
     """What runs the quantized Linear layers of a target=torch engine (lower.kernels.mode)."""
 
-    REAL = "real"  # torchao tensor subclasses: the format is stored and multiplied by integer kernels
+    REAL = "real"  # torchao's int8 weights: the format is stored and multiplied by integer kernels
     FAKE_QUANT = "fake_quant"  # modelopt quantize-dequantize around fp32 products: the numerics, not the speed
     MIXED = "mixed"  # some layers each way (steps with and without a torchao kernel in one recipe)
     NONE = "none"  # no quantized Linear layer (fp32, fp16, rotate only)
@@ -327,6 +327,9 @@ class Kernels(Section):
     real_layers: int
     fake_quant_layers: int
     reasons: Optional[Dict[str, str]] = None
+    # of real_layers, how many run as target=torch's CPU int8 Linear (torchao's int8 weights, the same numbers with
+    # less work per call: compiler/numerics/int8_linear.py); the rest run torchao's own linear
+    cpu_int8_linear: Optional[int] = None
 
 
 @dataclass(kw_only=True)

@@ -61,11 +61,17 @@ def is_dequantize(op_type: str) -> bool:
 # -- torch modules ---------------------------------------------------------------------------------------------
 
 def is_torch_quantized(module) -> bool:
-    """A torch.ao quantized Linear / Conv (static or dynamic), or a layer whose weight is a torchao quantized
-    tensor (its linear runs torchao's kernels)."""
+    """A torch.ao quantized Linear / Conv (static or dynamic), a layer whose weight is a torchao quantized
+    tensor (its linear runs torchao's kernels), or the CPU int8 Linear target=torch lowers those to."""
     cls = type(module)
     return (".quantized." in f"{cls.__module__}." and cls.__name__ in ("Linear", "Conv1d", "Conv2d")
-            or torchao_weight(module) is not None)
+            or torchao_weight(module) is not None or is_lean_int8_linear(module))
+
+
+def is_lean_int8_linear(module) -> bool:
+    """compiler.numerics.int8_linear.Int8DynamicLinear (checked by name: this module does not import torch)."""
+    cls = type(module)
+    return cls.__name__ == "Int8DynamicLinear" and cls.__module__ == "compiler.numerics.int8_linear"
 
 
 def torchao_weight(module):
@@ -89,7 +95,7 @@ def computes_in_int8(module) -> bool:
     """The layer multiplies 8-bit integers: a torch.ao quantized Linear, a torchao int8 weight that quantizes its
     activations, or modelopt input and weight quantizers both on at 8 bits (W8A8)."""
     cls = type(module)
-    if cls.__module__.startswith("torch.ao.nn.quantized") and cls.__name__ == "Linear":
+    if cls.__module__.startswith("torch.ao.nn.quantized") and cls.__name__ == "Linear" or is_lean_int8_linear(module):
         return True
     w = torchao_weight(module)
     if w is not None:  # torchao: int8 weights with activation quantization (not weight-only) multiply in int8

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compiler.core.errors import BuildError
+from compiler.graph.quantized import is_lean_int8_linear
 
 
 # what a step's report says in its "kernels" key (and report.json's lower.kernels.mode for the whole module)
@@ -101,7 +102,8 @@ def fake_quant_report(reason: str) -> dict[str, Any]:
 
 def module_kernels(module) -> dict[str, Any]:
     """What runs the Linear layers of a lowered torch module, counted from the module itself: layers whose weight is
-    a torchao tensor subclass (real kernels) and layers with an enabled modelopt quantizer (fake-quant)."""
+    a torchao tensor subclass or that target=torch lowered to its CPU int8 Linear (real kernels) and layers with an
+    enabled modelopt quantizer (fake-quant)."""
     import torch
 
     real = fake = 0
@@ -111,6 +113,9 @@ def module_kernels(module) -> dict[str, Any]:
     except ImportError:  # torchao absent: nothing can be a torchao tensor
         pass
     for _, m in module.named_modules():
+        if is_lean_int8_linear(m):  # torchao's int8 weights, run by target=torch's CPU Linear
+            real += 1
+            continue
         if not isinstance(m, torch.nn.Linear):
             continue
         if base is not None and isinstance(m.weight, base):
