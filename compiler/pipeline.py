@@ -322,8 +322,10 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                                       BuildInfo(model_name=model.name, recipe_name=spec.recipe_name, overrides=overrides))
         report["lower"] = engine.info
         reasons = {name: s["kernels_reason"] for name, s in report["steps"].items() if s.get("kernels_reason")}
-        if reasons and isinstance(engine.info.get("kernels"), dict):  # why a step runs without a real kernel here
-            engine.info["kernels"]["reasons"] = reasons
+        kernels = engine.info.get("kernels")
+        # why a step runs without a real kernel here (none to give where the lowering ran every layer in int8)
+        if reasons and isinstance(kernels, dict) and kernels.get("fake_quant_layers"):
+            kernels["reasons"] = reasons
         report["placement"] = target.placement(engine)
         # what a target could not do here (e.g. no TensorRT engine without a GPU) is said up front
         report["notes"] += [str(n) for n in engine.info.get("notes", []) or []]

@@ -41,8 +41,9 @@ class TorchTarget(Target):
 
         module = model.module.to(self.cfg.device).eval()
         torchao_layers = module_kernels(module)["real_layers"]
-        # on the CPU, torchao's eager dynamic int8 Linear runs slower than fp32; the same numbers run faster as
-        # compiler.numerics.int8_linear.Int8DynamicLinear (aten ops only: the program then loads without torchao)
+        # on the CPU, torchao's eager dynamic int8 Linear runs slower than fp32, and modelopt's calibrated W8A8 is
+        # fake-quant around fp32 products that torch.export cannot trace: compiler.numerics.int8_linear runs both
+        # in int8 with the same numbers (aten ops only: the program exports and loads without torchao)
         lean = use_lean_int8_linears(module) if self.cfg.device == "cpu" else 0
         info: dict[str, Any] = {"device": self.cfg.device, "torch": torch.__version__,
                                 "kernels": module_kernels(module), "compiled": bool(self.cfg.compile)}

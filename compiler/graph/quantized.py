@@ -69,9 +69,10 @@ def is_torch_quantized(module) -> bool:
 
 
 def is_lean_int8_linear(module) -> bool:
-    """compiler.numerics.int8_linear.Int8DynamicLinear (checked by name: this module does not import torch)."""
+    """compiler.numerics.int8_linear's Int8DynamicLinear / Int8StaticLinear (checked by name: this module does not
+    import torch)."""
     cls = type(module)
-    return cls.__name__ == "Int8DynamicLinear" and cls.__module__ == "compiler.numerics.int8_linear"
+    return cls.__name__ in ("Int8DynamicLinear", "Int8StaticLinear") and cls.__module__ == "compiler.numerics.int8_linear"
 
 
 def torchao_weight(module):

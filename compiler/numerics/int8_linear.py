@@ -1,4 +1,5 @@
-"""An eager int8 x int8 Linear for the CPU that computes exactly what torchao's dynamic int8 Linear computes.
+"""Eager int8 x int8 Linears for the CPU: Int8DynamicLinear computes exactly what torchao's dynamic int8 Linear
+computes; Int8StaticLinear runs a modelopt calibrated W8A8 fake-quant Linear in int8 (below).
 
 Library gap this fills: torchao 0.18's `Int8DynamicActivationInt8WeightConfig` stores the weights right (int8 per
 row, fp32 scales; qcompile keeps torchao's quantization), but its eager CPU linear is slower than the fp32 Linear it
@@ -72,15 +73,95 @@ class Int8DynamicLinear(torch.nn.Module):
                 f"activation scales per {'token' if self.per_token else 'tensor'}, int8 x int8 (aten._int_mm)")
 
 
+class Int8StaticLinear(torch.nn.Module):
+    """A modelopt W8A8 fake-quant Linear (calibrated static int8: int8, int8_static, int8_smoothquant on
+    target=torch) run in int8: y = (q(x * p) @ Wq^T) / (s_x * s_w) + b, with q(v) = clamp(round(v * s_x), lo, 127),
+    s_x = 127 / amax_x from modelopt's calibration, p its SmoothQuant pre-scale (where it has one), and Wq, s_w the
+    weight rounded as modelopt's weight quantizer rounds it (per output channel or per tensor). The fake-quant
+    computes sum((qx / s_x) * (qw / s_w)) in fp32; this the same sum in int32, scaled once: equal up to fp32
+    rounding (tested).
+
+    Library gap: torchao 0.18's static int8 config has no calibration, and modelopt's quantizers run
+    quantize-dequantize around an fp32 product (no int8 kernel on the CPU) that torch.export cannot trace."""
+
+    def __init__(self, weight_t: torch.Tensor, weight_inv_scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_scale: torch.Tensor, input_min: int, pre_scale: torch.Tensor | None = None):
+        super().__init__()
+        if weight_t.dtype != torch.int8 or weight_t.dim() != 2:
+            raise ValueError(f"weight_t must be a 2-D int8 tensor (in_features x out_features), got "
+                             f"{tuple(weight_t.shape)} {weight_t.dtype}")
+        self.in_features, self.out_features = int(weight_t.shape[0]), int(weight_t.shape[1])
+        self.input_min = int(input_min)
+        self.register_buffer("weight_t", weight_t.contiguous())
+        # s_x as modelopt computes it (fp32 127 / amax), so the activations round exactly as its fake-quant rounds them
+        self.register_buffer("input_scale", input_scale.detach().to(torch.float32).reshape(()).clone())
+        # 1 / (s_x * s_w) per output channel: the int32 accumulator's one multiply back to real units
+        self.register_buffer("output_scale", (weight_inv_scale.reshape(-1).to(torch.float32) / self.input_scale)
+                             .contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.register_buffer("pre_scale", None if pre_scale is None else pre_scale.detach().reshape(-1)
+                             .to(torch.float32).clone())
+
+    @classmethod
+    def from_modelopt(cls, linear: torch.nn.Module) -> "Int8StaticLinear | None":
+        """The int8 module for a modelopt QuantLinear whose input and weight quantizers are both on, 8-bit
+        integer, static (calibrated amax), per tensor for the input and per output channel or per tensor for the
+        weight, and whose output quantizer is off; None for any other quantizer setup (left as it is)."""
+        iq, wq = getattr(linear, "input_quantizer", None), getattr(linear, "weight_quantizer", None)
+        oq = getattr(linear, "output_quantizer", None)
+        if iq is None or wq is None or not isinstance(getattr(linear, "weight", None), torch.Tensor):
+            return None
+        if oq is not None and getattr(oq, "is_enabled", False):
+            return None
+        for q in (iq, wq):  # modelopt's plain integer path (TensorQuantizer.forward -> _fake_quantize), nothing else
+            if not (getattr(q, "is_enabled", False) and getattr(q, "fake_quant", False) and q.num_bits == 8
+                    and getattr(q, "_if_quant", False) and not getattr(q, "_if_calib", True)
+                    and not getattr(q, "unsigned", False) and not getattr(q, "block_sizes", None)
+                    and not getattr(q, "_dynamic", False) and getattr(q, "amax", None) is not None
+                    and getattr(q, "backend", None) is None and getattr(q, "bias_calibrator", None) is None
+                    and not getattr(q, "is_mx_format", False) and not getattr(q, "rotate_is_enabled", False)
+                    and not getattr(q, "rotate_back_is_enabled", False)):
+                return None
+        weight = linear.weight.detach().float()
+        w_amax, x_amax = wq.amax.detach().float(), iq.amax.detach().float()
+        if x_amax.numel() != 1 or float(x_amax) <= 2.0 ** -24 or w_amax.numel() not in (1, weight.shape[0]):
+            return None
+        if w_amax.numel() > 1 and (wq.axis not in (0, (0,)) or float(w_amax.min()) <= 2.0 ** -24):
+            return None
+        low = -127 if getattr(wq, "narrow_range", False) else -128
+        bound = torch.tensor(127.0)
+        w_scale = bound / w_amax.reshape(-1, 1)  # modelopt's _tensor_quant: fp32 max_bound / amax
+        weight_q = torch.clamp((weight * w_scale).round_(), low, 127).to(torch.int8)
+        pre = getattr(iq, "pre_quant_scale", None)
+        return cls(weight_q.t(), 1.0 / w_scale.reshape(-1).expand(weight.shape[0]), linear.bias,
+                   bound / x_amax.reshape(()), -127 if getattr(iq, "narrow_range", False) else -128, pre)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.pre_scale is not None:
+            rows = rows * self.pre_scale
+        q = torch.round(rows * self.input_scale).clamp_(self.input_min, 127).to(torch.int8)
+        y = torch._int_mm(q, self.weight_t) * self.output_scale
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, static activation scale "
+                f"{float(self.input_scale):.6g}{', SmoothQuant pre-scale' if self.pre_scale is not None else ''}, "
+                "int8 x int8 (aten._int_mm)")
+
+
 def use_lean_int8_linears(module: torch.nn.Module) -> int:
     """Swap, in place, every Linear of ``module`` that torchao quantized to symmetric dynamic int8 for an
-    Int8DynamicLinear with the same numbers; returns how many it swapped. For the CPU (target=torch lowers with it
-    where target.device=cpu): on CUDA torchao's own kernels stay."""
+    Int8DynamicLinear, and every modelopt W8A8 static fake-quant Linear for an Int8StaticLinear, each with the same
+    numbers; returns how many it swapped. For the CPU (target=torch lowers with it where target.device=cpu): on
+    CUDA torchao's kernels and modelopt's stay."""
     swapped = 0
     for name, sub in list(module.named_modules()):
         if not isinstance(sub, torch.nn.Linear):
             continue
-        lean = Int8DynamicLinear.from_torchao(sub)
+        lean = Int8DynamicLinear.from_torchao(sub) or Int8StaticLinear.from_modelopt(sub)
         if lean is None:
             continue
         parent, _, child = name.rpartition(".")

@@ -41,7 +41,8 @@ class Int8Step(ModeloptStep):
     name = "int8"
     Params = Params
     FORMAT = "int8"
-    summary = "W8A8 static int8 fake-quant with modelopt (minmax/entropy/percentile), exported as Q/DQ"
+    summary = ("W8A8 static int8 with modelopt (minmax/entropy/percentile), exported as Q/DQ; int8 x int8 products on "
+               "torch (CPU)")
     precision = frozenset({"int8"})
 
     def calibration(self) -> str:

@@ -54,7 +54,7 @@ class Int8DynamicStep(Step):
     Params = Params
     runs_on = {"ort": ONNX, "torch": TORCH}
     needs_calibration = False
-    summary = "dynamic int8: onnxruntime quantize_dynamic (ort) or torchao int8 x int8 Linear kernels (torch)"
+    summary = "dynamic int8: onnxruntime quantize_dynamic (ort) or torchao int8 weights, int8 x int8 products (torch)"
 
     precision = frozenset({"int8"})
     quantizes_compute = True

@@ -29,7 +29,7 @@ class Int8SmoothQuantStep(ModeloptStep):
     name = "int8_smoothquant"
     Params = Params
     FORMAT = "int8_smoothquant"
-    summary = "SmoothQuant (alpha) + W8A8 static int8 with modelopt, exported as Q/DQ"
+    summary = "SmoothQuant (alpha) + W8A8 static int8 with modelopt, exported as Q/DQ; int8 x int8 products on torch (CPU)"
     precision = frozenset({"int8"})
 
     def algorithm(self):

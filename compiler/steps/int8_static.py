@@ -221,7 +221,7 @@ class Int8StaticStep(Step):
     runs_on = {"ort": ONNX, "trt": ONNX, "torch": TORCH}
     needs_calibration = True
     summary = ("static int8: onnxruntime quantize_static Q/DQ (MatMul+Gemm, minmax/entropy/percentile) on ONNX "
-               "targets; modelopt W8A8 on torch")
+               "targets; modelopt W8A8 on torch, run as int8 x int8 products (CPU)")
 
     precision = frozenset({"int8"})
     quantizes_compute = True

@@ -365,8 +365,9 @@ def enabled_quantizers(module) -> Dict[str, Dict[str, bool]]:
 
 # why a calibrated static W8A8 step stays fake-quant on target=torch (int8, int8_static, int8_smoothquant)
 CALIBRATED_STATIC_REASON = ("calibrated static int8: torchao 0.18 has Int8StaticActivationInt8WeightConfig (one "
-                            "activation scale per layer) but no calibration of it, and qcompile does not yet hand "
-                            "modelopt's calibrated ranges to it")
+                            "activation scale per layer) but no calibration of it; the step leaves modelopt's "
+                            "calibrated fake-quant, which target=torch lowers to int8 x int8 Linears on the CPU "
+                            "(compiler/numerics/int8_linear.py; lower.kernels)")
 
 
 class ModeloptStep(Step):

@@ -77,3 +77,67 @@ def test_swapping_a_module_keeps_its_outputs_and_the_other_layers():
 def test_a_weight_that_is_not_int8_is_refused_with_its_shape():
     with pytest.raises(ValueError, match=r"weight_t must be a 2-D int8 tensor .*\(3, 4\) torch.float32"):
         Int8DynamicLinear(torch.zeros(3, 4), torch.ones(4), None, per_token=True)
+
+
+# -- calibrated static W8A8 (modelopt fake-quant) run in int8 ----------------------------------------------------
+
+@pytest.mark.parametrize("recipe_step", ["int8", "int8_smoothquant"])
+def test_a_modelopt_w8a8_model_runs_in_int8_with_its_fake_quant_numbers(recipe_step, tiny_bert, tiny_data):
+    """The calibrated fake-quant model (tiny BERT, every encoder Linear W8A8, SmoothQuant's pre-scales for
+    int8_smoothquant) and the same model with its Linears swapped for Int8StaticLinear: the same activation and
+    weight codes, so the outputs differ only by fp32 summation order (the fake-quant sums dequantized products,
+    the int8 module sums integers exactly and scales once)."""
+    from tests.steps.modelopt_cases import caps, make_step, rel_err, torch_outputs
+
+    from compiler.numerics.int8_linear import Int8StaticLinear
+    from compiler.steps.base import StepContext
+
+    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, calibration=tiny_data.calibration,
+                      exclude=["*pooler*"], report={})
+    fake = make_step(recipe_step).apply_torch(copy.deepcopy(tiny_bert.module), ctx)
+    lowered = copy.deepcopy(fake)
+    assert use_lean_int8_linears(lowered) == 12
+    swapped = [m for m in lowered.modules() if isinstance(m, Int8StaticLinear)]
+    assert len(swapped) == 12
+    assert all(m.pre_scale is not None for m in swapped) == (recipe_step == "int8_smoothquant")
+    (feed,) = list(tiny_data.evaluation.batches(32))
+    got, want, ref = (torch_outputs(m, feed)[0] for m in (lowered, fake, tiny_bert.module))
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    assert rel_err(want, ref) > 1e-4  # the format's own error is far larger: this is W8A8, not fp32
+
+    # a layer's int8 weight codes are modelopt's own rounding of the weight: scaled back they are its fake-quant
+    layer = next(n for n, m in fake.named_modules() if n.endswith("layer.0.attention.self.query"))
+    q = fake.get_submodule(layer)
+    with torch.no_grad():
+        dequantized = q.weight_quantizer(q.weight)
+    codes = lowered.get_submodule(layer).weight_t.t().float()
+    assert torch.allclose(codes * (q.weight_quantizer.amax.reshape(-1, 1) / 127.0), dequantized, rtol=1e-6, atol=0)
+
+def test_quantizers_it_cannot_run_in_int8_stay_fake_quant(tiny_bert, tiny_data):
+    """fp8 (not integer), a disabled input quantizer (weight-only) and a Linear that is not quantized at all are
+    left as they are."""
+    from tests.steps.modelopt_cases import caps, make_step
+
+    from compiler.numerics.int8_linear import Int8StaticLinear
+    from compiler.steps.base import StepContext
+
+    for step in ("fp8", "int8_weight_only"):
+        ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, calibration=tiny_data.calibration,
+                          exclude=["*pooler*"], report={})
+        fake = make_step(step).apply_torch(copy.deepcopy(tiny_bert.module), ctx)
+        if step == "int8_weight_only" and ctx.report.get("kernels") == "real":
+            continue  # on target=torch int8_weight_only is torchao's weight-only tensor, asserted above
+        assert use_lean_int8_linears(fake) == 0, step
+    assert Int8StaticLinear.from_modelopt(torch.nn.Linear(4, 4)) is None
+
+    # a W8A8 layer is taken; the same layer with its input quantizer off (weight-only), or still calibrating, is not
+    ctx = StepContext(target=caps("torch"), model_info=tiny_bert.info, calibration=tiny_data.calibration,
+                      exclude=["*pooler*"], report={})
+    fake = make_step("int8").apply_torch(copy.deepcopy(tiny_bert.module), ctx)
+    layer = next(m for n, m in fake.named_modules() if n.endswith("layer.0.attention.self.query"))
+    assert Int8StaticLinear.from_modelopt(layer) is not None
+    layer.input_quantizer.enable_calib()
+    assert Int8StaticLinear.from_modelopt(layer) is None
+    layer.input_quantizer.disable_calib()
+    layer.input_quantizer.disable()
+    assert Int8StaticLinear.from_modelopt(layer) is None

@@ -138,6 +138,7 @@ def test_a_format_without_a_torchao_kernel_runs_fake_quant_and_says_why(tiny_ber
     assert ctx.report["kernels"] == "fake_quant" and ctx.report["weight_quantizers"] == 12
     assert ctx.report["kernels_reason"].startswith("calibrated static int8: torchao 0.18 has "
                                                    "Int8StaticActivationInt8WeightConfig")
+    assert "target=torch lowers to int8 x int8 Linears on the CPU" in ctx.report["kernels_reason"]
     # every quantizing step declares what lowers it on target=torch
     declared = {name: type(make_step(name).torch_kernel()) for name in
                 ("int8_dynamic", "int8_weight_only", "int8", "int8_static", "int8_smoothquant", "fp8", "nvfp4",
@@ -147,12 +148,33 @@ def test_a_format_without_a_torchao_kernel_runs_fake_quant_and_says_why(tiny_ber
                         "int4_weight_only": NoKernel}
 
 
-def test_a_fake_quant_run_reports_its_kernels_and_predict_says_it_cannot_load_it(tmp_path_factory):
+def test_a_calibrated_int8_run_multiplies_in_int8_and_predict_loads_it(tmp_path_factory):
+    """int8 (modelopt's calibrated W8A8) on target=torch: the lowering runs its fake-quant Linears as int8 x int8
+    products (compiler/numerics/int8_linear.Int8StaticLinear), so the run keeps an exported program that predict
+    loads, and no step reason is left to give."""
+    import torch
+
     run_dir = _build(tmp_path_factory.mktemp("torch_int8"), "int8")
     report = json.loads((run_dir / "report.json").read_text())
     kernels = report["lower"]["kernels"]
-    assert (kernels["mode"], kernels["real_layers"], kernels["fake_quant_layers"]) == ("fake_quant", 0, 10)
-    assert kernels["reasons"]["int8"].startswith("calibrated static int8")
+    # the recipe keeps the FFN down-projections fp32 (recipe.steps.int8.exclude): 10 of the 12 encoder Linears
+    assert kernels == {"mode": "real", "real_layers": 10, "fake_quant_layers": 0, "cpu_int8_linear": 10}
+    assert report["steps"]["int8"]["kernels"] == "fake_quant"  # what the step made; the lowering made it int8
+    assert report["lower"]["artifact"] == "exported_program" and (run_dir / "engine.pt2").is_file()
+    ops = _graph_ops(torch.export.load(str(run_dir / "engine.pt2")))
+    assert ops["aten._int_mm.default"] == 10 and ops.get("aten.linear.default", 0) == 3, ops  # 2 FFN down + pooler
+    proc = run_cli(REPO, "predict", str(run_dir), *SENTENCES[:2], "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(json.loads(proc.stdout)["predictions"]) == 2
+
+
+def test_a_fake_quant_run_reports_its_kernels_and_predict_says_it_cannot_load_it(tmp_path_factory):
+    run_dir = _build(tmp_path_factory.mktemp("torch_fp8"), "fp8")
+    report = json.loads((run_dir / "report.json").read_text())
+    kernels = report["lower"]["kernels"]
+    assert (kernels["mode"], kernels["real_layers"]) == ("fake_quant", 0) and kernels["fake_quant_layers"] > 0
+    assert "cpu_int8_linear" not in kernels
+    assert kernels["reasons"]["fp8"].startswith("fp8: torchao's float8 kernels")
     assert report["lower"]["artifact"] == "state_dict" and (run_dir / "engine.pt").is_file()
     proc = run_cli(REPO, "predict", str(run_dir), "a sentence")
     assert proc.returncode == 1
