@@ -22,7 +22,7 @@ ORDER = (PASSED, SKIPPED, WARNED, FAILED)  # worst last
 # The order rails appear in the report and in `qcompile doctor`.
 RAIL_NAMES = ("shape_inference", "size", "fp16_types", "coverage", "memcpy", "provider_fallback", "input_dependence",
               "trt_explicit_quant",
-              "int8_speed")
+              "int8_speed", "int8_saturation")
 
 
 def result(rail: str, status: str, message: str, **numbers: Any) -> Dict[str, Any]:

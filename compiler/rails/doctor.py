@@ -26,6 +26,7 @@ from compiler.rails import (
     first_line,
     fp16_types,
     input_dependence,
+    int8_saturation,
     int8_speed,
     memcpy,
     not_applicable,
@@ -42,7 +43,7 @@ log = logging.getLogger("qcompile")
 RAILS = {"shape_inference": shape_inference, "size": size, "fp16_types": fp16_types, "coverage": coverage,
          "memcpy": memcpy, "provider_fallback": provider_fallback, "input_dependence": input_dependence,
          "trt_explicit_quant": trt_explicit_quant,
-         "int8_speed": int8_speed}
+         "int8_speed": int8_speed, "int8_saturation": int8_saturation}
 EXPORT_RAILS = ("shape_inference", "size")  # the ones that judge the freshly exported graph
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from compiler.core.errors import BuildError, RecipeError
 from compiler.steps.base import StepContext
-from modelopt_cases import caps
+from tests.steps.modelopt_cases import caps
 from compiler.steps.int8_static import Int8StaticStep, Params, compute_ranges
 
 MODELS = ["tiny_bert", "tiny_modernbert"]  # the `exported` fixture (tests/conftest.py) holds both

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import platform
 import tempfile
 import time
@@ -15,32 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from compiler.core.cpu import CPU_FLAGS, cpu_info  # noqa: F401  (re-exported: the probe's CPU facts)
+
 log = logging.getLogger("qcompile")
 
-# /proc/cpuinfo flags that decide whether int8 beats fp32: VNNI (AVX-512 or AVX) fuses the int8 dot
-# product into one instruction; AMX adds int8 tiles; without them int8 needs vpmaddubsw+vpmaddwd+vpaddd
-CPU_FLAGS = {"avx2": ("avx2",), "fma": ("fma",), "avx512": ("avx512f",),
-             "vnni": ("avx512_vnni", "avx_vnni", "avx512vnni"), "amx": ("amx_int8", "amx_tile")}
 PROBE_RUNTIMES = ("ort", "torch")
-
-
-def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
-    """CPU model and the int8-relevant flags, from /proc/cpuinfo (or the text given, for tests)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    model, flags = platform.processor() or platform.machine(), set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-            model = value.strip()
-        elif key.strip() in ("flags", "Features") and not flags:
-            flags = set(value.split())
-    out: dict[str, Any] = {"cpu": model, "cpu_count": os.cpu_count()}
-    out.update({name: any(f in flags for f in names) for name, names in CPU_FLAGS.items()})
-    return out
 
 
 def gemm_shape(model_info, batch: int, seq: int) -> tuple[int, int, int]:
