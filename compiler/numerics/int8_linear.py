@@ -19,22 +19,35 @@ import torch
 _EPS = torch.finfo(torch.float32).eps  # torchao's eps for the activation scale (Int8Tensor.from_hp)
 
 
-class Int8DynamicLinear(torch.nn.Module):
+class _Int8Linear(torch.nn.Module):
+    """What both int8 Linears hold: the int8 weight transposed once (in_features x out_features, what aten._int_mm
+    takes) and the fp32 bias."""
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        if weight_t.dtype != torch.int8 or weight_t.dim() != 2:
+            raise ValueError(f"weight_t must be a 2-D int8 tensor (in_features x out_features), got "
+                             f"{tuple(weight_t.shape)} {weight_t.dtype}")
+        self.in_features, self.out_features = int(weight_t.shape[0]), int(weight_t.shape[1])
+        self.register_buffer("weight_t", weight_t.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8DynamicLinear(_Int8Linear):
     """y = (q(x) @ Wq^T) * s_x * s_w + b with q(x) = clamp(round(x / s_x), -128, 127) and s_x = amax(|x|) / 127.5
     per row (per token) or per tensor, as torchao's symmetric int8 activation quantization; Wq and s_w are the
     int8 weight and its scales torchao computed."""
 
     def __init__(self, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  per_token: bool):
-        super().__init__()
-        if weight_t.dtype != torch.int8 or weight_t.dim() != 2:
-            raise ValueError(f"weight_t must be a 2-D int8 tensor (in_features x out_features), got "
-                             f"{tuple(weight_t.shape)} {weight_t.dtype}")
-        self.in_features, self.out_features = int(weight_t.shape[0]), int(weight_t.shape[1])
+        super().__init__(weight_t, bias)
         self.per_token = bool(per_token)
-        self.register_buffer("weight_t", weight_t.contiguous())
         self.register_buffer("weight_scale", weight_scale.reshape(-1).to(torch.float32).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
 
     @classmethod
     def from_torchao(cls, linear: torch.nn.Linear) -> "Int8DynamicLinear | None":
@@ -64,16 +77,14 @@ class Int8DynamicLinear(torch.nn.Module):
         q = torch.round(rows * scale.reciprocal()).clamp_(-128, 127).to(torch.int8)
         # int32 * fp32 promotes to fp32: the conversion torchao makes explicitly, without a separate copy
         y = (torch._int_mm(q, self.weight_t) * scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._finish(y, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"activation scales per {'token' if self.per_token else 'tensor'}, int8 x int8 (aten._int_mm)")
 
 
-class Int8StaticLinear(torch.nn.Module):
+class Int8StaticLinear(_Int8Linear):
     """A modelopt W8A8 fake-quant Linear (calibrated static int8: int8, int8_static, int8_smoothquant on
     target=torch) run in int8: y = (q(x * p) @ Wq^T) / (s_x * s_w) + b, with q(v) = clamp(round(v * s_x), lo, 127),
     s_x = 127 / amax_x from modelopt's calibration, p its SmoothQuant pre-scale (where it has one), and Wq, s_w the
@@ -86,19 +97,13 @@ class Int8StaticLinear(torch.nn.Module):
 
     def __init__(self, weight_t: torch.Tensor, weight_inv_scale: torch.Tensor, bias: torch.Tensor | None,
                  input_scale: torch.Tensor, input_min: int, pre_scale: torch.Tensor | None = None):
-        super().__init__()
-        if weight_t.dtype != torch.int8 or weight_t.dim() != 2:
-            raise ValueError(f"weight_t must be a 2-D int8 tensor (in_features x out_features), got "
-                             f"{tuple(weight_t.shape)} {weight_t.dtype}")
-        self.in_features, self.out_features = int(weight_t.shape[0]), int(weight_t.shape[1])
+        super().__init__(weight_t, bias)
         self.input_min = int(input_min)
-        self.register_buffer("weight_t", weight_t.contiguous())
         # s_x as modelopt computes it (fp32 127 / amax), so the activations round exactly as its fake-quant rounds them
         self.register_buffer("input_scale", input_scale.detach().to(torch.float32).reshape(()).clone())
         # 1 / (s_x * s_w) per output channel: the int32 accumulator's one multiply back to real units
         self.register_buffer("output_scale", (weight_inv_scale.reshape(-1).to(torch.float32) / self.input_scale)
                              .contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.register_buffer("pre_scale", None if pre_scale is None else pre_scale.detach().reshape(-1)
                              .to(torch.float32).clone())
 
@@ -141,10 +146,7 @@ class Int8StaticLinear(torch.nn.Module):
         if self.pre_scale is not None:
             rows = rows * self.pre_scale
         q = torch.round(rows * self.input_scale).clamp_(self.input_min, 127).to(torch.int8)
-        y = torch._int_mm(q, self.weight_t) * self.output_scale
-        if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._finish(torch._int_mm(q, self.weight_t) * self.output_scale, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, static activation scale "
