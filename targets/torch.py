@@ -10,6 +10,7 @@ from typing import Any, Optional
 from compiler.core.capabilities import TargetCapabilities
 from compiler.core.errors import BuildError
 from compiler.core.feeds import synthetic_feed
+from compiler.graph.quantized import torchao_weight
 from compiler.graph.roles import vocab_rows
 from compiler.runners.callable import torch_predictor
 from compiler.steps.torchao_kernels import module_kernels, torchao_modules
@@ -40,7 +41,6 @@ class TorchTarget(Target):
         from compiler.numerics.int8_linear import use_lean_int8_linears
 
         module = model.module.to(self.cfg.device).eval()
-        torchao_layers = module_kernels(module)["real_layers"]
         # on the CPU, torchao's eager dynamic int8 Linear runs slower than fp32, and modelopt's calibrated W8A8 is
         # fake-quant around fp32 products that torch.export cannot trace: compiler.numerics.int8_linear runs both
         # in int8 with the same numbers (aten ops only: the program exports and loads without torchao)
@@ -49,7 +49,7 @@ class TorchTarget(Target):
                                 "kernels": module_kernels(module), "compiled": bool(self.cfg.compile)}
         if lean:
             info["kernels"]["cpu_int8_linear"] = lean
-        if torchao_layers > lean:
+        if any(torchao_weight(m) is not None for m in module.modules()):  # torchao tensors left in the program
             info["torchao"] = _torchao_version()
         program, why = export_program(module, list(model.input_names), self.cfg.device)
         if program is not None:

@@ -113,7 +113,7 @@ def module_kernels(module) -> dict[str, Any]:
     except ImportError:  # torchao absent: nothing can be a torchao tensor
         pass
     for _, m in module.named_modules():
-        if is_lean_int8_linear(m):  # torchao's int8 weights, run by target=torch's CPU Linear
+        if is_lean_int8_linear(m):  # target=torch's CPU int8 Linear (torchao's or modelopt's int8 numbers)
             real += 1
             continue
         if not isinstance(m, torch.nn.Linear):
