@@ -25,12 +25,13 @@ def applies_to(caps) -> bool:
     return caps.ort_session and not caps.gpu
 
 
-def u8s8_products(model) -> tuple[int, int]:
+def u8s8_products(model, base_dir=None) -> tuple[int, int]:
     """(integer products with a constant int8 weight, of them the ones whose weight uses more than 7 bits). The
     weight is an int8 initializer, or one behind DequantizeLinear / Transpose; a QDQ MatMul / Gemm counts only
     with a quantized activation (DequantizeLinear on both inputs: what onnxruntime fuses into an int8 kernel). The activation's type does not
     matter on x86: onnxruntime runs uint8 activations as u8s8, and turns int8 activation Q/DQ into uint8 too
-    (its QDQ S8-to-U8 transform), so both meet the same kernels."""
+    (its QDQ S8-to-U8 transform), so both meet the same kernels. base_dir: where a graph saved with external data
+    keeps it (the rails load graphs without it; each weight is read from there one at a time)."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -49,7 +50,9 @@ def u8s8_products(model) -> tuple[int, int]:
         if n is not None and n.op_type == "DequantizeLinear":
             name, _ = through(n.input[0])
         t = inits.get(name)
-        return numpy_helper.to_array(t) if t is not None and t.data_type == INT8 else None
+        if t is None or t.data_type != INT8:
+            return None
+        return numpy_helper.to_array(t, base_dir=str(base_dir) if base_dir is not None else "")
 
     products = full = 0
     for node in nodes:
@@ -99,5 +102,5 @@ def fix_hint(ctx: RailContext) -> str:
 def run(ctx: RailContext) -> dict[str, Any]:
     if ctx.onnx_path is None:
         return result(NAME, SKIPPED, "no ONNX graph to look at")
-    products, full = u8s8_products(ctx.model())
+    products, full = u8s8_products(ctx.model(), base_dir=ctx.onnx_path.parent)
     return judge(products, full, ctx.int8_probe, fix_hint(ctx))

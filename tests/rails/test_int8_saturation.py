@@ -118,3 +118,20 @@ def test_applies_where_onnxruntime_runs_the_graph_on_the_cpu():
 
     assert int8_saturation.applies_to(OrtTarget.capabilities)
     assert not int8_saturation.applies_to(TrtTarget.capabilities) and not int8_saturation.applies_to(TorchTarget.capabilities)
+
+
+def test_weights_saved_as_external_data_are_read_from_beside_the_graph(graphs, tmp_path):
+    """A graph over 2 GB keeps its weights in model.onnx.data and the rails load graphs without it: the rail reads
+    each int8 weight from there (a build of a 2 GB BERT failed on this rail before)."""
+    import onnx
+
+    from targets.ort import OrtTarget
+
+    model = onnx.load(str(graphs["dynamic"]))
+    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    assert (tmp_path / "model.onnx.data").stat().st_size > 0
+    ctx = RailContext(target=OrtTarget.capabilities, config=DoctorConfig(), onnx_path=tmp_path / "model.onnx",
+                      int8_probe=probe(AVX2_ONLY))
+    r = run(ctx)
+    assert r["status"] == WARNED and (r["u8s8_products"], r["eight_bit_weights"]) == (12, 12)
