@@ -9,8 +9,8 @@ fp32 matrix-product peak; optionally times full builds of this tree against a gi
     python bench/speed.py --variants fp32:ort int8_static:ort \
         "old=int8_static:ort:recipe.steps.int8_static.fuse_bias=false|target.disabled_optimizers=[]"
                                                             # a variant: [label=]recipe:target[:override|override]
-    python bench/speed.py --variants fp32:torch int8_dynamic:torch fp32:torch:target.compile=true \
-        int8_dynamic:torch:target.compile=true          # torch: eager and torch.compile'd programs
+    python bench/speed.py --variants fp32:torch int8_dynamic:torch "compiled=fp32:torch:target.compile=true" \
+        "compiled_int8=int8_dynamic:torch:target.compile=true"   # torch: eager and torch.compile'd programs
 """
 
 from __future__ import annotations
@@ -45,6 +45,19 @@ def parse_variant(text: str) -> tuple[str, str, str, list[str]]:
         raise SystemExit(f"--variants: {text!r} is not [label=]recipe:target[:override|override]")
     overrides = [o for o in parts[2].split("|") if o] if len(parts) == 3 else []
     return label or f"{parts[0]}:{parts[1]}", parts[0], parts[1], overrides
+
+
+def parse_variants(texts: list[str]) -> list[tuple[str, str, str, list[str]]]:
+    """Every --variants entry parsed; two with the same label (the same recipe:target, overrides aside) would share
+    a run directory and a table row, so that stops here with the fix."""
+    parsed = [parse_variant(t) for t in texts]
+    seen: dict[str, str] = {}
+    for text, (label, *_rest) in zip(texts, parsed):
+        if label in seen:
+            raise SystemExit(f"--variants: {seen[label]!r} and {text!r} are both labelled {label!r}; name one, "
+                             f"e.g. 'compiled={text}'")
+        seen[label] = text
+    return parsed
 
 
 def build(model, recipe, target, out_dir: Path, extra, label: str | None = None):
@@ -300,8 +313,7 @@ def main():
     out_dir = REPO / "outputs" / "bench" / f"{stamp}_{args.model}"
     built = []
     makers = {}
-    for text in args.variants:
-        v, recipe, target, overrides = parse_variant(text)
+    for v, recipe, target, overrides in parse_variants(args.variants):
         TARGETS[v], RECIPES[v] = target, recipe
         print(f"building {args.model} {v} ...", flush=True)
         report, make_predict, size = build(args.model, recipe, target, out_dir, [*args.override, *overrides], v)

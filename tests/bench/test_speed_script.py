@@ -21,6 +21,14 @@ def test_variant_label_recipe_target_and_overrides():
         speed.parse_variant("int8_static")
 
 
+def test_two_variants_with_one_label_stop_before_building():
+    # the same recipe:target with and without an override would share a run directory and a table row
+    with pytest.raises(SystemExit, match="'fp32:torch' and 'fp32:torch:target.compile=true' are both labelled "
+                                         "'fp32:torch'; name one, e.g. 'compiled=fp32:torch:target.compile=true'"):
+        speed.parse_variants(["fp32:torch", "fp32:torch:target.compile=true"])
+    assert [v[0] for v in speed.parse_variants(["fp32:torch", "c=fp32:torch:target.compile=true"])] == ["fp32:torch", "c"]
+
+
 def test_peak_regression_flags_only_ort_fp32_below_the_minimum(monkeypatch):
     monkeypatch.setattr(speed, "TARGETS", {"fp32:ort": "ort", "fp32:torch": "torch", "int8_static:ort": "ort",
                                            "sln=fp32:ort": "ort"})
