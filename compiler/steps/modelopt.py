@@ -89,9 +89,31 @@ def non_linear_quant_modules(module) -> List[str]:
 
     names = []
     for name, sub in module.named_modules():
-        if name and not isinstance(sub, torch.nn.Linear) and type(sub) in QuantModuleRegistry:
+        if name and not isinstance(sub, torch.nn.Linear) and type(sub) in QuantModuleRegistry and not any(
+                isinstance(m, torch.nn.Linear) for m in sub.modules()):
+            # a converted module holding Linears (an HF attention, which modelopt registers for KV-cache
+            # quantization once any PreTrainedModel was quantized in the process): a `<name>.*` entry would turn
+            # off the q/k/v Linears inside it too; its own quantizers go off after conversion instead
+            # (disable_non_linear_quantizers)
             names.append(name)
     return names
+
+
+def disable_non_linear_quantizers(module) -> int:
+    """Turn off the quantizers modelopt put on modules that are not Linear layers and that build_config could
+    not name without their Linears (see non_linear_quant_modules); returns how many were on."""
+    import torch
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    n = 0
+    for _, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear):
+            continue
+        for child in sub.children():
+            if isinstance(child, TensorQuantizer) and child.is_enabled:
+                child.disable()
+                n += 1
+    return n
 
 
 def build_config(module, fmt_or_cfg, patterns: Iterable[str], algorithm: Any = "__keep__",
@@ -277,6 +299,7 @@ def quantize_module(module, quant_cfg: Dict[str, Any], ctx, algorithm: Any = "__
             _calibrate_histogram(module, loop, calibration, percentile)
         else:
             mtq.quantize(module, cfg, forward_loop=loop)
+    disable_non_linear_quantizers(module)
     module.eval()
     if layer_formats:
         check_layer_formats(module, layer_formats)
