@@ -39,6 +39,7 @@ from compiler.core.errors import BuildError, RecipeError
 from compiler.core.tasks import task_kind
 from compiler.steps.base import TORCH, Step, StepContext, StepParams
 from compiler.steps.nvfp4 import FIXED_SCALES_BACKEND, fix_weight_scales, mark_for_trt_export
+from compiler.steps.reorder import in_original_order
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class DistillParams(StepParams):
     seed: Optional[int] = None  # None: the build's seed
     hidden_weight: float = 1.0  # weight of the per-block hidden-state MSE (normalized by the teacher's power)
     output_weight: float = 10.0  # weight of the task output term (1 - cosine, or the softmax KL)
+    token_weight: float = 0.0  # embedders: weight of 1 - cosine per token of the other outputs (last_hidden_state)
+    temperature: float = 1.0  # classifiers: the softmax KL's temperature (soft targets carry the margins)
     lora_rank: int = 8  # train=lora: the adapters' rank
 
     def problems(self) -> List[Tuple[str, str, str]]:
@@ -77,6 +80,8 @@ class DistillParams(StepParams):
             out.append(("warmup", f"{self.warmup} is not a fraction below 1", "use a value in [0, 1), e.g. 0.05"))
         if self.batch_size <= 0:
             out.append(("batch_size", f"must be > 0, got {self.batch_size}", "set batch_size to e.g. 16"))
+        if not self.temperature > 0:
+            out.append(("temperature", f"must be > 0, got {self.temperature}", "use e.g. temperature=1"))
         if self.lora_rank <= 0:
             out.append(("lora_rank", f"must be > 0, got {self.lora_rank}", "set lora_rank to e.g. 8"))
         if self.hidden_weight < 0 or self.output_weight < 0 or self.hidden_weight + self.output_weight == 0:
@@ -274,15 +279,17 @@ def blocks_of(module) -> List[str]:
 
 
 class Capture:
-    """Forward hooks that keep each block's output (the hidden state: the first element of a tuple)."""
+    """Forward hooks that keep each block's output (the hidden state: the first element of a tuple), in the
+    original channel order (a reorder step permuted the student's residual stream, not the teacher's)."""
 
     def __init__(self, module, names: List[str]):
         self.out: Dict[str, Any] = {}
+        self.module = module
         self.handles = [module.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
 
     def _hook(self, name):
         def hook(mod, inp, out):
-            self.out[name] = out[0] if isinstance(out, (tuple, list)) else out
+            self.out[name] = in_original_order(self.module, out[0] if isinstance(out, (tuple, list)) else out, name)
         return hook
 
     def close(self):
@@ -309,7 +316,7 @@ class Loss:
         if not kind.output_cosine:  # logits: KL of the softmax (modelopt.torch.distill)
             from modelopt.torch.distill.losses import LogitsDistillationLoss
 
-            self.kl = LogitsDistillationLoss(temperature=1.0)
+            self.kl = LogitsDistillationLoss(temperature=float(p.temperature))
 
     def __call__(self, s_out, t_out, s_hidden, t_hidden, mask) -> Tuple[Any, float, float]:
         import torch
@@ -332,6 +339,14 @@ class Loss:
                     terms.append(((hs - ht) ** 2).sum() / (ht ** 2).sum().clamp_min(1e-12))
             hidden = torch.stack(terms).mean()
         total = self.p.hidden_weight * hidden + self.p.output_weight * task
+        if self.kl is None and float(getattr(self.p, "token_weight", 0.0)) > 0:
+            for j, (so, to) in enumerate(zip(s_out, t_out)):
+                if j == i or so is None or so.dim() != 3:
+                    continue
+                per_token = 1 - torch.nn.functional.cosine_similarity(so, to, dim=-1)
+                m = mask.to(per_token.dtype) if mask is not None and mask.shape == per_token.shape else \
+                    torch.ones_like(per_token)
+                total = total + float(self.p.token_weight) * (per_token * m).sum() / m.sum().clamp_min(1.0)
         return total, float(hidden.detach()), float(task.detach())
 
 

@@ -206,12 +206,30 @@ def test_distill_after_a_torch_quantizer_validates():
     assert steps[-1].trains
 
 
+def test_token_term_compares_each_unpadded_token():
+    """token_weight adds 1 - cosine per token of the embedder's last_hidden_state, averaged over unpadded tokens."""
+    from compiler.core.tasks import task_kind
+    from compiler.steps.distill import Loss
+
+    t_h = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    s_h = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [-5.0, 5.0]]])  # token 3 is padding: its error must not count
+    emb = torch.tensor([[1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    plain = Loss(task_kind("embedding"), DistillParams(hidden_weight=0.0, output_weight=1.0), [])
+    tok = Loss(task_kind("embedding"), DistillParams(hidden_weight=0.0, output_weight=1.0, token_weight=2.0), [])
+    base = float(plain((s_h, emb), (t_h, emb), {}, {}, mask)[0])
+    total = float(tok((s_h, emb), (t_h, emb), {}, {}, mask)[0])
+    assert base == pytest.approx(0.0, abs=1e-7)
+    assert total == pytest.approx(2.0 * (0.0 + (1 - 2 ** -0.5)) / 2, rel=1e-6)
+
+
 @pytest.mark.parametrize("params,text", [
     ({"train": "scale"}, "recipe.steps.distill.train: bad value 'scale' -- use one of ['scales', 'weights', 'lora']"),
     ({"max_minutes": -1}, "recipe.steps.distill.max_minutes: must be > 0, got -1"),
     ({"max_steps": 0}, "recipe.steps.distill.max_steps: must be > 0, got 0"),
     ({"lr": 0}, "recipe.steps.distill.lr: must be > 0, got 0"),
     ({"hidden_weight": 0, "output_weight": 0}, "recipe.steps.distill.output_weight: hidden_weight=0"),
+    ({"temperature": 0}, "recipe.steps.distill.temperature: must be > 0, got 0.0 -- use e.g. temperature=1"),
 ])
 def test_bad_parameters(params, text):
     with pytest.raises(RecipeError) as e:
@@ -275,6 +293,11 @@ def test_a_classifier_is_matched_on_its_softmax_and_an_embedder_on_its_cosine():
     want = float((pt * (torch.log(pt) - ls)).sum() / pt.numel())  # kl_div reduction "mean": over all elements
     assert task == pytest.approx(want, rel=1e-5) and float(total) == pytest.approx(want, rel=1e-5)
     assert kl_loss((t,), (t,), {}, {}, None)[2] == pytest.approx(0.0, abs=1e-7)
+    # a temperature T softens both softmaxes and scales the KL by T^2 (Hinton's distillation)
+    soft = Loss(task_kind("classification"), DistillParams(hidden_weight=0.0, output_weight=1.0, temperature=4.0), [])
+    pt4, ls4 = torch.softmax(t / 4, -1), torch.log_softmax(s / 4, -1)
+    want4 = 16 * float((pt4 * (torch.log(pt4) - ls4)).sum() / pt4.numel())
+    assert soft((s,), (t,), {}, {}, None)[2] == pytest.approx(want4, rel=1e-5)
     emb = Loss(task_kind("embedding"), p, [])
     e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
     assert emb((None, e1), (None, e2), {}, {}, None)[2] == pytest.approx(1 - 2 ** -0.5, rel=1e-6)
