@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 import logging
 import shutil
 import time
@@ -152,26 +153,50 @@ def reference_runner(reference: LoadedModel, spec=None, feeds=None, cache=None) 
     return CallableRunner(predict, reference.input_names, reference.output_names, name="fp32-reference")
 
 
+@dataclass
+class TrainedFirst:
+    """What train_before_repair did: each training step's report section, each layout transform's (reorder, rotate:
+    run once, on the fp32 model), and that fp32 model in the transformed layout (the outputs the search compares
+    against, and the weights the layers the map keeps wider take back)."""
+
+    trained: Dict[str, Any]
+    transformed: Dict[str, Any]
+    fp32_module: Any
+
+
 def train_before_repair(spec: BuildSpec, model: LoadedModel, reference: LoadedModel, data: Dataset, work_dir: Path,
-                        cache, run_dir: Path) -> tuple[LoadedModel, BuildSpec, Dict[str, Any]]:
+                        cache, run_dir: Path) -> tuple[LoadedModel, BuildSpec, TrainedFirst]:
     """Repair with a step that trains (distill): the training runs first, with every layer in the recipe's 4-bit
     format; the repair then searches, and the build quantizes, the trained float weights in the layers that stay
     4-bit and the fp32 weights in the layers the map keeps wider (keep_reference_weights); the training step leaves
     the rest of the build. Why this order: the search then measures the model the build makes (the check equals its
     figure); training after a post-training search left the searched figure a guess (on MiniLM, at the old lr 5e-4,
-    the training diverged on the chosen map: 0.9904 -> 0.9774; docs/accuracy.md). Returns the model holding the
-    trained weights, the spec without its training steps, and each training step's report section."""
+    the training diverged on the chosen map: 0.9904 -> 0.9774; docs/accuracy.md). A step that changes the layout
+    of the fp32 weights before the quantizers (must_precede_quantizers: reorder permutes channels, rotate wraps
+    Linears) runs once, here, on the fp32 model, and leaves the spec with the training steps: the trained weights
+    and the fp32 ones must share one layout (re-running reorder on the trained weights computed a new channel order
+    from a half-permuted model: cosine 0.05). Returns the model holding the trained weights, the spec without those
+    steps, and what was done (TrainedFirst)."""
     import torch
 
-    module = copy.deepcopy(model.module)
+    transforms = [s for s in spec.torch_steps if s.must_precede_quantizers and not s.quantizes_compute]
+    base = copy.deepcopy(reference.module)
+    transformed: Dict[str, Any] = {}
+    for step in transforms:
+        ctx = step_context(spec, data, work_dir, cache, model.roles)
+        base = step.apply_torch(base, ctx)
+        transformed[step.name] = dict(ctx.report)
+    module = copy.deepcopy(base)
     sections: Dict[str, Any] = {}
     for step in spec.torch_steps:
+        if step in transforms:
+            continue
         ctx = step_context(spec, data, work_dir, cache, model.roles, reference.module if step.trains else None, run_dir)
         # train_only: the float weights before their rounding onto the 4-bit grid (the fallback layers need them)
         module = step.train_only(module, ctx) if step.trains else step.apply_torch(module, ctx)
         if step.trains:
             sections[step.name] = dict(ctx.report)
-    trained = copy.deepcopy(reference.module)
+    trained = copy.deepcopy(base)
     with torch.no_grad():
         for name, sub in module.named_modules():
             if getattr(sub, "weight_quantizer", None) is None or not isinstance(sub, torch.nn.Linear):
@@ -183,8 +208,8 @@ def train_before_repair(spec: BuildSpec, model: LoadedModel, reference: LoadedMo
     from compiler.steps.distill import state_sha256  # why: the distill step's own hash of a module's whole state
 
     model = LoadedModel(**{**model.__dict__, "module": trained, "weights_sha256": state_sha256(trained)})
-    spec = dataclasses.replace(spec, steps=[s for s in spec.steps if not s.trains])
-    return model, spec, sections
+    spec = dataclasses.replace(spec, steps=[s for s in spec.steps if not s.trains and s not in transforms])
+    return model, spec, TrainedFirst(sections, transformed, base)
 
 
 def keep_reference_weights(module, reference, layer_map) -> None:
@@ -246,7 +271,7 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                       "seq_len": int(spec.data.seq_len), "files": data.files,
                       "evaluation_task": data.evaluation_labels.task if data.evaluation_labels else None}
     repair_md = ""
-    trained_first: Optional[Dict[str, Any]] = None
+    trained_first: Optional[TrainedFirst] = None
     trained_steps: List[Step] = []  # the training steps train_before_repair ran (and took out of spec.steps)
     if spec.repair is not None and (spec.repair.enabled or spec.repair.layers) and not repairs_onnx(spec):
         if any(step.trains for step in spec.torch_steps):
@@ -255,11 +280,11 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                 model, spec, trained_first = train_before_repair(spec, model, reference, data, work_dir, cache, run_dir)
         with stage("repair", timings):
             spec, repair_md = repair_stage(spec, model, data, run_dir, work_dir, report, cache,
-                                           reference_module=reference.module if trained_first else None)
+                                           reference_module=trained_first.fp32_module if trained_first else None)
             recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
             (run_dir / "recipe.yaml").write_text(recipe_yaml)  # now holds recipe.repair.layers: rebuilds replay it
         if trained_first is not None:  # the layers the map keeps wider take the fp32 model's weights back
-            keep_reference_weights(model.module, reference.module, spec.raw.recipe.repair.get("layers") or {})
+            keep_reference_weights(model.module, trained_first.fp32_module, spec.raw.recipe.repair.get("layers") or {})
 
     if data.train_info is not None:
         report["data"]["train"] = data.train_info
@@ -272,7 +297,9 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                 report["distill"] = {k: v for k, v in report["steps"].pop(step.name).items() if k != "where"}
                 report["steps"][step.name] = {"where": "torch", "report": "distill"}
         if trained_first is not None:  # trained before the repair: the map was then applied to the trained weights
-            for name, section in trained_first.items():
+            for name, section in trained_first.transformed.items():
+                report["steps"][name] = {"where": "torch", **section}
+            for name, section in trained_first.trained.items():
                 report["distill"] = section
                 report["steps"][name] = {"where": "torch", "report": "distill"}
 
