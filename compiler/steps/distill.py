@@ -80,6 +80,8 @@ class DistillParams(StepParams):
             out.append(("warmup", f"{self.warmup} is not a fraction below 1", "use a value in [0, 1), e.g. 0.05"))
         if self.batch_size <= 0:
             out.append(("batch_size", f"must be > 0, got {self.batch_size}", "set batch_size to e.g. 16"))
+        if not self.token_weight >= 0:
+            out.append(("token_weight", f"must be >= 0, got {self.token_weight}", "use e.g. token_weight=10 (0: off)"))
         if not self.temperature > 0:
             out.append(("temperature", f"must be > 0, got {self.temperature}", "use e.g. temperature=1"))
         if self.lora_rank <= 0:
@@ -339,7 +341,7 @@ class Loss:
                     terms.append(((hs - ht) ** 2).sum() / (ht ** 2).sum().clamp_min(1e-12))
             hidden = torch.stack(terms).mean()
         total = self.p.hidden_weight * hidden + self.p.output_weight * task
-        if self.kl is None and float(getattr(self.p, "token_weight", 0.0)) > 0:
+        if self.kl is None and self.p.token_weight > 0:
             for j, (so, to) in enumerate(zip(s_out, t_out)):
                 if j == i or so is None or so.dim() != 3:
                     continue

@@ -230,6 +230,7 @@ def test_token_term_compares_each_unpadded_token():
     ({"lr": 0}, "recipe.steps.distill.lr: must be > 0, got 0"),
     ({"hidden_weight": 0, "output_weight": 0}, "recipe.steps.distill.output_weight: hidden_weight=0"),
     ({"temperature": 0}, "recipe.steps.distill.temperature: must be > 0, got 0.0 -- use e.g. temperature=1"),
+    ({"token_weight": -1}, "recipe.steps.distill.token_weight: must be >= 0, got -1.0 -- use e.g. token_weight=10"),
 ])
 def test_bad_parameters(params, text):
     with pytest.raises(RecipeError) as e:
