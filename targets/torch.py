@@ -58,7 +58,7 @@ class TorchTarget(Target):
             handle = program.module()  # what predict loads: check and bench run the same graph
             info["artifact"] = "exported_program"
         else:
-            # modelopt's fake-quant quantizers branch on their tensors' values, which torch.export cannot trace
+            # a module torch.export cannot trace (e.g. a quantizer whose numerics branch on its tensors' values)
             path = Path(run_dir) / STATE_DICT
             torch.save(module.state_dict(), path)
             handle = module
@@ -76,8 +76,8 @@ class TorchTarget(Target):
         path = Path(run_dir) / PROGRAM
         if not path.is_file():
             raise BuildError(f"{run_dir} keeps {STATE_DICT}, the state dict of its quantized torch module, and no "
-                             f"exported program ({PROGRAM}): torch.export could not trace that module (modelopt "
-                             f"fake-quant), so running it means rebuilding it (`qcompile rebuild {run_dir}` does). "
+                             f"exported program ({PROGRAM}): torch.export could not trace that module (the run's "
+                             f"report.json lower.notes say why), so running it means rebuilding it (`qcompile rebuild {run_dir}` does). "
                              "`qcompile predict` runs target=torch runs that wrote engine.pt2, and ort / trt runs")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -108,6 +108,22 @@ class TorchTarget(Target):
         return {"parameters_by_device": dict(devices)}
 
 
+def quantizer_export_mode(module):
+    """modelopt's own export_torch_mode where the module holds modelopt quantizers (fake-quant layers no kernel
+    runs): their amax is then read with detach(), not .data, which torch.export would keep as a fake tensor among
+    the program's constants. With it the fp8 and NVFP4 fake-quant trace as aten ops (equal to eager: tested), and
+    their runs keep an exported program predict loads."""
+    import contextlib
+
+    from compiler.steps.modelopt_dynamo import has_quantizers
+
+    if not has_quantizers(module):
+        return contextlib.nullcontext()
+    from modelopt.torch.quantization.utils import export_torch_mode
+
+    return export_torch_mode()
+
+
 def export_program(module, input_names: list[str], device: str):
     """(torch.export ExportedProgram of the module with dynamic batch and sequence, None) or (None, why it failed)."""
     import torch
@@ -116,7 +132,7 @@ def export_program(module, input_names: list[str], device: str):
     args = tuple(torch.from_numpy(feed[n]).to(device) for n in input_names)
     dim = torch.export.Dim.DYNAMIC  # the ranges come from the model (e.g. seq <= max_position_embeddings)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quantizer_export_mode(module):
             warnings.simplefilter("ignore")
             return torch.export.export(module, args, dynamic_shapes={n: {0: dim, 1: dim} for n in input_names}), ""
     except Exception as e:  # noqa: BLE001 -- any tracing failure means: keep the state dict, say why

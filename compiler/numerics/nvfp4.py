@@ -49,17 +49,17 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
 
 
-def global_scale_from_amax(global_amax) -> Optional[torch.Tensor]:
-    """fp32 global scale amax / (6 * 448); None when amax is missing, zero or not finite (scale 1)."""
+def global_scale_from_amax(global_amax) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 global scale amax / (6 * 448), valid): valid is False where amax is missing, zero or not finite, and
+    the scale is then 1. Tensors, not a Python branch on the amax's value, so that torch.export traces it."""
     if global_amax is None:
-        return None
-    g = torch.as_tensor(global_amax, dtype=torch.float32).detach().cpu()
+        return torch.tensor(1.0), torch.tensor(False)
+    g = torch.as_tensor(global_amax, dtype=torch.float32).detach()
     if g.numel() != 1:
         g = g.abs().amax()
     g = g.reshape(())
-    if not torch.isfinite(g) or g <= 0:
-        return None
-    return g / (E2M1_MAX * E4M3_MAX)
+    valid = torch.isfinite(g) & (g > 0)
+    return torch.where(valid, g / (E2M1_MAX * E4M3_MAX), torch.ones_like(g)), valid
 
 
 def _blocks(x: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, int]:
@@ -76,15 +76,12 @@ def nvfp4_quantize(x: torch.Tensor, global_amax, block_size: int = 16
     q: e2m1 grid values (float32, shape of x), scale_e4m3: e4m3-representable per-block scales
     (float32, shape x.shape[:-1] + (n_blocks,)), global_scale: fp32 scalar; x ~= q * scale_e4m3 * global_scale."""
     blocks, pad = _blocks(x.float(), block_size)
-    gs = global_scale_from_amax(global_amax)
+    gs, valid = global_scale_from_amax(global_amax)
     block_amax = blocks.abs().amax(dim=-1)
-    if gs is None:
-        # the CUDA kernel's fallback for an invalid global amax: no scaling at all
-        scale8 = torch.ones_like(block_amax)
-        gs = torch.tensor(1.0)
-    else:
-        scale8 = to_e4m3(torch.clamp(block_amax / (E2M1_MAX * gs), max=E4M3_MAX))
-        scale8 = torch.where(block_amax == 0, torch.ones_like(scale8), scale8)  # zero block: scale 1
+    scale8 = to_e4m3(torch.clamp(block_amax / (E2M1_MAX * gs), max=E4M3_MAX))
+    scale8 = torch.where(block_amax == 0, torch.ones_like(scale8), scale8)  # zero block: scale 1
+    # the CUDA kernel's fallback for an invalid global amax: no scaling at all (gs is then 1 too)
+    scale8 = torch.where(valid, scale8, torch.ones_like(scale8))
     unscale = (scale8 * gs).unsqueeze(-1)
     safe = torch.where(unscale > 0, unscale, torch.ones_like(unscale))
     q = torch.sign(blocks) * round_to_e2m1(blocks.abs() / safe)

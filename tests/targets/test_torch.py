@@ -168,15 +168,33 @@ def test_a_calibrated_int8_run_multiplies_in_int8_and_predict_loads_it(tmp_path_
     assert len(json.loads(proc.stdout)["predictions"]) == 2
 
 
-def test_a_fake_quant_run_reports_its_kernels_and_predict_says_it_cannot_load_it(tmp_path_factory):
+def test_a_fake_quant_run_reports_its_kernels_and_keeps_a_program_predict_loads(tmp_path_factory):
+    """fp8 has no CPU kernel: its layers stay modelopt fake-quant, which now traces under torch.export (modelopt's
+    export_torch_mode), so the run keeps engine.pt2 and predict runs it. A run without the program (planted: the file
+    swapped for a state dict, as a module torch.export cannot trace leaves it) is refused with the reason."""
+    import shutil
+
+    import torch
+
     run_dir = _build(tmp_path_factory.mktemp("torch_fp8"), "fp8")
     report = json.loads((run_dir / "report.json").read_text())
     kernels = report["lower"]["kernels"]
     assert (kernels["mode"], kernels["real_layers"]) == ("fake_quant", 0) and kernels["fake_quant_layers"] > 0
     assert "cpu_int8_linear" not in kernels
     assert kernels["reasons"]["fp8"].startswith("fp8: torchao's float8 kernels")
-    assert report["lower"]["artifact"] == "state_dict" and (run_dir / "engine.pt").is_file()
-    proc = run_cli(REPO, "predict", str(run_dir), "a sentence")
+    assert report["lower"]["artifact"] == "exported_program" and (run_dir / "engine.pt2").is_file()
+    assert "notes" not in report["lower"]
+    ops = _graph_ops(torch.export.load(str(run_dir / "engine.pt2")))
+    assert ops.get("tensorrt.quantize_op.default", 0) > 0, ops  # modelopt's FP8 fake-quant op (a CPU kernel too)
+    proc = run_cli(REPO, "predict", str(run_dir), *SENTENCES[:2], "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(json.loads(proc.stdout)["predictions"]) == 2
+    planted = tmp_path_factory.mktemp("torch_fp8_no_program") / run_dir.name
+    shutil.copytree(run_dir, planted)
+    (planted / "engine.pt2").unlink()
+    torch.save({}, planted / "engine.pt")
+    proc = run_cli(REPO, "predict", str(planted), "a sentence", "--no-verify")  # the manifest lists engine.pt2
     assert proc.returncode == 1
-    assert (f"{run_dir} keeps engine.pt, the state dict of its quantized torch module, and no exported program "
-            "(engine.pt2)") in proc.stderr
+    assert (f"{planted} keeps engine.pt, the state dict of its quantized torch module, and no exported program "
+            "(engine.pt2): torch.export could not trace that module (the run's report.json lower.notes say why)"
+            ) in proc.stderr
