@@ -23,7 +23,7 @@ format only; CUDA tensors and every other format still go to modelopt's own kern
 from __future__ import annotations
 
 import threading
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
