@@ -161,7 +161,7 @@ def _learned_scales(quantizer):
             unscale = (self.e4m3_scale() * self.global_scale).unsqueeze(-1)
             safe = torch.where(unscale > 0, unscale, torch.ones_like(unscale))
             x = (blocks / safe).clamp(-E2M1_MAX, E2M1_MAX)
-            q = x + (torch.sign(x) * round_to_e2m1(x.abs()) - x).detach()
+            q = x + (round_to_e2m1(x) - x).detach()
             y = torch.where(unscale > 0, q * unscale, torch.zeros_like(q))
             return y.reshape(w.shape).to(w.dtype)
 

@@ -72,6 +72,32 @@ def test_e2m1_rounding_ties_go_to_even():
     assert round_to_e2m1(mags).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, 0.5, 0.5]
 
 
+def _nearest_e2m1_reference(x: np.ndarray) -> np.ndarray:
+    """The e2m1 rule written from its definition: the nearest grid value of |x| (saturating at 6), on a tie the
+    one with an even mantissa (0, 1, 2, 4, 6 ... i.e. grid index even), with x's sign."""
+    grid = np.array(E2M1_GRID)
+    mag = np.minimum(np.abs(x), 6.0)
+    dist = np.abs(mag[:, None] - grid[None, :])
+    best = dist.min(axis=1, keepdims=True)
+    ties = np.isclose(dist, best, rtol=0, atol=0)
+    idx = np.where(ties.sum(axis=1) > 1, np.argmax(ties & (np.arange(len(grid)) % 2 == 0), axis=1), dist.argmin(axis=1))
+    return np.sign(x) * grid[idx]
+
+
+def test_e2m1_rounding_equals_the_nearest_grid_value_rule():
+    """round_to_e2m1 (a binade-step formula, for speed) against the rule itself, on signed values: every midpoint
+    and grid point, both sides of each binade edge, saturation, tiny and huge values, and random ones."""
+    grid = np.array(E2M1_GRID)
+    mids = (grid[1:] + grid[:-1]) / 2
+    edges = np.array([1.0, 2.0, 4.0, 6.0, 8.0])
+    special = np.concatenate([grid, mids, np.nextafter(mids, 0), np.nextafter(mids, 10), np.nextafter(edges, 0),
+                              np.nextafter(edges, 10), [1e-30, 1e-8, 0.2499, 7.0, 100.0, 3e38]]).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([special, -special, rng.uniform(-8, 8, 20000), rng.normal(0, 0.3, 5000)]).astype(np.float32)
+    got = round_to_e2m1(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, _nearest_e2m1_reference(x))
+
+
 def test_relative_error_bound_on_gaussian_blocks():
     """The bound the model-level tests rely on: NVFP4 of Gaussian data has a relative RMS error of ~9%
     (e2m1 has 3 bits of magnitude; a block's max maps to 6, so typical values land where the grid step is
