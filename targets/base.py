@@ -60,6 +60,12 @@ class Target:
     def __init__(self, cfg):
         self.cfg = cfg  # the `target` section
 
+    @classmethod
+    def capabilities_for(cls, cfg) -> TargetCapabilities:
+        """The capabilities of this target as the recipe's `target` section configures it (validation hands
+        these to the steps); the declared ones unless a setting changes what the engine can run."""
+        return cls.capabilities
+
     def check_environment(self, recipe) -> None:
         """Checks of the machine this build runs on (GPU, libraries), before any model loads."""
 

@@ -3,6 +3,7 @@ really use them (onnxruntime-gpu without a GPU silently falls back to the CPU)."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -75,8 +76,13 @@ class OrtTarget(Target):
     name = "ort"
     needs_onnx = True
     capabilities = TargetCapabilities("ort", runs_onnx=True, ort_session=True, trt_custom_ops=False,
-                                      symmetric_int8_only=False, gpu=False)
+                                      symmetric_int8_only=False, gpu=False, ort_cpu_kernels=True)
     summary = "ONNX Runtime InferenceSession (CPU, or CUDA / TensorRT execution providers)"
+
+    @classmethod
+    def capabilities_for(cls, cfg) -> TargetCapabilities:
+        providers = list(getattr(cfg, "providers", None) or ["CPUExecutionProvider"])
+        return dataclasses.replace(cls.capabilities, ort_cpu_kernels=providers[0] == "CPUExecutionProvider")
 
     def check_environment(self, recipe) -> None:
         check_providers(list(self.cfg.providers))

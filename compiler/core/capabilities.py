@@ -16,3 +16,7 @@ class TargetCapabilities:
     trt_custom_ops: bool  # executes TensorRT's trt:: ops (TRT_FP8QuantizeLinear, TRT_FP4QDQ) natively
     symmetric_int8_only: bool  # int8 Q/DQ must be signed with zero point 0 (explicit quantization rules)
     gpu: bool  # needs an NVIDIA GPU to build or run its engine
+    # the ONNX Runtime session's first provider is the CPU one, so onnxruntime's CPU-only contrib ops (the
+    # MatMulIntegerToFloat int8_static's fuse_bias writes) run where the rest of the graph runs; under the CUDA
+    # or TensorRT EP they would be placed on the CPU (Memcpy at each, and the provider_fallback rail fails)
+    ort_cpu_kernels: bool = False

@@ -249,7 +249,7 @@ def validate(cfg: DictConfig) -> BuildSpec:
     model, data, target = typed["model"], typed["data"], typed["target"]
     if target.name not in target_names():
         raise RecipeError("target.name", f"unknown target {target.name!r}", _closest(target.name, target_names()))
-    capabilities: TargetCapabilities = get_target(target.name).capabilities
+    capabilities: TargetCapabilities = get_target(target.name).capabilities_for(target)
     for k in ("calibration_samples", "evaluation_samples", "seq_len", "batch_size"):
         _positive(getattr(data, k), f"data.{k}")
     if data.on_short_data not in ("clamp", "error"):

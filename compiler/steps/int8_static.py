@@ -321,8 +321,13 @@ class Int8StaticStep(Step):
                  calibration_cache_path=str(cache_path), use_external_data_format=needs_external_data(graph))
 
         quantized = onnx.load(str(out_path), load_external_data=False)
-        if ort_graph and (p.keep_float_path or p.fuse_bias):
-            passes = _ort_passes(out_path, p)
+        # MatMulIntegerToFloat is a CPU kernel of onnxruntime's: under the CUDA / TensorRT EP the bias stays an Add
+        fuse_bias = bool(p.fuse_bias) and ctx.target.ort_cpu_kernels
+        if ort_graph and (p.keep_float_path or fuse_bias):
+            passes = _ort_passes(out_path, p.keep_float_path, fuse_bias)
+            if p.fuse_bias and not fuse_bias:
+                passes["fuse_bias_skipped"] = ("the session's first provider is not CPUExecutionProvider; "
+                                               "MatMulIntegerToFloat has no kernel there")
             report["ort_graph_passes"] = passes
             quantized = onnx.load(str(out_path), load_external_data=False)
         if products:
@@ -351,17 +356,17 @@ class Int8StaticStep(Step):
         return Path(out_path)
 
 
-def _ort_passes(path: Path, p: Params) -> dict[str, int]:
+def _ort_passes(path: Path, keep_float_path: bool, fuse_bias: bool) -> dict[str, Any]:
     """The graph passes of compiler/graph/qdq_ort.py on the quantized graph at path, in place."""
     import onnx
 
     from compiler.graph.io import save_onnx
 
     model = onnx.load(str(path))
-    done = {}
-    if p.keep_float_path:
+    done: dict[str, Any] = {}
+    if keep_float_path:
         done["float_inputs_rewired"] = float_consumers_read_float(model)
-    if p.fuse_bias:
+    if fuse_bias:
         done["matmuls_fused_with_bias"] = fuse_matmul_bias(model)
     # a graph that kept its tensors in a .data file keeps them there (as quantize_static wrote it), whatever its size
     save_onnx(model, Path(path), "always" if needs_external_data(Path(path)) else "never")

@@ -107,6 +107,30 @@ def test_ort_graph_passes_keep_the_numbers_and_leave_no_float_only_qdq(exported,
     assert float_consumers_read_float(onnx.load(str(plain))) == report["ort_graph_passes"]["float_inputs_rewired"]
 
 
+def test_bias_fusion_only_where_the_session_runs_cpu_kernels(exported, tmp_path):
+    """fuse_bias writes onnxruntime's MatMulIntegerToFloat, a CPU kernel: with the CUDA EP first in
+    target.providers the capabilities say so and the bias stays an Add (the float-path pass, standard ops,
+    still runs); the same step on the CPU EP fuses. The graph without the fusion computes the same numbers."""
+    from compiler.core.schema import TargetConfig
+    from targets import get_target
+
+    model, data, fp32 = exported["tiny_bert"]
+    gpu_caps = get_target("ort").capabilities_for(TargetConfig(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    assert gpu_caps.ort_session and not gpu_caps.ort_cpu_kernels
+    assert get_target("ort").capabilities_for(TargetConfig()).ort_cpu_kernels
+    ctx = StepContext(target=gpu_caps, model_info=model.info, calibration=data.calibration, work_dir=tmp_path)
+    out = Int8StaticStep(Params()).apply_onnx(fp32, tmp_path / "q.onnx", ctx)
+    g = onnx.load(str(out)).graph
+    assert not any(n.op_type == "MatMulIntegerToFloat" or n.domain == "com.microsoft" for n in g.node)
+    passes = ctx.report["ort_graph_passes"]
+    assert "matmuls_fused_with_bias" not in passes and passes["float_inputs_rewired"] > 0
+    assert "MatMulIntegerToFloat has no kernel there" in passes["fuse_bias_skipped"]
+    fused, _ = quantize(exported, "tiny_bert", tmp_path / "cpu")
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in onnx.load(str(fused)).graph.node) == 12
+    feeds = list(data.evaluation.batches(8))
+    np.testing.assert_allclose(run(out, feeds), run(fused, feeds), atol=1e-4)
+
+
 def test_trt_graph_gets_no_ort_passes(exported, tmp_path):
     out, report = quantize(exported, "tiny_bert", tmp_path, target="trt")
     g = onnx.load(str(out)).graph
