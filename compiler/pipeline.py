@@ -58,7 +58,7 @@ def stage(name: str, timings: Dict[str, float]):
 
 
 def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache=None, roles=None, teacher=None,
-                 run_dir: Optional[Path] = None) -> StepContext:
+                 run_dir: Optional[Path] = None, training_follows: bool = False) -> StepContext:
     """What a step may read: the target's capabilities, the data, the resolved opset and batch size; a step that
     trains also the fp32 teacher, the training text, the held-out evaluation rows and the run directory."""
     return StepContext(target=spec.capabilities, model_info=spec.model_info,
@@ -67,7 +67,7 @@ def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache
                        opset=int(spec.export.opset), batch_size=int(spec.data.batch_size), cache=cache,
                        teacher=teacher, train=data.train if data is not None else None,
                        evaluation=data.evaluation if data is not None else None, task=str(spec.model.task),
-                       run_dir=run_dir)
+                       run_dir=run_dir, training_follows=training_follows)
 
 
 def resolve_roles(steps: list[Step], roles) -> list[Step]:
@@ -108,8 +108,10 @@ def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir:
     if not spec.torch_steps:
         return model  # nothing to do: a module not loaded yet stays unloaded
     module = model.module
-    for step in spec.torch_steps:
-        ctx = step_context(spec, data, work_dir, cache, model.roles, teacher if step.trains else None, run_dir)
+    steps = list(spec.torch_steps)
+    for i, step in enumerate(steps):
+        ctx = step_context(spec, data, work_dir, cache, model.roles, teacher if step.trains else None, run_dir,
+                           training_follows=any(later.trains for later in steps[i + 1:]))
         module = step.apply_torch(module, ctx)
         step_reports[step.name] = {"where": "torch", **ctx.report}
     return LoadedModel(**{**model.__dict__, "module": module})
@@ -188,10 +190,12 @@ def train_before_repair(spec: BuildSpec, model: LoadedModel, reference: LoadedMo
         transformed[step.name] = dict(ctx.report)
     module = copy.deepcopy(base)
     sections: Dict[str, Any] = {}
-    for step in spec.torch_steps:
+    steps = list(spec.torch_steps)
+    for i, step in enumerate(steps):
         if step in transforms:
             continue
-        ctx = step_context(spec, data, work_dir, cache, model.roles, reference.module if step.trains else None, run_dir)
+        ctx = step_context(spec, data, work_dir, cache, model.roles, reference.module if step.trains else None, run_dir,
+                           training_follows=any(later.trains for later in steps[i + 1:]))
         # train_only: the float weights before their rounding onto the 4-bit grid (the fallback layers need them)
         module = step.train_only(module, ctx) if step.trains else step.apply_torch(module, ctx)
         if step.trains:

@@ -78,6 +78,9 @@ class StepContext:
     evaluation: Any = None
     task: str = "embedding"
     run_dir: Path | None = None
+    # a later step of the recipe trains this module's weights (Step.trains): a quantizing step then leaves the
+    # float weights in its layers (the training's starting point) where it would store them rounded
+    training_follows: bool = False
 
 
 class StepParams:
