@@ -511,8 +511,10 @@ class DistillStep(Step):
                                   f"a repair ({repair_key}) after {self.name} re-quantizes the trained weights, and "
                                   f"{step.name}{f' algorithm={algorithm}' if algorithm else ''} calibrated its weight "
                                   "scales for the untrained ones (measured: a second rounding that undoes the training)",
-                                  "use a quantizing step whose scales follow the weights (nvfp4 algorithm=max), or "
-                                  "turn repair off")
+                                  f"use {step.key}.algorithm=max (scales that follow the weights; the repair "
+                                  "measurements in docs/accuracy.md used it with max_steps=200), or turn repair off"
+                                  if algorithm else "use a quantizing step whose scales follow the weights (nvfp4 "
+                                  "algorithm=max), or turn repair off")
 
     def apply_torch(self, model, ctx: StepContext):
         model = self.train_only(model, ctx)

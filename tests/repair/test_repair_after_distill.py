@@ -19,7 +19,8 @@ from tests.conftest import FAST, PLANTED_LAYER, finished_run, run_cli
 #   after it; the planted layer in FP8 (its fp32 weights) 0.999752
 # a drop budget of 8.5e-4 (cosine >= 0.99915) lies between the post-training and the trained all-NVFP4 numbers
 BUDGET = 8.5e-4
-ARGS = [*FAST, "bench.enabled=false", "target=torch", "check.loss_sources=false",
+# the recipe's own mse scales are refused with repair (test below): repair after distill runs with max scales
+ARGS = [*FAST, "bench.enabled=false", "target=torch", "check.loss_sources=false", "recipe.steps.nvfp4.algorithm=max",
         "recipe.repair.enabled=true", "recipe.repair.metric=fidelity", f"recipe.repair.max_fidelity_drop={BUDGET}",
         "recipe.repair.fallback=fp8", "recipe.repair.ranking_samples=1000",
         # a random-init tiny model's top-1 token agreement is not what this test is about
@@ -93,11 +94,14 @@ def test_rebuild_replays_the_map_on_the_cached_training(builds):
 
 
 @pytest.mark.parametrize("override,text", [
+    ("recipe.steps.nvfp4.algorithm=mse", "recipe.steps.nvfp4.algorithm: a repair (recipe.repair.enabled) "
+     "after distill re-quantizes the trained weights, and nvfp4 algorithm=mse calibrated its weight scales"),
     ("recipe.steps.nvfp4.algorithm=local_hessian", "recipe.steps.nvfp4.algorithm: a repair (recipe.repair.enabled) "
      "after distill re-quantizes the trained weights, and nvfp4 algorithm=local_hessian calibrated its weight scales"),
     ("recipe.steps.distill.train=scales", "recipe.steps.distill.train: train=scales learns the 4-bit block scales"),
 ])
 def test_a_training_a_second_calibration_would_undo_is_refused(planted_dir, tmp_path, override, text):
-    res = run_cli(tmp_path, "model=hf", f"model.path={planted_dir}", "recipe=nvfp4_distill", *ARGS, override)
+    args = [a for a in ARGS if not a.startswith("recipe.steps.nvfp4.algorithm=")]
+    res = run_cli(tmp_path, "model=hf", f"model.path={planted_dir}", "recipe=nvfp4_distill", *args, override)
     assert res.rc == 2 and text in res.stderr, res.stderr
     assert "Loading weights" not in res.stderr

@@ -177,7 +177,7 @@ def test_learned_scales_lower_the_loss_and_reach_the_graph(quantized, planted, t
     _check_graph(module, tiny_bert, train_data, tmp_path)
 
 
-def test_calibrated_scales_leave_the_float_weights_to_a_training_that_follows(planted, tiny_bert, train_data):
+def test_calibrated_scales_leave_the_float_weights_to_a_training_that_follows(planted, tiny_bert, train_data, tmp_path):
     """nvfp4 with calibrated scales (mse) stores each weight rounded onto its grid, unless a training step follows
     (StepContext.training_follows, set by the pipeline): then the Linear keeps its float weight, the fixed-scale
     quantizer rounds it to the same numbers at every forward, and distill trains from there; finalize rounds it.
@@ -213,6 +213,7 @@ def test_calibrated_scales_leave_the_float_weights_to_a_training_that_follows(pl
         sub = from_float.get_submodule(name)
         q = sub.weight_quantizer
         assert torch.equal(nvfp4_fake_quant_with_scales(sub.weight, q._qc_scale_e4m3, q._qc_global_scale), sub.weight)
+    _check_graph(from_float, tiny_bert, train_data, tmp_path)  # the TensorRT graph carries the mse scales
 
 
 def test_the_pipeline_tells_the_quantizer_a_training_follows(tmp_path):
