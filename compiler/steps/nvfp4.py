@@ -388,7 +388,7 @@ class NVFP4Step(Step):
             # fp4_qdq, whose scales modelopt's exporter recomputes by max: the calibrated ones would be lost
             raise RecipeError(f"{self.key}.algorithm", f"{self.params.algorithm} cannot reach the graph through "
                               "export.exporter=dynamo (its NVFP4 weights export with max scales)",
-                              "use export.exporter=torchscript, or algorithm=max")
+                              f"use export.exporter=torchscript, or {self.key}.algorithm=max")
 
     def layers(self, module, exclude=()) -> List[str]:
         return super().layers(module, list(exclude) or list(DEFAULT_EXCLUDE))

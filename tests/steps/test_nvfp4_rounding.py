@@ -89,7 +89,7 @@ def test_the_dynamo_exporter_is_refused_for_a_calibrated_algorithm():
         NVFP4Step(NVFP4Params(algorithm="mse")).validate_export(dynamo, caps("trt"))
     assert str(e.value) == ("recipe.steps.nvfp4.algorithm: mse cannot reach the graph through export.exporter=dynamo "
                             "(its NVFP4 weights export with max scales) -- use export.exporter=torchscript, or "
-                            "algorithm=max")
+                            "recipe.steps.nvfp4.algorithm=max")
 
 
 # ---- the step on a tiny model with a planted outlier column ----------------------------------------------
