@@ -70,6 +70,11 @@ def step_context(spec: BuildSpec, data: Optional[Dataset], work_dir: Path, cache
                        run_dir=run_dir, training_follows=training_follows)
 
 
+def a_later_step_trains(steps: list[Step], i: int) -> bool:
+    """Whether a step after steps[i] trains the module (StepContext.training_follows)."""
+    return any(later.trains for later in steps[i + 1:])
+
+
 def resolve_roles(steps: list[Step], roles) -> list[Step]:
     """The steps with the role selectors of their layer lists (`exclude`, `layers`: `ffn_down`,
     `attention_output[0]`) replaced by the module names the model's roles give, so every step method sees
@@ -111,7 +116,7 @@ def quantize_torch(model: LoadedModel, spec: BuildSpec, data: Dataset, work_dir:
     steps = list(spec.torch_steps)
     for i, step in enumerate(steps):
         ctx = step_context(spec, data, work_dir, cache, model.roles, teacher if step.trains else None, run_dir,
-                           training_follows=any(later.trains for later in steps[i + 1:]))
+                           training_follows=a_later_step_trains(steps, i))
         module = step.apply_torch(module, ctx)
         step_reports[step.name] = {"where": "torch", **ctx.report}
     return LoadedModel(**{**model.__dict__, "module": module})
@@ -195,7 +200,7 @@ def train_before_repair(spec: BuildSpec, model: LoadedModel, reference: LoadedMo
         if step in transforms:
             continue
         ctx = step_context(spec, data, work_dir, cache, model.roles, reference.module if step.trains else None, run_dir,
-                           training_follows=any(later.trains for later in steps[i + 1:]))
+                           training_follows=a_later_step_trains(steps, i))
         # train_only: the float weights before their rounding onto the 4-bit grid (the fallback layers need them)
         module = step.train_only(module, ctx) if step.trains else step.apply_torch(module, ctx)
         if step.trains:
