@@ -191,11 +191,20 @@ class Step:
         """A step that trains: checks that what it trains survives a repair after it (the steps before it in
         `before`; default: none). Raise RecipeError."""
 
-    def scales_follow_trained_weights(self) -> bool:
-        """A quantizing step: whether running it again on weights a training step moved reproduces the quantizer
-        the training saw (scales computed from the weight itself, as NVFP4's max); False where a calibration fixed
-        them for the untrained weights. A repair after training re-runs the step on the trained weights."""
+    def requantizes_as_trained(self) -> bool:
+        """A quantizing step: whether running it again on weights a training step moved, given what
+        carry_trained_state put on them, reproduces the quantizer the training saw (a repair after training re-runs
+        the step on the trained weights: compiler/pipeline.py train_before_repair). False (default) where a
+        calibration would fix new scales for the trained weights, or change the weights themselves."""
         return False
+
+    # the values of its `algorithm` parameter for which requantizes_as_trained holds (named by the refusal)
+    algorithms_requantized_as_trained: tuple[str, ...] = ()
+
+    def carry_trained_state(self, plain, trained) -> None:
+        """Put on `plain` (a Linear of the fp32 model that takes the trained weights) what of `trained` (the same
+        Linear after the training, with its quantizers) apply_torch needs to quantize it again as it was trained
+        (e.g. calibrated scales, as buffers that apply_torch takes off again). Default: nothing."""
 
     def validate_export(self, export_cfg, target: TargetCapabilities) -> None:
         """Checks against the export section; by default that its opset is at least min_opset(target)."""

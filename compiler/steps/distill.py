@@ -499,22 +499,23 @@ class DistillStep(Step):
 
     def validate_with_repair(self, repair_key: str, before) -> None:
         # the repair re-runs the quantizing steps on the trained float weights (compiler/pipeline.py
-        # train_before_repair): what it recalibrates must be what the training saw
+        # train_before_repair, with what each step's carry_trained_state keeps): it must quantize them as trained
         if self.params.train == "scales":
             raise RecipeError(f"{self.key}.train", "train=scales learns the 4-bit block scales of every layer, which "
                               f"a repair ({repair_key}) recalibrates on the layers it keeps in 4 bits",
                               "use train=weights or train=lora with repair, or turn repair off")
         for step in before:
-            if step.quantizes_compute and not step.scales_follow_trained_weights():
+            if step.quantizes_compute and not step.requantizes_as_trained():
                 algorithm = getattr(step.params, "algorithm", None)
+                choices = tuple(step.algorithms_requantized_as_trained)
                 raise RecipeError(f"{step.key}.algorithm" if algorithm else repair_key,
                                   f"a repair ({repair_key}) after {self.name} re-quantizes the trained weights, and "
-                                  f"{step.name}{f' algorithm={algorithm}' if algorithm else ''} calibrated its weight "
-                                  "scales for the untrained ones (measured: a second rounding that undoes the training)",
-                                  f"use {step.key}.algorithm=max (scales that follow the weights; the repair "
-                                  "measurements in docs/accuracy.md used it with max_steps=200), or turn repair off"
-                                  if algorithm else "use a quantizing step whose scales follow the weights (nvfp4 "
-                                  "algorithm=max), or turn repair off")
+                                  f"{step.name}{f' algorithm={algorithm}' if algorithm else ''} would calibrate them "
+                                  "anew (measured: a second rounding that undoes the training)",
+                                  f"use {step.key}.algorithm={' / '.join(choices)} (the repair carries their scales "
+                                  "over from the training), or turn repair off" if algorithm and choices else
+                                  "use a quantizing step a repair can carry over (nvfp4 algorithm=max / mse / "
+                                  "four_over_six / local_hessian), or turn repair off")
 
     def apply_torch(self, model, ctx: StepContext):
         model = self.train_only(model, ctx)

@@ -110,7 +110,8 @@ def _fixed_scales_entrypoint(inputs, quantizer):
     return FixedScaleFP4QDQ.apply(inputs, quantizer._qc_scale_e4m3, quantizer._qc_global_scale, NVFP4_BLOCK)
 
 
-def fix_weight_scales(module, keep_float_weights: bool = False) -> int:
+def fix_weight_scales(module, keep_float_weights: bool = False,
+                      trained_scales: Optional[Dict[str, Tuple]] = None) -> int:
     """Make every enabled NVFP4 weight quantizer's calibrated rounding part of the model, for export.
 
     modelopt's NVFP4 ONNX path recomputes max scales from the weight (NVFP4QuantExporter.compute_scales) and
@@ -126,7 +127,11 @@ def fix_weight_scales(module, keep_float_weights: bool = False) -> int:
     to the same numbers) for a training step to start from; it rounds them before export (distill.finalize). A
     rounded weight sits on a grid point, half a grid step from any rounding boundary, where straight-through
     training barely moves it: MiniLM, local_hessian + nvfp4_distill's training, 0.9709 -> 0.9780 from the rounded
-    weights, -> 0.9829 from the float ones (docs/accuracy.md)."""
+    weights, -> 0.9829 from the float ones (docs/accuracy.md).
+
+    trained_scales: {layer name: (per-block e4m3 scales, global scale)} a training ran those layers' weights
+    under (take_trained_state): they replace what this calibration chose, so the trained weights are rounded as
+    the training rounded them."""
     import torch
     from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.nn.modules import tensor_quantizer as tq
@@ -145,6 +150,12 @@ def fix_weight_scales(module, keep_float_weights: bool = False) -> int:
             continue  # a layer given int8 / fp8 by the layer map keeps its own quantizer
         with torch.no_grad():
             w = weight.detach().float()
+            if trained_scales and name in trained_scales:
+                s8, gs = (torch.as_tensor(t, dtype=torch.float32) for t in trained_scales[name])
+                got = nvfp4_fake_quant_with_scales(w, s8, gs, NVFP4_BLOCK)
+                _install_fixed_quantizer(sub, weight, got, s8, float(gs), keep_float_weights)
+                n += 1
+                continue
             want = wq(weight.detach()).float()
             amax = wq.amax
             if amax is not None and amax.numel() > 1:  # static: one amax per block, chosen by the calibration
@@ -158,17 +169,64 @@ def fix_weight_scales(module, keep_float_weights: bool = False) -> int:
                 diff = float((got - want).abs().max())
                 raise BuildError(f"nvfp4: the scales recomputed for {name} do not reproduce its calibrated "
                                  f"fake-quant (max difference {diff:.3g}); cannot export them")
-            if not keep_float_weights:
-                weight.data.copy_(got.to(weight.dtype))
-            fixed = TensorQuantizer()
-            fixed.set_from_attribute_config({"num_bits": (2, 1), "backend": FIXED_SCALES_BACKEND,
-                                             "block_sizes": {-1: NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)}})
-            fixed.register_buffer("_amax", torch.as_tensor(gs * E2M1_MAX * E4M3_MAX, dtype=torch.float32))
-            fixed.register_buffer("_qc_scale_e4m3", s8.float().contiguous())
-            fixed.register_buffer("_qc_global_scale", torch.as_tensor(gs, dtype=torch.float32).reshape(()))
-            fixed.disable_calib()
-            fixed.enable_quant()
-            sub.weight_quantizer = fixed
+            _install_fixed_quantizer(sub, weight, got, s8, gs, keep_float_weights)
+            n += 1
+    return n
+
+
+def _install_fixed_quantizer(sub, weight, rounded, s8, gs, keep_float_weights: bool) -> None:
+    """sub's weight quantizer becomes a fixed-scale one holding (s8, gs); the weight becomes `rounded` unless
+    keep_float_weights."""
+    import torch
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    if not keep_float_weights:
+        weight.data.copy_(rounded.to(weight.dtype))
+    fixed = TensorQuantizer()
+    fixed.set_from_attribute_config({"num_bits": (2, 1), "backend": FIXED_SCALES_BACKEND,
+                                     "block_sizes": {-1: NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)}})
+    fixed.register_buffer("_amax", torch.as_tensor(gs * E2M1_MAX * E4M3_MAX, dtype=torch.float32))
+    fixed.register_buffer("_qc_scale_e4m3", s8.float().contiguous())
+    fixed.register_buffer("_qc_global_scale", torch.as_tensor(gs, dtype=torch.float32).reshape(()))
+    fixed.disable_calib()
+    fixed.enable_quant()
+    sub.weight_quantizer = fixed
+
+
+# What train_before_repair carries from a trained NVFP4 Linear to the fp32 model's Linear that takes its weights
+# (NVFP4Step.carry_trained_state), as buffers apply_torch takes off before modelopt converts the module: the
+# weight's fixed block scales and global scale, and the input quantizer's calibrated amax (its global scale).
+TRAINED_BUFFERS = ("qc_trained_scale_e4m3", "qc_trained_global_scale", "qc_trained_input_amax")
+
+# The algorithms whose calibration only chooses the weights' scales: with those carried from the training, the
+# step run again on the trained weights quantizes them as the training did. Not the awq ones (they fold
+# per-channel scales into the weights, which a second run would fold again) nor gptq (its weights are its rounding).
+SCALE_ONLY_ALGORITHMS = ("max", "mse", "four_over_six", "local_hessian")
+
+
+def _is_nvfp4_quantizer(q) -> bool:
+    bits = getattr(q, "num_bits", None)
+    return bool(getattr(q, "is_enabled", False)) and tuple(bits if isinstance(bits, (list, tuple)) else ()) == (2, 1)
+
+
+def take_trained_state(module) -> Dict[str, Dict[str, object]]:
+    """Remove the TRAINED_BUFFERS from every submodule: {module name: {buffer name: tensor}}."""
+    out: Dict[str, Dict[str, object]] = {}
+    for name, sub in module.named_modules():
+        got = {b: sub._buffers.pop(b) for b in TRAINED_BUFFERS if b in sub._buffers}
+        if got:
+            out[name] = got
+    return out
+
+
+def set_trained_input_amax(module, trained: Dict[str, Dict[str, object]]) -> int:
+    """The NVFP4 input quantizers of the layers in `trained` get the amax the training ran with (a layer the
+    repair map gave another format keeps its own calibration). Returns how many."""
+    n = 0
+    for name, bufs in trained.items():
+        iq = getattr(module.get_submodule(name), "input_quantizer", None)
+        if "qc_trained_input_amax" in bufs and _is_nvfp4_quantizer(iq):
+            iq.amax = bufs["qc_trained_input_amax"].clone()
             n += 1
     return n
 
@@ -362,8 +420,19 @@ class NVFP4Step(Step):
     # weights off: only with_operands makes such a copy (the loss-sources table's activation-only row)
     quantize_weights = True
 
-    def scales_follow_trained_weights(self) -> bool:
-        return self.params.algorithm == "max"  # dynamic block scales: each block's own max, at every forward
+    algorithms_requantized_as_trained = SCALE_ONLY_ALGORITHMS
+
+    def requantizes_as_trained(self) -> bool:
+        # max: each block's own max, at every forward; the others' fixed scales are carried (carry_trained_state)
+        return self.params.algorithm in SCALE_ONLY_ALGORITHMS
+
+    def carry_trained_state(self, plain, trained) -> None:
+        wq, iq = getattr(trained, "weight_quantizer", None), getattr(trained, "input_quantizer", None)
+        if getattr(wq, "backend", None) == FIXED_SCALES_BACKEND:
+            plain.register_buffer("qc_trained_scale_e4m3", wq._qc_scale_e4m3.detach().clone())
+            plain.register_buffer("qc_trained_global_scale", wq._qc_global_scale.detach().clone())
+        if _is_nvfp4_quantizer(iq) and iq.amax is not None:
+            plain.register_buffer("qc_trained_input_amax", iq.amax.detach().clone())
 
     def quantized_operands(self):
         return frozenset({WEIGHTS} if self.quantize_weights else set()) | (
@@ -400,9 +469,18 @@ class NVFP4Step(Step):
     def apply_torch(self, model, ctx: StepContext):
         install_cpu_fallback()
         algorithm = str(self.params.algorithm)
+        trained = take_trained_state(model)  # what a training before a repair ran with (carry_trained_state)
         quantize_module(model, nvfp4_config(bool(self.params.activations), algorithm, self.quantize_weights), ctx,
                         layer_formats=self.layer_formats)
-        fixed = fix_weight_scales(model, keep_float_weights=ctx.training_follows) if algorithm != "max" else 0
+        trained_scales = {n: (b["qc_trained_scale_e4m3"], b["qc_trained_global_scale"])
+                          for n, b in trained.items() if "qc_trained_scale_e4m3" in b}
+        fixed = (fix_weight_scales(model, keep_float_weights=ctx.training_follows, trained_scales=trained_scales)
+                 if algorithm != "max" or trained_scales else 0)
+        if trained:  # the layers still NVFP4 quantize as the training ran them, not as this calibration chose
+            ctx.report["trained_scales"] = {
+                "input_amax": set_trained_input_amax(model, trained),
+                "weight_scales": sum(_is_nvfp4_quantizer(getattr(model.get_submodule(n), "weight_quantizer", None))
+                                     for n in trained_scales)}
         marked = mark_for_trt_export(model)
         ctx.report.update({"format": "nvfp4", "block_size": NVFP4_BLOCK, "scale_format": "e4m3",
                            "activations": bool(self.params.activations), "trt_export_quantizers": marked})

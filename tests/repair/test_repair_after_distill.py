@@ -3,7 +3,8 @@ NVFP4, and the search measures and the build quantizes the trained weights (comp
 train_before_repair). On the tiny BERT with a PLANTED sensitive layer the trained model meets a budget with no layer
 in FP8 that the post-training model meets only with the planted layer in FP8; the build measures what the search
 measured; the manifest keeps the fp32 weights' hash; a rebuild replays the map and the cached training byte for
-byte. Repair after a training whose quantizer scales a second calibration would change is refused."""
+byte. The scales the training ran under carry into the search (mse); repair after a training a second run of the
+quantizing step would undo (gptq, awq, learned scales) is refused."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.conftest import FAST, PLANTED_LAYER, finished_run, run_cli
 #   after it; the planted layer in FP8 (its fp32 weights) 0.999752
 # a drop budget of 8.5e-4 (cosine >= 0.99915) lies between the post-training and the trained all-NVFP4 numbers
 BUDGET = 8.5e-4
-# the recipe's own mse scales are refused with repair (test below): repair after distill runs with max scales
+# max scales: the measurements above (the recipe's own mse: test_the_search_starts_from_the_trained_model...)
 ARGS = [*FAST, "bench.enabled=false", "target=torch", "check.loss_sources=false", "recipe.steps.nvfp4.algorithm=max",
         "recipe.repair.enabled=true", "recipe.repair.metric=fidelity", f"recipe.repair.max_fidelity_drop={BUDGET}",
         "recipe.repair.fallback=fp8", "recipe.repair.ranking_samples=1000",
@@ -93,11 +94,31 @@ def test_rebuild_replays_the_map_on_the_cached_training(builds):
     assert res.rc == 0, res
 
 
+def test_the_search_starts_from_the_trained_model_with_its_calibrated_scales(planted_dir, tmp_path):
+    """The recipe's own mse scales with repair: the search re-runs nvfp4 on the trained weights, and the scales the
+    training ran under are carried over (Step.carry_trained_state), so its all-NVFP4 point is the trained model,
+    measured by distill on the same rows. (On MiniLM a second mse calibration instead measured 0.971 where the
+    trained model measures 0.985.)"""
+    args = [a for a in ARGS if not a.startswith("recipe.steps.nvfp4.algorithm=")]
+    run = finished_run(tmp_path, "model=hf", f"model.path={planted_dir}", "recipe=nvfp4_distill",
+                       "recipe.steps.distill.max_steps=20", *args)
+    report = json.loads((run / "report.json").read_text())
+    search = _search(run)
+    assert report["distill"]["fidelity_after"] > report["distill"]["fidelity_before"]
+    assert search["search"][0]["fallback_layers"] == 0
+    assert search["search"][0]["metric"] == pytest.approx(report["distill"]["fidelity_after"], abs=1e-6)
+    assert report["steps"]["nvfp4"]["algorithm"] == "mse"
+    assert report["steps"]["nvfp4"]["trained_scales"] == {"input_amax": 12, "weight_scales": 12}
+    assert report["check"]["fidelity"]["embedding_cosine_mean"] == pytest.approx(
+        next(p["metric"] for p in search["search"] if p["fallback_layers"] == len(search["chosen"])), abs=1e-6)
+
+
 @pytest.mark.parametrize("override,text", [
-    ("recipe.steps.nvfp4.algorithm=mse", "recipe.steps.nvfp4.algorithm: a repair (recipe.repair.enabled) "
-     "after distill re-quantizes the trained weights, and nvfp4 algorithm=mse calibrated its weight scales"),
-    ("recipe.steps.nvfp4.algorithm=local_hessian", "recipe.steps.nvfp4.algorithm: a repair (recipe.repair.enabled) "
-     "after distill re-quantizes the trained weights, and nvfp4 algorithm=local_hessian calibrated its weight scales"),
+    ("recipe.steps.nvfp4.algorithm=gptq", "recipe.steps.nvfp4.algorithm: a repair (recipe.repair.enabled) after "
+     "distill re-quantizes the trained weights, and nvfp4 algorithm=gptq would calibrate them anew (measured: a "
+     "second rounding that undoes the training) -- use recipe.steps.nvfp4.algorithm=max / mse / four_over_six / "
+     "local_hessian (the repair carries their scales over from the training), or turn repair off"),
+    ("recipe.steps.nvfp4.algorithm=awq_lite", "nvfp4 algorithm=awq_lite would calibrate them anew"),
     ("recipe.steps.distill.train=scales", "recipe.steps.distill.train: train=scales learns the 4-bit block scales"),
 ])
 def test_a_training_a_second_calibration_would_undo_is_refused(planted_dir, tmp_path, override, text):

@@ -216,6 +216,50 @@ def test_calibrated_scales_leave_the_float_weights_to_a_training_that_follows(pl
     _check_graph(from_float, tiny_bert, train_data, tmp_path)  # the TensorRT graph carries the mse scales
 
 
+def test_a_second_nvfp4_run_quantizes_trained_weights_as_the_training_did(planted, tiny_bert, train_data):
+    """A repair after training re-runs nvfp4 on an fp32 model holding the trained weights (compiler/pipeline.py
+    train_before_repair). With what carry_trained_state puts on each Linear (the fixed mse block scales and the
+    inputs' calibrated amax), that run computes the trained model's numbers exactly; without it (the PLANTED fault:
+    nothing carried) it calibrates new scales for the moved weights and computes other numbers."""
+    def ctx(training_follows):
+        return StepContext(target=caps("trt"), model_info=tiny_bert.info, calibration=train_data.calibration,
+                           exclude=model_exclude(tiny_bert), training_follows=training_follows)
+
+    step = NVFP4Step(NVFP4Params(algorithm="mse"))  # W4A4: weight scales and input amax both calibrated
+    trained = step.apply_torch(copy.deepcopy(planted), ctx(True))
+    layers = trained_layers(trained)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # what a training does: the float weights move under fixed scales
+        for name in layers:
+            w = trained.get_submodule(name).weight
+            w.add_(0.3 * w.std() * torch.randn(w.shape, generator=gen))
+
+    def requantized(carry):
+        plain = copy.deepcopy(planted)
+        with torch.no_grad():
+            for name in layers:
+                plain.get_submodule(name).weight.copy_(trained.get_submodule(name).weight)
+                plain.get_submodule(name).bias.copy_(trained.get_submodule(name).bias)
+                if carry:
+                    step.carry_trained_state(plain.get_submodule(name), trained.get_submodule(name))
+        c = ctx(False)
+        out = step.apply_torch(plain, c)
+        return out, c.report
+
+    feed = next(train_data.evaluation.batches(32))
+    args = [torch.from_numpy(feed[n]) for n in tiny_bert.input_names]
+    carried, report = requantized(True)
+    recalibrated, plain_report = requantized(False)
+    with torch.no_grad():
+        want, got, other = trained(*args)[1], carried(*args)[1], recalibrated(*args)[1]
+    assert torch.equal(got, want)
+    assert float((other - want).abs().max()) > 1e-3 * float(want.abs().max())
+    assert report["trained_scales"] == {"input_amax": 12, "weight_scales": 12}
+    assert "trained_scales" not in plain_report
+    # apply_torch took the carried buffers off (the export and the state dict do not see them)
+    assert [b for b, _ in carried.named_buffers() if b.split(".")[-1].startswith("qc_trained")] == []
+
+
 def test_the_pipeline_tells_the_quantizer_a_training_follows(tmp_path):
     """End to end: in recipe nvfp4_distill with calibrated scales the nvfp4 step hears from the pipeline that distill
     comes after it (StepContext.training_follows) and leaves the float weights; the plain nvfp4 recipe rounds."""
