@@ -38,6 +38,7 @@ class TorchTarget(Target):
     def lower(self, model, onnx_path: Optional[Path], run_dir: Path, build_info=None) -> Engine:
         import torch
 
+        from compiler.numerics.int4_linear import use_int4_dequant_linears
         from compiler.numerics.int8_linear import use_lean_int8_linears
 
         module = model.module.to(self.cfg.device).eval()
@@ -45,10 +46,15 @@ class TorchTarget(Target):
         # fake-quant around fp32 products that torch.export cannot trace: compiler.numerics.int8_linear runs both
         # in int8 with the same numbers (aten ops only: the program exports and loads without torchao)
         lean = use_lean_int8_linears(module) if self.cfg.device == "cpu" else 0
+        # modelopt's int4 weight-only fake-quant does not trace either (and no int4 kernel is faster on the CPU):
+        # stored as 4-bit codes, dequantized per call, the same numbers (compiler.numerics.int4_linear)
+        int4 = use_int4_dequant_linears(module)
         info: dict[str, Any] = {"device": self.cfg.device, "torch": torch.__version__,
                                 "kernels": module_kernels(module), "compiled": bool(self.cfg.compile)}
         if lean:
             info["kernels"]["cpu_int8_linear"] = lean
+        if int4:
+            info["kernels"]["int4_dequant_linear"] = int4
         if any(torchao_weight(m) is not None for m in module.modules()):  # torchao tensors left in the program
             info["torchao"] = _torchao_version()
         program, why = export_program(module, list(model.input_names), self.cfg.device)

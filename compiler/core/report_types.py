@@ -330,6 +330,9 @@ class Kernels(Section):
     # of real_layers, how many run as target=torch's CPU int8 Linear (torchao's int8 weights, the same numbers with
     # less work per call: compiler/numerics/int8_linear.py); the rest run torchao's own linear
     cpu_int8_linear: Optional[int] = None
+    # of fake_quant_layers, how many modelopt int4 weight-only layers target=torch stored as 4-bit codes dequantized
+    # per call (the fake-quant's numbers in a form torch.export keeps: compiler/numerics/int4_linear.py)
+    int4_dequant_linear: Optional[int] = None
 
 
 @dataclass(kw_only=True)

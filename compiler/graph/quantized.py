@@ -75,6 +75,13 @@ def is_lean_int8_linear(module) -> bool:
     return cls.__name__ in ("Int8DynamicLinear", "Int8StaticLinear") and cls.__module__ == "compiler.numerics.int8_linear"
 
 
+def is_int4_dequant_linear(module) -> bool:
+    """compiler.numerics.int4_linear's Int4DequantLinear: int4 codes dequantized around an fp32 product (modelopt's
+    int4 weight-only fake-quant numbers, in a form torch.export traces)."""
+    cls = type(module)
+    return cls.__name__ == "Int4DequantLinear" and cls.__module__ == "compiler.numerics.int4_linear"
+
+
 def torchao_weight(module):
     """The module's weight when it is a torchao tensor subclass (torchao.quantization.quantize_ put it there)."""
     w = getattr(module, "weight", None)
@@ -88,8 +95,8 @@ def enabled_quantizers(module) -> list:
 
 
 def is_quantized_module(module) -> bool:
-    """A torch quantized module, or a layer with an enabled modelopt quantizer (fake-quant)."""
-    return is_torch_quantized(module) or bool(enabled_quantizers(module))
+    """A torch quantized module, or a layer with an enabled modelopt quantizer (fake-quant) or lowered from one."""
+    return is_torch_quantized(module) or is_int4_dequant_linear(module) or bool(enabled_quantizers(module))
 
 
 def computes_in_int8(module) -> bool:

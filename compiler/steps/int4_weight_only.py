@@ -146,7 +146,10 @@ class Int4WeightOnlyStep(Step):
     def torch_kernel(self) -> NoKernel:
         return NoKernel("int4 weight-only: torchao 0.18's int4 kernels are CUDA (Int4WeightOnlyConfig: tinygemm, "
                         "mslk); its x86 CPU int4 tensor is a prototype (PrototypeInt4WeightOnlyConfig) with "
-                        "asymmetric blocks, not this step's symmetric ones or its calibrations")
+                        "asymmetric blocks, not this step's symmetric ones or its calibrations; torch's CPU int4 "
+                        "product (aten._weight_int4pack_mm_for_cpu) ran 143x slower than fp32 in fp32. target=torch "
+                        "stores the weights as 4-bit codes, dequantized around an fp32 product at every call "
+                        "(compiler/numerics/int4_linear.py): size, not speed")
 
     def apply_torch(self, model, ctx: StepContext):
         cfg = copy.deepcopy(_mtq().INT4_BLOCKWISE_WEIGHT_ONLY_CFG)

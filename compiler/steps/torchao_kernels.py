@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compiler.core.errors import BuildError
-from compiler.graph.quantized import is_lean_int8_linear
+from compiler.graph.quantized import is_int4_dequant_linear, is_lean_int8_linear
 
 
 # what a step's report says in its "kernels" key (and report.json's lower.kernels.mode for the whole module)
@@ -115,6 +115,9 @@ def module_kernels(module) -> dict[str, Any]:
     for _, m in module.named_modules():
         if is_lean_int8_linear(m):  # target=torch's CPU int8 Linear (torchao's or modelopt's int8 numbers)
             real += 1
+            continue
+        if is_int4_dequant_linear(m):  # int4 codes dequantized around an fp32 product: no int4 kernel
+            fake += 1
             continue
         if not isinstance(m, torch.nn.Linear):
             continue
