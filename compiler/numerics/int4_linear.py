@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from compiler.numerics.int8_linear import replace_linears
+
 
 class Int4DequantLinear(torch.nn.Module):
     """y = (x * p) @ W^T + b, W[n, k] = (c[n, k] - 8) / s[n, k // B]: c the 4-bit code (two per byte), s modelopt's
@@ -85,14 +87,4 @@ class Int4DequantLinear(torch.nn.Module):
 def use_int4_dequant_linears(module: torch.nn.Module) -> int:
     """Swap, in place, every modelopt int4 block weight-only fake-quant Linear of ``module`` for an
     Int4DequantLinear with the same numbers; returns how many."""
-    swapped = 0
-    for name, sub in list(module.named_modules()):
-        if not isinstance(sub, torch.nn.Linear):
-            continue
-        lean = Int4DequantLinear.from_modelopt(sub)
-        if lean is None:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, child, lean)
-        swapped += 1
-    return swapped
+    return replace_linears(module, Int4DequantLinear.from_modelopt)

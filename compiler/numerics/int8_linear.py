@@ -159,11 +159,16 @@ def use_lean_int8_linears(module: torch.nn.Module) -> int:
     Int8DynamicLinear, and every modelopt W8A8 static fake-quant Linear for an Int8StaticLinear, each with the same
     numbers; returns how many it swapped. For the CPU (target=torch lowers with it where target.device=cpu): on
     CUDA torchao's kernels and modelopt's stay."""
+    return replace_linears(module, lambda sub: Int8DynamicLinear.from_torchao(sub) or Int8StaticLinear.from_modelopt(sub))
+
+
+def replace_linears(module: torch.nn.Module, make) -> int:
+    """Swap, in place, every Linear of ``module`` for make(linear) where that is not None; returns how many."""
     swapped = 0
     for name, sub in list(module.named_modules()):
         if not isinstance(sub, torch.nn.Linear):
             continue
-        lean = Int8DynamicLinear.from_torchao(sub) or Int8StaticLinear.from_modelopt(sub)
+        lean = make(sub)
         if lean is None:
             continue
         parent, _, child = name.rpartition(".")
