@@ -197,8 +197,8 @@ def validate_repair(rep, steps, target, explicit_opset: int | None) -> None:
                           f"{explicit_opset} ({number_format(fmt).opset_reason} needs opset {need})",
                           f"set export.opset={need} (or leave it unset), or use fallback=fp32")
     for i, s in enumerate(steps):
-        if s.trains:  # the pipeline trains before the repair: the step says what of it the map can keep
-            s.validate_with_repair("recipe.repair.enabled" if rep.enabled else "recipe.repair.layers", steps[:i])
+        if s.trains and rep.enabled:  # the pipeline trains before the search: the step says what of it the map keeps
+            s.validate_with_repair("recipe.repair.enabled", steps[:i])
     onnx_side = [s.name for s in quant if s.stage_for(target.name) != TORCH]
     torch_side = [s.name for s in quant if s.stage_for(target.name) == TORCH]
     if rep.enabled and onnx_side and torch_side:
