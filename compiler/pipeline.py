@@ -92,12 +92,14 @@ def resolve_roles(steps: list[Step], roles) -> list[Step]:
 
 
 def repair_stage(spec: BuildSpec, model: LoadedModel, data: Dataset, run_dir: Path, work_dir: Path,
-                 report: dict[str, Any], cache=None, exported: Optional[Path] = None, reference_module=None):
+                 report: dict[str, Any], cache=None, exported: Optional[Path] = None, reference_module=None,
+                 after_training: bool = False):
     """The repair stage (compiler/repair/run.py) with this build's step context; an unmet budget leaves
     report.json and REPORT.md (with the repair section) before it exits. Returns (spec, REPORT.md section)."""
     try:
         return run_repair(spec, model, data, run_dir, work_dir, report,
-                          lambda d: step_context(spec, data, d, cache, model.roles), cache, exported, reference_module)
+                          lambda d: step_context(spec, data, d, cache, model.roles), cache, exported, reference_module,
+                          after_training)
     except RepairBudgetError as e:
         write_report(run_dir, report)
         with open(run_dir / "REPORT.md", "a") as f:
@@ -298,7 +300,8 @@ def run_build(spec: BuildSpec, run_dir: Path, cache=None, overrides: Optional[Li
                 model, spec, trained_first = train_before_repair(spec, model, reference, data, work_dir, cache, run_dir)
         with stage("repair", timings):
             spec, repair_md = repair_stage(spec, model, data, run_dir, work_dir, report, cache,
-                                           reference_module=trained_first.fp32_module if trained_first else None)
+                                           reference_module=trained_first.fp32_module if trained_first else None,
+                                           after_training=trained_first is not None)
             recipe_yaml = OmegaConf.to_yaml(spec.raw, resolve=True, sort_keys=False)
             (run_dir / "recipe.yaml").write_text(recipe_yaml)  # now holds recipe.repair.layers: rebuilds replay it
         if trained_first is not None:  # the layers the map keeps wider take the fp32 model's weights back

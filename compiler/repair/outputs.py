@@ -95,8 +95,16 @@ def report_markdown(result: RepairResult) -> str:
     return "\n".join(out) + "\n"
 
 
-def unmet_message(result: RepairResult) -> str:
-    """The one line an unmet repair exits with: what it would take, the best point within the allowed layers."""
+# after a training step, a map given by hand is trained on (compiler/pipeline.py): measured on MiniLM, 8 FP8 layers
+# so reached the cosine the train-first search needed 20 for (docs/repair.md)
+AFTER_TRAINING_FIX = ("; or give the first layers of the search in sensitivity.json as recipe.repair.layers with "
+                      "recipe.repair.enabled=false: the training then runs on that map, which needed fewer layers "
+                      "(docs/repair.md)")
+
+
+def unmet_message(result: RepairResult, after_training: bool = False) -> str:
+    """The one line an unmet repair exits with: what it would take, the best point within the allowed layers (and,
+    where a training ran before the search, the map-first alternative)."""
     within = [p for p in result.curve if p.fallback_layers <= result.allowed]
     best = min(within, key=lambda p: (len(p.unmet), p.drop))
     need = result.needed
@@ -110,4 +118,4 @@ def unmet_message(result: RepairResult) -> str:
             f"{'>' if 'metric' in best.unmet else '<='} {result.budget.key} {result.max_drop:g} with "
             f"{best.fallback_layers} layers{'; unmet: ' + '; '.join(gates) if gates else ''}) -- "
             + (f"raise recipe.repair.max_fallback_fraction to {need / result.total:.2f}" if need else
-               "use a wider fallback (fp32) or a looser budget"))
+               "use a wider fallback (fp32) or a looser budget") + (AFTER_TRAINING_FIX if after_training else ""))

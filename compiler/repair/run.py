@@ -60,11 +60,12 @@ def sensitivity_key(model, spec, data, names) -> dict[str, Any]:
 
 
 def run_repair(spec, model, data, run_dir: Path, work_dir: Path, report: dict[str, Any], context: Context,
-               cache=None, exported: Path | None = None, reference_module=None):
+               cache=None, exported: Path | None = None, reference_module=None, after_training: bool = False):
     """The repair stage for a build (see the module docstring). model: the fp32 LoadedModel; exported: the fp32
     graph when the quantizing steps are ONNX-side (reference_module: the fp32 torch module the check compares
     with). Returns (spec with the map given to its steps, the REPORT.md section). An unmet budget raises
-    RepairBudgetError after filling report (status, reason, repair); its .markdown is the REPORT.md section."""
+    RepairBudgetError after filling report (status, reason, repair); its .markdown is the REPORT.md section.
+    after_training: a training step ran before the search (its unmet message names the map-first alternative)."""
     rep = spec.repair
     layer_map = dict(rep.layers or {})
     side_steps = spec.onnx_steps if exported is not None else spec.torch_steps
@@ -76,7 +77,7 @@ def run_repair(spec, model, data, run_dir: Path, work_dir: Path, report: dict[st
         report["repair"] = searched_section(result, files).to_dict()
         if not result.met:
             report["status"] = RepairBudgetError.kind
-            report["reason"] = unmet_message(result)
+            report["reason"] = unmet_message(result, after_training)
             err = RepairBudgetError(report["reason"])
             err.markdown = md
             raise err

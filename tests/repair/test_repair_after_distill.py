@@ -99,6 +99,16 @@ def test_a_map_given_by_hand_is_applied_first_and_the_training_runs_on_it(builds
     assert not (run / "sensitivity.json").exists()
 
 
+def test_an_unmet_budget_after_the_training_names_the_map_first_alternative(planted_dir, tmp_path):
+    args = [a for a in ARGS if not a.startswith("recipe.repair.max_fidelity_drop")]
+    res = run_cli(tmp_path, "model=hf", f"model.path={planted_dir}", "recipe=nvfp4_distill",
+                  "recipe.steps.distill.max_steps=5", *args, "recipe.repair.max_fidelity_drop=1e-7",
+                  "recipe.repair.max_fallback_fraction=0")
+    assert res.rc == 3, res.stderr
+    assert ("the training then runs on that map, which needed fewer layers (docs/repair.md)" in res.stderr
+            ), res.stderr
+
+
 def test_the_manifest_keeps_the_fp32_weights_hash(builds):
     _, distilled, post_training = builds
     inputs = [json.loads((run / "manifest.json").read_text())["inputs"]["weights_sha256"] for run in builds[1:]]

@@ -68,6 +68,19 @@ def test_unmet_within_allowed_says_what_it_would_take():
     assert not never.met and never.needed is None
 
 
+def test_after_a_training_the_unmet_message_names_the_map_first_alternative():
+    out = search(lambda s: 1.0 - 3e-6 + 1e-6 * len(s), {"base_metric": 1.0 - 3e-6, "layers": [
+        {"name": n, "role": "", "proxy_error": None, "gain": 1e-6} for n in ("a", "b")]},
+        "cosine", Budget("fidelity", 5e-7, "recipe.repair.max_fidelity_drop=5e-07"), "fp8", 2, "nvfp4",
+        {"a": 1, "b": 1})
+    out.fraction = 1.0
+    plain, trained = unmet_message(out), unmet_message(out, after_training=True)
+    assert "recipe.repair.layers" not in plain
+    assert trained == plain + ("; or give the first layers of the search in sensitivity.json as recipe.repair.layers "
+                               "with recipe.repair.enabled=false: the training then runs on that map, which needed "
+                               "fewer layers (docs/repair.md)")
+
+
 # Planted redundancy: p removes error X (0.10) alone; q and r each remove half of X plus an error of their own
 # (0.04 each); s removes 0.04. Base 0.80; a budget of 0.02 needs +0.18. Forward selection takes p (largest single),
 # then q and r (0.98: met with 3); with q and r in, p adds nothing, so the backward pass drops it: {q, r}.
