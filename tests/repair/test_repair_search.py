@@ -68,12 +68,18 @@ def test_unmet_within_allowed_says_what_it_would_take():
     assert not never.met and never.needed is None
 
 
-def test_after_a_training_the_unmet_message_names_the_map_first_alternative():
+def tight_budget_search():
+    """Two layers of 1e-6 each against a 5e-7 budget from 3e-6 below: unmet even with both."""
     out = search(lambda s: 1.0 - 3e-6 + 1e-6 * len(s), {"base_metric": 1.0 - 3e-6, "layers": [
         {"name": n, "role": "", "proxy_error": None, "gain": 1e-6} for n in ("a", "b")]},
         "cosine", Budget("fidelity", 5e-7, "recipe.repair.max_fidelity_drop=5e-07"), "fp8", 2, "nvfp4",
         {"a": 1, "b": 1})
     out.fraction = 1.0
+    return out
+
+
+def test_after_a_training_the_unmet_message_names_the_map_first_alternative():
+    out = tight_budget_search()
     plain, trained = unmet_message(out), unmet_message(out, after_training=True)
     assert "recipe.repair.layers" not in plain
     assert trained == plain + ("; or give the first layers of the search in sensitivity.json as recipe.repair.layers "
@@ -103,11 +109,7 @@ def test_backward_pass_drops_a_pick_that_later_picks_made_redundant():
 
 def test_unmet_message_shows_a_tiny_drop_against_a_tight_budget():
     """Drops print to 6 significant digits: with 5 decimals a 3e-7 drop read "drop 0.00000 > 1e-06"."""
-    out = search(lambda s: 1.0 - 3e-6 + 1e-6 * len(s), {"base_metric": 1.0 - 3e-6, "layers": [
-        {"name": n, "role": "", "proxy_error": None, "gain": 1e-6} for n in ("a", "b")]},
-        "cosine", Budget("fidelity", 5e-7, "recipe.repair.max_fidelity_drop=5e-07"), "fp8", 2, "nvfp4",
-        {"a": 1, "b": 1})
-    out.fraction = 1.0
+    out = tight_budget_search()
     assert not out.met and out.needed is None
     msg = unmet_message(out)
     assert "budget not met even with all 2 layers in fp8" in msg
