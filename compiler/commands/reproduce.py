@@ -265,7 +265,9 @@ def rebuild_run(run_dir: Path, out_dir: Optional[Path] = None, use_cache: bool =
     cache = open_cache(spec.cache) if use_cache else None
     status = Status.PASSED
     try:
-        run_build(spec, staging, cache=cache)
+        # the recorded overrides: what the run directory's scripts quote (build_engine.sh's qcompile line)
+        run_build(spec, staging, cache=cache, overrides=overrides if (run_dir / ".hydra" / "overrides.yaml").is_file()
+                  else None)
     except GateError:
         status = Status.GATE_FAILED
     except QcompileError as e:

@@ -152,6 +152,18 @@ def test_rebuild_gives_identical_hashes(tmp_path, recipe):
     assert report["steps"][recipe]["where"] == "onnx"
 
 
+def test_a_trt_rebuild_writes_the_same_build_script(tmp_path):
+    """build_engine.sh quotes the qcompile command of the build (its overrides): the rebuild quotes the same one, so
+    every artifact, the script included, is byte-identical (it quoted `model=... recipe=... target=trt` without the
+    overrides before)."""
+    run = _build(tmp_path, "fp32", target="trt")
+    proc = _cli(tmp_path, "rebuild", str(run))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    original = json.loads((run / "manifest.json").read_text())["artifacts"]
+    assert "build_engine.sh" in original
+    assert f"rebuild: {len(original)}/{len(original)} artifacts byte-identical" in proc.stdout, proc.stdout
+
+
 def test_rebuild_names_the_artifacts_that_differ(run_copy, tmp_path):
     """Plant a difference: the original manifest recorded another engine; the rebuild must say so."""
     m = json.loads((run_copy / "manifest.json").read_text())
