@@ -210,7 +210,7 @@ def train_before_repair(spec: BuildSpec, model: LoadedModel, reference: LoadedMo
         if step.trains:
             sections[step.name] = dict(ctx.report)
     trained = copy.deepcopy(base)
-    quantizers = [s for s in steps if s.quantizes_compute and s not in transforms]
+    quantizers = [s for s in steps if s.quantizes_compute]
     with torch.no_grad():
         for name, sub in module.named_modules():
             if getattr(sub, "weight_quantizer", None) is None or not isinstance(sub, torch.nn.Linear):

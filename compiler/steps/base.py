@@ -194,9 +194,10 @@ class Step:
     def requantizes_as_trained(self) -> bool:
         """A quantizing step: whether running it again on weights a training step moved, given what
         carry_trained_state put on them, reproduces the quantizer the training saw (a repair after training re-runs
-        the step on the trained weights: compiler/pipeline.py train_before_repair). False (default) where a
-        calibration would fix new scales for the trained weights, or change the weights themselves."""
-        return False
+        the step on the trained weights: compiler/pipeline.py train_before_repair): its `algorithm` is one of
+        algorithms_requantized_as_trained. False where a calibration would fix new scales for the trained weights,
+        or change the weights themselves."""
+        return getattr(self.params, "algorithm", None) in self.algorithms_requantized_as_trained
 
     # the values of its `algorithm` parameter for which requantizes_as_trained holds (named by the refusal)
     algorithms_requantized_as_trained: tuple[str, ...] = ()

@@ -110,6 +110,12 @@ def _fixed_scales_entrypoint(inputs, quantizer):
     return FixedScaleFP4QDQ.apply(inputs, quantizer._qc_scale_e4m3, quantizer._qc_global_scale, NVFP4_BLOCK)
 
 
+def _is_nvfp4_quantizer(q) -> bool:
+    """An enabled quantizer of the NVFP4 element format (e2m1: num_bits (2, 1))."""
+    bits = getattr(q, "num_bits", None)
+    return bool(getattr(q, "is_enabled", False)) and tuple(bits if isinstance(bits, (list, tuple)) else ()) == (2, 1)
+
+
 def fix_weight_scales(module, keep_float_weights: bool = False,
                       trained_scales: Optional[Dict[str, Tuple]] = None) -> int:
     """Make every enabled NVFP4 weight quantizer's calibrated rounding part of the model, for export.
@@ -143,10 +149,9 @@ def fix_weight_scales(module, keep_float_weights: bool = False,
     for name, sub in list(module.named_modules()):
         wq = getattr(sub, "weight_quantizer", None)
         weight = getattr(sub, "weight", None)
-        if not isinstance(wq, TensorQuantizer) or not wq.is_enabled or weight is None:
+        if not isinstance(wq, TensorQuantizer) or weight is None:
             continue
-        bits = tuple(wq.num_bits) if isinstance(wq.num_bits, (list, tuple)) else wq.num_bits
-        if bits != (2, 1) or getattr(wq, "backend", None) == FIXED_SCALES_BACKEND:
+        if not _is_nvfp4_quantizer(wq) or getattr(wq, "backend", None) == FIXED_SCALES_BACKEND:
             continue  # a layer given int8 / fp8 by the layer map keeps its own quantizer
         with torch.no_grad():
             w = weight.detach().float()
@@ -202,11 +207,6 @@ TRAINED_BUFFERS = ("qc_trained_scale_e4m3", "qc_trained_global_scale", "qc_train
 # step run again on the trained weights quantizes them as the training did. Not the awq ones (they fold
 # per-channel scales into the weights, which a second run would fold again) nor gptq (its weights are its rounding).
 SCALE_ONLY_ALGORITHMS = ("max", "mse", "four_over_six", "local_hessian")
-
-
-def _is_nvfp4_quantizer(q) -> bool:
-    bits = getattr(q, "num_bits", None)
-    return bool(getattr(q, "is_enabled", False)) and tuple(bits if isinstance(bits, (list, tuple)) else ()) == (2, 1)
 
 
 def take_trained_state(module) -> Dict[str, Dict[str, object]]:
@@ -420,11 +420,8 @@ class NVFP4Step(Step):
     # weights off: only with_operands makes such a copy (the loss-sources table's activation-only row)
     quantize_weights = True
 
+    # max: each block's own max, at every forward; the others' fixed scales are carried (carry_trained_state)
     algorithms_requantized_as_trained = SCALE_ONLY_ALGORITHMS
-
-    def requantizes_as_trained(self) -> bool:
-        # max: each block's own max, at every forward; the others' fixed scales are carried (carry_trained_state)
-        return self.params.algorithm in SCALE_ONLY_ALGORITHMS
 
     def carry_trained_state(self, plain, trained) -> None:
         wq, iq = getattr(trained, "weight_quantizer", None), getattr(trained, "input_quantizer", None)
